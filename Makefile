@@ -1,0 +1,38 @@
+# fastmatch developer entry points. `make serve` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint typecheck check bench build clean
+
+$(STAMP): pyproject.toml setup.py _fastmatch/kernel.pyx
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -c "import server.matching.kernel as k; print('fastmatch kernels:', ', '.join(k.implementations()))"
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(BIN)/python setup.py --quiet build_ext --inplace
+
+serve: $(STAMP)
+	$(BIN)/fastmatch serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check server tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck
+
+test: check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench --benchmark-only $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info _fastmatch/*.c _fastmatch/*.so

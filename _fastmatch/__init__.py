@@ -1,0 +1,1 @@
+"""Compiled hot path of fastmatch (Cython). Import through ``server.matching.kernel``."""

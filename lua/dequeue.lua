@@ -1,0 +1,25 @@
+-- dequeue: a player asks to leave its queue.
+-- KEYS[1] player hash  KEYS[2..4] queue, tickets, grace of the expected mode (absent when none)
+-- ARGV[1] player id  ARGV[2] connection id  ARGV[3] expected mode ("" = none)
+-- Returns {"ok", mode} | {"replaced"} | {"retry", mode} | {"not_in_queue"} | {"invalid_state", state}
+local p = KEYS[1]
+local cur = redis.call('HMGET', p, 'conn', 'state', 'mode')
+if cur[1] ~= ARGV[2] then
+  return {'replaced'}
+end
+local mode = cur[3] or ''
+if mode ~= ARGV[3] then
+  return {'retry', mode}
+end
+local state = cur[2] or 'idle'
+if state == 'idle' then
+  return {'not_in_queue'}
+elseif state ~= 'queued' then
+  return {'invalid_state', state}
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HSET', p, 'state', 'idle')
+redis.call('HDEL', p, 'mode', 'queued_at')
+return {'ok', mode}

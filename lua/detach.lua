@@ -1,0 +1,36 @@
+-- detach: a connection is gone (closed, or its worker died).
+-- KEYS[1] player hash   KEYS[2] the detaching worker's player set   KEYS[3..5] queue, tickets,
+--         grace of the expected mode (absent when none)
+-- ARGV[1] player id  ARGV[2] worker id  ARGV[3] connection id, or "" for any connection of this
+--         worker (used when reaping a dead worker)  ARGV[4] expected mode  ARGV[5] resume grace ms
+-- Returns {"retry", mode} on a mode mismatch, {"stale"} when another connection owns the player
+-- (nothing changes), else {"removed"} (idle: record deleted), {"grace", deadline_ms} (queued:
+-- ticket kept but not matchable until it resumes or the deadline passes), {"loading"}.
+local p = KEYS[1]
+local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode')
+local owner_worker, owner_conn = cur[1] or '', cur[2] or ''
+local mine = owner_worker == ARGV[2] and (ARGV[3] == '' or owner_conn == ARGV[3])
+if not mine then
+  if owner_worker ~= ARGV[2] then
+    redis.call('SREM', KEYS[2], ARGV[1])
+  end
+  return {'stale'}
+end
+local mode = cur[4] or ''
+if mode ~= ARGV[4] then
+  return {'retry', mode}
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+local state = cur[3] or 'idle'
+if state == 'queued' then
+  local t = redis.call('TIME')
+  local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
+  redis.call('HDEL', p, 'worker', 'conn')
+  redis.call('ZADD', KEYS[5], deadline, ARGV[1])
+  return {'grace', tostring(deadline)}
+elseif state == 'loading' then
+  redis.call('HDEL', p, 'worker', 'conn')
+  return {'loading'}
+end
+redis.call('DEL', p)
+return {'removed'}

@@ -1,0 +1,22 @@
+-- enqueue: put a connected, idle player into one mode's queue (DESIGN invariant 1).
+-- KEYS[1] player hash  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace (all of the requested mode)
+-- ARGV[1] player id  ARGV[2] connection id  ARGV[3] mode  ARGV[4] rating  ARGV[5] attrs (JSON)
+-- Returns {"ok", queued_at_ms} | {"replaced"} (this connection no longer owns the player)
+--       | {"already", state, mode} (already queued or loading, in this or another mode).
+-- queued_at comes from the Redis clock so every worker and host agrees on wait times.
+local p = KEYS[1]
+local cur = redis.call('HMGET', p, 'conn', 'state', 'mode')
+if cur[1] ~= ARGV[2] then
+  return {'replaced'}
+end
+local state = cur[2] or 'idle'
+if state ~= 'idle' then
+  return {'already', state, cur[3] or ''}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4] .. '|' .. now .. '|' .. ARGV[5])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HSET', p, 'state', 'queued', 'mode', ARGV[3], 'queued_at', now)
+return {'ok', tostring(now)}

@@ -1,0 +1,25 @@
+-- expire_grace: remove a disconnected player whose resume grace has passed (PROTOCOL 4).
+-- KEYS[1] player hash  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace
+-- ARGV[1] player id  ARGV[2] mode
+-- Returns {"removed"} | {"kept"} (grace not over, or the player came back).
+-- Safe to run from any number of workers at once: the deadline is re-checked on the Redis clock.
+local deadline = redis.call('ZSCORE', KEYS[4], ARGV[1])
+if not deadline then
+  return {'kept'}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(deadline) > now then
+  return {'kept'}
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+local cur = redis.call('HMGET', KEYS[1], 'conn', 'state', 'mode')
+if cur[1] then
+  return {'kept'}
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if cur[3] == ARGV[2] or not cur[3] then
+  redis.call('DEL', KEYS[1])
+end
+return {'removed'}

@@ -1,0 +1,16 @@
+-- status: the player's state, its queue's size and the Redis clock, in one read (read only).
+-- KEYS[1] player hash  KEYS[2..4] queue, tickets, grace of the expected mode (absent when none)
+-- ARGV[1] expected mode ("" = none)
+-- Returns {"retry", mode} | {"ok", state, mode, queued_at, queue_size, now_ms}
+local cur = redis.call('HMGET', KEYS[1], 'state', 'mode', 'queued_at')
+local mode = cur[2] or ''
+if mode ~= ARGV[1] then
+  return {'retry', mode}
+end
+local size = 0
+if mode ~= '' then
+  size = redis.call('ZCARD', KEYS[2])
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {'ok', cur[1] or 'idle', mode, cur[3] or '', tostring(size), tostring(now)}

@@ -1,0 +1,69 @@
+"""The ``fastmatch`` command: ``serve`` and ``token``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from server.app.logs import setup_logging
+from server.config import Config, load_config
+from server.errors import ConfigError
+from server.protocol.auth import AuthError, mint_token
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides: dict[str, object] = {}
+    if getattr(args, "workers", None) is not None:
+        overrides["server.workers"] = args.workers
+    if getattr(args, "port", None) is not None:
+        overrides["server.port"] = args.port
+    # The CLI is the one place that reads the process environment; it hands it to the config.
+    return load_config(args.config, os.environ, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app.supervisor import Supervisor
+
+    config = _load(args)
+    setup_logging("supervisor")
+    return Supervisor(config, config.server.workers).run()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if not config.auth.algorithm.startswith("HS"):
+        raise ConfigError("`fastmatch token` signs with auth.secret; auth.algorithm is not HMAC")
+    print(mint_token(config.auth.secret, args.player, args.mmr, args.ttl,
+                     algorithm=config.auth.algorithm))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmatch", description="skill-based matchmaking server")
+    parser.add_argument("--config", help="TOML config file (default: the shipped dev config)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (embedded Redis if no URL is configured)")
+    serve.add_argument("--workers", type=int, help="worker processes (0: one per CPU)")
+    serve.add_argument("--port", type=int, help="public WebSocket port")
+    serve.set_defaults(func=cmd_serve)
+    token = sub.add_parser("token", help="mint a development token with the configured secret")
+    token.add_argument("--player", required=True, help="player id (the `sub` claim)")
+    token.add_argument("--mmr", type=float, help="rating (the `mmr` claim)")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, AuthError) as exc:
+        print(f"fastmatch: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

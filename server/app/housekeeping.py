@@ -1,0 +1,82 @@
+"""Periodic upkeep every worker runs: heartbeat, resume-grace expiry, reaping dead workers.
+
+Every step is an idempotent script, so any number of workers may run it at once; the results
+never depend on which worker gets there first (DESIGN "Failure handling": worker death).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from server.store import keys
+from server.store.errors import StoreError
+from server.store.players import PlayerStore
+from server.transport.frontend import FrontEnd
+
+log = logging.getLogger(__name__)
+
+
+class Housekeeper:
+    def __init__(
+        self, store: PlayerStore, front: FrontEnd, modes: Iterable[str], *,
+        interval_s: float, heartbeat_ttl_s: float,
+    ) -> None:
+        self.store = store
+        self.front = front
+        self.modes = sorted(modes)
+        self.interval = interval_s
+        self.ttl_ms = int(heartbeat_ttl_s * 1000)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="housekeeping")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except StoreError as exc:
+                if self.front.ready:
+                    log.warning("storage unavailable, not ready: %s", exc)
+                self.front.ready = False
+            except Exception:  # task boundary: log and keep the loop alive
+                log.exception("housekeeping tick failed")
+            await asyncio.sleep(self.interval)
+
+    async def tick(self) -> None:
+        await self.store.heartbeat(self.ttl_ms)
+        if not self.front.ready:
+            log.info("storage reachable, ready")
+        self.front.ready = True
+        for player, conn in list(self.front.pending_detach):
+            await self.front.detach(player, conn)
+        for mode in self.modes:
+            await self.expire_grace(mode)
+        for worker_id in await self.store.due(keys.WORKERS):
+            if worker_id != self.store.worker_id:
+                await self.reap(worker_id)
+
+    async def expire_grace(self, mode: str) -> int:
+        removed = 0
+        for player in await self.store.due(keys.grace(mode)):
+            if await self.store.expire_grace(player, mode):
+                log.info("resume grace over for %s in %s: ticket removed", player, mode)
+                removed += 1
+        return removed
+
+    async def reap(self, worker_id: str) -> None:
+        """A worker missed its heartbeat: its players get the resume grace, then it is forgotten."""
+        players = await self.store.worker_members(worker_id)
+        log.warning("worker %s is gone; releasing %d players", worker_id, len(players))
+        for player in players:
+            await self.store.detach(player, "", worker_id)
+        await self.store.forget_worker(worker_id)

@@ -1,0 +1,106 @@
+"""One worker process: the WebSocket front end, its delivery subscriber and housekeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+
+from server.app.housekeeping import Housekeeper
+from server.config import Config
+from server.protocol.auth import TokenVerifier
+from server.store import keys
+from server.store.client import RedisClient
+from server.store.errors import StoreError
+from server.store.players import PlayerStore
+from server.transport.frontend import FrontEnd
+from server.transport.subscriber import Subscriber
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Worker:
+    def __init__(self, config: Config, redis_url: str, worker_id: str | None = None) -> None:
+        self.config = config
+        self.worker_id = worker_id or new_worker_id()
+        self.client = RedisClient(redis_url, config.redis.operation_timeout_s)
+        self.store = PlayerStore(self.client, self.worker_id, config.server.resume_grace_ms)
+        self.front = FrontEnd(
+            config.server, config.modes, self.store, TokenVerifier(config.auth), self.worker_id
+        )
+        self.subscriber = Subscriber(
+            redis_url, keys.worker_channel(self.worker_id), self.front.on_delivery,
+            self.front.resync, timeout_s=config.redis.operation_timeout_s,
+            base_delay_s=config.redis.reconnect_base_s, max_delay_s=config.redis.reconnect_max_s,
+        )
+        self.housekeeper = Housekeeper(
+            self.store, self.front, config.modes, interval_s=config.server.housekeeping_interval_s,
+            heartbeat_ttl_s=config.server.heartbeat_ttl_s,
+        )
+        self._closed = asyncio.Event()
+        self._closing = False
+
+    async def start(self, port: int | None = None, sock: socket.socket | None = None) -> None:
+        server = self.config.server
+        try:
+            await self.store.heartbeat(int(server.heartbeat_ttl_s * 1000))
+            self.front.ready = True
+        except StoreError as exc:
+            log.warning("storage unreachable at start; will keep trying: %s", exc)
+        self.subscriber.start()
+        self.housekeeper.start()
+        await self.front.start(server.host, server.port if port is None else port, sock)
+        log.info("worker %s listening on port %d", self.worker_id, self.front.port)
+
+    async def close(self) -> None:
+        """Stop accepting, close clients (1001), release leases and registry entries. Idempotent."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            await self.front.close()
+            await self.housekeeper.close()
+            await self.subscriber.close()
+            try:
+                await self.store.forget_worker(self.worker_id)
+            except StoreError as exc:
+                log.warning("could not deregister worker %s: %s", self.worker_id, exc)
+            await self.client.close()
+        finally:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+def run_worker(config: Config, redis_url: str, index: int) -> None:
+    """Entry point of a spawned worker process."""
+    from server.app.logs import setup_logging
+
+    setup_logging(f"worker-{index}")
+    try:
+        import uvloop
+
+        uvloop.run(_serve(config, redis_url))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(config: Config, redis_url: str) -> None:
+    worker = Worker(config, redis_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    await stop.wait()
+    log.info("worker %s draining", worker.worker_id)
+    await worker.close()

@@ -1,0 +1,180 @@
+"""The one configuration object: a TOML file plus ``FASTMATCH_*`` environment overrides.
+
+This module is a leaf (it imports nothing else from fastmatch) so every layer may read its types.
+Nothing else in the project reads ``os.environ``: callers pass ``environ`` in.
+
+Environment overrides use ``__`` between levels: ``FASTMATCH_SERVER__PORT=9000``,
+``FASTMATCH_REDIS__URL=redis://...``, ``FASTMATCH_MODES__1V1__WINDOW_BASE=80``. Values are parsed
+as TOML values when they parse (numbers, booleans, arrays) and kept as strings otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from server.errors import ConfigError
+
+ENV_PREFIX: Final = "FASTMATCH_"
+DEV_SECRET: Final = "fastmatch-dev-secret-do-not-use-in-production"
+MODE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Base, frozen=True):
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 0  # 0: one per CPU
+    max_message_bytes: int = 4096
+    bad_message_budget: int = 10  # PROTOCOL 5: past it the connection is closed with 1008
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    resume_grace_ms: int = 10_000
+    heartbeat_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
+    housekeeping_interval_s: float = 0.5
+
+
+class AuthConfig(_Base, frozen=True):
+    secret: str = DEV_SECRET
+    algorithm: str = "HS256"  # HS256 with `secret`; RS256/ES256 with `public_key_file`
+    public_key_file: str = ""
+    leeway_s: float = 5.0
+
+
+class RedisConfig(_Base, frozen=True):
+    url: str = ""  # empty: start an embedded redis-server
+    operation_timeout_s: float = 2.0
+    reconnect_base_s: float = 0.1
+    reconnect_max_s: float = 5.0
+
+
+class MetricsConfig(_Base, frozen=True):
+    port: int = 9100
+    token: str = ""
+
+
+class ModeConfig(_Base, frozen=True):
+    team_size: int
+    teams: int = 2
+    default_rating: float = 1500.0
+    window_base: float = 100.0
+    window_growth_per_s: float = 20.0
+    window_max: float = 500.0
+    max_wait_s: float = 120.0
+
+    @property
+    def match_size(self) -> int:
+        return self.team_size * self.teams
+
+    def window(self, waited_ms: int) -> float:
+        """Half-width of the rating window after ``waited_ms`` in the queue (DESIGN Matching)."""
+        grown = self.window_base + self.window_growth_per_s * max(waited_ms, 0) / 1000.0
+        return min(grown, self.window_max)
+
+
+class Config(_Base, frozen=True):
+    production: bool = False
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    modes: dict[str, ModeConfig] = msgspec.field(default_factory=dict)
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("server.app").joinpath("default.toml")))
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read, merge and validate; raise :class:`ConfigError` naming the bad key."""
+    file = Path(path) if path is not None else default_config_path()
+    try:
+        raw: dict[str, Any] = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+    for key, value in (environ or {}).items():
+        if key.startswith(ENV_PREFIX):
+            _set_path(raw, key[len(ENV_PREFIX):].lower().split("__"), _parse_env_value(value))
+    for dotted, value in (overrides or {}).items():
+        _set_path(raw, dotted.split("."), value)
+    return validate(raw)
+
+
+def validate(raw: Mapping[str, Any]) -> Config:
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec names the path, e.g. "Expected `int`, got `str` - at `$.server.port`".
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: Config) -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"invalid configuration: `{key}` {why}")
+
+    s = config.server
+    if not 0 <= s.port <= 65535:
+        fail("server.port", "must be between 0 and 65535")
+    if s.workers < 0:
+        fail("server.workers", "must be >= 0 (0 means one per CPU)")
+    if s.max_message_bytes < 64:
+        fail("server.max_message_bytes", "must be at least 64")
+    if s.resume_grace_ms < 0:
+        fail("server.resume_grace_ms", "must be >= 0")
+    if s.heartbeat_ttl_s <= s.heartbeat_interval_s:
+        fail("server.heartbeat_ttl_s", "must exceed server.heartbeat_interval_s")
+    if config.redis.operation_timeout_s <= 0:
+        fail("redis.operation_timeout_s", "must be > 0")
+    if config.auth.algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
+        fail("auth.algorithm", "must be one of HS256, HS384, HS512, RS256, ES256")
+    if config.auth.algorithm.startswith(("RS", "ES")) and not config.auth.public_key_file:
+        fail("auth.public_key_file", f"is required for {config.auth.algorithm}")
+    weak = config.auth.secret == DEV_SECRET or len(config.auth.secret) < 32
+    if config.production and config.auth.algorithm.startswith("HS") and weak:
+        fail("auth.secret", "must be a real secret of 32+ characters when production = true")
+    if not config.modes:
+        fail("modes", "must declare at least one game mode")
+    for name, mode in config.modes.items():
+        if not MODE_NAME_RE.match(name):
+            fail(f"modes.{name}", "name must be 1-32 characters of [A-Za-z0-9_-]")
+        if mode.team_size < 1 or mode.teams < 1 or mode.match_size < 2:
+            fail(f"modes.{name}", "needs team_size >= 1, teams >= 1 and at least 2 players")
+        if mode.window_base < 0 or mode.window_max < mode.window_base:
+            fail(f"modes.{name}.window_max", "must be >= window_base >= 0")
+        if mode.window_growth_per_s < 0 or mode.max_wait_s <= 0:
+            fail(f"modes.{name}", "needs window_growth_per_s >= 0 and max_wait_s > 0")
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"invalid override: `{'.'.join(path)}` goes through a non-table")
+        node = child
+    node[path[-1]] = value

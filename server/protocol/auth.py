@@ -1,0 +1,120 @@
+"""Token verification at the WebSocket handshake (PROTOCOL 1 "Authentication")."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+
+from server.config import AuthConfig
+from server.errors import ConfigError, FastmatchError
+
+PLAYER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_MAX_ATTRS: Final = 16
+_MAX_ATTR_LEN: Final = 64
+
+
+class AuthError(FastmatchError):
+    """The token is missing, expired, badly signed or malformed (HTTP 401)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    player_id: str
+    mmr: float | Mapping[str, float] | None = None
+    attrs: Mapping[str, str | int | float] = field(default_factory=dict)
+
+    def rating(self, game_mode: str, default: float) -> float:
+        """The trusted rating for a mode: per-mode claim, then a plain number, then the default."""
+        if isinstance(self.mmr, Mapping):
+            return float(self.mmr.get(game_mode, default))
+        return float(self.mmr) if self.mmr is not None else default
+
+
+class TokenVerifier:
+    def __init__(self, config: AuthConfig) -> None:
+        self.algorithm = config.algorithm
+        self.leeway = config.leeway_s
+        if config.algorithm.startswith("HS"):
+            self._key: str | bytes = config.secret
+        else:
+            try:
+                self._key = Path(config.public_key_file).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"auth.public_key_file: cannot read: {exc}") from exc
+
+    def verify(self, token: str | None) -> Identity:
+        if not token:
+            raise AuthError("missing token")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token, self._key, algorithms=[self.algorithm], leeway=self.leeway,
+                options={"require": ["sub", "exp"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise AuthError("token expired") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise AuthError("bad token signature") from exc
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}") from exc
+        return _identity(claims)
+
+
+def _identity(claims: Mapping[str, Any]) -> Identity:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not PLAYER_ID_RE.match(sub):
+        raise AuthError("claim `sub` must be 1-64 characters of [A-Za-z0-9_.:-]")
+    return Identity(sub, _mmr(claims.get("mmr")), _attrs(claims.get("attrs")))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _mmr(value: object) -> float | dict[str, float] | None:
+    if value is None:
+        return None
+    if _is_number(value):
+        return float(value)  # type: ignore[arg-type]
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and _is_number(v) for k, v in value.items()
+    ):
+        return {k: float(v) for k, v in value.items()}
+    raise AuthError("claim `mmr` must be a number or an object of numbers per game mode")
+
+
+def _attrs(value: object) -> dict[str, str | int | float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > _MAX_ATTRS:
+        raise AuthError(f"claim `attrs` must be an object of at most {_MAX_ATTRS} entries")
+    out: dict[str, str | int | float] = {}
+    for key, item in value.items():
+        small_str = isinstance(item, str) and len(item) <= _MAX_ATTR_LEN
+        if not isinstance(key, str) or len(key) > _MAX_ATTR_LEN or not (small_str or _is_number(item)):
+            raise AuthError("claim `attrs` values must be short strings or numbers")
+        out[key] = item
+    return out
+
+
+def mint_token(
+    secret: str, player_id: str, mmr: float | None = None, ttl_s: int = 3600,
+    attrs: Mapping[str, str | int | float] | None = None, algorithm: str = "HS256",
+    now: float | None = None,
+) -> str:
+    """A development token signed with the configured HMAC secret (``fastmatch token``)."""
+    if not PLAYER_ID_RE.match(player_id):
+        raise AuthError("player id must be 1-64 characters of [A-Za-z0-9_.:-]")
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, Any] = {"sub": player_id, "iat": issued, "exp": issued + ttl_s}
+    if mmr is not None:
+        claims["mmr"] = mmr
+    if attrs:
+        claims["attrs"] = dict(attrs)
+    return jwt.encode(claims, secret, algorithm=algorithm)

@@ -1,0 +1,237 @@
+"""Per-connection state machine (DESIGN requirement 3), sans I/O.
+
+The transport feeds it decoded input and the results of the requests it asked for; it answers
+with effects (messages to send, requests to run, a close). The phase changes *before* the
+transport awaits anything, so two fast ``enqueue`` frames can never both reach Redis.
+
+    idle --enqueue--> enqueuing --ok--> queued --dequeue--> dequeuing --ok--> idle
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from server.config import ModeConfig
+from server.protocol import codec
+from server.protocol.messages import (
+    ClientMessage,
+    Dequeue,
+    Dequeued,
+    Enqueue,
+    Enqueued,
+    Error,
+    LoadingComplete,
+    QueueStatus,
+    ServerMessage,
+    StateName,
+    Status,
+    Welcome,
+)
+
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY: Final = 1008
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL: Final = 1011
+CLOSE_RATE_LIMITED: Final = 4008
+CLOSE_REPLACED: Final = 4009
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    ENQUEUING = "enqueuing"
+    QUEUED = "queued"
+    DEQUEUING = "dequeuing"
+    LOADING = "loading"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    message: ServerMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnqueue:
+    game_mode: str
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunDequeue:
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    request_id: str | None
+
+
+Effect = Send | Close | RunEnqueue | RunDequeue | RunStatus
+
+# What the client sees of each internal phase (PROTOCOL 3 `state`).
+_VISIBLE: Final[dict[Phase, StateName]] = {
+    Phase.IDLE: "idle", Phase.ENQUEUING: "idle", Phase.QUEUED: "queued",
+    Phase.DEQUEUING: "queued", Phase.LOADING: "loading", Phase.CLOSED: "idle",
+}
+
+
+class Session:
+    def __init__(
+        self, player_id: str, modes: Mapping[str, ModeConfig], bad_message_budget: int
+    ) -> None:
+        self.player_id = player_id
+        self.modes = modes
+        self.phase = Phase.IDLE
+        self.game_mode: str | None = None
+        self.queued_at_ms = 0
+        self._bad_left = bad_message_budget
+
+    # -- connection lifecycle ---------------------------------------------------------------
+
+    def welcome(self, state: StateName, game_mode: str, queued_at_ms: int) -> list[Effect]:
+        """First message on every connection; shows state resumed from Redis (PROTOCOL 3)."""
+        self.phase = Phase(state)
+        self.game_mode = game_mode or None
+        self.queued_at_ms = queued_at_ms if state == "queued" else 0
+        return [Send(Welcome(
+            player_id=self.player_id, state=state, game_mode=self.game_mode,
+            queued_at_ms=self.queued_at_ms or None,
+        ))]
+
+    def replaced(self) -> list[Effect]:
+        """Another connection of this player won (PROTOCOL 1): close 4009, touch nothing."""
+        return self.close(CLOSE_REPLACED, "session_replaced")
+
+    def close(self, code: int, reason: str) -> list[Effect]:
+        if self.phase is Phase.CLOSED:
+            return []
+        self.phase = Phase.CLOSED
+        return [Close(code, reason)]
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
+    def visible_state(self) -> StateName:
+        return _VISIBLE[self.phase]
+
+    # -- client input -------------------------------------------------------------------------
+
+    def receive(self, frame: str | bytes) -> list[Effect]:
+        if self.closed:
+            return []
+        try:
+            message = codec.decode(frame)
+        except codec.BadMessage as exc:
+            return self._bad_input(str(exc))
+        return self._dispatch(message)
+
+    def _dispatch(self, message: ClientMessage) -> list[Effect]:
+        match message:
+            case Enqueue(game_mode=mode, request_id=rid):
+                return self._on_enqueue(mode, rid)
+            case Dequeue(request_id=rid):
+                if self.phase is Phase.QUEUED:
+                    self.phase = Phase.DEQUEUING
+                    return [RunDequeue(rid)]
+                if self.phase is Phase.LOADING:
+                    return self._error("invalid_state", "a match is loading; it cannot be left", rid)
+                return self._error("not_in_queue", "not in a queue", rid)
+            case Status(request_id=rid):
+                return [RunStatus(rid)]
+            case LoadingComplete(request_id=rid):
+                return self._error("invalid_state", "no loading session is in progress", rid)
+        return self._bad_input("unhandled message")  # pragma: no cover - the union is closed
+
+    def _on_enqueue(self, mode: str, rid: str | None) -> list[Effect]:
+        if mode not in self.modes:
+            known = ", ".join(sorted(self.modes))
+            return self._error("unsupported_game_mode", f"unknown game_mode {mode!r}; one of: {known}", rid)
+        if self.phase is not Phase.IDLE:
+            where = f" for {self.game_mode}" if self.game_mode else ""
+            return self._error("already_in_queue", f"already {self.visible_state}{where}", rid)
+        self.phase = Phase.ENQUEUING
+        self.game_mode = mode
+        return [RunEnqueue(mode, rid)]
+
+    def _bad_input(self, why: str) -> list[Effect]:
+        self._bad_left -= 1
+        effects = self._error("invalid_message", why)
+        if self._bad_left < 0:
+            effects += self.close(CLOSE_POLICY, "too many invalid messages")
+        return effects
+
+    # -- results of requests the transport ran --------------------------------------------------
+
+    def enqueued(self, game_mode: str, queued_at_ms: int, request_id: str | None) -> list[Effect]:
+        if self.phase is not Phase.ENQUEUING:
+            return []
+        self.phase = Phase.QUEUED
+        self.game_mode = game_mode
+        self.queued_at_ms = queued_at_ms
+        return [Send(Enqueued(game_mode=game_mode, queued_at_ms=queued_at_ms, request_id=request_id))]
+
+    def enqueue_refused(self, state: StateName, game_mode: str, request_id: str | None) -> list[Effect]:
+        """Redis says the player is already queued or loading (e.g. from another connection)."""
+        self.phase = Phase(state)
+        self.game_mode = game_mode or None
+        return self._error("already_in_queue", f"already {state} for {game_mode}", request_id)
+
+    def dequeued(self, game_mode: str, request_id: str | None) -> list[Effect]:
+        self.phase = Phase.IDLE
+        self.game_mode = None
+        self.queued_at_ms = 0
+        return [Send(Dequeued(game_mode=game_mode, reason="requested", request_id=request_id))]
+
+    def dequeue_refused(self, code: str, request_id: str | None) -> list[Effect]:
+        """Redis disagrees with our view: trust Redis, tell the client."""
+        if code == "not_in_queue":
+            self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+            return self._error(code, "not in a queue", request_id)
+        self.phase = Phase.LOADING
+        return self._error(code, "a match is loading; it cannot be left", request_id)
+
+    def request_failed(
+        self, code: str, message: str, request_id: str | None, retry_after_ms: int | None = None
+    ) -> list[Effect]:
+        """The request did not happen (e.g. storage unavailable): undo the optimistic phase."""
+        if self.phase is Phase.ENQUEUING:
+            self.phase, self.game_mode = Phase.IDLE, None
+        elif self.phase is Phase.DEQUEUING:
+            self.phase = Phase.QUEUED
+        return self._error(code, message, request_id, retry_after_ms)
+
+    def status(
+        self, state: StateName, game_mode: str, queued_at_ms: int, queue_size: int,
+        now_ms: int, request_id: str | None,
+    ) -> list[Effect]:
+        mode = self.modes.get(game_mode) if game_mode else None
+        waited = max(now_ms - queued_at_ms, 0) if state == "queued" and queued_at_ms else 0
+        window = mode.window(waited) if mode is not None and state == "queued" else 0.0
+        return [Send(QueueStatus(
+            state=state, waited_ms=waited, queue_size=queue_size, search_window=window,
+            game_mode=game_mode or None, request_id=request_id,
+        ))]
+
+    def removed(self, game_mode: str) -> list[Effect]:
+        """The player's ticket was removed by the server (e.g. poison, PROTOCOL 3 `dequeued`)."""
+        self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+        return [Send(Dequeued(game_mode=game_mode, reason="removed"))]
+
+    def _error(
+        self, code: str, message: str, request_id: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> list[Effect]:
+        return [Send(Error(code=code, message=message, request_id=request_id,
+                           retry_after_ms=retry_after_ms))]

@@ -1,0 +1,91 @@
+"""The one door to Redis: every call passes through :meth:`RedisClient.call` or :meth:`script`.
+
+It bounds each call with the operation timeout (DESIGN safety device P0; the old server waited
+10 s, we default to 2 s), turns every redis-py failure into :class:`StoreUnavailable` or
+:class:`StoreError`, and reloads scripts after NOSCRIPT (a restarted Redis lost them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+
+from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
+from server.store.scripts import read_scripts
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Reply = Any  # a raw RESP reply: bytes, int, list of those, or None
+
+
+class RedisClient:
+    def __init__(self, url: str, operation_timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.timeout = operation_timeout_s
+        # The socket timeout backs up asyncio.timeout: a stuck read is abandoned either way.
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=operation_timeout_s,
+            socket_connect_timeout=operation_timeout_s,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self._sources = read_scripts()
+        self._scripts = {name: self.redis.register_script(src) for name, src in self._sources.items()}
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis round trip under the timeout and classify its failure."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await fn()
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis {op} timed out after {self.timeout:g}s") from exc
+        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis {op} failed: {exc}") from exc
+        except rex.ResponseError as exc:
+            if _is_transient(exc):
+                raise StoreUnavailable(f"redis {op} refused: {exc}") from exc
+            raise StoreError(f"redis {op} error: {exc}") from exc
+        except rex.RedisError as exc:
+            raise StoreError(f"redis {op} error: {exc}") from exc
+
+    async def script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Reply:
+        """EVALSHA the named script; redis-py's Script reloads it on NOSCRIPT."""
+        script = self._scripts[name]
+        return await self.call(name, lambda: script(keys=list(keys), args=list(args)))
+
+    async def ping(self) -> bool:
+        return bool(await self.call("ping", self.redis.ping))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _is_transient(exc: rex.ResponseError) -> bool:
+    text = str(exc)
+    return text.startswith(("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN"))
+
+
+def as_str(value: Reply) -> str:
+    """Decode one bulk-string reply; a missing value is the empty string."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def as_list(value: Reply, op: str) -> list[str]:
+    """A script's list reply as strings; anything else is a ProtocolViolation, never an IndexError."""
+    if not isinstance(value, list) or not value:
+        raise _violation(op, value)
+    return [as_str(item) for item in value]
+
+
+def _violation(op: str, value: Reply) -> ProtocolViolation:
+    return ProtocolViolation(f"script {op} replied {value!r}")

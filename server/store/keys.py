@@ -1,0 +1,44 @@
+"""The whole Redis key layout in one place (DESIGN "Data model").
+
+Mode keys share the hash tag ``{mm:<mode>}``; each player's record has its own tag ``{<player>}``.
+Scripts receive every key they touch in KEYS. Scripts that span a player and a mode therefore need
+one Redis node (standalone, Sentinel or a single-shard deployment); see README "Deployment".
+"""
+
+from typing import Final
+
+WORKERS: Final = "fm:workers"  # ZSET worker id -> heartbeat deadline (ms, Redis clock)
+
+
+def player(player_id: str) -> str:
+    """HASH: state, mode, queued_at, worker, conn (exists while connected or in a queue)."""
+    return f"fm:player:{{{player_id}}}"
+
+
+def worker_players(worker_id: str) -> str:
+    """SET of players whose connection this worker holds (used to reap a dead worker)."""
+    return f"fm:worker:{{{worker_id}}}:players"
+
+
+def worker_channel(worker_id: str) -> str:
+    """Pub/sub channel the worker subscribes to for delivery to its connections."""
+    return f"fm:deliver:{worker_id}"
+
+
+def queue(mode: str) -> str:
+    """ZSET player -> queued_at_ms; the order of waiting, kept across requeue."""
+    return f"{{mm:{mode}}}:queue"
+
+
+def tickets(mode: str) -> str:
+    """HASH player -> ticket ``<rating>|<queued_at_ms>|<attrs json>`` (decoded by _fastmatch)."""
+    return f"{{mm:{mode}}}:tickets"
+
+
+def grace(mode: str) -> str:
+    """ZSET player -> resume deadline (ms): disconnected, not matchable, removed after it."""
+    return f"{{mm:{mode}}}:grace"
+
+
+def mode_keys(mode: str) -> list[str]:
+    return [queue(mode), tickets(mode), grace(mode)]

@@ -1,0 +1,209 @@
+"""Typed access to players, queues and workers: one method per script, dataclass results.
+
+Callers never index raw replies; a reply of an unexpected shape raises ProtocolViolation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from server.store import keys
+from server.store.client import RedisClient, as_list, as_str
+from server.store.errors import ProtocolViolation, StoreError
+
+PlayerStateName = Literal["idle", "queued", "loading"]
+_STATES: Final[frozenset[str]] = frozenset({"idle", "queued", "loading"})
+_MODE_RETRIES: Final = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PlayerState:
+    state: PlayerStateName
+    mode: str = ""
+    queued_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    player: PlayerState
+    previous_worker: str
+    previous_conn: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    outcome: Literal["ok", "replaced", "already"]
+    queued_at_ms: int = 0
+    current: PlayerState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DequeueResult:
+    outcome: Literal["ok", "replaced", "not_in_queue", "invalid_state"]
+    mode: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DetachResult:
+    outcome: Literal["removed", "grace", "loading", "stale"]
+    grace_deadline_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    player: PlayerState
+    queue_size: int
+    now_ms: int
+
+
+class PlayerStore:
+    def __init__(self, client: RedisClient, worker_id: str, resume_grace_ms: int) -> None:
+        self.client = client
+        self.worker_id = worker_id
+        self.grace_ms = resume_grace_ms
+
+    async def attach(self, player: str, conn: str) -> Attached:
+        reply = await self._with_mode(
+            "attach", player, [keys.player(player), keys.worker_players(self.worker_id)],
+            lambda mode: [player, self.worker_id, conn, mode],
+        )
+        if reply[0] != "ok" or len(reply) < 6:
+            raise ProtocolViolation(f"attach replied {reply!r}")
+        state = _player_state(reply[1], reply[2], reply[3])
+        return Attached(state, previous_worker=reply[4], previous_conn=reply[5])
+
+    async def detach(self, player: str, conn: str, worker_id: str | None = None) -> DetachResult:
+        """Release ``conn`` (or, with ``conn == ""``, any connection of ``worker_id``)."""
+        wid = worker_id or self.worker_id
+        reply = await self._with_mode(
+            "detach", player, [keys.player(player), keys.worker_players(wid)],
+            lambda mode: [player, wid, conn, mode, self.grace_ms],
+        )
+        match reply[0]:
+            case "grace":
+                return DetachResult("grace", _int(reply[1]) if len(reply) > 1 else 0)
+            case "removed" | "loading" | "stale" as outcome:
+                return DetachResult(outcome)
+        raise ProtocolViolation(f"detach replied {reply!r}")
+
+    async def enqueue(
+        self, player: str, conn: str, mode: str, rating: float, attrs: Mapping[str, object]
+    ) -> EnqueueResult:
+        attrs_json = json.dumps(attrs, separators=(",", ":"), sort_keys=True)
+        raw = await self.client.script(
+            "enqueue", [keys.player(player), *keys.mode_keys(mode)],
+            [player, conn, mode, repr(float(rating)), attrs_json],
+        )
+        reply = as_list(raw, "enqueue")
+        match reply:
+            case ["ok", queued_at]:
+                return EnqueueResult("ok", queued_at_ms=_int(queued_at))
+            case ["replaced"]:
+                return EnqueueResult("replaced")
+            case ["already", state, current_mode]:
+                return EnqueueResult("already", current=_player_state(state, current_mode, ""))
+        raise ProtocolViolation(f"enqueue replied {reply!r}")
+
+    async def dequeue(self, player: str, conn: str) -> DequeueResult:
+        reply = await self._with_mode(
+            "dequeue", player, [keys.player(player)], lambda mode: [player, conn, mode]
+        )
+        match reply:
+            case ["ok", mode]:
+                return DequeueResult("ok", mode)
+            case ["replaced"] | ["not_in_queue"]:
+                return DequeueResult(reply[0])  # type: ignore[arg-type]
+            case ["invalid_state", _]:
+                return DequeueResult("invalid_state")
+        raise ProtocolViolation(f"dequeue replied {reply!r}")
+
+    async def status(self, player: str) -> QueueStatus:
+        """The player's state, its queue's size and the Redis clock, in one read."""
+        reply = await self._with_mode("status", player, [keys.player(player)], lambda mode: [mode])
+        if reply[0] != "ok" or len(reply) < 6:
+            raise ProtocolViolation(f"status replied {reply!r}")
+        return QueueStatus(_player_state(reply[1], reply[2], reply[3]), _int(reply[4]), _int(reply[5]))
+
+    async def heartbeat(self, ttl_ms: int) -> int:
+        return _int(await self.client.script("heartbeat", [keys.WORKERS], [self.worker_id, ttl_ms]))
+
+    async def due(self, zset_key: str, limit: int = 100) -> list[str]:
+        reply = await self.client.script("due", [zset_key], [limit])
+        return [as_str(item) for item in reply] if isinstance(reply, list) else []
+
+    async def expire_grace(self, player: str, mode: str) -> bool:
+        raw = await self.client.script(
+            "expire_grace", [keys.player(player), *keys.mode_keys(mode)], [player, mode]
+        )
+        return as_list(raw, "expire_grace")[0] == "removed"
+
+    async def worker_members(self, worker_id: str) -> list[str]:
+        redis = self.client.redis
+        members = await self.client.call(
+            "smembers", lambda: redis.smembers(keys.worker_players(worker_id))
+        )
+        return sorted(as_str(m) for m in members)
+
+    async def forget_worker(self, worker_id: str) -> bool:
+        raw = await self.client.script(
+            "forget_worker", [keys.WORKERS, keys.worker_players(worker_id)], [worker_id]
+        )
+        return _int(raw) == 1
+
+    async def owners(self, players: list[str], chunk: int = 500) -> list[tuple[str, str]]:
+        """(worker, conn) holding each player ("" when Redis has no record), pipelined."""
+        redis = self.client.redis
+        out: list[tuple[str, str]] = []
+        for start in range(0, len(players), chunk):
+            part = players[start:start + chunk]
+
+            async def run(part: list[str] = part) -> list[list[bytes | None]]:
+                pipe = redis.pipeline(transaction=False)
+                for player in part:
+                    pipe.hmget(keys.player(player), ["worker", "conn"])
+                return await pipe.execute()
+
+            for worker, conn in await self.client.call("owners", run):
+                out.append((as_str(worker), as_str(conn)))
+        return out
+
+    async def publish(self, channel: str, data: bytes) -> int:
+        redis = self.client.redis
+        return int(await self.client.call("publish", lambda: redis.publish(channel, data)))
+
+    async def _with_mode(
+        self, name: str, player: str, fixed_keys: list[str],
+        args: Callable[[str], list[str | int | float]],
+    ) -> list[str]:
+        """Run a script that also needs the keys of the player's current mode.
+
+        The mode is read first, then the script re-checks it and answers "retry" if it changed in
+        between, so every key a script touches is declared in KEYS.
+        """
+        redis = self.client.redis
+        mode = as_str(await self.client.call(
+            "hget", lambda: redis.hget(keys.player(player), "mode")
+        ))
+        for _ in range(_MODE_RETRIES):
+            mode_keys = keys.mode_keys(mode) if mode else []
+            reply = as_list(await self.client.script(name, fixed_keys + mode_keys, args(mode)), name)
+            if reply[0] != "retry":
+                return reply
+            mode = reply[1] if len(reply) > 1 else ""
+        raise StoreError(f"{name}: the player's mode kept changing")
+
+
+def _player_state(state: str, mode: str, queued_at: str) -> PlayerState:
+    if state not in _STATES:
+        raise ProtocolViolation(f"unknown player state {state!r}")
+    return PlayerState(state, mode, _int(queued_at) if queued_at else 0)  # type: ignore[arg-type]
+
+
+def _int(value: object) -> int:
+    try:
+        return int(as_str(value))
+    except (TypeError, ValueError) as exc:
+        raise ProtocolViolation(f"expected an integer, got {value!r}") from exc

@@ -1,0 +1,114 @@
+"""One client connection: runs the session's effects against the store and the socket."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Final
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from server.protocol import codec
+from server.protocol.auth import Identity
+from server.protocol.session import (
+    CLOSE_INTERNAL,
+    Close,
+    Effect,
+    RunDequeue,
+    RunEnqueue,
+    RunStatus,
+    Send,
+    Session,
+)
+from server.store.errors import StoreError, StoreUnavailable
+from server.store.players import PlayerStore
+
+log = logging.getLogger(__name__)
+_UNAVAILABLE_MSG: Final = "matchmaking storage is unavailable; retry later"
+
+
+class ClientConnection:
+    def __init__(
+        self, ws: ServerConnection, identity: Identity, conn_id: str, session: Session,
+        store: PlayerStore,
+    ) -> None:
+        self.ws = ws
+        self.identity = identity
+        self.conn_id = conn_id
+        self.session = session
+        self.store = store
+        self.log = logging.LoggerAdapter(log, {"player": identity.player_id, "conn": conn_id})
+
+    @property
+    def player_id(self) -> str:
+        return self.identity.player_id
+
+    async def apply(self, effects: list[Effect]) -> None:
+        """Carry out effects in order; results of requests feed back into the session."""
+        pending = list(effects)
+        while pending:
+            effect = pending.pop(0)
+            pending[:0] = await self._one(effect)
+
+    async def _one(self, effect: Effect) -> list[Effect]:
+        match effect:
+            case Send(message=message):
+                await self.send_text(codec.encode(message))
+            case Close(code=code, reason=reason):
+                await self.ws.close(code, reason)
+            case RunEnqueue(game_mode=mode, request_id=rid):
+                return await self._guarded(rid, self._enqueue(mode, rid))
+            case RunDequeue(request_id=rid):
+                return await self._guarded(rid, self._dequeue(rid))
+            case RunStatus(request_id=rid):
+                return await self._guarded(rid, self._status(rid))
+        return []
+
+    async def send_text(self, text: str) -> None:
+        # A closed socket is noticed by the handler, which cleans up.
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(text)
+
+    async def _guarded(self, rid: str | None, request: object) -> list[Effect]:
+        """Storage failures become PROTOCOL errors; the session undoes its optimistic phase."""
+        try:
+            return await request  # type: ignore[no-any-return, misc]
+        except StoreUnavailable as exc:
+            self.log.warning("request failed, storage unavailable: %s", exc)
+            return self.session.request_failed(
+                "unavailable", _UNAVAILABLE_MSG, rid, exc.retry_after_ms
+            )
+        except StoreError:
+            self.log.exception("request failed")
+            return self.session.request_failed("internal_error", "internal error", rid)
+
+    async def _enqueue(self, mode: str, rid: str | None) -> list[Effect]:
+        rating = self.identity.rating(mode, self.session.modes[mode].default_rating)
+        result = await self.store.enqueue(
+            self.player_id, self.conn_id, mode, rating, self.identity.attrs
+        )
+        if result.outcome == "ok":
+            self.log.debug("enqueued in %s at %d", mode, result.queued_at_ms)
+            return self.session.enqueued(mode, result.queued_at_ms, rid)
+        if result.outcome == "already" and result.current is not None:
+            return self.session.enqueue_refused(result.current.state, result.current.mode, rid)
+        return self.session.replaced()
+
+    async def _dequeue(self, rid: str | None) -> list[Effect]:
+        result = await self.store.dequeue(self.player_id, self.conn_id)
+        if result.outcome == "ok":
+            return self.session.dequeued(result.mode, rid)
+        if result.outcome == "replaced":
+            return self.session.replaced()
+        return self.session.dequeue_refused(result.outcome, rid)
+
+    async def _status(self, rid: str | None) -> list[Effect]:
+        status = await self.store.status(self.player_id)
+        p = status.player
+        return self.session.status(
+            p.state, p.mode, p.queued_at_ms, status.queue_size, status.now_ms, rid
+        )
+
+    async def fail(self) -> None:
+        await self.ws.close(CLOSE_INTERNAL, "internal error")
