@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py _fastmatch/kernel.pyx
 	touch $(STAMP)
 
 build: $(STAMP)
-	$(BIN)/python setup.py --quiet build_ext --inplace
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 
 serve: $(STAMP)
 	$(BIN)/fastmatch serve

@@ -16,7 +16,7 @@ cdef array _INT64 = array("q")
 
 
 cdef inline bint _rating_char(char c) noexcept:
-    return (b"0" <= c <= b"9") or c == b"." or c == b"e" or c == b"E" or c == b"+" or c == b"-"
+    return (c'0' <= c <= c'9') or c == c'.' or c == c'e' or c == c'E' or c == c'+' or c == c'-'
 
 
 cdef inline bint _parse(const char* s, Py_ssize_t n, double* rating, long long* queued) noexcept:
@@ -25,7 +25,7 @@ cdef inline bint _parse(const char* s, Py_ssize_t n, double* rating, long long* 
     cdef char c
     cdef long long q = 0
     cdef Py_ssize_t digits = 0
-    while i < n and s[i] != b"|":
+    while i < n and s[i] != c'|':
         if not _rating_char(s[i]):
             return False
         i += 1
@@ -36,11 +36,11 @@ cdef inline bint _parse(const char* s, Py_ssize_t n, double* rating, long long* 
     if end != s + bar or not isfinite(rating[0]):
         return False
     i = bar + 1
-    while i < n and s[i] != b"|":
+    while i < n and s[i] != c'|':
         c = s[i]
-        if c < b"0" or c > b"9" or digits >= 15:
+        if c < c'0' or c > c'9' or digits >= 15:
             return False
-        q = q * 10 + (c - b"0")
+        q = q * 10 + (c - c'0')
         digits += 1
         i += 1
     if digits == 0 or i >= n:

@@ -45,11 +45,11 @@ class _Server(msgspec.Struct, tag_field="type", frozen=True, kw_only=True, omit_
 class Welcome(_Server, tag="welcome", frozen=True):
     player_id: str
     state: StateName
+    protocol: int  # always sent (PROTOCOL 3), hence no default for omit_defaults to drop
     game_mode: str | None = None
     loading_session_id: str | None = None
     # Extension (documented in README "Protocol extensions"): lets a resumed client show its wait.
     queued_at_ms: int | None = None
-    protocol: int = PROTOCOL_VERSION
 
 
 class Enqueued(_Server, tag="enqueued", frozen=True):

@@ -17,6 +17,7 @@ from typing import Final
 from server.config import ModeConfig
 from server.protocol import codec
 from server.protocol.messages import (
+    PROTOCOL_VERSION,
     ClientMessage,
     Dequeue,
     Dequeued,
@@ -105,7 +106,7 @@ class Session:
         self.queued_at_ms = queued_at_ms if state == "queued" else 0
         return [Send(Welcome(
             player_id=self.player_id, state=state, game_mode=self.game_mode,
-            queued_at_ms=self.queued_at_ms or None,
+            queued_at_ms=self.queued_at_ms or None, protocol=PROTOCOL_VERSION,
         ))]
 
     def replaced(self) -> list[Effect]:

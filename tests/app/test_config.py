@@ -1,0 +1,62 @@
+"""Configuration: defaults, environment overrides, and errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import DEV_SECRET, load_config
+from server.errors import ConfigError
+
+
+def test_default_config_has_1v1_and_5v5() -> None:
+    config = load_config(environ={})
+    assert config.modes["1v1"].match_size == 2
+    assert config.modes["5v5"].match_size == 10
+    assert not config.production and config.redis.url == ""
+
+
+def test_environment_overrides_are_typed() -> None:
+    config = load_config(environ={
+        "FASTMATCH_SERVER__PORT": "9001", "FASTMATCH_REDIS__URL": "redis://h:1/0",
+        "FASTMATCH_MODES__1V1__WINDOW_BASE": "80.5", "OTHER": "x",
+    })
+    assert config.server.port == 9001
+    assert config.redis.url == "redis://h:1/0"
+    assert config.modes["1v1"].window_base == 80.5
+
+
+@pytest.mark.parametrize(
+    ("environ", "key"),
+    [
+        ({"FASTMATCH_SERVER__PORT": "eighty"}, "$.server.port"),
+        ({"FASTMATCH_SERVER__PORT": "70000"}, "server.port"),
+        ({"FASTMATCH_SERVER__NOPE": "1"}, "nope"),
+        ({"FASTMATCH_MODES__1V1__TEAM_SIZE": "0"}, "modes.1v1"),
+        ({"FASTMATCH_AUTH__ALGORITHM": "none"}, "auth.algorithm"),
+        ({"FASTMATCH_PRODUCTION": "true"}, "auth.secret"),
+        ({"FASTMATCH_MODES__BAD_NAME!__TEAM_SIZE": "1"}, "modes.bad_name!"),
+    ],
+)
+def test_bad_values_name_the_key(environ: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace("$", r"\$").replace(".", r"\.")):
+        load_config(environ=environ)
+
+
+def test_production_with_a_real_secret_starts(tmp_path: Path) -> None:
+    file = tmp_path / "prod.toml"
+    file.write_text('production = true\n[auth]\nsecret = "' + "s" * 40 + '"\n'
+                    '[modes.duel]\nteam_size = 1\n')
+    config = load_config(file, environ={})
+    assert config.production and config.auth.secret != DEV_SECRET
+    assert config.modes["duel"].teams == 2
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml", environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, environ={})

@@ -1,0 +1,103 @@
+"""Fixtures: real redis-server processes on private sockets, real workers on free ports.
+
+No fakes: every test talks to a real Redis over a real socket. The session-wide server is
+flushed before each test (it is ours alone); tests that stop or restart Redis get their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.app.worker import Worker
+from server.config import Config, load_config
+from server.store.embedded import EmbeddedRedis
+from tests.helpers import TIMEOUT
+
+# Test-speed settings: short grace and fast housekeeping so expiry paths run in well under 1 s.
+FAST: dict[str, Any] = {
+    "server.port": 0,
+    "server.host": "127.0.0.1",
+    "server.resume_grace_ms": 400,
+    "server.housekeeping_interval_s": 0.05,
+    "server.heartbeat_interval_s": 0.1,
+    "server.heartbeat_ttl_s": 0.6,
+    "server.bad_message_budget": 3,
+    "redis.operation_timeout_s": 0.5,
+    "redis.reconnect_base_s": 0.02,
+    "redis.reconnect_max_s": 0.2,
+}
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, for tests that stop, freeze or restart it."""
+    server = EmbeddedRedis().start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.process.send_signal(18)  # SIGCONT, in case the test froze it
+        server.stop()
+
+
+@pytest.fixture
+async def redis_url(shared_redis: EmbeddedRedis) -> str:
+    admin = aioredis.Redis.from_url(shared_redis.url)
+    await admin.flushall()
+    await admin.aclose()
+    return shared_redis.url
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def config() -> Config:
+    return load_config(overrides=FAST, environ={})
+
+
+WorkerFactory = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(config: Config, redis_url: str) -> AsyncIterator[WorkerFactory]:
+    workers: list[Worker] = []
+
+    async def start(url: str | None = None, cfg: Config | None = None) -> Worker:
+        worker = Worker(cfg or config, url or redis_url)
+        await worker.start(port=0)
+        workers.append(worker)
+        async with asyncio.timeout(TIMEOUT):
+            await worker.subscriber.wait_subscribed()
+        return worker
+
+    yield start
+    for worker in workers:
+        await worker.close()
+
+
+@pytest.fixture
+async def worker(start_worker: WorkerFactory) -> Worker:
+    return await start_worker()
+
+
+def pytest_report_header() -> str:
+    return f"fastmatch test timeout unit: {TIMEOUT}s (FASTMATCH_TEST_TIMEOUT)" + (
+        "; CI" if os.environ.get("CI") else ""
+    )

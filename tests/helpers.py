@@ -1,0 +1,66 @@
+"""Client-side helpers for tests: tokens, connections, reading JSON frames with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from server.config import DEV_SECRET
+from server.protocol.auth import mint_token
+
+# Every wait in the tests scales from this one constant (slow CI machines can raise it).
+TIMEOUT: Final = float(os.environ.get("FASTMATCH_TEST_TIMEOUT", "5"))
+
+
+def token(player: str, mmr: float | None = None, ttl_s: int = 600, **kw: Any) -> str:
+    return mint_token(DEV_SECRET, player, mmr, ttl_s, **kw)
+
+
+async def open_client(port: int, player: str, mmr: float | None = None) -> ClientConnection:
+    return await connect(
+        f"ws://127.0.0.1:{port}/ws",
+        additional_headers={"Authorization": f"Bearer {token(player, mmr)}"},
+        open_timeout=TIMEOUT,
+    )
+
+
+async def recv(ws: ClientConnection, timeout: float = TIMEOUT) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        frame = await ws.recv()
+    message: dict[str, Any] = json.loads(frame)
+    return message
+
+
+async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
+    await ws.send(json.dumps(message))
+
+
+async def request(ws: ClientConnection, message: dict[str, Any]) -> dict[str, Any]:
+    await send(ws, message)
+    return await recv(ws)
+
+
+async def connect_player(
+    port: int, player: str, mmr: float | None = None
+) -> tuple[ClientConnection, dict[str, Any]]:
+    ws = await open_client(port, player, mmr)
+    return ws, await recv(ws)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT) -> None:
+    """Wait for a condition held in Redis, which has no event to subscribe to."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.01)
+
+
+async def closed_code(ws: ClientConnection, timeout: float = TIMEOUT) -> int | None:
+    """Drain frames until the server closes; return the close code it sent."""
+    async with asyncio.timeout(timeout):
+        await ws.wait_closed()
+    return ws.close_code

@@ -1,0 +1,111 @@
+"""The per-connection state machine, driven synchronously with plain values (no I/O)."""
+
+from __future__ import annotations
+
+import json
+
+from server.config import load_config
+from server.protocol.messages import Dequeued, Enqueued, Error, QueueStatus, Welcome
+from server.protocol.session import Close, Phase, RunDequeue, RunEnqueue, RunStatus, Send, Session
+
+MODES = load_config(environ={}).modes
+
+
+def session(budget: int = 2) -> Session:
+    s = Session("p1", MODES, budget)
+    s.welcome("idle", "", 0)
+    return s
+
+
+def frame(**fields: object) -> str:
+    return json.dumps(fields)
+
+
+def only_error(effects: list) -> str:  # type: ignore[type-arg]
+    assert len(effects) == 1 and isinstance(effects[0], Send) and isinstance(effects[0].message, Error)
+    return effects[0].message.code
+
+
+def test_welcome_shows_resumed_state() -> None:
+    s = Session("p1", MODES, 2)
+    [effect] = s.welcome("queued", "5v5", 1234)
+    assert effect == Send(Welcome(player_id="p1", state="queued", protocol=1, game_mode="5v5",
+                                  queued_at_ms=1234))
+    assert s.phase is Phase.QUEUED
+
+
+def test_phase_changes_before_the_request_runs() -> None:
+    s = session()
+    assert s.receive(frame(type="enqueue", game_mode="1v1")) == [RunEnqueue("1v1", None)]
+    assert s.phase is Phase.ENQUEUING
+    # A second enqueue while the first is in flight never reaches storage.
+    assert only_error(s.receive(frame(type="enqueue", game_mode="1v1"))) == "already_in_queue"
+    [sent] = s.enqueued("1v1", 99, None)
+    assert sent == Send(Enqueued(game_mode="1v1", queued_at_ms=99))
+    assert s.phase is Phase.QUEUED
+
+
+def test_dequeue_round_trip_and_errors() -> None:
+    s = session()
+    assert only_error(s.receive(frame(type="dequeue"))) == "not_in_queue"
+    s.receive(frame(type="enqueue", game_mode="5v5"))
+    s.enqueued("5v5", 5, None)
+    assert s.receive(frame(type="dequeue", request_id="d")) == [RunDequeue("d")]
+    assert s.phase is Phase.DEQUEUING
+    assert s.dequeued("5v5", "d") == [Send(Dequeued(game_mode="5v5", reason="requested", request_id="d"))]
+    assert s.phase is Phase.IDLE
+
+
+def test_failed_request_undoes_the_optimistic_phase() -> None:
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    effects = s.request_failed("unavailable", "down", None, 500)
+    assert s.phase is Phase.IDLE and s.game_mode is None
+    assert effects == [Send(Error(code="unavailable", message="down", retry_after_ms=500))]
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.enqueued("1v1", 1, None)
+    s.receive(frame(type="dequeue"))
+    s.request_failed("unavailable", "down", None, 500)
+    assert s.phase is Phase.QUEUED
+
+
+def test_redis_view_wins_over_the_local_view() -> None:
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    assert only_error(s.enqueue_refused("queued", "5v5", None)) == "already_in_queue"
+    assert s.phase is Phase.QUEUED and s.game_mode == "5v5"
+    s.receive(frame(type="dequeue"))
+    assert only_error(s.dequeue_refused("not_in_queue", None)) == "not_in_queue"
+    assert s.phase is Phase.IDLE
+
+
+def test_unknown_mode_and_status() -> None:
+    s = session()
+    assert only_error(s.receive(frame(type="enqueue", game_mode="chess"))) == "unsupported_game_mode"
+    assert s.receive(frame(type="status", request_id="s")) == [RunStatus("s")]
+    [sent] = s.status("queued", "1v1", 1_000, 7, 11_000, "s")
+    assert isinstance(sent, Send) and isinstance(sent.message, QueueStatus)
+    assert sent.message.waited_ms == 10_000 and sent.message.queue_size == 7
+    assert sent.message.search_window == MODES["1v1"].window(10_000)
+
+
+def test_bad_input_budget_then_close_1008() -> None:
+    s = session(budget=2)
+    for bad in ("nope", b"\x00", frame(type="warp")):
+        effects = s.receive(bad)
+        assert isinstance(effects[0], Send) and effects[0].message.code == "invalid_message"  # type: ignore[union-attr]
+    assert effects[-1] == Close(1008, "too many invalid messages")
+    assert s.closed and s.receive(frame(type="status")) == []
+
+
+def test_replaced_closes_once_with_4009() -> None:
+    s = session()
+    assert s.replaced() == [Close(4009, "session_replaced")]
+    assert s.replaced() == []
+
+
+def test_window_grows_with_wait_up_to_the_cap() -> None:
+    mode = MODES["1v1"]
+    assert mode.window(0) == mode.window_base
+    assert mode.window(1000) == mode.window_base + mode.window_growth_per_s
+    assert mode.window(10**9) == mode.window_max

@@ -1,0 +1,116 @@
+"""Player and queue scripts against a real redis-server: invariants, timeouts, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.store import keys
+from server.store.client import RedisClient
+from server.store.embedded import EmbeddedRedis
+from server.store.errors import StoreUnavailable
+from server.store.players import PlayerStore
+from tests.helpers import TIMEOUT
+
+
+@pytest.fixture
+async def store(redis_url: str) -> PlayerStore:
+    client = RedisClient(redis_url, operation_timeout_s=0.5)
+    yield PlayerStore(client, "w1", resume_grace_ms=60_000)  # type: ignore[misc]
+    await client.close()
+
+
+async def test_one_queue_per_player_across_modes_and_connections(
+    store: PlayerStore, admin: aioredis.Redis
+) -> None:
+    await store.attach("p", "c1")
+    assert (await store.enqueue("p", "c1", "1v1", 1500, {})).outcome == "ok"
+    already = await store.enqueue("p", "c1", "5v5", 1500, {})
+    assert already.outcome == "already" and already.current is not None
+    assert already.current.mode == "1v1"
+    attached = await store.attach("p", "c2")  # a new connection takes over
+    assert attached.previous_conn == "c1" and attached.player.state == "queued"
+    assert (await store.enqueue("p", "c1", "5v5", 1500, {})).outcome == "replaced"
+    assert (await store.dequeue("p", "c1")).outcome == "replaced"
+    assert await admin.zcard(keys.queue("5v5")) == 0
+    assert (await store.dequeue("p", "c2")).outcome == "ok"
+    assert (await store.dequeue("p", "c2")).outcome == "not_in_queue"
+
+
+async def test_stale_detach_changes_nothing(store: PlayerStore, admin: aioredis.Redis) -> None:
+    await store.attach("p", "c1")
+    await store.enqueue("p", "c1", "1v1", 1500, {})
+    await store.attach("p", "c2")
+    assert (await store.detach("p", "c1")).outcome == "stale"
+    assert await admin.zscore(keys.grace("1v1"), "p") is None
+    grace = await store.detach("p", "c2")
+    assert grace.outcome == "grace" and grace.grace_deadline_ms > time.time() * 1000
+    assert await admin.zscore(keys.grace("1v1"), "p") == grace.grace_deadline_ms
+
+
+async def test_grace_expiry_is_checked_on_the_redis_clock(redis_url: str, admin: aioredis.Redis) -> None:
+    client = RedisClient(redis_url)
+    short = PlayerStore(client, "w1", resume_grace_ms=0)
+    await short.attach("p", "c1")
+    await short.enqueue("p", "c1", "1v1", 1500, {})
+    await short.detach("p", "c1")
+    assert await short.due(keys.grace("1v1")) == ["p"]
+    assert await short.expire_grace("p", "1v1") is True
+    assert await short.expire_grace("p", "1v1") is False  # idempotent
+    assert await admin.keys("*") == []
+    await client.close()
+
+
+async def test_reaping_a_dead_worker_gives_its_players_the_grace(
+    redis_url: str, admin: aioredis.Redis
+) -> None:
+    client = RedisClient(redis_url)
+    dead = PlayerStore(client, "dead", resume_grace_ms=60_000)
+    alive = PlayerStore(client, "alive", resume_grace_ms=60_000)
+    await dead.heartbeat(1)
+    for player in ("a", "b"):
+        await dead.attach(player, f"{player}-conn")
+    await dead.enqueue("a", "a-conn", "1v1", 1500, {})
+    async with asyncio.timeout(TIMEOUT):
+        while "dead" not in await alive.due(keys.WORKERS):
+            await asyncio.sleep(0.005)
+    for player in await alive.worker_members("dead"):
+        await alive.detach(player, "", "dead")
+    assert await alive.forget_worker("dead")
+    assert await admin.zscore(keys.grace("1v1"), "a") is not None
+    assert await admin.exists(keys.player("b")) == 0
+    assert await admin.zscore(keys.WORKERS, "dead") is None
+    await client.close()
+
+
+async def test_scripts_reload_after_redis_restart(private_redis: EmbeddedRedis) -> None:
+    client = RedisClient(private_redis.url, operation_timeout_s=1.0)
+    store = PlayerStore(client, "w1", resume_grace_ms=1000)
+    await store.attach("p", "c1")
+    private_redis.restart()  # all data and every loaded script are gone
+    with pytest.raises(StoreUnavailable):
+        await store.attach("p", "c1")  # the pooled connection died with the old server
+    attached = await store.attach("p", "c1")  # NOSCRIPT -> SCRIPT LOAD -> retried
+    assert attached.player.state == "idle"
+    assert (await store.enqueue("p", "c1", "1v1", 1500, {})).outcome == "ok"
+    await client.close()
+
+
+async def test_every_call_is_bounded_by_the_operation_timeout(private_redis: EmbeddedRedis) -> None:
+    client = RedisClient(private_redis.url, operation_timeout_s=0.3)
+    store = PlayerStore(client, "w1", resume_grace_ms=1000)
+    await store.attach("p", "c1")
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="timed out"):
+            await store.enqueue("p", "c1", "1v1", 1500, {})
+        assert time.monotonic() - started < 0.3 + TIMEOUT / 5
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    await client.close()

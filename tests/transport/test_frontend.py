@@ -1,0 +1,303 @@
+"""The WebSocket front end over real sockets against a real redis-server (PROTOCOL 1-6)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from server.app.worker import Worker
+from server.store import keys
+from tests.conftest import WorkerFactory
+from tests.helpers import TIMEOUT, closed_code, connect_player, recv, request, send, token
+
+
+async def _status_of(url: str) -> int:
+    try:
+        async with connect(url, open_timeout=TIMEOUT):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+# -- handshake (PROTOCOL 1) -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",  # missing
+        "?token=" + token("p1", ttl_s=-60),  # expired
+        "?token=" + token("p1").rsplit(".", 1)[0] + ".AAAA",  # bad signature
+        "?token=not-a-jwt",  # malformed
+        "?token=" + token("p1").replace(".", "", 1),  # malformed structure
+    ],
+    ids=["missing", "expired", "bad-signature", "garbage", "mangled"],
+)
+async def test_bad_tokens_fail_the_handshake_with_401(worker: Worker, query: str) -> None:
+    assert await _status_of(f"ws://127.0.0.1:{worker.front.port}/ws{query}") == 401
+
+
+async def test_token_in_query_and_header_both_work(worker: Worker) -> None:
+    port = worker.front.port
+    async with connect(f"ws://127.0.0.1:{port}/ws/?token={token('q1')}") as ws:
+        assert (await recv(ws))["player_id"] == "q1"
+    ws, welcome = await connect_player(port, "h1")
+    assert welcome == {"type": "welcome", "player_id": "h1", "state": "idle", "protocol": 1}
+    await ws.close()
+
+
+async def test_wrong_path_is_404(worker: Worker) -> None:
+    assert await _status_of(f"ws://127.0.0.1:{worker.front.port}/nope?token={token('p')}") == 404
+
+
+# -- requests and answers (PROTOCOL 2, 3) -----------------------------------------------------------
+
+async def test_enqueue_status_dequeue(worker: Worker, admin: aioredis.Redis) -> None:
+    ws, _ = await connect_player(worker.front.port, "alice", mmr=1620)
+    enq = await request(ws, {"type": "enqueue", "game_mode": "1v1", "request_id": "r1"})
+    assert enq["type"] == "enqueued" and enq["game_mode"] == "1v1" and enq["request_id"] == "r1"
+    assert await admin.zscore(keys.queue("1v1"), "alice") == enq["queued_at_ms"]
+    ticket = await admin.hget(keys.tickets("1v1"), "alice")
+    assert ticket is not None and ticket.startswith("1620.0|")
+
+    status = await request(ws, {"type": "status", "request_id": "s"})
+    assert status["type"] == "queue_status" and status["state"] == "queued"
+    assert status["game_mode"] == "1v1" and status["queue_size"] == 1 and status["request_id"] == "s"
+    assert status["waited_ms"] >= 0 and status["search_window"] >= 50
+
+    deq = await request(ws, {"type": "dequeue", "request_id": "r2"})
+    assert deq == {"type": "dequeued", "game_mode": "1v1", "reason": "requested", "request_id": "r2"}
+    assert await admin.zcard(keys.queue("1v1")) == 0
+    assert await admin.hlen(keys.tickets("1v1")) == 0
+    idle = await request(ws, {"type": "status"})
+    assert idle["state"] == "idle" and idle["queue_size"] == 0
+    await ws.close()
+
+
+async def test_request_errors(worker: Worker) -> None:
+    ws, _ = await connect_player(worker.front.port, "bob")
+    err = await request(ws, {"type": "enqueue", "game_mode": "chess", "request_id": "x"})
+    assert err["type"] == "error" and err["code"] == "unsupported_game_mode" and err["request_id"] == "x"
+    assert (await request(ws, {"type": "dequeue"}))["code"] == "not_in_queue"
+    assert (await request(ws, {"type": "loading_complete", "loading_session_id": "m1"}))["code"] == (
+        "invalid_state"
+    )
+    assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    again = await request(ws, {"type": "enqueue", "game_mode": "1v1"})
+    assert again["code"] == "already_in_queue"
+    await ws.close()
+
+
+async def test_two_enqueues_back_to_back_make_one_entry(worker: Worker, admin: aioredis.Redis) -> None:
+    ws, _ = await connect_player(worker.front.port, "carol")
+    # The second frame leaves before the server has answered the first.
+    await send(ws, {"type": "enqueue", "game_mode": "1v1", "request_id": "0"})
+    await send(ws, {"type": "enqueue", "game_mode": "5v5", "request_id": "1"})
+    answers = [await recv(ws), await recv(ws)]
+    assert [a["type"] for a in answers] == ["enqueued", "error"]
+    assert answers[1]["code"] == "already_in_queue"
+    assert await admin.zcard(keys.queue("1v1")) == 1
+    assert await admin.zcard(keys.queue("5v5")) == 0
+    await ws.close()
+
+
+async def test_cross_connection_exclusivity_is_enforced_by_redis(
+    start_worker: WorkerFactory, admin: aioredis.Redis
+) -> None:
+    """Two workers, one player: only one queue entry whatever the connections believe."""
+    w1, w2 = await start_worker(), await start_worker()
+    old, _ = await connect_player(w1.front.port, "dave")
+    assert (await request(old, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    new, welcome = await connect_player(w2.front.port, "dave")
+    assert welcome["state"] == "queued" and welcome["game_mode"] == "1v1"
+    assert await closed_code(old) == 4009
+    assert (await request(new, {"type": "enqueue", "game_mode": "5v5"}))["code"] == "already_in_queue"
+    assert await admin.zcard(keys.queue("5v5")) == 0
+    await new.close()
+
+
+# -- bad input (PROTOCOL 5) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "not json",
+        b"\x00\x01binary",
+        json.dumps({"type": "teleport"}),
+        json.dumps({"type": "enqueue", "game_mode": 5}),
+        json.dumps({"type": "enqueue"}),
+        json.dumps(["enqueue"]),
+        json.dumps({"game_mode": "1v1"}),
+    ],
+    ids=["non-json", "binary", "unknown-type", "wrong-type", "missing-field", "not-object", "no-type"],
+)
+async def test_bad_frames_get_invalid_message_and_change_nothing(
+    worker: Worker, admin: aioredis.Redis, frame: str | bytes
+) -> None:
+    ws, _ = await connect_player(worker.front.port, "eve")
+    await ws.send(frame)
+    err = await recv(ws)
+    assert err["type"] == "error" and err["code"] == "invalid_message" and err["message"]
+    assert (await request(ws, {"type": "status"}))["state"] == "idle"
+    assert await admin.keys("{mm:*") == []
+    await ws.close()
+
+
+async def test_bad_message_budget_closes_with_1008_and_others_keep_working(worker: Worker) -> None:
+    port = worker.front.port
+    other, _ = await connect_player(port, "bystander")
+    assert (await request(other, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    ws, _ = await connect_player(port, "spammer")
+    for _ in range(4):  # the test budget is 3
+        await ws.send("{{{")
+    assert await closed_code(ws) == 1008
+    assert (await request(other, {"type": "status"}))["state"] == "queued"
+    await other.close()
+
+
+async def test_oversized_frame_is_closed_with_1009(worker: Worker) -> None:
+    port = worker.front.port
+    ws, _ = await connect_player(port, "big")
+    await ws.send(json.dumps({"type": "status", "request_id": "x" * 5000}))
+    assert await closed_code(ws) == 1009
+    fresh, welcome = await connect_player(port, "big")
+    assert welcome["type"] == "welcome"
+    await fresh.close()
+
+
+# -- one connection per player, resume and grace (PROTOCOL 1, 4) ----------------------------------
+
+async def test_second_connection_same_worker_replaces_the_first(worker: Worker) -> None:
+    port = worker.front.port
+    old, _ = await connect_player(port, "frank")
+    enq = await request(old, {"type": "enqueue", "game_mode": "5v5"})
+    new, welcome = await connect_player(port, "frank")
+    assert await closed_code(old) == 4009
+    assert old.close_reason == "session_replaced"
+    assert welcome["state"] == "queued" and welcome["queued_at_ms"] == enq["queued_at_ms"]
+    assert (await request(new, {"type": "dequeue"}))["type"] == "dequeued"
+    await new.close()
+
+
+async def test_resume_within_grace_keeps_queued_at(worker: Worker, admin: aioredis.Redis) -> None:
+    port = worker.front.port
+    ws, _ = await connect_player(port, "gina")
+    enq = await request(ws, {"type": "enqueue", "game_mode": "1v1"})
+    await ws.close()
+    # The ticket stays, out of matching, until the grace ends.
+    await _until(lambda: admin.zscore(keys.grace("1v1"), "gina"), present=True)
+    back, welcome = await connect_player(port, "gina")
+    assert welcome["state"] == "queued" and welcome["queued_at_ms"] == enq["queued_at_ms"]
+    assert await admin.zscore(keys.grace("1v1"), "gina") is None
+    assert await admin.zscore(keys.queue("1v1"), "gina") == enq["queued_at_ms"]
+    await back.close()
+
+
+async def test_grace_expiry_removes_the_ticket(worker: Worker, admin: aioredis.Redis) -> None:
+    ws, _ = await connect_player(worker.front.port, "hank")
+    await request(ws, {"type": "enqueue", "game_mode": "1v1"})
+    await ws.close()
+    await _until(lambda: admin.exists(keys.player("hank")), present=False)
+    assert await admin.zscore(keys.queue("1v1"), "hank") is None
+    assert await admin.hget(keys.tickets("1v1"), "hank") is None
+    assert await admin.zscore(keys.grace("1v1"), "hank") is None
+
+
+async def test_idle_disconnect_leaves_no_keys(worker: Worker, admin: aioredis.Redis) -> None:
+    ws, _ = await connect_player(worker.front.port, "ivy")
+    await request(ws, {"type": "enqueue", "game_mode": "5v5"})
+    await request(ws, {"type": "dequeue"})
+    await ws.close()
+    await _until(lambda: admin.exists(keys.player("ivy")), present=False)
+    leftovers = [k for k in await admin.keys("*") if k != keys.WORKERS and ":players" not in k]
+    assert leftovers == []
+
+
+# -- delivery subscriber (DESIGN requirement 2) -------------------------------------------------------
+
+async def test_subscriber_recovers_from_client_kill(
+    start_worker: WorkerFactory, admin: aioredis.Redis
+) -> None:
+    w1, w2 = await start_worker(), await start_worker()
+    old, _ = await connect_player(w1.front.port, "jack")
+    generation = w1.subscriber.generation
+    killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert killed >= 2  # both workers' subscribers
+    async with asyncio.timeout(TIMEOUT):
+        await w1.subscriber.wait_subscribed(generation)
+    new, _ = await connect_player(w2.front.port, "jack")
+    assert await closed_code(old) == 4009
+    await new.close()
+
+
+async def test_replacement_missed_while_deaf_is_caught_by_resync(
+    start_worker: WorkerFactory, admin: aioredis.Redis
+) -> None:
+    """The Replace message is published while w1 has no subscriber: resync closes it anyway."""
+    w1, w2 = await start_worker(), await start_worker()
+    old, _ = await connect_player(w1.front.port, "kate")
+    await w1.subscriber.close()
+    new, _ = await connect_player(w2.front.port, "kate")
+    w1.subscriber.start()
+    assert await closed_code(old) == 4009
+    await new.close()
+
+
+# -- storage unavailable ------------------------------------------------------------------------------
+
+async def test_redis_down_gives_unavailable_and_worker_stays_up(
+    start_worker: WorkerFactory, private_redis
+) -> None:  # type: ignore[no-untyped-def]
+    w = await start_worker(url=private_redis.url)
+    ws, _ = await connect_player(w.front.port, "liam")
+    private_redis.process.send_signal(19)  # SIGSTOP: Redis hangs, connections stay open
+    err = await request(ws, {"type": "enqueue", "game_mode": "1v1", "request_id": "u"}, )
+    assert err["type"] == "error" and err["code"] == "unavailable" and err["retry_after_ms"] > 0
+    assert err["request_id"] == "u"
+    late, refused = await connect_player(w.front.port, "mia")
+    assert refused["type"] == "error" and refused["code"] == "unavailable"
+    assert await closed_code(late) == 1011
+    private_redis.process.send_signal(18)  # SIGCONT
+    ok = await request(ws, {"type": "enqueue", "game_mode": "1v1"})
+    assert ok["type"] == "enqueued"
+    await ws.close()
+
+
+async def _until(read, present: bool) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(TIMEOUT):
+        while bool(await read()) != present:
+            await asyncio.sleep(0.01)
+
+
+# -- operator endpoints (PROTOCOL 8) ------------------------------------------------------------------
+
+async def _http_get(port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    await writer.drain()
+    async with asyncio.timeout(TIMEOUT):
+        status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_health_and_ready_follow_storage(start_worker: WorkerFactory, private_redis) -> None:  # type: ignore[no-untyped-def]
+    w = await start_worker(url=private_redis.url)
+    port = w.front.port
+    assert await _http_get(port, "/health") == 200
+    assert await _http_get(port, "/ready") == 200
+    private_redis.process.send_signal(19)  # SIGSTOP
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while await _http_get(port, "/ready") != 503:
+                await asyncio.sleep(0.02)
+        assert await _http_get(port, "/health") == 200  # the worker itself is fine
+    finally:
+        private_redis.process.send_signal(18)  # SIGCONT
+    async with asyncio.timeout(TIMEOUT):
+        while await _http_get(port, "/ready") != 200:
+            await asyncio.sleep(0.02)
