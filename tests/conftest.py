@@ -89,7 +89,14 @@ async def start_worker(config: Config, redis_url: str) -> AsyncIterator[WorkerFa
 
     yield start
     for worker in workers:
-        await worker.close()
+        try:
+            async with asyncio.timeout(TIMEOUT * 2):
+                await worker.close()
+        except TimeoutError:
+            # A hang at shutdown is a bug: show where every task is stuck, then fail.
+            for task in asyncio.all_tasks():
+                task.print_stack(limit=8)
+            raise
 
 
 @pytest.fixture

@@ -29,19 +29,21 @@ class Housekeeper:
         self.interval = interval_s
         self.ttl_ms = int(heartbeat_ttl_s * 1000)
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="housekeeping")
 
     async def close(self) -> None:
+        self._closing = True  # ends the loop even if a library swallowed the cancellation
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.tick()
             except StoreError as exc:

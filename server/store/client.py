@@ -44,6 +44,11 @@ class RedisClient:
             async with asyncio.timeout(self.timeout):
                 return await fn()
         except TimeoutError as exc:
+            # Python 3.11: a cancel that lands as the timeout expires surfaces as TimeoutError.
+            # Swallowing it would keep a closing loop alive forever, so cancellation wins.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc
             raise StoreUnavailable(f"redis {op} timed out after {self.timeout:g}s") from exc
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis {op} failed: {exc}") from exc

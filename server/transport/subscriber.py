@@ -42,12 +42,15 @@ class Subscriber:
         self._changed = asyncio.Condition()
         self.generation = 0  # incremented on every successful (re)subscription
         self.connected = False
+        self._closing = False
 
     def start(self) -> None:
+        self._closing = False
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"subscriber:{self.channel}")
 
     async def close(self) -> None:
+        self._closing = True  # ends the loop even if a library swallowed the cancellation
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -62,7 +65,7 @@ class Subscriber:
 
     async def _run(self) -> None:
         attempt = 0
-        while True:
+        while not self._closing:
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -116,7 +119,7 @@ class Subscriber:
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
         last_heard = time.monotonic()
         ping_sent = False
-        while True:
+        while not self._closing:
             message = await pubsub.get_message(
                 ignore_subscribe_messages=True, timeout=min(1.0, self._ping_interval)
             )
