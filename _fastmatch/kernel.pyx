@@ -75,3 +75,305 @@ def decode_tickets(list values):
     del ratings[k:]
     del queued[k:]
     return index, ratings, queued, bad
+
+
+# -- pairing (twin: server/matching/kernel_py.py, which documents the algorithm) ---------------
+#
+# Same result as the twin's two sorts, computed faster: the wait order (queued, position) is
+# checked first and only sorted when the input is not already in it (a queue snapshot always
+# is); the rating order is then a *stable* LSD radix sort of the wait order by rating alone,
+# which yields exactly (rating, queued, position) order.
+
+from libc.math cimport INFINITY, fabs
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcpy, memset
+
+DEF EXACT_SPLIT_MAX = 16
+
+
+cdef struct Cand:
+    long long queued
+    Py_ssize_t idx
+
+
+cdef int _by_wait(const void* a, const void* b) noexcept nogil:
+    cdef const Cand* x = <const Cand*>a
+    cdef const Cand* y = <const Cand*>b
+    if x.queued != y.queued:
+        return -1 if x.queued < y.queued else 1
+    return -1 if x.idx < y.idx else (1 if x.idx > y.idx else 0)
+
+
+cdef inline uint64_t _rating_key(double r) noexcept nogil:
+    """Order-preserving unsigned key of a finite double (-0.0 and 0.0 map to one key)."""
+    cdef double z = r + 0.0
+    cdef uint64_t bits
+    memcpy(&bits, &z, 8)
+    if bits >> 63:
+        return ~bits
+    return bits | (<uint64_t>1 << 63)
+
+
+cdef class _Buffers:
+    """Owns every C buffer of one pairing run; freed when the run ends, whatever happens."""
+    cdef Py_ssize_t* order      # positions in rating order
+    cdef Py_ssize_t* tmp
+    cdef uint64_t* keys
+    cdef uint64_t* tmpkeys
+    cdef Cand* by_wait
+    cdef double* win
+    cdef Py_ssize_t* pos
+    cdef Py_ssize_t* prev
+    cdef Py_ssize_t* nxt
+    cdef char* used
+    cdef Py_ssize_t* seq
+    cdef Py_ssize_t* members
+
+    def __cinit__(self, Py_ssize_t n, Py_ssize_t k):
+        self.order = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+        self.tmp = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+        self.keys = <uint64_t*>malloc(n * sizeof(uint64_t))
+        self.tmpkeys = <uint64_t*>malloc(n * sizeof(uint64_t))
+        self.by_wait = <Cand*>malloc(n * sizeof(Cand))
+        self.win = <double*>malloc(n * sizeof(double))
+        self.pos = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+        self.prev = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+        self.nxt = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+        self.used = <char*>malloc(n)
+        self.seq = <Py_ssize_t*>malloc((2 * k) * sizeof(Py_ssize_t))
+        self.members = <Py_ssize_t*>malloc(k * sizeof(Py_ssize_t))
+        if (not self.order or not self.tmp or not self.keys or not self.tmpkeys
+                or not self.by_wait or not self.win or not self.pos or not self.prev
+                or not self.nxt or not self.used or not self.seq or not self.members):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.order); free(self.tmp); free(self.keys); free(self.tmpkeys)
+        free(self.by_wait); free(self.win); free(self.pos); free(self.prev); free(self.nxt)
+        free(self.used); free(self.seq); free(self.members)
+
+
+cdef void _wait_order(_Buffers b, const long long[:] queued, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef bint sorted_already = True
+    for i in range(n):
+        b.by_wait[i].queued = queued[i]
+        b.by_wait[i].idx = i
+        if i and queued[i] < queued[i - 1]:
+            sorted_already = False
+    if not sorted_already:
+        qsort(b.by_wait, n, sizeof(Cand), _by_wait)
+
+
+cdef void _rating_order(_Buffers b, const double[:] ratings, Py_ssize_t n) noexcept nogil:
+    """Stable LSD radix sort (8-bit digits) of the wait order by rating key."""
+    cdef Py_ssize_t i, counts[256]
+    cdef Py_ssize_t total, c
+    cdef int shift, d
+    cdef uint64_t same_and = <uint64_t>0xFFFFFFFFFFFFFFFF, same_or = 0, key
+    cdef Py_ssize_t* src = b.order
+    cdef Py_ssize_t* dst = b.tmp
+    cdef uint64_t* ksrc = b.keys
+    cdef uint64_t* kdst = b.tmpkeys
+    cdef Py_ssize_t* sp
+    cdef uint64_t* kp
+    for i in range(n):
+        src[i] = b.by_wait[i].idx
+        key = _rating_key(ratings[src[i]])
+        ksrc[i] = key
+        same_and &= key
+        same_or |= key
+    for shift in range(0, 64, 8):
+        if ((same_and >> shift) & 0xFF) == ((same_or >> shift) & 0xFF):
+            continue  # every key has the same digit here: the pass would not move anything
+        memset(counts, 0, sizeof(counts))
+        for i in range(n):
+            counts[(ksrc[i] >> shift) & 0xFF] += 1
+        total = 0
+        for d in range(256):
+            c = counts[d]
+            counts[d] = total
+            total += c
+        for i in range(n):
+            d = (ksrc[i] >> shift) & 0xFF
+            dst[counts[d]] = src[i]
+            kdst[counts[d]] = ksrc[i]
+            counts[d] += 1
+        sp = src; src = dst; dst = sp
+        kp = ksrc; ksrc = kdst; kdst = kp
+    if src != b.order:
+        memcpy(b.order, src, n * sizeof(Py_ssize_t))
+
+
+def pair(const double[:] ratings, const long long[:] queued, long long now_ms, int team_size,
+         int teams, double window_base, double window_growth_per_s, double window_max,
+         long long max_wait_ms):
+    cdef Py_ssize_t n = ratings.shape[0]
+    cdef Py_ssize_t k = team_size * teams
+    cdef array out = array("q")
+    if k < 1 or n < k:
+        return out
+    if queued.shape[0] != n:
+        raise ValueError("ratings and queued differ in length")
+    cdef Py_ssize_t i
+    for i in range(n):
+        if not isfinite(ratings[i]):
+            raise ValueError("ratings must be finite")
+    cdef _Buffers b = _Buffers(n, k)
+    out = clone(_INT64, n, False)
+    cdef long long* dst = out.data.as_longlongs
+    cdef Py_ssize_t written = 0
+    cdef Py_ssize_t p, q, a, nl, nr, m, start, lo, hi, best, s, j
+    cdef long long waited
+    cdef double spread, best_spread, w
+    cdef bint ok, expired
+    for i in range(n):
+        waited = now_ms - queued[i]
+        if waited >= max_wait_ms:
+            b.win[i] = INFINITY
+        else:
+            w = window_base + window_growth_per_s * (<double>(waited if waited > 0 else 0) / 1000.0)
+            b.win[i] = w if w < window_max else window_max
+        b.used[i] = 0
+    _wait_order(b, queued, n)
+    _rating_order(b, ratings, n)
+    for p in range(n):
+        b.pos[b.order[p]] = p
+        b.prev[p] = p - 1
+        b.nxt[p] = p + 1
+    for j in range(n):
+        a = b.by_wait[j].idx
+        if b.used[a]:
+            continue
+        p = b.pos[a]
+        # The unused neighbours in rating order: up to k-1 on each side of the anchor.
+        nl = 0
+        q = b.prev[p]
+        while q >= 0 and nl < k - 1:
+            nl += 1
+            q = b.prev[q]
+        q = b.prev[p]
+        s = nl - 1
+        while s >= 0:
+            b.seq[s] = b.order[q]
+            q = b.prev[q]
+            s -= 1
+        b.seq[nl] = a
+        nr = 0
+        q = b.nxt[p]
+        while q < n and nr < k - 1:
+            nr += 1
+            b.seq[nl + nr] = b.order[q]
+            q = b.nxt[q]
+        expired = b.win[a] == INFINITY
+        lo = nl - k + 1
+        if lo < 0:
+            lo = 0
+        hi = nl if nl < nl + nr + 1 - k else nl + nr + 1 - k
+        best = -1
+        best_spread = INFINITY
+        for start in range(lo, hi + 1):
+            spread = ratings[b.seq[start + k - 1]] - ratings[b.seq[start]]
+            if spread < best_spread:
+                ok = True
+                if not expired:
+                    for m in range(k):
+                        if not (spread <= b.win[b.seq[start + m]]):
+                            ok = False
+                            break
+                if ok:
+                    best = start
+                    best_spread = spread
+        if best < 0:
+            continue
+        for m in range(k):
+            i = b.seq[best + m]
+            b.members[m] = i
+            b.used[i] = 1
+            p = b.pos[i]
+            if b.prev[p] >= 0:
+                b.nxt[b.prev[p]] = b.nxt[p]
+            if b.nxt[p] < n:
+                b.prev[b.nxt[p]] = b.prev[p]
+        _split(b.members, k, ratings, team_size, teams, dst + written)
+        written += k
+    del out[written:]
+    return out
+
+
+cdef void _split(Py_ssize_t* members, Py_ssize_t k, const double[:] ratings, int team_size,
+                 int teams, long long* dst) except *:
+    cdef Py_ssize_t m
+    if teams == 1 or team_size == 1:
+        for m in range(k):
+            dst[m] = members[m]
+    elif teams == 2 and k <= EXACT_SPLIT_MAX:
+        _split_exact(members, k, ratings, team_size, dst)
+    else:
+        _split_greedy(members, k, ratings, team_size, teams, dst)
+
+
+cdef void _split_exact(Py_ssize_t* members, Py_ssize_t k, const double[:] ratings,
+                       int team_size, long long* dst) noexcept nogil:
+    # Combinations of team_size-1 positions from 1..k-1 in lexicographic order, with 0 fixed.
+    cdef Py_ssize_t c[EXACT_SPLIT_MAX]
+    cdef Py_ssize_t best_c[EXACT_SPLIT_MAX]
+    cdef char in_a[EXACT_SPLIT_MAX]
+    cdef double r[EXACT_SPLIT_MAX]
+    cdef Py_ssize_t t = team_size - 1, i, j, w = 0
+    cdef double total = 0.0, sum_a, gap, best_gap = INFINITY
+    for j in range(k):
+        r[j] = ratings[members[j]]
+        total += r[j]
+    for i in range(t):
+        c[i] = i + 1
+    while True:
+        sum_a = r[0]
+        for i in range(t):
+            sum_a += r[c[i]]
+        gap = fabs(total - 2.0 * sum_a)
+        if gap < best_gap:
+            best_gap = gap
+            memcpy(best_c, c, t * sizeof(Py_ssize_t))
+        # Next combination: the rightmost index that can still move right.
+        i = t - 1
+        while i >= 0 and c[i] == k - t + i:
+            i -= 1
+        if i < 0:
+            break
+        c[i] += 1
+        for j in range(i + 1, t):
+            c[j] = c[j - 1] + 1
+    memset(in_a, 0, k)
+    in_a[0] = 1
+    for i in range(t):
+        in_a[best_c[i]] = 1
+    for j in range(k):
+        if in_a[j]:
+            dst[w] = members[j]
+            w += 1
+    for j in range(k):
+        if not in_a[j]:
+            dst[w] = members[j]
+            w += 1
+
+
+cdef void _split_greedy(Py_ssize_t* members, Py_ssize_t k, const double[:] ratings,
+                        int team_size, int teams, long long* dst) except *:
+    # Rare shapes (3+ teams of 2+, or 2 teams over 16 players): clarity over speed.
+    cdef list order = sorted(range(k), key=lambda j: (-ratings[members[j]], j))
+    cdef list sums = [0.0] * teams
+    cdef list rosters = [[] for _ in range(teams)]
+    cdef Py_ssize_t j, t, pick, w = 0
+    for j in order:
+        pick = -1
+        for t in range(teams):
+            if len(rosters[t]) < team_size and (pick < 0 or sums[t] < sums[pick]):
+                pick = t
+        rosters[pick].append(members[j])
+        sums[pick] += ratings[members[j]]
+    for t in range(teams):
+        for j in rosters[t]:
+            dst[w] = j
+            w += 1
