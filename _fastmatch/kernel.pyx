@@ -19,6 +19,46 @@ cdef inline bint _rating_char(char c) noexcept:
     return (c'0' <= c <= c'9') or c == c'.' or c == c'e' or c == c'E' or c == c'+' or c == c'-'
 
 
+cdef double[23] _POW10 = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+                          1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22]
+
+
+cdef inline bint _fast_double(const char* s, Py_ssize_t n, double* out) noexcept:
+    """Clinger's fast path: [-+]digits[.digits] with at most 15 digits is exact.
+
+    The mantissa (< 10**15 < 2**53) and 10**k (k <= 22) are exact doubles, so one IEEE
+    division is correctly rounded: the same double strtod and Python's float() return.
+    Anything else (exponents, more digits) returns False and goes to strtod.
+    """
+    cdef Py_ssize_t i = 0, digits = 0, frac = 0
+    cdef long long mant = 0
+    cdef bint neg = False, dot = False
+    cdef char c
+    if n and (s[0] == c'-' or s[0] == c'+'):
+        neg = s[0] == c'-'
+        i = 1
+    while i < n:
+        c = s[i]
+        if c'0' <= c <= c'9':
+            digits += 1
+            if digits > 15:
+                return False
+            mant = mant * 10 + (c - c'0')
+            if dot:
+                frac += 1
+        elif c == c'.' and not dot:
+            dot = True
+        else:
+            return False
+        i += 1
+    if digits == 0:
+        return False
+    out[0] = <double>mant / _POW10[frac]
+    if neg:
+        out[0] = -out[0]
+    return True
+
+
 cdef inline bint _parse(const char* s, Py_ssize_t n, double* rating, long long* queued) noexcept:
     cdef Py_ssize_t i = 0, bar
     cdef char* end
@@ -32,8 +72,11 @@ cdef inline bint _parse(const char* s, Py_ssize_t n, double* rating, long long* 
     if i == 0 or i >= n:
         return False
     bar = i
-    rating[0] = strtod(s, &end)
-    if end != s + bar or not isfinite(rating[0]):
+    if not _fast_double(s, bar, rating):
+        rating[0] = strtod(s, &end)
+        if end != s + bar:
+            return False
+    if not isfinite(rating[0]):
         return False
     i = bar + 1
     while i < n and s[i] != c'|':

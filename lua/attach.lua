@@ -4,18 +4,18 @@
 -- ARGV[1] player id  ARGV[2] worker id  ARGV[3] connection id  ARGV[4] expected mode ("" = none)
 -- Returns {"retry", mode} when the player's mode is not the expected one (caller re-reads and
 -- retries with the right keys), else
--- {"ok", state, mode, queued_at, previous worker, previous conn}; "" for absent values.
+-- {"ok", state, mode, queued_at, previous worker, previous conn, match}; "" for absent values.
 -- A queued player in resume grace is taken out of grace: it is matchable again.
 local p = KEYS[1]
 local mode = redis.call('HGET', p, 'mode') or ''
 if mode ~= ARGV[4] then
   return {'retry', mode}
 end
-local cur = redis.call('HMGET', p, 'state', 'queued_at', 'worker', 'conn')
+local cur = redis.call('HMGET', p, 'state', 'queued_at', 'worker', 'conn', 'match')
 local state = cur[1] or 'idle'
 redis.call('HSET', p, 'state', state, 'worker', ARGV[2], 'conn', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 if mode ~= '' and state == 'queued' then
   redis.call('ZREM', KEYS[5], ARGV[1])
 end
-return {'ok', state, mode, cur[2] or '', cur[3] or '', cur[4] or ''}
+return {'ok', state, mode, cur[2] or '', cur[3] or '', cur[4] or '', cur[5] or ''}

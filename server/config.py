@@ -63,6 +63,16 @@ class MetricsConfig(_Base, frozen=True):
     token: str = ""
 
 
+class MatchingConfig(_Base, frozen=True):
+    enabled: bool = True  # false: this process serves clients but never runs for a lease
+    tick_ms: int = 100  # TryMatch period per mode
+    lease_ttl_ms: int = 3000  # leader lease; renewed every third of it
+    tick_budget_ms: int = 800  # a tick stops committing past this (well inside the lease)
+    snapshot_chunk: int = 2000  # queue entries read per Redis call (bounds each call's cost)
+    commit_batch_players: int = 1000  # players per fenced commit script
+    ready_timeout_ms: int = 15_000  # ready-check deadline after start_loading
+
+
 class ModeConfig(_Base, frozen=True):
     team_size: int
     teams: int = 2
@@ -77,9 +87,15 @@ class ModeConfig(_Base, frozen=True):
         return self.team_size * self.teams
 
     def window(self, waited_ms: int) -> float:
-        """Half-width of the rating window after ``waited_ms`` in the queue (DESIGN Matching)."""
-        grown = self.window_base + self.window_growth_per_s * max(waited_ms, 0) / 1000.0
+        """The rating spread this player accepts after ``waited_ms`` (DESIGN "Matching")."""
+        # Past max_wait_s the pairing accepts any group; the window shown stays at its cap.
+        # The same arithmetic as the pairing kernel, so what clients see is what matching uses.
+        grown = self.window_base + self.window_growth_per_s * (max(waited_ms, 0) / 1000.0)
         return min(grown, self.window_max)
+
+    @property
+    def max_wait_ms(self) -> int:
+        return int(self.max_wait_s * 1000)
 
 
 class Config(_Base, frozen=True):
@@ -88,6 +104,7 @@ class Config(_Base, frozen=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    matching: MatchingConfig = msgspec.field(default_factory=MatchingConfig)
     modes: dict[str, ModeConfig] = msgspec.field(default_factory=dict)
 
 
@@ -150,6 +167,13 @@ def _check_semantics(config: Config) -> None:
     weak = config.auth.secret == DEV_SECRET or len(config.auth.secret) < 32
     if config.production and config.auth.algorithm.startswith("HS") and weak:
         fail("auth.secret", "must be a real secret of 32+ characters when production = true")
+    m = config.matching
+    if m.tick_ms < 1 or m.snapshot_chunk < 1 or m.commit_batch_players < 1:
+        fail("matching", "tick_ms, snapshot_chunk and commit_batch_players must be >= 1")
+    if not 0 < m.tick_budget_ms * 2 <= m.lease_ttl_ms:
+        fail("matching.tick_budget_ms", "must be > 0 and at most half of matching.lease_ttl_ms")
+    if m.ready_timeout_ms < 1:
+        fail("matching.ready_timeout_ms", "must be >= 1")
     if not config.modes:
         fail("modes", "must declare at least one game mode")
     for name, mode in config.modes.items():

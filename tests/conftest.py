@@ -31,7 +31,15 @@ FAST: dict[str, Any] = {
     "redis.operation_timeout_s": 0.5,
     "redis.reconnect_base_s": 0.02,
     "redis.reconnect_max_s": 0.2,
+    "matching.tick_ms": 20,
+    "matching.lease_ttl_ms": 600,
+    "matching.tick_budget_ms": 300,
 }
+
+
+def make_config(**overrides: Any) -> Config:
+    """The fast test config with dotted-key overrides: make_config(**{"matching.enabled": False})."""
+    return load_config(overrides={**FAST, **overrides}, environ={})
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +77,7 @@ async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 def config() -> Config:
-    return load_config(overrides=FAST, environ={})
+    return make_config()
 
 
 WorkerFactory = Callable[..., Awaitable[Worker]]

@@ -10,12 +10,15 @@ import signal
 import socket
 
 from server.app.housekeeping import Housekeeper
+from server.app.matchmaker import Matchmaker
 from server.config import Config
 from server.protocol.auth import TokenVerifier
 from server.store import keys
 from server.store.client import RedisClient
 from server.store.errors import StoreError
+from server.store.matches import MatchStore
 from server.store.players import PlayerStore
+from server.transport.delivery import Publisher
 from server.transport.frontend import FrontEnd
 from server.transport.subscriber import Subscriber
 
@@ -44,6 +47,11 @@ class Worker:
             self.store, self.front, config.modes, interval_s=config.server.housekeeping_interval_s,
             heartbeat_ttl_s=config.server.heartbeat_ttl_s,
         )
+        self.matchmakers = {
+            name: Matchmaker(name, mode, config.matching, MatchStore(self.client),
+                             Publisher(self.store), self.worker_id)
+            for name, mode in config.modes.items()
+        } if config.matching.enabled else {}
         self._closed = asyncio.Event()
         self._closing = False
 
@@ -57,6 +65,8 @@ class Worker:
         self.subscriber.start()
         self.housekeeper.start()
         await self.front.start(server.host, server.port if port is None else port, sock)
+        for matchmaker in self.matchmakers.values():
+            matchmaker.start()
         log.info("worker %s listening on port %d", self.worker_id, self.front.port)
 
     async def close(self) -> None:
@@ -66,6 +76,8 @@ class Worker:
             return
         self._closing = True
         try:
+            # Leases first: another worker takes over matchmaking while this one drains.
+            await asyncio.gather(*(m.close() for m in self.matchmakers.values()))
             await self.front.close()
             await self.housekeeper.close()
             await self.subscriber.close()

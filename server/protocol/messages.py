@@ -64,6 +64,13 @@ class Dequeued(_Server, tag="dequeued", frozen=True):
     request_id: str | None = None
 
 
+class StartLoading(_Server, tag="start_loading", frozen=True):
+    loading_session_id: str
+    game_mode: str
+    teams: list[list[str]]
+    deadline_ms: int
+
+
 class QueueStatus(_Server, tag="queue_status", frozen=True):
     state: StateName
     waited_ms: int
@@ -81,4 +88,4 @@ class Error(_Server, tag="error", frozen=True):
     retry_after_ms: int | None = None
 
 
-ServerMessage = Welcome | Enqueued | Dequeued | QueueStatus | Error
+ServerMessage = Welcome | Enqueued | Dequeued | StartLoading | QueueStatus | Error

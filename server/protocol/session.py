@@ -27,6 +27,7 @@ from server.protocol.messages import (
     LoadingComplete,
     QueueStatus,
     ServerMessage,
+    StartLoading,
     StateName,
     Status,
     Welcome,
@@ -95,17 +96,22 @@ class Session:
         self.phase = Phase.IDLE
         self.game_mode: str | None = None
         self.queued_at_ms = 0
+        self.loading_session_id: str | None = None
         self._bad_left = bad_message_budget
 
     # -- connection lifecycle ---------------------------------------------------------------
 
-    def welcome(self, state: StateName, game_mode: str, queued_at_ms: int) -> list[Effect]:
+    def welcome(
+        self, state: StateName, game_mode: str, queued_at_ms: int, loading_session_id: str = ""
+    ) -> list[Effect]:
         """First message on every connection; shows state resumed from Redis (PROTOCOL 3)."""
         self.phase = Phase(state)
         self.game_mode = game_mode or None
         self.queued_at_ms = queued_at_ms if state == "queued" else 0
+        self.loading_session_id = loading_session_id if state == "loading" else None
         return [Send(Welcome(
             player_id=self.player_id, state=state, game_mode=self.game_mode,
+            loading_session_id=self.loading_session_id,
             queued_at_ms=self.queued_at_ms or None, protocol=PROTOCOL_VERSION,
         ))]
 
@@ -224,6 +230,17 @@ class Session:
             state=state, waited_ms=waited, queue_size=queue_size, search_window=window,
             game_mode=game_mode or None, request_id=request_id,
         ))]
+
+    def deliver(self, message: ServerMessage) -> list[Effect]:
+        """A server-initiated message (from the matchmaker, via this worker): follow it, send it."""
+        if self.closed:
+            return []
+        match message:
+            case StartLoading(loading_session_id=sid, game_mode=mode):
+                self.phase, self.game_mode, self.loading_session_id = Phase.LOADING, mode, sid
+            case Dequeued(reason="removed"):
+                self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+        return [Send(message)]
 
     def removed(self, game_mode: str) -> list[Effect]:
         """The player's ticket was removed by the server (e.g. poison, PROTOCOL 3 `dequeued`)."""

@@ -85,6 +85,14 @@ def as_str(value: Reply) -> str:
     return str(value)
 
 
+def to_int(value: Reply) -> int:
+    """An integer reply (or its decimal string); anything else is a ProtocolViolation."""
+    try:
+        return int(as_str(value))
+    except (TypeError, ValueError) as exc:
+        raise ProtocolViolation(f"expected an integer, got {value!r}") from exc
+
+
 def as_list(value: Reply, op: str) -> list[str]:
     """A script's list reply as strings; anything else is a ProtocolViolation, never an IndexError."""
     if not isinstance(value, list) or not value:

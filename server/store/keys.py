@@ -40,5 +40,25 @@ def grace(mode: str) -> str:
     return f"{{mm:{mode}}}:grace"
 
 
+def leader(mode: str) -> str:
+    """STRING ``<holder>|<epoch>`` with a PX ttl: the mode's matchmaking lease."""
+    return f"{{mm:{mode}}}:leader"
+
+
+def epoch(mode: str) -> str:
+    """Fencing counter, incremented on every lease acquisition; never expires (a counter)."""
+    return f"{{mm:{mode}}}:epoch"
+
+
+def match(mode: str, match_id: str) -> str:
+    """HASH: status, deadline, teams, per-player tickets (``t:<player>``) and ready flags."""
+    return f"{{mm:{mode}}}:match:{match_id}"
+
+
+def loading(mode: str) -> str:
+    """ZSET match id -> ready-check deadline (ms): what the sweeper walks."""
+    return f"{{mm:{mode}}}:loading"
+
+
 def mode_keys(mode: str) -> list[str]:
     return [queue(mode), tickets(mode), grace(mode)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from server.store import keys
-from server.store.client import RedisClient, as_list, as_str
+from server.store.client import RedisClient, as_list, as_str, to_int
 from server.store.errors import ProtocolViolation, StoreError
 
 PlayerStateName = Literal["idle", "queued", "loading"]
@@ -24,6 +24,7 @@ class PlayerState:
     state: PlayerStateName
     mode: str = ""
     queued_at_ms: int = 0
+    match_id: str = ""  # the loading session while state is "loading"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +71,9 @@ class PlayerStore:
             "attach", player, [keys.player(player), keys.worker_players(self.worker_id)],
             lambda mode: [player, self.worker_id, conn, mode],
         )
-        if reply[0] != "ok" or len(reply) < 6:
+        if reply[0] != "ok" or len(reply) < 7:
             raise ProtocolViolation(f"attach replied {reply!r}")
-        state = _player_state(reply[1], reply[2], reply[3])
+        state = _player_state(reply[1], reply[2], reply[3], reply[6])
         return Attached(state, previous_worker=reply[4], previous_conn=reply[5])
 
     async def detach(self, player: str, conn: str, worker_id: str | None = None) -> DetachResult:
@@ -84,7 +85,7 @@ class PlayerStore:
         )
         match reply[0]:
             case "grace":
-                return DetachResult("grace", _int(reply[1]) if len(reply) > 1 else 0)
+                return DetachResult("grace", to_int(reply[1]) if len(reply) > 1 else 0)
             case "removed" | "loading" | "stale" as outcome:
                 return DetachResult(outcome)
         raise ProtocolViolation(f"detach replied {reply!r}")
@@ -100,7 +101,7 @@ class PlayerStore:
         reply = as_list(raw, "enqueue")
         match reply:
             case ["ok", queued_at]:
-                return EnqueueResult("ok", queued_at_ms=_int(queued_at))
+                return EnqueueResult("ok", queued_at_ms=to_int(queued_at))
             case ["replaced"]:
                 return EnqueueResult("replaced")
             case ["already", state, current_mode]:
@@ -125,10 +126,10 @@ class PlayerStore:
         reply = await self._with_mode("status", player, [keys.player(player)], lambda mode: [mode])
         if reply[0] != "ok" or len(reply) < 6:
             raise ProtocolViolation(f"status replied {reply!r}")
-        return QueueStatus(_player_state(reply[1], reply[2], reply[3]), _int(reply[4]), _int(reply[5]))
+        return QueueStatus(_player_state(reply[1], reply[2], reply[3]), to_int(reply[4]), to_int(reply[5]))
 
     async def heartbeat(self, ttl_ms: int) -> int:
-        return _int(await self.client.script("heartbeat", [keys.WORKERS], [self.worker_id, ttl_ms]))
+        return to_int(await self.client.script("heartbeat", [keys.WORKERS], [self.worker_id, ttl_ms]))
 
     async def due(self, zset_key: str, limit: int = 100) -> list[str]:
         reply = await self.client.script("due", [zset_key], [limit])
@@ -151,7 +152,7 @@ class PlayerStore:
         raw = await self.client.script(
             "forget_worker", [keys.WORKERS, keys.worker_players(worker_id)], [worker_id]
         )
-        return _int(raw) == 1
+        return to_int(raw) == 1
 
     async def owners(self, players: list[str], chunk: int = 500) -> list[tuple[str, str]]:
         """(worker, conn) holding each player ("" when Redis has no record), pipelined."""
@@ -196,14 +197,8 @@ class PlayerStore:
         raise StoreError(f"{name}: the player's mode kept changing")
 
 
-def _player_state(state: str, mode: str, queued_at: str) -> PlayerState:
+def _player_state(state: str, mode: str, queued_at: str, match_id: str = "") -> PlayerState:
     if state not in _STATES:
         raise ProtocolViolation(f"unknown player state {state!r}")
-    return PlayerState(state, mode, _int(queued_at) if queued_at else 0)  # type: ignore[arg-type]
-
-
-def _int(value: object) -> int:
-    try:
-        return int(as_str(value))
-    except (TypeError, ValueError) as exc:
-        raise ProtocolViolation(f"expected an integer, got {value!r}") from exc
+    queued = to_int(queued_at) if queued_at else 0
+    return PlayerState(state, mode, queued, match_id if state == "loading" else "")  # type: ignore[arg-type]

@@ -6,22 +6,30 @@ from typing import Final
 
 import msgspec
 
+from server.protocol.messages import ServerMessage
+
 
 class _Envelope(msgspec.Struct, tag_field="kind", frozen=True, kw_only=True):
-    player: str
+    pass
 
 
 class Replace(_Envelope, tag="replace", frozen=True):
     """Close ``conn`` with 4009: the player connected again elsewhere (PROTOCOL 1)."""
 
+    player: str
     conn: str
 
 
-class Deliver(_Envelope, tag="deliver", frozen=True):
-    """Forward an already-encoded server message to the player's connection on this worker."""
+class Item(msgspec.Struct, frozen=True, kw_only=True):
+    player: str
+    conn: str
+    message: ServerMessage
 
-    message: msgspec.Raw
-    conn: str | None = None
+
+class Deliver(_Envelope, tag="deliver", frozen=True):
+    """Server messages for connections this worker holds; each changes that session's state."""
+
+    items: list[Item]
 
 
 Envelope = Replace | Deliver

@@ -132,7 +132,7 @@ class FrontEnd:
             attached = True
             await self._replace_previous(identity.player_id, result, conn_id)
             p = result.player
-            await client.apply(session.welcome(p.state, p.mode, p.queued_at_ms))
+            await client.apply(session.welcome(p.state, p.mode, p.queued_at_ms, p.match_id))
             async for frame in ws:
                 await client.apply(session.receive(frame))
                 if session.closed:
@@ -198,12 +198,13 @@ class FrontEnd:
         match message:
             case envelope.Replace(conn=conn):
                 self._close_replaced(conn)
-            case envelope.Deliver(player=player, conn=conn, message=raw):
-                text = bytes(raw).decode()
-                for cid in list(self._by_player.get(player, ())):
-                    client = self.connections.get(cid)
-                    if client is not None and (conn is None or conn == cid):
-                        self.spawn(client.send_text(text))
+            case envelope.Deliver(items=items):
+                for item in items:
+                    client = self.connections.get(item.conn)
+                    # A connection replaced since the sender looked is skipped: the new one
+                    # learned the same state from its welcome.
+                    if client is not None and client.player_id == item.player:
+                        self.spawn(client.apply(client.session.deliver(item.message)))
 
     async def resync(self) -> None:
         """After (re)subscribing: close connections replaced while we could not hear about it."""

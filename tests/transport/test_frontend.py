@@ -13,7 +13,16 @@ from websockets.exceptions import InvalidStatus
 from server.app.worker import Worker
 from server.store import keys
 from tests.conftest import WorkerFactory
-from tests.helpers import TIMEOUT, closed_code, connect_player, recv, request, send, token
+from tests.helpers import (
+    TIMEOUT,
+    closed_code,
+    connect_player,
+    player_and_queue_keys,
+    recv,
+    request,
+    send,
+    token,
+)
 
 
 async def _status_of(url: str) -> int:
@@ -143,7 +152,8 @@ async def test_bad_frames_get_invalid_message_and_change_nothing(
     err = await recv(ws)
     assert err["type"] == "error" and err["code"] == "invalid_message" and err["message"]
     assert (await request(ws, {"type": "status"}))["state"] == "idle"
-    assert await admin.keys("{mm:*") == []
+    assert await player_and_queue_keys(admin) == [keys.player("eve")]  # connected, idle
+    assert await admin.hget(keys.player("eve"), "state") == "idle"
     await ws.close()
 
 
@@ -213,8 +223,7 @@ async def test_idle_disconnect_leaves_no_keys(worker: Worker, admin: aioredis.Re
     await request(ws, {"type": "dequeue"})
     await ws.close()
     await _until(lambda: admin.exists(keys.player("ivy")), present=False)
-    leftovers = [k for k in await admin.keys("*") if k != keys.WORKERS and ":players" not in k]
-    assert leftovers == []
+    assert await player_and_queue_keys(admin) == []
 
 
 # -- delivery subscriber (DESIGN requirement 2) -------------------------------------------------------

@@ -1,0 +1,82 @@
+-- commit_matches: the fenced TryMatch commit of a batch of matches (DESIGN invariants 2 and 3).
+-- KEYS[1] leader  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace  KEYS[5] loading
+--         then for each match: its match key, then one player key per player
+-- ARGV[1] lease token "<holder>|<epoch>"  ARGV[2] mode  ARGV[3] ready timeout ms
+--      ARGV[4] number of matches, then for each match: id, player count n, teams JSON, n players
+-- Returns {"fenced"} when the caller does not hold this exact lease (nothing changes), else
+-- {"ok", {committed ids}, {skipped ids}, {poisoned players}, {routes}, deadline_ms} where routes
+-- is a flat list player, worker, conn, match id for every player of every committed match.
+-- A match commits only if every player is still queued here and not in grace; players of a
+-- skipped match stay queued. A queued entry whose player record is not queued in this mode is
+-- poison and is removed. Retrying after a timeout is safe: an existing match id is not redone.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {'fenced'}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = now + tonumber(ARGV[3])
+local mode = ARGV[2]
+local epoch = string.match(ARGV[1], '|(%d+)$')
+local committed, skipped, poisoned, routes = {}, {}, {}, {}
+local ai, ki = 5, 6
+
+local function add_routes(id, players, pkeys)
+  for j = 1, #players do
+    local owner = redis.call('HMGET', pkeys[j], 'worker', 'conn')
+    routes[#routes + 1] = players[j]
+    routes[#routes + 1] = owner[1] or ''
+    routes[#routes + 1] = owner[2] or ''
+    routes[#routes + 1] = id
+  end
+end
+
+for _ = 1, tonumber(ARGV[4]) do
+  local id, n, teams = ARGV[ai], tonumber(ARGV[ai + 1]), ARGV[ai + 2]
+  local mkey = KEYS[ki]
+  local players, pkeys = {}, {}
+  for j = 1, n do
+    players[j] = ARGV[ai + 2 + j]
+    pkeys[j] = KEYS[ki + j]
+  end
+  ai = ai + 3 + n
+  ki = ki + 1 + n
+  if redis.call('EXISTS', mkey) == 1 then
+    committed[#committed + 1] = id
+    add_routes(id, players, pkeys)
+  else
+    local ok = true
+    for j = 1, n do
+      local p = players[j]
+      if not redis.call('ZSCORE', KEYS[2], p) or redis.call('ZSCORE', KEYS[4], p) then
+        ok = false
+      else
+        local st = redis.call('HMGET', pkeys[j], 'state', 'mode')
+        if st[1] ~= 'queued' or st[2] ~= mode then
+          redis.call('ZREM', KEYS[2], p)
+          redis.call('HDEL', KEYS[3], p)
+          poisoned[#poisoned + 1] = p
+          ok = false
+        end
+      end
+    end
+    if ok then
+      local fields = {'status', 'loading', 'mode', mode, 'deadline', deadline, 'created', now,
+                      'epoch', epoch, 'teams', teams, 'players', table.concat(players, ',')}
+      for j = 1, n do
+        local p = players[j]
+        fields[#fields + 1] = 't:' .. p
+        fields[#fields + 1] = redis.call('HGET', KEYS[3], p) or ''
+        redis.call('ZREM', KEYS[2], p)
+        redis.call('HDEL', KEYS[3], p)
+        redis.call('HSET', pkeys[j], 'state', 'loading', 'match', id)
+      end
+      redis.call('HSET', mkey, unpack(fields))
+      redis.call('ZADD', KEYS[5], deadline, id)
+      committed[#committed + 1] = id
+      add_routes(id, players, pkeys)
+    else
+      skipped[#skipped + 1] = id
+    end
+  end
+end
+return {'ok', committed, skipped, poisoned, routes, tostring(deadline)}

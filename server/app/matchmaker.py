@@ -1,0 +1,131 @@
+"""Per game mode: run for the lease, and while leading, tick TryMatch (DESIGN P0 devices).
+
+Every worker runs one Matchmaker per mode; the lease makes exactly one of them act. Losing the
+lease (refused renew, failed renew past the validity deadline, fenced commit) stops the ticker
+at once. A tick that would overlap the previous one is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from server.app import metrics
+from server.app.lease import Lease
+from server.app.trymatch import TryMatch
+from server.config import MatchingConfig, ModeConfig
+from server.store.errors import StoreError
+from server.store.matches import MatchStore
+from server.transport.delivery import Publisher
+
+log = logging.getLogger(__name__)
+
+
+class Matchmaker:
+    def __init__(
+        self, name: str, mode: ModeConfig, config: MatchingConfig, matches: MatchStore,
+        publisher: Publisher, holder: str,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.lease = Lease(matches, name, holder, config.lease_ttl_ms)
+        self.trymatch = TryMatch(name, mode, config, matches, publisher, self.lease)
+        self.skipped = 0
+        self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._closing = False
+        self._leading = asyncio.Event()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"lease:{self.name}")
+
+    async def close(self) -> None:
+        """Stop ticking, hand the lease back so another worker takes over at once."""
+        self._closing = True
+        for task in (self._task, self._ticker):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._task, self._ticker) if t), return_exceptions=True)
+        self._task = self._ticker = None
+        try:
+            await self.lease.release()
+        except StoreError as exc:
+            log.warning("%s: could not release the lease (it will expire): %s", self.name, exc)
+        metrics.LEADER.labels(self.name).set(0)
+
+    async def wait_leading(self) -> None:
+        await self._leading.wait()
+
+    @property
+    def leading(self) -> bool:
+        return self.lease.holds()
+
+    async def _run(self) -> None:
+        interval = self.config.lease_ttl_ms / 3000
+        while not self._closing:
+            try:
+                await self._step()
+            except StoreError as exc:
+                log.warning("%s: lease call failed: %s", self.name, exc)
+            except Exception:  # task boundary: keep competing for the lease
+                log.exception("%s: lease loop error", self.name)
+            if not self.lease.holds():
+                self._stop_ticking()
+            await asyncio.sleep(interval)
+
+    async def _step(self) -> None:
+        if self.lease.holds():
+            if not await self.lease.renew():
+                log.warning("%s: lease renewal refused; stepping down", self.name)
+            return
+        if await self.lease.acquire():
+            assert self.lease.token is not None
+            log.info("%s: leading with epoch %d", self.name, self.lease.epoch)
+            self._start_ticking(self.lease.token)
+
+    def _start_ticking(self, token: str) -> None:
+        self._stop_ticking()
+        metrics.LEADER.labels(self.name).set(1)
+        self._leading.set()
+        self._ticker = asyncio.create_task(self._tick_loop(token), name=f"trymatch:{self.name}")
+
+    def _stop_ticking(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+            self._leading.clear()
+            metrics.LEADER.labels(self.name).set(0)
+            metrics.QUEUE_SIZE.labels(self.name).set(0)
+
+    async def _tick_loop(self, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        period = self.config.tick_ms / 1000
+        next_at = loop.time()
+        running: asyncio.Task[int] | None = None
+        try:
+            while self.lease.holds(token):
+                if running is not None and not running.done():
+                    self.skipped += 1
+                    metrics.TRY_MATCH_SKIPPED.labels(self.name).inc()
+                else:
+                    running = asyncio.create_task(self._tick(token))
+                next_at += period
+                await asyncio.sleep(max(next_at - loop.time(), 0))
+                next_at = max(next_at, loop.time() - period)  # after a stall, don't burst
+        finally:
+            if running is not None:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+        log.info("%s: stopped ticking (lease epoch %d gone)", self.name, self.lease.epoch)
+
+    async def _tick(self, token: str) -> int:
+        try:
+            return await self.trymatch.run(token)
+        except StoreError as exc:
+            log.warning("%s: TryMatch failed: %s", self.name, exc)
+        except Exception:  # task boundary: one bad tick must not end matchmaking
+            log.exception("%s: TryMatch crashed", self.name)
+        return 0

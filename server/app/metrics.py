@@ -1,0 +1,43 @@
+"""Prometheus metrics (one module so names and label sets stay consistent).
+
+Gauges declare their multiprocess mode on purpose: workers are separate processes and the
+supervisor serves one aggregate (prometheus-client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_WAIT_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+_RATING_BUCKETS: Final = (0, 10, 25, 50, 100, 200, 300, 500, 800, 1200, 2000)
+_TICK_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+MATCHES_CREATED: Final = Counter(
+    "fastmatch_matches_created", "Matches committed by TryMatch", ["mode"])
+PLAYERS_MATCHED: Final = Counter(
+    "fastmatch_players_matched", "Players placed into a match", ["mode"])
+MATCH_WAIT: Final = Histogram(
+    "fastmatch_match_wait_seconds", "Queue wait of each matched player", ["mode"], buckets=_WAIT_BUCKETS)
+MATCH_SPREAD: Final = Histogram(
+    "fastmatch_match_rating_spread", "Max minus min rating within a match", ["mode"],
+    buckets=_RATING_BUCKETS)
+MATCH_TEAM_GAP: Final = Histogram(
+    "fastmatch_match_team_gap", "Difference between the teams' rating sums", ["mode"],
+    buckets=_RATING_BUCKETS)
+TRY_MATCH_SECONDS: Final = Histogram(
+    "fastmatch_try_match_seconds", "Duration of one TryMatch tick", ["mode"], buckets=_TICK_BUCKETS)
+TRY_MATCH_SKIPPED: Final = Counter(
+    "fastmatch_try_match_skipped", "Ticks skipped because the previous one was still running",
+    ["mode"])
+POISONED: Final = Counter(
+    "fastmatch_poisoned_candidates", "Undecodable or ownerless tickets removed", ["mode"])
+COMMITS_FENCED: Final = Counter(
+    "fastmatch_commits_fenced", "Commits refused because the lease was lost", ["mode"])
+QUEUE_SIZE: Final = Gauge(
+    "fastmatch_queue_size", "Matchable candidates seen by the leader's last tick", ["mode"],
+    multiprocess_mode="livemax")
+LEADER: Final = Gauge(
+    "fastmatch_leader", "1 while this process holds the mode's matchmaking lease", ["mode"],
+    multiprocess_mode="livesum")

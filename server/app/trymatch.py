@@ -1,0 +1,133 @@
+"""One TryMatch tick for one mode: snapshot, decode, pair, fenced commit, tell the players."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+
+from server.app import metrics
+from server.app.lease import Lease
+from server.config import MatchingConfig, ModeConfig
+from server.matching.plan import Candidates, MatchPlan, plan_matches
+from server.protocol.messages import Dequeued, StartLoading
+from server.store.errors import StoreUnavailable
+from server.store.matches import CommitResult, MatchStore, PlannedMatch
+from server.transport.delivery import Outgoing, Publisher
+
+log = logging.getLogger(__name__)
+
+
+class TryMatch:
+    def __init__(
+        self, name: str, mode: ModeConfig, config: MatchingConfig, matches: MatchStore,
+        publisher: Publisher, lease: Lease,
+    ) -> None:
+        self.name = name
+        self.mode = mode
+        self.config = config
+        self.matches = matches
+        self.publisher = publisher
+        self.lease = lease
+        self.ticks = 0
+
+    async def plan(self) -> tuple[list[MatchPlan], list[str]]:
+        """Snapshot and pair: the matches to commit, and the poison candidates seen."""
+        snap = await self.matches.snapshot(self.name, self.config.snapshot_chunk)
+        metrics.QUEUE_SIZE.labels(self.name).set(len(snap.players))
+        cands = Candidates.decode(snap.players, snap.tickets)
+        self.ticks += 1
+        prefix = f"{self.lease.epoch}.{self.ticks}"
+        return plan_matches(cands, self.mode, snap.now_ms, prefix), cands.poison
+
+    async def run(self, token: str) -> int:
+        """One tick under ``token``'s lease; returns the number of matches committed."""
+        started = time.monotonic()
+        with metrics.TRY_MATCH_SECONDS.labels(self.name).time():
+            plans, poison = await self.plan()
+            await self.remove_poison(poison)
+            committed = await self.commit(token, plans, started)
+        return committed
+
+    async def commit(self, token: str, plans: Sequence[MatchPlan], started: float) -> int:
+        budget_s = self.config.tick_budget_ms / 1000
+        by_id = {p.match_id: p for p in plans}
+        committed = 0
+        for batch in _batches(plans, self.config.commit_batch_players):
+            if not self.lease.holds(token):
+                log.warning("%s: lease lost mid-tick; %d matches left uncommitted", self.name, len(plans))
+                break
+            if time.monotonic() - started > budget_s:
+                log.warning("%s: tick budget of %.0f ms spent; rest waits for the next tick",
+                            self.name, budget_s * 1000)
+                break
+            result = await self._commit_batch(token, batch)
+            if result.fenced:
+                metrics.COMMITS_FENCED.labels(self.name).inc()
+                self.lease.lose()
+                log.warning("%s: commit fenced: this worker is no longer the leader", self.name)
+                break
+            committed += len(result.committed)
+            self._record(result, by_id)
+            await self._announce(result, by_id)
+        return committed
+
+    async def _commit_batch(self, token: str, batch: Sequence[MatchPlan]) -> CommitResult:
+        planned = [PlannedMatch(p.match_id, p.teams) for p in batch]
+        try:
+            return await self.matches.commit(self.name, token, self.config.ready_timeout_ms, planned)
+        except StoreUnavailable as exc:
+            # The script may have run before the reply was lost: the same ids make a retry safe.
+            log.warning("%s: commit failed (%s); retrying once with the same match ids", self.name, exc)
+            return await self.matches.commit(self.name, token, self.config.ready_timeout_ms, planned)
+
+    def _record(self, result: CommitResult, by_id: dict[str, MatchPlan]) -> None:
+        mode = self.name
+        for match_id in result.committed:
+            plan = by_id[match_id]
+            metrics.MATCHES_CREATED.labels(mode).inc()
+            metrics.PLAYERS_MATCHED.labels(mode).inc(len(plan.waits_ms))
+            metrics.MATCH_SPREAD.labels(mode).observe(plan.spread)
+            metrics.MATCH_TEAM_GAP.labels(mode).observe(plan.team_gap)
+            for wait in plan.waits_ms:
+                metrics.MATCH_WAIT.labels(mode).observe(wait / 1000)
+        if result.poisoned:
+            metrics.POISONED.labels(mode).inc(len(result.poisoned))
+            log.warning("%s: removed %d tickets whose owner is gone: %s",
+                        mode, len(result.poisoned), result.poisoned[:10])
+
+    async def _announce(self, result: CommitResult, by_id: dict[str, MatchPlan]) -> None:
+        messages = {
+            match_id: StartLoading(
+                loading_session_id=match_id, game_mode=self.name, teams=by_id[match_id].teams,
+                deadline_ms=result.deadline_ms,
+            )
+            for match_id in result.committed
+        }
+        await self.publisher.send(
+            Outgoing(r.worker, r.player, r.conn, messages[r.match_id]) for r in result.routes
+        )
+
+    async def remove_poison(self, players: Sequence[str]) -> None:
+        """DESIGN P1: an undecodable ticket is removed and counted; it never blocks the rest."""
+        notices = []
+        for player in players:
+            removal = await self.matches.remove_ticket(self.name, player)
+            if removal.removed:
+                metrics.POISONED.labels(self.name).inc()
+                log.warning("%s: removed undecodable ticket of %s", self.name, player)
+                notices.append(Outgoing(removal.worker, player, removal.conn,
+                                        Dequeued(game_mode=self.name, reason="removed")))
+        if notices:
+            await self.publisher.send(notices)
+
+
+def _batches(plans: Sequence[MatchPlan], max_players: int) -> Iterator[Sequence[MatchPlan]]:
+    start = 0
+    while start < len(plans):
+        end, players = start, 0
+        while end < len(plans) and (end == start or players + len(plans[end].waits_ms) <= max_players):
+            players += len(plans[end].waits_ms)
+            end += 1
+        yield plans[start:end]
+        start = end

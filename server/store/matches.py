@@ -1,0 +1,154 @@
+"""Typed access to leases, candidate snapshots and the fenced match commit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from server.store import keys
+from server.store.client import RedisClient, as_list, as_str, to_int
+from server.store.errors import ProtocolViolation
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    held: bool
+    epoch: int
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Matchable candidates in queue order: player ids and their raw tickets."""
+
+    now_ms: int = 0
+    players: list[str] = field(default_factory=list)
+    tickets: list[bytes | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedMatch:
+    match_id: str
+    teams: list[list[str]]
+
+    @property
+    def players(self) -> list[str]:
+        return [p for team in self.teams for p in team]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    player: str
+    worker: str
+    conn: str
+    match_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    fenced: bool
+    committed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    poisoned: list[str] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    deadline_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    removed: bool
+    worker: str = ""
+    conn: str = ""
+
+
+def lease_token(holder: str, epoch: int) -> str:
+    return f"{holder}|{epoch}"
+
+
+class MatchStore:
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+
+    async def acquire(self, mode: str, holder: str, ttl_ms: int) -> LeaseGrant:
+        reply = await self.client.script(
+            "lease_acquire", [keys.leader(mode), keys.epoch(mode)], [holder, ttl_ms]
+        )
+        if not isinstance(reply, list) or len(reply) != 2:
+            raise ProtocolViolation(f"lease_acquire replied {reply!r}")
+        return LeaseGrant(to_int(reply[0]) == 1, to_int(reply[1]))
+
+    async def renew(self, mode: str, token: str, ttl_ms: int) -> bool:
+        return to_int(await self.client.script("lease_renew", [keys.leader(mode)], [token, ttl_ms])) == 1
+
+    async def release(self, mode: str, token: str) -> bool:
+        return to_int(await self.client.script("lease_release", [keys.leader(mode)], [token])) == 1
+
+    async def snapshot(self, mode: str, chunk: int) -> Snapshot:
+        """Read the queue in chunks so no single call holds Redis for long (DESIGN targets).
+
+        The chunks are not one atomic view; the commit re-checks everything it relies on.
+        """
+        snap = Snapshot()
+        seen: set[str] = set()
+        start = 0
+        script_keys = [keys.queue(mode), keys.tickets(mode), keys.grace(mode)]
+        while True:
+            reply = await self.client.script("snapshot", script_keys, [start, chunk])
+            if not isinstance(reply, list) or len(reply) < 2 or len(reply) % 2:
+                raise ProtocolViolation(f"snapshot replied {reply!r:.200}")
+            if not snap.now_ms:
+                snap.now_ms = to_int(reply[0])
+            scanned = to_int(reply[1])
+            for i in range(2, len(reply), 2):
+                player = as_str(reply[i])
+                if player not in seen:  # entries shift between chunks when others leave
+                    seen.add(player)
+                    snap.players.append(player)
+                    ticket = reply[i + 1]
+                    snap.tickets.append(ticket if isinstance(ticket, bytes) and ticket else None)
+            if scanned < chunk:
+                return snap
+            start += chunk
+
+    async def commit(
+        self, mode: str, token: str, ready_timeout_ms: int, matches: Sequence[PlannedMatch]
+    ) -> CommitResult:
+        script_keys = [keys.leader(mode), *keys.mode_keys(mode), keys.loading(mode)]
+        args: list[str | int | float] = [token, mode, ready_timeout_ms, len(matches)]
+        for match in matches:
+            players = match.players
+            script_keys.append(keys.match(mode, match.match_id))
+            script_keys.extend(keys.player(p) for p in players)
+            args.extend([match.match_id, len(players), json.dumps(match.teams)])
+            args.extend(players)
+        reply = await self.client.script("commit_matches", script_keys, args)
+        return _commit_result(reply)
+
+    async def remove_ticket(self, mode: str, player: str) -> Removal:
+        raw = await self.client.script(
+            "remove_ticket", [keys.player(player), *keys.mode_keys(mode)], [player, mode]
+        )
+        reply = as_list(raw, "remove_ticket")
+        if reply[0] == "removed" and len(reply) == 3:
+            return Removal(True, reply[1], reply[2])
+        return Removal(False)
+
+
+def _commit_result(reply: object) -> CommitResult:
+    if isinstance(reply, list) and reply and as_str(reply[0]) == "fenced":
+        return CommitResult(fenced=True)
+    if not (isinstance(reply, list) and len(reply) == 6 and as_str(reply[0]) == "ok"
+            and all(isinstance(part, list) for part in reply[1:5])):
+        raise ProtocolViolation(f"commit_matches replied {reply!r:.200}")
+    flat = [as_str(x) for x in reply[4]]
+    if len(flat) % 4:
+        raise ProtocolViolation("commit_matches routes are not in fours")
+    routes = [Route(*flat[i:i + 4]) for i in range(0, len(flat), 4)]
+    return CommitResult(
+        fenced=False,
+        committed=[as_str(x) for x in reply[1]],
+        skipped=[as_str(x) for x in reply[2]],
+        poisoned=[as_str(x) for x in reply[3]],
+        routes=routes,
+        deadline_ms=to_int(reply[5]),
+    )

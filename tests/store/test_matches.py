@@ -1,0 +1,115 @@
+"""Leases, snapshots and the fenced commit against a real redis-server (DESIGN invariants 2, 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.store import keys
+from server.store.client import RedisClient
+from server.store.matches import MatchStore, PlannedMatch, lease_token
+from server.store.players import PlayerStore
+
+
+@pytest.fixture
+async def client(redis_url: str) -> RedisClient:
+    c = RedisClient(redis_url, operation_timeout_s=1.0)
+    yield c  # type: ignore[misc]
+    await c.close()
+
+
+async def queue_players(client: RedisClient, mode: str, *players: str, grace_ms: int = 60_000) -> PlayerStore:
+    store = PlayerStore(client, "w1", grace_ms)
+    for p in players:
+        await store.attach(p, f"{p}-c")
+        assert (await store.enqueue(p, f"{p}-c", mode, 1500, {})).outcome == "ok"
+    return store
+
+
+async def test_lease_epochs_and_fencing_tokens(client: RedisClient, admin: aioredis.Redis) -> None:
+    m = MatchStore(client)
+    a = await m.acquire("1v1", "A", 60_000)
+    assert a.held and a.epoch == 1
+    assert not (await m.acquire("1v1", "B", 60_000)).held
+    assert (await m.acquire("1v1", "A", 60_000)).epoch == 1  # re-acquire by the holder extends
+    assert await m.renew("1v1", lease_token("A", 1), 60_000)
+    await admin.delete(keys.leader("1v1"))  # the lease expires (A paused past its TTL)
+    b = await m.acquire("1v1", "B", 60_000)
+    assert b.held and b.epoch == 2
+    assert not await m.renew("1v1", lease_token("A", 1), 60_000)
+    assert not await m.release("1v1", lease_token("A", 1))
+    assert await admin.get(keys.leader("1v1")) == "B|2"
+    assert await m.release("1v1", lease_token("B", 2))
+
+
+async def test_racing_acquirers_get_exactly_one_lease(client: RedisClient) -> None:
+    m = MatchStore(client)
+    grants = await asyncio.gather(*(m.acquire("5v5", f"w{i}", 60_000) for i in range(20)))
+    assert sum(g.held for g in grants) == 1
+
+
+async def test_deposed_leader_cannot_commit(client: RedisClient, admin: aioredis.Redis) -> None:
+    await queue_players(client, "1v1", "a", "b")
+    m = MatchStore(client)
+    await m.acquire("1v1", "old", 60_000)
+    await admin.delete(keys.leader("1v1"))
+    await m.acquire("1v1", "new", 60_000)
+    result = await m.commit("1v1", lease_token("old", 1), 10_000, [PlannedMatch("1.1.0", [["a"], ["b"]])])
+    assert result.fenced and not result.committed
+    assert await admin.zcard(keys.queue("1v1")) == 2
+    assert await admin.exists(keys.match("1v1", "1.1.0")) == 0
+
+
+async def test_commit_skips_a_match_whose_player_left_and_commits_the_rest(
+    client: RedisClient, admin: aioredis.Redis
+) -> None:
+    store = await queue_players(client, "1v1", "a", "b", "c", "d")
+    m = MatchStore(client)
+    grant = await m.acquire("1v1", "L", 60_000)
+    token = lease_token("L", grant.epoch)
+    plans = [PlannedMatch("1.1.0", [["a"], ["b"]]), PlannedMatch("1.1.1", [["c"], ["d"]])]
+    assert (await store.dequeue("a", "a-c")).outcome == "ok"  # between snapshot and commit
+    result = await m.commit("1v1", token, 10_000, plans)
+    assert result.committed == ["1.1.1"] and result.skipped == ["1.1.0"]
+    assert await admin.zrange(keys.queue("1v1"), 0, -1) == ["b"]  # b stays queued, place kept
+    match = await admin.hgetall(keys.match("1v1", "1.1.1"))
+    assert match["status"] == "loading" and json.loads(match["teams"]) == [["c"], ["d"]]
+    assert match["t:c"].startswith("1500.0|")
+    assert await admin.hget(keys.player("c"), "state") == "loading"
+    assert await admin.hget(keys.player("c"), "match") == "1.1.1"
+    assert {r.player for r in result.routes} == {"c", "d"}
+    assert all(r.worker == "w1" and r.conn == f"{r.player}-c" for r in result.routes)
+    assert await admin.zscore(keys.loading("1v1"), "1.1.1") == result.deadline_ms
+
+    again = await m.commit("1v1", token, 10_000, plans)  # a retry after a lost reply
+    assert again.committed == ["1.1.1"] and again.skipped == ["1.1.0"]
+    assert await admin.hget(keys.player("c"), "match") == "1.1.1"
+    assert await admin.zrange(keys.queue("1v1"), 0, -1) == ["b"]
+
+
+async def test_commit_removes_entries_whose_owner_is_gone(client: RedisClient, admin: aioredis.Redis) -> None:
+    await queue_players(client, "1v1", "a")
+    await admin.zadd(keys.queue("1v1"), {"ghost": 1})
+    await admin.hset(keys.tickets("1v1"), "ghost", "1500|1|{}")
+    m = MatchStore(client)
+    grant = await m.acquire("1v1", "L", 60_000)
+    result = await m.commit("1v1", lease_token("L", grant.epoch), 10_000,
+                            [PlannedMatch("1.1.0", [["a"], ["ghost"]])])
+    assert result.poisoned == ["ghost"] and result.skipped == ["1.1.0"]
+    assert await admin.zrange(keys.queue("1v1"), 0, -1) == ["a"]
+    assert await admin.hget(keys.tickets("1v1"), "ghost") is None
+
+
+async def test_snapshot_reads_in_chunks_in_queue_order_without_graced_players(
+    client: RedisClient,
+) -> None:
+    players = [f"p{i:02}" for i in range(10)]
+    store = await queue_players(client, "5v5", *players)
+    await store.detach("p03", "p03-c")  # disconnected: in grace, not matchable
+    snap = await MatchStore(client).snapshot("5v5", chunk=3)
+    assert snap.players == [p for p in players if p != "p03"]
+    assert all(t is not None and t.startswith(b"1500.0|") for t in snap.tickets)
+    assert snap.now_ms > 0
