@@ -61,7 +61,8 @@ for _ = 1, tonumber(ARGV[4]) do
     end
     if ok then
       local fields = {'status', 'loading', 'mode', mode, 'deadline', deadline, 'created', now,
-                      'epoch', epoch, 'teams', teams, 'players', table.concat(players, ',')}
+                      'epoch', epoch, 'teams', teams, 'players', table.concat(players, ','),
+                      'size', n, 'ready', 0}
       for j = 1, n do
         local p = players[j]
         fields[#fields + 1] = 't:' .. p

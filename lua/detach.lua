@@ -5,9 +5,10 @@
 --         worker (used when reaping a dead worker)  ARGV[4] expected mode  ARGV[5] resume grace ms
 -- Returns {"retry", mode} on a mode mismatch, {"stale"} when another connection owns the player
 -- (nothing changes), else {"removed"} (idle: record deleted), {"grace", deadline_ms} (queued:
--- ticket kept but not matchable until it resumes or the deadline passes), {"loading"}.
+-- ticket kept but not matchable until it resumes or the deadline passes), {"loading", match id, mode}
+-- (the caller cancels that match: PROTOCOL 4, disconnect while loading).
 local p = KEYS[1]
-local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode')
+local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode', 'match')
 local owner_worker, owner_conn = cur[1] or '', cur[2] or ''
 local mine = owner_worker == ARGV[2] and (ARGV[3] == '' or owner_conn == ARGV[3])
 if not mine then
@@ -30,7 +31,7 @@ if state == 'queued' then
   return {'grace', tostring(deadline)}
 elseif state == 'loading' then
   redis.call('HDEL', p, 'worker', 'conn')
-  return {'loading'}
+  return {'loading', cur[5] or '', mode}
 end
 redis.call('DEL', p)
 return {'removed'}

@@ -1,8 +1,11 @@
 -- enqueue: put a connected, idle player into one mode's queue (DESIGN invariant 1).
 -- KEYS[1] player hash  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace (all of the requested mode)
+-- KEYS[5] the player's penalty ZSET (ready checks it dodged: match id -> time ms)
 -- ARGV[1] player id  ARGV[2] connection id  ARGV[3] mode  ARGV[4] rating  ARGV[5] attrs (JSON)
+-- ARGV[6] penalty window ms  ARGV[7] penalty threshold  ARGV[8] block ms
 -- Returns {"ok", queued_at_ms} | {"replaced"} (this connection no longer owns the player)
---       | {"already", state, mode} (already queued or loading, in this or another mode).
+--       | {"already", state, mode} (already queued or loading, in this or another mode)
+--       | {"blocked", retry_after_ms} (too many dodged ready checks within the window).
 -- queued_at comes from the Redis clock so every worker and host agrees on wait times.
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'conn', 'state', 'mode')
@@ -15,6 +18,14 @@ if state ~= 'idle' then
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[6]))
+if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then
+  local newest = redis.call('ZREVRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+  local blocked_until = tonumber(newest[2]) + tonumber(ARGV[8])
+  if blocked_until > now then
+    return {'blocked', tostring(blocked_until - now)}
+  end
+end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4] .. '|' .. now .. '|' .. ARGV[5])
 redis.call('ZREM', KEYS[4], ARGV[1])

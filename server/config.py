@@ -71,6 +71,23 @@ class MatchingConfig(_Base, frozen=True):
     snapshot_chunk: int = 2000  # queue entries read per Redis call (bounds each call's cost)
     commit_batch_players: int = 1000  # players per fenced commit script
     ready_timeout_ms: int = 15_000  # ready-check deadline after start_loading
+    finished_match_ttl_ms: int = 30_000  # an ended match's record stays this long, then expires
+
+
+class GameServerConfig(_Base, frozen=True):
+    request_channel: str = "battle:request"  # PROTOCOL 7
+    allocation_timeout_ms: int = 5000  # no battle_assigned by then: requeue (allocation_failed)
+    embedded: bool = False  # `serve` also runs the reference game server (never in production)
+    misses_before_critical: int = 10  # DESIGN P1 health monitor
+    critical_interval_s: float = 300.0
+
+
+class PenaltyConfig(_Base, frozen=True):
+    """Dodging a ready check (leaving or timing out) counts; too many block `enqueue`."""
+
+    threshold: int = 3
+    window_s: float = 3600.0
+    block_s: float = 600.0
 
 
 class ModeConfig(_Base, frozen=True):
@@ -105,6 +122,8 @@ class Config(_Base, frozen=True):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     matching: MatchingConfig = msgspec.field(default_factory=MatchingConfig)
+    gameserver: GameServerConfig = msgspec.field(default_factory=GameServerConfig)
+    penalty: PenaltyConfig = msgspec.field(default_factory=PenaltyConfig)
     modes: dict[str, ModeConfig] = msgspec.field(default_factory=dict)
 
 
@@ -172,8 +191,16 @@ def _check_semantics(config: Config) -> None:
         fail("matching", "tick_ms, snapshot_chunk and commit_batch_players must be >= 1")
     if not 0 < m.tick_budget_ms * 2 <= m.lease_ttl_ms:
         fail("matching.tick_budget_ms", "must be > 0 and at most half of matching.lease_ttl_ms")
-    if m.ready_timeout_ms < 1:
-        fail("matching.ready_timeout_ms", "must be >= 1")
+    if m.ready_timeout_ms < 1 or m.finished_match_ttl_ms < 1:
+        fail("matching.ready_timeout_ms", "and matching.finished_match_ttl_ms must be >= 1")
+    g = config.gameserver
+    if g.allocation_timeout_ms < 1 or not g.request_channel:
+        fail("gameserver", "needs allocation_timeout_ms >= 1 and a request_channel")
+    if config.production and g.embedded:
+        fail("gameserver.embedded", "must be false when production = true")
+    pen = config.penalty
+    if pen.threshold < 1 or pen.window_s <= 0 or pen.block_s < 0:
+        fail("penalty", "needs threshold >= 1, window_s > 0 and block_s >= 0")
     if not config.modes:
         fail("modes", "must declare at least one game mode")
     for name, mode in config.modes.items():

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from server.app.gameserver import Behaviour, ReferenceGameServer
 from server.app.worker import Worker
 from server.config import Config, load_config
 from server.store.embedded import EmbeddedRedis
@@ -34,6 +35,9 @@ FAST: dict[str, Any] = {
     "matching.tick_ms": 20,
     "matching.lease_ttl_ms": 600,
     "matching.tick_budget_ms": 300,
+    "matching.ready_timeout_ms": 2000,
+    "matching.finished_match_ttl_ms": 300,
+    "gameserver.allocation_timeout_ms": 1000,
 }
 
 
@@ -110,6 +114,25 @@ async def start_worker(config: Config, redis_url: str) -> AsyncIterator[WorkerFa
 @pytest.fixture
 async def worker(start_worker: WorkerFactory) -> Worker:
     return await start_worker()
+
+
+GameServerFactory = Callable[..., Awaitable[ReferenceGameServer]]
+
+
+@pytest.fixture
+async def start_game_server(redis_url: str) -> AsyncIterator[GameServerFactory]:
+    servers: list[ReferenceGameServer] = []
+
+    async def start(**behaviour: Any) -> ReferenceGameServer:
+        server = ReferenceGameServer(redis_url, behaviour=Behaviour(**behaviour), seed=1)
+        async with asyncio.timeout(TIMEOUT):
+            await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
 
 
 def pytest_report_header() -> str:

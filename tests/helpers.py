@@ -69,9 +69,11 @@ async def closed_code(ws: ClientConnection, timeout: float = TIMEOUT) -> int | N
 # Keys that may outlive every client (DESIGN invariant 6): the worker registry while workers
 # run, a live leader lease, and counters.
 _LASTING = (":leader", ":epoch", ":players")
+_EXPIRING = ("fm:penalty:",)  # per player, with a TTL of the penalty window (tests check it)
 
 
 async def player_and_queue_keys(admin: Any) -> list[str]:
     """Every key that would be left behind by a player, a queue entry or a match."""
     found = sorted(await admin.keys("*"))
-    return [k for k in found if k != "fm:workers" and not k.endswith(_LASTING)]
+    return [k for k in found
+            if k != "fm:workers" and not k.endswith(_LASTING) and not k.startswith(_EXPIRING)]

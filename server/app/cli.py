@@ -40,6 +40,20 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gameserver(args: argparse.Namespace) -> int:
+    from server.app.gameserver import Behaviour, run_gameserver
+
+    config = _load(args)
+    url = args.redis_url or config.redis.url
+    if not url:
+        raise ConfigError("`fastmatch gameserver` needs --redis-url or redis.url")
+    if not 0 <= args.reject_rate <= 1:
+        raise ConfigError("--reject-rate must be between 0 and 1")
+    run_gameserver(url, config.gameserver.request_channel,
+                   Behaviour(args.delay_ms, args.reject_rate, args.silent))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmatch", description="skill-based matchmaking server")
     parser.add_argument("--config", help="TOML config file (default: the shipped dev config)")
@@ -53,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--mmr", type=float, help="rating (the `mmr` claim)")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.set_defaults(func=cmd_token)
+    game = sub.add_parser("gameserver", help="run the reference game server (PROTOCOL 7)")
+    game.add_argument("--redis-url", help="Redis to listen on (default: redis.url)")
+    game.add_argument("--delay-ms", type=int, default=0, help="answer this late")
+    game.add_argument("--reject-rate", type=float, default=0.0, help="share of requests to reject")
+    game.add_argument("--silent", action="store_true", help="never answer")
+    game.set_defaults(func=cmd_gameserver)
     return parser
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from server.store import keys
 from server.store.errors import StoreError
 from server.store.players import PlayerStore
+from server.transport.connection import MatchEvents
 from server.transport.frontend import FrontEnd
 
 log = logging.getLogger(__name__)
@@ -20,10 +21,11 @@ log = logging.getLogger(__name__)
 
 class Housekeeper:
     def __init__(
-        self, store: PlayerStore, front: FrontEnd, modes: Iterable[str], *,
+        self, store: PlayerStore, front: FrontEnd, events: MatchEvents, modes: Iterable[str], *,
         interval_s: float, heartbeat_ttl_s: float,
     ) -> None:
         self.store = store
+        self.events = events
         self.front = front
         self.modes = sorted(modes)
         self.interval = interval_s
@@ -80,5 +82,7 @@ class Housekeeper:
         players = await self.store.worker_members(worker_id)
         log.warning("worker %s is gone; releasing %d players", worker_id, len(players))
         for player in players:
-            await self.store.detach(player, "", worker_id)
+            result = await self.store.detach(player, "", worker_id)
+            if result.outcome == "loading" and result.match_id:
+                await self.events.left_loading(result.mode, result.match_id, player)
         await self.store.forget_worker(worker_id)

@@ -13,6 +13,7 @@ import logging
 
 from server.app import metrics
 from server.app.lease import Lease
+from server.app.loading import Sweeper
 from server.app.trymatch import TryMatch
 from server.config import MatchingConfig, ModeConfig
 from server.store.errors import StoreError
@@ -25,12 +26,13 @@ log = logging.getLogger(__name__)
 class Matchmaker:
     def __init__(
         self, name: str, mode: ModeConfig, config: MatchingConfig, matches: MatchStore,
-        publisher: Publisher, holder: str,
+        publisher: Publisher, holder: str, sweeper: Sweeper,
     ) -> None:
         self.name = name
         self.config = config
         self.lease = Lease(matches, name, holder, config.lease_ttl_ms)
         self.trymatch = TryMatch(name, mode, config, matches, publisher, self.lease)
+        self.sweeper = sweeper
         self.skipped = 0
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -123,6 +125,7 @@ class Matchmaker:
 
     async def _tick(self, token: str) -> int:
         try:
+            await self.sweeper.run()
             return await self.trymatch.run(token)
         except StoreError as exc:
             log.warning("%s: TryMatch failed: %s", self.name, exc)

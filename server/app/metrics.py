@@ -41,3 +41,23 @@ QUEUE_SIZE: Final = Gauge(
 LEADER: Final = Gauge(
     "fastmatch_leader", "1 while this process holds the mode's matchmaking lease", ["mode"],
     multiprocess_mode="livesum")
+
+LOADING_SECONDS: Final = Histogram(
+    "fastmatch_loading_seconds", "From start_loading until every player was ready", ["mode"],
+    buckets=_WAIT_BUCKETS)
+MATCHES_ASSIGNED: Final = Counter(
+    "fastmatch_matches_assigned", "Matches a game server accepted", ["mode"])
+MATCHES_ENDED: Final = Counter(
+    "fastmatch_matches_ended", "Matches by final status and reason", ["mode", "status", "reason"])
+PLAYERS_REQUEUED: Final = Counter(
+    "fastmatch_players_requeued", "Players put back in the queue, by reason", ["mode", "reason"])
+PLAYERS_REMOVED: Final = Counter(
+    "fastmatch_players_removed", "Players removed by a ready check (left or timed out)",
+    ["mode", "reason"])
+PLAYERS_BLOCKED: Final = Counter(
+    "fastmatch_players_blocked", "Enqueues refused with player_blocked", ["mode"])
+GAME_SERVER_MISSES: Final = Counter(
+    "fastmatch_game_server_misses", "battle_request published with no game server listening")
+GAME_SERVER_AVAILABLE: Final = Gauge(
+    "fastmatch_game_server_available", "0 after a battle_request reached no game server",
+    multiprocess_mode="livemin")

@@ -14,6 +14,7 @@ import signal
 import threading
 from multiprocessing.process import BaseProcess
 
+from server.app.gameserver import Behaviour, run_gameserver
 from server.app.worker import run_worker
 from server.config import DEV_SECRET, Config
 from server.store.embedded import EmbeddedRedis
@@ -43,6 +44,12 @@ class Supervisor:
                 url = self.redis.url
                 log.info("no redis.url configured: using embedded redis at %s", url)
             ctx = mp.get_context("spawn")
+            if self.config.gameserver.embedded:
+                # Dev only (refused with production = true): the whole lifecycle out of the box.
+                game = ctx.Process(target=run_gameserver, name="gameserver", args=(
+                    url, self.config.gameserver.request_channel, Behaviour()))
+                game.start()
+                self.processes.append(game)
             for index in range(self.count):
                 process = ctx.Process(
                     target=run_worker, args=(self.config, url, index), name=f"worker-{index}"

@@ -9,14 +9,17 @@ import secrets
 import signal
 import socket
 
+from server.app.handoff import Allocator
 from server.app.housekeeping import Housekeeper
+from server.app.loading import LoadingEvents, Sweeper
 from server.app.matchmaker import Matchmaker
+from server.app.outcomes import Outcomes
 from server.config import Config
 from server.protocol.auth import TokenVerifier
 from server.store import keys
 from server.store.client import RedisClient
 from server.store.errors import StoreError
-from server.store.matches import MatchStore
+from server.store.matches import LoadingStore, MatchStore
 from server.store.players import PlayerStore
 from server.transport.delivery import Publisher
 from server.transport.frontend import FrontEnd
@@ -34,22 +37,37 @@ class Worker:
         self.config = config
         self.worker_id = worker_id or new_worker_id()
         self.client = RedisClient(redis_url, config.redis.operation_timeout_s)
-        self.store = PlayerStore(self.client, self.worker_id, config.server.resume_grace_ms)
+        grace_ms = config.server.resume_grace_ms
+        self.store = PlayerStore(self.client, self.worker_id, grace_ms, config.penalty)
+        self.loading = LoadingStore(
+            self.client, resume_grace_ms=grace_ms,
+            penalty_window_ms=int(config.penalty.window_s * 1000),
+            finished_ttl_ms=config.matching.finished_match_ttl_ms,
+        )
+        self.publisher = Publisher(self.store)
+        self.outcomes = Outcomes(self.loading, self.publisher)
+        self.allocator = Allocator(self.store, self.outcomes, config.gameserver,
+                                   keys.battle_replies(self.worker_id))
+        self.events = LoadingEvents(self.outcomes, self.allocator)
         self.front = FrontEnd(
-            config.server, config.modes, self.store, TokenVerifier(config.auth), self.worker_id
+            config.server, config.modes, self.store, self.loading, self.events,
+            config.gameserver.allocation_timeout_ms, TokenVerifier(config.auth), self.worker_id,
         )
         self.subscriber = Subscriber(
-            redis_url, keys.worker_channel(self.worker_id), self.front.on_delivery,
+            redis_url,
+            {keys.worker_channel(self.worker_id): self.front.on_delivery,
+             keys.battle_replies(self.worker_id): self.allocator.on_reply},
             self.front.resync, timeout_s=config.redis.operation_timeout_s,
             base_delay_s=config.redis.reconnect_base_s, max_delay_s=config.redis.reconnect_max_s,
         )
         self.housekeeper = Housekeeper(
-            self.store, self.front, config.modes, interval_s=config.server.housekeeping_interval_s,
+            self.store, self.front, self.events, config.modes,
+            interval_s=config.server.housekeeping_interval_s,
             heartbeat_ttl_s=config.server.heartbeat_ttl_s,
         )
         self.matchmakers = {
-            name: Matchmaker(name, mode, config.matching, MatchStore(self.client),
-                             Publisher(self.store), self.worker_id)
+            name: Matchmaker(name, mode, config.matching, MatchStore(self.client), self.publisher,
+                             self.worker_id, Sweeper(name, self.loading, self.outcomes))
             for name, mode in config.modes.items()
         } if config.matching.enabled else {}
         self._closed = asyncio.Event()
@@ -78,6 +96,7 @@ class Worker:
         try:
             # Leases first: another worker takes over matchmaking while this one drains.
             await asyncio.gather(*(m.close() for m in self.matchmakers.values()))
+            await self.allocator.close()  # handoffs in flight: requeued (server_shutdown)
             await self.front.close()
             await self.housekeeper.close()
             await self.subscriber.close()

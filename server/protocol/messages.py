@@ -71,6 +71,25 @@ class StartLoading(_Server, tag="start_loading", frozen=True):
     deadline_ms: int
 
 
+class MatchFound(_Server, tag="match_found", frozen=True):
+    loading_session_id: str
+    game_mode: str
+    server_address: str
+    server_session_id: str
+    teams: list[list[str]]
+
+
+RequeueReason = Literal[
+    "player_left", "loading_timeout", "no_game_server", "allocation_failed", "server_shutdown"
+]
+
+
+class Requeued(_Server, tag="requeued", frozen=True):
+    game_mode: str
+    reason: RequeueReason
+    queued_at_ms: int
+
+
 class QueueStatus(_Server, tag="queue_status", frozen=True):
     state: StateName
     waited_ms: int
@@ -88,4 +107,6 @@ class Error(_Server, tag="error", frozen=True):
     retry_after_ms: int | None = None
 
 
-ServerMessage = Welcome | Enqueued | Dequeued | StartLoading | QueueStatus | Error
+ServerMessage = (
+    Welcome | Enqueued | Dequeued | StartLoading | MatchFound | Requeued | QueueStatus | Error
+)

@@ -25,7 +25,9 @@ from server.protocol.messages import (
     Enqueued,
     Error,
     LoadingComplete,
+    MatchFound,
     QueueStatus,
+    Requeued,
     ServerMessage,
     StartLoading,
     StateName,
@@ -78,7 +80,14 @@ class RunStatus:
     request_id: str | None
 
 
-Effect = Send | Close | RunEnqueue | RunDequeue | RunStatus
+@dataclass(frozen=True, slots=True)
+class RunReady:
+    loading_session_id: str
+    game_mode: str
+    request_id: str | None
+
+
+Effect = Send | Close | RunEnqueue | RunDequeue | RunStatus | RunReady
 
 # What the client sees of each internal phase (PROTOCOL 3 `state`).
 _VISIBLE: Final[dict[Phase, StateName]] = {
@@ -157,8 +166,13 @@ class Session:
                 return self._error("not_in_queue", "not in a queue", rid)
             case Status(request_id=rid):
                 return [RunStatus(rid)]
-            case LoadingComplete(request_id=rid):
-                return self._error("invalid_state", "no loading session is in progress", rid)
+            case LoadingComplete(loading_session_id=sid, request_id=rid):
+                if self.phase is not Phase.LOADING or self.game_mode is None:
+                    return self._error("invalid_state", "no loading session is in progress", rid)
+                if sid != self.loading_session_id:
+                    current = self.loading_session_id
+                    return self._error("wrong_session_id", f"loading session is {current}", rid)
+                return [RunReady(sid, self.game_mode, rid)]
         return self._bad_input("unhandled message")  # pragma: no cover - the union is closed
 
     def _on_enqueue(self, mode: str, rid: str | None) -> list[Effect]:
@@ -194,6 +208,16 @@ class Session:
         self.phase = Phase(state)
         self.game_mode = game_mode or None
         return self._error("already_in_queue", f"already {state} for {game_mode}", request_id)
+
+    def enqueue_blocked(self, retry_after_ms: int, request_id: str | None) -> list[Effect]:
+        """Too many dodged ready checks recently (PROTOCOL 3 `player_blocked`)."""
+        self.phase, self.game_mode = Phase.IDLE, None
+        return self._error("player_blocked", "too many left or missed ready checks recently",
+                           request_id, retry_after_ms)
+
+    def ready_refused(self, request_id: str | None) -> list[Effect]:
+        """Redis does not know this player in that loading session."""
+        return self._error("wrong_session_id", "not a player of that loading session", request_id)
 
     def dequeued(self, game_mode: str, request_id: str | None) -> list[Effect]:
         self.phase = Phase.IDLE
@@ -238,8 +262,12 @@ class Session:
         match message:
             case StartLoading(loading_session_id=sid, game_mode=mode):
                 self.phase, self.game_mode, self.loading_session_id = Phase.LOADING, mode, sid
-            case Dequeued(reason="removed"):
+            case Requeued(game_mode=mode, queued_at_ms=queued_at):
+                self.phase, self.game_mode, self.queued_at_ms = Phase.QUEUED, mode, queued_at
+                self.loading_session_id = None
+            case Dequeued(reason="removed") | MatchFound() | Error(code="loading_timeout"):
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+                self.loading_session_id = None
         return [Send(message)]
 
     def removed(self, game_mode: str) -> list[Effect]:

@@ -15,6 +15,16 @@ def player(player_id: str) -> str:
     return f"fm:player:{{{player_id}}}"
 
 
+def penalty(player_id: str) -> str:
+    """ZSET match id -> time (ms) of each dodged ready check; expires after the window."""
+    return f"fm:penalty:{{{player_id}}}"
+
+
+def battle_replies(worker_id: str) -> str:
+    """Pub/sub channel on which game servers answer this worker's battle requests."""
+    return f"fm:battle:{worker_id}"
+
+
 def worker_players(worker_id: str) -> str:
     """SET of players whose connection this worker holds (used to reap a dead worker)."""
     return f"fm:worker:{{{worker_id}}}:players"

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import msgspec
 
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
-from server.store.errors import ProtocolViolation
+from server.store.errors import ProtocolViolation, StoreError
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,3 +155,117 @@ def _commit_result(reply: object) -> CommitResult:
         routes=routes,
         deadline_ms=to_int(reply[5]),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyResult:
+    outcome: Literal["unknown", "replaced", "wrong_session", "final", "ready", "allocating"]
+    status: str = ""
+    deadline_ms: int = 0
+    teams: list[list[str]] = field(default_factory=list)
+    tickets: dict[str, bytes] = field(default_factory=dict)
+    created_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PlayerOutcome:
+    player: str
+    worker: str
+    conn: str
+    what: Literal["requeued", "removed", "timed_out", "matched"]
+    queued_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FinishResult:
+    outcome: Literal["done", "final", "not_due", "absent"]
+    status: str = ""
+    reason: str = ""
+    players: list[PlayerOutcome] = field(default_factory=list)
+
+
+FinishAction = Literal["cancel", "expire", "fail", "assign"]
+_WHAT: Final = frozenset({"requeued", "removed", "timed_out", "matched"})
+_FINISH_RETRIES: Final = 3
+
+
+class LoadingStore:
+    """Ready checks and match endings (PROTOCOL 4 and 7)."""
+
+    def __init__(
+        self, client: RedisClient, *, resume_grace_ms: int, penalty_window_ms: int,
+        finished_ttl_ms: int,
+    ) -> None:
+        self.client = client
+        self._finish_args = [resume_grace_ms, penalty_window_ms, finished_ttl_ms]
+
+    async def ready(
+        self, mode: str, match_id: str, player: str, conn: str, allocation_timeout_ms: int,
+        worker_id: str,
+    ) -> ReadyResult:
+        raw = await self.client.script(
+            "ready", [keys.match(mode, match_id), keys.loading(mode), keys.player(player)],
+            [player, match_id, conn, allocation_timeout_ms, worker_id],
+        )
+        if not isinstance(raw, list) or not raw:
+            raise ProtocolViolation(f"ready replied {raw!r:.200}")
+        head = as_str(raw[0])
+        if head in ("unknown", "replaced", "wrong_session"):
+            return ReadyResult(head)  # type: ignore[arg-type]
+        if head == "final" and len(raw) == 2:
+            return ReadyResult("final", status=as_str(raw[1]))
+        if head == "ready":
+            return ReadyResult("ready")
+        if head == "allocating" and len(raw) >= 4 and len(raw) % 2 == 0:
+            tickets = {as_str(raw[i]): bytes(raw[i + 1]) for i in range(4, len(raw), 2)}
+            teams = msgspec.json.decode(as_str(raw[2]), type=list[list[str]])
+            return ReadyResult("allocating", deadline_ms=to_int(raw[1]), teams=teams,
+                               tickets=tickets, created_ms=to_int(raw[3]))
+        raise ProtocolViolation(f"ready replied {raw!r:.200}")
+
+    async def finish(
+        self, mode: str, match_id: str, action: FinishAction, arg: str = "", arg2: str = ""
+    ) -> FinishResult:
+        """End the match if ``action`` still applies; the status check inside decides."""
+        redis = self.client.redis
+        match_key = keys.match(mode, match_id)
+        for _ in range(_FINISH_RETRIES):
+            csv = as_str(await self.client.call(
+                "hget", lambda: redis.hget(match_key, "players")
+            ))
+            players = csv.split(",") if csv else []
+            script_keys = [match_key, keys.loading(mode), *keys.mode_keys(mode),
+                           *(keys.player(p) for p in players), *(keys.penalty(p) for p in players)]
+            raw = await self.client.script(
+                "finish_match", script_keys, [action, match_id, csv, *self._finish_args, arg, arg2]
+            )
+            result = _finish_result(raw)
+            if result is not None:
+                return result
+        raise StoreError(f"finish_match {match_id}: the player list kept changing")
+
+    async def due(self, mode: str, limit: int = 200) -> list[str]:
+        reply = await self.client.script("due", [keys.loading(mode)], [limit])
+        return [as_str(item) for item in reply] if isinstance(reply, list) else []
+
+
+def _finish_result(raw: object) -> FinishResult | None:
+    if not isinstance(raw, list) or not raw:
+        raise ProtocolViolation(f"finish_match replied {raw!r:.200}")
+    head = as_str(raw[0])
+    if head == "retry":
+        return None
+    if head in ("absent", "not_due"):
+        return FinishResult(head)  # type: ignore[arg-type]
+    if head == "final" and len(raw) == 2:
+        return FinishResult("final", status=as_str(raw[1]))
+    if head == "done" and len(raw) >= 3 and (len(raw) - 3) % 5 == 0:
+        outcomes = []
+        for i in range(3, len(raw), 5):
+            player, worker, conn, what, queued_at = (as_str(x) for x in raw[i:i + 5])
+            if what not in _WHAT:
+                raise ProtocolViolation(f"finish_match: unknown outcome {what!r}")
+            outcomes.append(PlayerOutcome(player, worker, conn, what,  # type: ignore[arg-type]
+                                          to_int(queued_at) if queued_at else 0))
+        return FinishResult("done", status=as_str(raw[1]), reason=as_str(raw[2]), players=outcomes)
+    raise ProtocolViolation(f"finish_match replied {raw!r:.200}")

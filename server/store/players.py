@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from server.config import PenaltyConfig
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
 from server.store.errors import ProtocolViolation, StoreError
@@ -36,9 +37,10 @@ class Attached:
 
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
-    outcome: Literal["ok", "replaced", "already"]
+    outcome: Literal["ok", "replaced", "already", "blocked"]
     queued_at_ms: int = 0
     current: PlayerState | None = None
+    retry_after_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,8 @@ class DequeueResult:
 class DetachResult:
     outcome: Literal["removed", "grace", "loading", "stale"]
     grace_deadline_ms: int = 0
+    match_id: str = ""  # with "loading": the match the player walked out of ...
+    mode: str = ""  # ... and its mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +65,15 @@ class QueueStatus:
 
 
 class PlayerStore:
-    def __init__(self, client: RedisClient, worker_id: str, resume_grace_ms: int) -> None:
+    def __init__(
+        self, client: RedisClient, worker_id: str, resume_grace_ms: int,
+        penalty: PenaltyConfig | None = None,
+    ) -> None:
         self.client = client
         self.worker_id = worker_id
         self.grace_ms = resume_grace_ms
+        pen = penalty or PenaltyConfig()
+        self._penalty_args = [int(pen.window_s * 1000), pen.threshold, int(pen.block_s * 1000)]
 
     async def attach(self, player: str, conn: str) -> Attached:
         reply = await self._with_mode(
@@ -86,7 +95,9 @@ class PlayerStore:
         match reply[0]:
             case "grace":
                 return DetachResult("grace", to_int(reply[1]) if len(reply) > 1 else 0)
-            case "removed" | "loading" | "stale" as outcome:
+            case "loading" if len(reply) == 3:
+                return DetachResult("loading", match_id=reply[1], mode=reply[2])
+            case "removed" | "stale" as outcome:
                 return DetachResult(outcome)
         raise ProtocolViolation(f"detach replied {reply!r}")
 
@@ -95,8 +106,8 @@ class PlayerStore:
     ) -> EnqueueResult:
         attrs_json = json.dumps(attrs, separators=(",", ":"), sort_keys=True)
         raw = await self.client.script(
-            "enqueue", [keys.player(player), *keys.mode_keys(mode)],
-            [player, conn, mode, repr(float(rating)), attrs_json],
+            "enqueue", [keys.player(player), *keys.mode_keys(mode), keys.penalty(player)],
+            [player, conn, mode, repr(float(rating)), attrs_json, *self._penalty_args],
         )
         reply = as_list(raw, "enqueue")
         match reply:
@@ -104,6 +115,8 @@ class PlayerStore:
                 return EnqueueResult("ok", queued_at_ms=to_int(queued_at))
             case ["replaced"]:
                 return EnqueueResult("replaced")
+            case ["blocked", retry_after]:
+                return EnqueueResult("blocked", retry_after_ms=to_int(retry_after))
             case ["already", state, current_mode]:
                 return EnqueueResult("already", current=_player_state(state, current_mode, ""))
         raise ProtocolViolation(f"enqueue replied {reply!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Final
+from typing import Final, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -17,12 +17,27 @@ from server.protocol.session import (
     Effect,
     RunDequeue,
     RunEnqueue,
+    RunReady,
     RunStatus,
     Send,
     Session,
 )
 from server.store.errors import StoreError, StoreUnavailable
+from server.store.matches import LoadingStore, ReadyResult
 from server.store.players import PlayerStore
+
+
+class MatchEvents(Protocol):
+    """What the transport reports to the matchmaking services (implemented in server/app)."""
+
+    def all_ready(self, mode: str, match_id: str, ready: ReadyResult) -> None:
+        """Every player of the match is ready: start the game-server handoff (non-blocking)."""
+
+    async def left_loading(self, mode: str, match_id: str, player: str) -> None:
+        """A player's connection ended during its ready check: cancel the match."""
+
+    def enqueue_blocked(self, mode: str) -> None:
+        """An enqueue was refused with player_blocked (for metrics)."""
 
 log = logging.getLogger(__name__)
 _UNAVAILABLE_MSG: Final = "matchmaking storage is unavailable; retry later"
@@ -31,13 +46,16 @@ _UNAVAILABLE_MSG: Final = "matchmaking storage is unavailable; retry later"
 class ClientConnection:
     def __init__(
         self, ws: ServerConnection, identity: Identity, conn_id: str, session: Session,
-        store: PlayerStore,
+        store: PlayerStore, loading: LoadingStore, events: MatchEvents, allocation_timeout_ms: int,
     ) -> None:
         self.ws = ws
         self.identity = identity
         self.conn_id = conn_id
         self.session = session
         self.store = store
+        self.loading = loading
+        self.events = events
+        self.allocation_timeout_ms = allocation_timeout_ms
         self.log = logging.LoggerAdapter(log, {"player": identity.player_id, "conn": conn_id})
 
     @property
@@ -63,6 +81,8 @@ class ClientConnection:
                 return await self._guarded(rid, self._dequeue(rid))
             case RunStatus(request_id=rid):
                 return await self._guarded(rid, self._status(rid))
+            case RunReady(loading_session_id=sid, game_mode=mode, request_id=rid):
+                return await self._guarded(rid, self._ready(mode, sid, rid))
         return []
 
     async def send_text(self, text: str) -> None:
@@ -93,7 +113,25 @@ class ClientConnection:
             return self.session.enqueued(mode, result.queued_at_ms, rid)
         if result.outcome == "already" and result.current is not None:
             return self.session.enqueue_refused(result.current.state, result.current.mode, rid)
+        if result.outcome == "blocked":
+            self.events.enqueue_blocked(mode)
+            return self.session.enqueue_blocked(result.retry_after_ms, rid)
         return self.session.replaced()
+
+    async def _ready(self, mode: str, match_id: str, rid: str | None) -> list[Effect]:
+        result = await self.loading.ready(
+            mode, match_id, self.player_id, self.conn_id, self.allocation_timeout_ms,
+            self.store.worker_id,
+        )
+        match result.outcome:
+            case "allocating":
+                self.events.all_ready(mode, match_id, result)
+            case "replaced":
+                return self.session.replaced()
+            case "unknown" | "wrong_session":
+                return self.session.ready_refused(rid)
+        # "ready" and "final" have no answer: the match's outcome message follows (PROTOCOL 4).
+        return []
 
     async def _dequeue(self, rid: str | None) -> list[Effect]:
         result = await self.store.dequeue(self.player_id, self.conn_id)

@@ -24,9 +24,10 @@ from server.protocol.messages import Error
 from server.protocol.session import CLOSE_INTERNAL, Session
 from server.store import keys
 from server.store.errors import StoreError, StoreUnavailable
+from server.store.matches import LoadingStore
 from server.store.players import Attached, PlayerStore
 from server.transport import envelope
-from server.transport.connection import ClientConnection
+from server.transport.connection import ClientConnection, MatchEvents
 
 log = logging.getLogger(__name__)
 WS_PATHS: Final = frozenset({"/ws", "/ws/"})
@@ -41,11 +42,15 @@ class PlayerSocket(ServerConnection):
 class FrontEnd:
     def __init__(
         self, config: ServerConfig, modes: Mapping[str, ModeConfig], store: PlayerStore,
+        loading: LoadingStore, events: MatchEvents, allocation_timeout_ms: int,
         verifier: TokenVerifier, worker_id: str,
     ) -> None:
         self.config = config
         self.modes = modes
         self.store = store
+        self.loading = loading
+        self.events = events
+        self.allocation_timeout_ms = allocation_timeout_ms
         self.verifier = verifier
         self.worker_id = worker_id
         self.ready = False  # set by the worker from its Redis heartbeat
@@ -120,7 +125,8 @@ class FrontEnd:
         identity = ws.identity
         conn_id = f"{self.worker_id}.{next(self._ids)}"
         session = Session(identity.player_id, self.modes, self.config.bad_message_budget)
-        client = ClientConnection(ws, identity, conn_id, session, self.store)
+        client = ClientConnection(ws, identity, conn_id, session, self.store, self.loading,
+                                  self.events, self.allocation_timeout_ms)
         self._register(client)
         attached = False
         try:
@@ -160,8 +166,11 @@ class FrontEnd:
     async def detach(self, player: str, conn_id: str) -> None:
         """Release the player in Redis; if Redis is down, housekeeping retries it later."""
         try:
-            await self.store.detach(player, conn_id)
+            result = await self.store.detach(player, conn_id)
             self.pending_detach.discard((player, conn_id))
+            if result.outcome == "loading" and result.match_id:
+                # PROTOCOL 4: leaving during the ready check cancels the match for everyone.
+                await self.events.left_loading(result.mode, result.match_id, player)
         except StoreError as exc:
             log.warning("detach of %s deferred: %s", player, exc)
             self.pending_detach.add((player, conn_id))

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
@@ -26,13 +26,13 @@ OnSubscribed = Callable[[], Awaitable[None]]
 
 class Subscriber:
     def __init__(
-        self, url: str, channel: str, on_message: OnMessage, on_subscribed: OnSubscribed,
+        self, url: str, handlers: Mapping[str, OnMessage], on_subscribed: OnSubscribed,
         *, timeout_s: float = 2.0, base_delay_s: float = 0.1, max_delay_s: float = 5.0,
         ping_interval_s: float = 5.0,
     ) -> None:
         self.url = url
-        self.channel = channel
-        self._on_message = on_message
+        self.handlers = dict(handlers)
+        self.channel = next(iter(self.handlers))
         self._on_subscribed = on_subscribed
         self._timeout = timeout_s
         self._base = base_delay_s
@@ -89,12 +89,13 @@ class Subscriber:
         pubsub = client.pubsub()
         try:
             async with asyncio.timeout(self._timeout):
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(*self.handlers)
                 # Count as subscribed only once Redis confirms: a publish after this is heard.
-                while True:
+                confirmed = 0
+                while confirmed < len(self.handlers):
                     reply = await pubsub.get_message(timeout=self._timeout)
                     if reply is not None and reply.get("type") == "subscribe":
-                        break
+                        confirmed += 1
             await self._subscribed()
             await self._listen(pubsub)
         finally:
@@ -128,7 +129,7 @@ class Subscriber:
                 last_heard = now
                 ping_sent = False
                 if message.get("type") == "message":
-                    self._dispatch(message["data"])
+                    self._dispatch(message["channel"], message["data"])
                 continue
             if not ping_sent and now - last_heard > self._ping_interval:
                 await pubsub.ping()
@@ -136,10 +137,12 @@ class Subscriber:
             elif ping_sent and now - last_heard > self._ping_interval + self._timeout:
                 raise rex.ConnectionError("no answer to PING on the subscriber connection")
 
-    def _dispatch(self, data: object) -> None:
-        if not isinstance(data, bytes):
+    def _dispatch(self, channel: object, data: object) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        handler = self.handlers.get(name)
+        if handler is None or not isinstance(data, bytes):
             return
         try:
-            self._on_message(data)
+            handler(data)
         except Exception:
             log.exception("delivery handler failed on %r", data[:200])

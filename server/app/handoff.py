@@ -1,0 +1,149 @@
+"""Hand a ready match to a game server (PROTOCOL 7) and watch game-server health (DESIGN P1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from server.app import metrics
+from server.app.outcomes import Outcomes
+from server.config import GameServerConfig
+from server.protocol import gameserver as gs
+from server.store.errors import StoreError
+from server.store.matches import ReadyResult
+from server.store.players import PlayerStore
+
+log = logging.getLogger(__name__)
+
+
+class HealthMonitor:
+    """PUBLISH receiver count 0 is a miss. After ``critical_after`` misses in a row a CRITICAL
+    line, at most every ``interval_s``; recovery is logged with how long it was down."""
+
+    def __init__(self, critical_after: int = 10, interval_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.critical_after = critical_after
+        self.interval_s = interval_s
+        self.clock = clock
+        self.consecutive = 0
+        self.down_since: float | None = None
+        self._last_critical = -math.inf
+        metrics.GAME_SERVER_AVAILABLE.set(1)
+
+    def observe(self, receivers: int) -> None:
+        if receivers > 0:
+            if self.down_since is not None:
+                log.info("game servers are back after %.1fs (%d requests found none)",
+                         self.clock() - self.down_since, self.consecutive)
+            self.consecutive, self.down_since = 0, None
+            metrics.GAME_SERVER_AVAILABLE.set(1)
+            return
+        self.consecutive += 1
+        metrics.GAME_SERVER_MISSES.inc()
+        metrics.GAME_SERVER_AVAILABLE.set(0)
+        if self.down_since is None:
+            self.down_since = self.clock()
+        now = self.clock()
+        if self.consecutive >= self.critical_after and now - self._last_critical >= self.interval_s:
+            self._last_critical = now
+            log.critical("no game server has received the last %d battle requests (%.0fs); "
+                         "matches are being requeued", self.consecutive, now - self.down_since)
+
+
+class Allocator:
+    """Publishes battle requests and waits for the answer on this worker's reply channel."""
+
+    def __init__(self, store: PlayerStore, outcomes: Outcomes, config: GameServerConfig,
+                 reply_channel: str) -> None:
+        self.store = store
+        self.outcomes = outcomes
+        self.config = config
+        self.reply_channel = reply_channel
+        self.health = HealthMonitor(config.misses_before_critical, config.critical_interval_s)
+        self._pending: dict[str, asyncio.Future[gs.BattleReply]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._modes: dict[str, str] = {}
+
+    def start(self, mode: str, match_id: str, ready: ReadyResult) -> None:
+        task = asyncio.create_task(self.allocate(mode, match_id, ready), name=f"allocate:{match_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def allocate(self, mode: str, match_id: str, ready: ReadyResult) -> None:
+        metrics.LOADING_SECONDS.labels(mode).observe(
+            max(ready.deadline_ms - self.config.allocation_timeout_ms - ready.created_ms, 0) / 1000)
+        request = gs.BattleRequest(
+            match_id=match_id, game_mode=mode, teams=ready.teams,
+            players={p: _player_info(t) for p, t in ready.tickets.items()},
+            reply_to=self.reply_channel, deadline_ms=ready.deadline_ms,
+        )
+        future: asyncio.Future[gs.BattleReply] = asyncio.get_running_loop().create_future()
+        self._pending[match_id] = future
+        self._modes[match_id] = mode
+        try:
+            try:
+                receivers = await self.store.publish(self.config.request_channel, gs.encode(request))
+            except StoreError as exc:
+                log.warning("%s match %s: battle_request not published: %s", mode, match_id, exc)
+                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed")
+                return
+            self.health.observe(receivers)
+            if receivers == 0:
+                await self.outcomes.finish(mode, match_id, "fail", "no_game_server")
+                return
+            try:
+                async with asyncio.timeout(self.config.allocation_timeout_ms / 1000):
+                    reply = await future
+            except TimeoutError:
+                log.warning("%s match %s: no game server answer in time", mode, match_id)
+                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed")
+                return
+            if isinstance(reply, gs.BattleAssigned):
+                await self.outcomes.finish(mode, match_id, "assign", reply.server_address,
+                                           reply.server_session_id, teams=ready.teams)
+            else:
+                log.info("%s match %s rejected by game server: %s", mode, match_id, reply.reason)
+                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed")
+        finally:
+            self._pending.pop(match_id, None)
+            self._modes.pop(match_id, None)
+
+    def on_reply(self, data: bytes) -> None:
+        try:
+            reply = gs.decode_reply(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("dropping malformed game-server reply %r: %s", data[:200], exc)
+            return
+        future = self._pending.get(reply.match_id)
+        if future is None or future.done():
+            log.info("late or unknown game-server reply for match %s", reply.match_id)
+            return
+        future.set_result(reply)
+
+    async def close(self) -> None:
+        """Shutdown: requeue the matches still waiting for a game server (server_shutdown)."""
+        waiting = dict(self._modes)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for match_id, mode in waiting.items():
+            try:
+                await self.outcomes.finish(mode, match_id, "fail", "server_shutdown")
+            except StoreError as exc:
+                log.warning("match %s left to the sweeper: %s", match_id, exc)
+
+
+def _player_info(ticket: bytes) -> gs.PlayerInfo:
+    rating, _, rest = ticket.decode("utf-8", "replace").partition("|")
+    attrs_json = rest.partition("|")[2]
+    try:
+        attrs = json.loads(attrs_json) if attrs_json else {}
+        return gs.PlayerInfo(mmr=float(rating), attrs=attrs if isinstance(attrs, dict) else {})
+    except ValueError:
+        return gs.PlayerInfo(mmr=0.0)

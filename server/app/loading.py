@@ -1,0 +1,46 @@
+"""Ready-check services: what the front end reports, and the leader's deadline sweeper."""
+
+from __future__ import annotations
+
+import logging
+
+from server.app import metrics
+from server.app.handoff import Allocator
+from server.app.outcomes import Outcomes
+from server.store.matches import LoadingStore, ReadyResult
+
+log = logging.getLogger(__name__)
+
+
+class LoadingEvents:
+    """The app side of ``transport.connection.MatchEvents``."""
+
+    def __init__(self, outcomes: Outcomes, allocator: Allocator) -> None:
+        self.outcomes = outcomes
+        self.allocator = allocator
+
+    def all_ready(self, mode: str, match_id: str, ready: ReadyResult) -> None:
+        self.allocator.start(mode, match_id, ready)
+
+    async def left_loading(self, mode: str, match_id: str, player: str) -> None:
+        await self.outcomes.finish(mode, match_id, "cancel", player)
+
+    def enqueue_blocked(self, mode: str) -> None:
+        metrics.PLAYERS_BLOCKED.labels(mode).inc()
+
+
+class Sweeper:
+    """Ends matches past their deadline (a ready check nobody finished, or a handoff whose
+    worker died): run by the mode's leader every tick. Safe anywhere: the script re-checks."""
+
+    def __init__(self, mode: str, loading: LoadingStore, outcomes: Outcomes) -> None:
+        self.mode = mode
+        self.loading = loading
+        self.outcomes = outcomes
+
+    async def run(self) -> int:
+        ended = 0
+        for match_id in await self.loading.due(self.mode):
+            result = await self.outcomes.finish(self.mode, match_id, "expire")
+            ended += result.outcome == "done"
+        return ended

@@ -1,0 +1,211 @@
+"""Ready check and game-server handoff end to end (PROTOCOL 3, 4, 7): real sockets, real
+Redis, the reference game server. After every scenario no match or player key is left."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+from websockets.asyncio.client import ClientConnection
+
+from server.app.worker import Worker
+from server.store import keys
+from tests.app.test_matchmaking import queued, start_loading
+from tests.conftest import GameServerFactory, WorkerFactory, make_config
+from tests.helpers import TIMEOUT, player_and_queue_keys, recv, request, send
+
+
+async def ready_all(clients: dict[str, ClientConnection], session: str) -> None:
+    for ws in clients.values():
+        await send(ws, {"type": "loading_complete", "loading_session_id": session})
+
+
+async def matched(clients: dict[str, ClientConnection]) -> dict[str, dict[str, Any]]:
+    """Every client's start_loading, checked to be one and the same match."""
+    loads = {p: await start_loading(ws) for p, ws in clients.items()}
+    assert len({m["loading_session_id"] for m in loads.values()}) == 1
+    return loads
+
+
+async def leave_and_check_clean(clients: dict[str, ClientConnection], admin: aioredis.Redis) -> None:
+    """DESIGN invariant 6: once everyone has left and the timeouts pass, no key is left."""
+    for ws in clients.values():
+        await ws.close()
+    async with asyncio.timeout(TIMEOUT):
+        while await player_and_queue_keys(admin):
+            await asyncio.sleep(0.02)
+
+
+async def test_happy_path_1v1(
+    worker: Worker, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    game = await start_game_server()
+    clients = await queued(worker.front.port, "1v1", ("ann", 1500), ("ben", 1510))
+    loads = await matched(clients)
+    session = loads["ann"]["loading_session_id"]
+    await ready_all(clients, session)
+    for player, ws in clients.items():
+        found = await recv(ws)
+        assert found["type"] == "match_found" and found["loading_session_id"] == session
+        assert found["server_address"].endswith(":7777") and found["server_session_id"]
+        assert found["teams"] == loads[player]["teams"]
+        assert (await request(ws, {"type": "status"}))["state"] == "idle"
+    [req] = game.requests
+    assert req.match_id == session and set(req.players) == {"ann", "ben"}
+    assert req.players["ann"].mmr == 1500 and req.reply_to.startswith("fm:battle:")
+    assert await admin.hget(keys.match("1v1", session), "status") == "assigned"
+    await leave_and_check_clean(clients, admin)
+
+
+async def test_happy_path_5v5(
+    worker: Worker, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    await start_game_server(delay_ms=50)
+    clients = await queued(worker.front.port, "5v5", *((f"p{i}", 1500 + i) for i in range(10)))
+    loads = await matched(clients)
+    await ready_all(clients, loads["p0"]["loading_session_id"])
+    found = [await recv(ws) for ws in clients.values()]
+    assert all(f["type"] == "match_found" for f in found)
+    assert len({(f["server_address"], f["server_session_id"]) for f in found}) == 1
+    assert sorted(len(t) for t in found[0]["teams"]) == [5, 5]
+    # Matched players can queue again straight away.
+    ws = clients["p3"]
+    assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    await leave_and_check_clean(clients, admin)
+
+
+async def test_player_leaves_during_loading(
+    worker: Worker, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    await start_game_server()
+    clients = await queued(worker.front.port, "1v1", ("stay", 1500), ("quit", 1500))
+    original = await admin.zscore(keys.queue("1v1"), "stay")
+    await matched(clients)
+    await clients.pop("quit").close()
+    back = await recv(clients["stay"])
+    assert back == {"type": "requeued", "game_mode": "1v1", "reason": "player_left",
+                    "queued_at_ms": original}
+    assert (await request(clients["stay"], {"type": "status"}))["state"] == "queued"
+    assert 0 < await admin.pttl(keys.penalty("quit")) <= 3_600_000
+    await leave_and_check_clean(clients, admin)
+
+
+async def test_a_player_never_loads(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    await start_game_server()
+    w = await start_worker(cfg=make_config(**{"matching.ready_timeout_ms": 300}))
+    clients = await queued(w.front.port, "1v1", ("loader", 1500), ("afk", 1500))
+    original = await admin.zscore(keys.queue("1v1"), "loader")
+    loads = await matched(clients)
+    await send(clients["loader"], {"type": "loading_complete",
+                                   "loading_session_id": loads["loader"]["loading_session_id"]})
+    assert await recv(clients["loader"]) == {"type": "requeued", "game_mode": "1v1",
+                                             "reason": "loading_timeout", "queued_at_ms": original}
+    err = await recv(clients["afk"])
+    assert err["type"] == "error" and err["code"] == "loading_timeout"
+    assert (await request(clients["afk"], {"type": "status"}))["state"] == "idle"
+    await leave_and_check_clean(clients, admin)
+
+
+async def _all_ready_then(w: Worker, admin: aioredis.Redis) -> dict[str, dict[str, Any]]:
+    clients = await queued(w.front.port, "1v1", ("one", 1500), ("two", 1500))
+    originals = {p: await admin.zscore(keys.queue("1v1"), p) for p in clients}
+    loads = await matched(clients)
+    await ready_all(clients, loads["one"]["loading_session_id"])
+    answers = {p: await recv(ws) for p, ws in clients.items()}
+    for p, answer in answers.items():
+        assert answer["type"] == "requeued" and answer["queued_at_ms"] == originals[p]
+    await leave_and_check_clean(clients, admin)
+    return answers
+
+
+async def test_no_game_server(start_worker: WorkerFactory, admin: aioredis.Redis) -> None:
+    w = await start_worker(cfg=make_config(**{"matching.enabled": True}))
+    misses = REGISTRY.get_sample_value("fastmatch_game_server_misses_total") or 0
+    answers = await _all_ready_then(w, admin)
+    assert {a["reason"] for a in answers.values()} == {"no_game_server"}
+    assert (REGISTRY.get_sample_value("fastmatch_game_server_misses_total") or 0) == misses + 1
+    assert REGISTRY.get_sample_value("fastmatch_game_server_available") == 0
+    assert w.allocator.health.consecutive >= 1
+
+
+async def test_game_server_rejects(
+    worker: Worker, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    await start_game_server(reject_rate=1.0)
+    answers = await _all_ready_then(worker, admin)
+    assert {a["reason"] for a in answers.values()} == {"allocation_failed"}
+
+
+async def test_game_server_silent(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    game = await start_game_server(silent=True)
+    w = await start_worker(cfg=make_config(**{"gameserver.allocation_timeout_ms": 300}))
+    answers = await _all_ready_then(w, admin)
+    assert {a["reason"] for a in answers.values()} == {"allocation_failed"}
+    assert len(game.requests) == 1
+    assert REGISTRY.get_sample_value("fastmatch_game_server_available") == 1
+
+
+async def test_ghost_player_with_concurrent_clients(
+    worker: Worker, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    """One player disconnects at the moment the other sends loading_complete (the earlier
+    server's ghost player): the other is requeued every time, never left waiting."""
+    await start_game_server()
+    for round_ in range(5):
+        clients = await queued(worker.front.port, "1v1", (f"ghost{round_}", 1500), (f"real{round_}", 1500))
+        loads = await matched(clients)
+        session = loads[f"real{round_}"]["loading_session_id"]
+        ghost, real = clients[f"ghost{round_}"], clients[f"real{round_}"]
+        await asyncio.gather(
+            ghost.close(),
+            send(real, {"type": "loading_complete", "loading_session_id": session}),
+        )
+        answer = await recv(real)
+        assert answer["type"] == "requeued" and answer["reason"] == "player_left"
+        await real.close()
+    async with asyncio.timeout(TIMEOUT):
+        while await player_and_queue_keys(admin):
+            await asyncio.sleep(0.02)
+
+
+async def test_wrong_session_id(worker: Worker, start_game_server: GameServerFactory) -> None:
+    await start_game_server()
+    clients = await queued(worker.front.port, "1v1", ("w1", 1500), ("w2", 1500))
+    await matched(clients)
+    err = await request(clients["w1"], {"type": "loading_complete", "loading_session_id": "0.0.0"})
+    assert err["type"] == "error" and err["code"] == "wrong_session_id"
+    for ws in clients.values():
+        await ws.close()
+
+
+async def test_dodging_ready_checks_blocks_enqueue(
+    start_worker: WorkerFactory, admin: aioredis.Redis
+) -> None:
+    w = await start_worker(cfg=make_config(**{"matching.ready_timeout_ms": 100, "penalty.threshold": 2,
+                                             "penalty.block_s": 60}))
+    dodger, _ = await queued_one(w, "dodger")
+    for i in range(2):
+        partner, _ = await queued_one(w, f"partner{i}")
+        await start_loading(dodger)
+        await start_loading(partner)
+        assert (await recv(dodger))["code"] == "loading_timeout"
+        assert (await recv(partner))["code"] == "loading_timeout"
+        await partner.close()
+        if i == 0:
+            assert (await request(dodger, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    blocked = await request(dodger, {"type": "enqueue", "game_mode": "1v1", "request_id": "b"})
+    assert blocked["type"] == "error" and blocked["code"] == "player_blocked"
+    assert 0 < blocked["retry_after_ms"] <= 60_000 and blocked["request_id"] == "b"
+    assert await admin.zscore(keys.queue("1v1"), "dodger") is None
+    await dodger.close()
+
+
+async def queued_one(w: Worker, player: str) -> tuple[ClientConnection, Any]:
+    clients = await queued(w.front.port, "1v1", (player, 1500))
+    return clients[player], None
