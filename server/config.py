@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import msgspec
 
@@ -36,6 +36,12 @@ class ServerConfig(_Base, frozen=True):
     workers: int = 0  # 0: one per CPU
     max_message_bytes: int = 4096
     bad_message_budget: int = 10  # PROTOCOL 5: past it the connection is closed with 1008
+    message_rate: float = 20.0  # client messages per second per connection ...
+    message_burst: float = 40.0  # ... with this burst
+    connect_rate_per_ip: float = 20.0  # new connections per second per client IP (per worker)
+    connect_burst_per_ip: float = 50.0
+    rate_limit_strikes: int = 3  # refused messages tolerated before close 4008
+    drain_timeout_s: float = 10.0  # SIGTERM: everything finishes within this
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     resume_grace_ms: int = 10_000
@@ -54,6 +60,8 @@ class AuthConfig(_Base, frozen=True):
 class RedisConfig(_Base, frozen=True):
     url: str = ""  # empty: start an embedded redis-server
     operation_timeout_s: float = 2.0
+    breaker_threshold: int = 5  # consecutive failures that open the circuit
+    breaker_cooldown_s: float = 60.0  # open this long, then one probe decides
     reconnect_base_s: float = 0.1
     reconnect_max_s: float = 5.0
 
@@ -162,56 +170,80 @@ def validate(raw: Mapping[str, Any]) -> Config:
     return config
 
 
-def _check_semantics(config: Config) -> None:
-    def fail(key: str, why: str) -> None:
-        raise ConfigError(f"invalid configuration: `{key}` {why}")
+def _fail(key: str, why: str) -> NoReturn:
+    raise ConfigError(f"invalid configuration: `{key}` {why}")
 
-    s = config.server
+
+def _check_semantics(config: Config) -> None:
+    _check_server(config.server)
+    _check_storage(config)
+    _check_matching(config)
+    _check_modes(config.modes)
+
+
+def _check_server(s: ServerConfig) -> None:
     if not 0 <= s.port <= 65535:
-        fail("server.port", "must be between 0 and 65535")
+        _fail("server.port", "must be between 0 and 65535")
     if s.workers < 0:
-        fail("server.workers", "must be >= 0 (0 means one per CPU)")
+        _fail("server.workers", "must be >= 0 (0 means one per CPU)")
     if s.max_message_bytes < 64:
-        fail("server.max_message_bytes", "must be at least 64")
+        _fail("server.max_message_bytes", "must be at least 64")
     if s.resume_grace_ms < 0:
-        fail("server.resume_grace_ms", "must be >= 0")
+        _fail("server.resume_grace_ms", "must be >= 0")
+    if min(s.message_rate, s.message_burst, s.connect_rate_per_ip, s.connect_burst_per_ip) <= 0:
+        _fail("server.message_rate", "and the other rate limits must be > 0")
+    if s.rate_limit_strikes < 0 or s.drain_timeout_s <= 0:
+        _fail("server.rate_limit_strikes", "must be >= 0 (and server.drain_timeout_s > 0)")
     if s.heartbeat_ttl_s <= s.heartbeat_interval_s:
-        fail("server.heartbeat_ttl_s", "must exceed server.heartbeat_interval_s")
-    if config.redis.operation_timeout_s <= 0:
-        fail("redis.operation_timeout_s", "must be > 0")
-    if config.auth.algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
-        fail("auth.algorithm", "must be one of HS256, HS384, HS512, RS256, ES256")
-    if config.auth.algorithm.startswith(("RS", "ES")) and not config.auth.public_key_file:
-        fail("auth.public_key_file", f"is required for {config.auth.algorithm}")
-    weak = config.auth.secret == DEV_SECRET or len(config.auth.secret) < 32
-    if config.production and config.auth.algorithm.startswith("HS") and weak:
-        fail("auth.secret", "must be a real secret of 32+ characters when production = true")
+        _fail("server.heartbeat_ttl_s", "must exceed server.heartbeat_interval_s")
+
+
+def _check_storage(config: Config) -> None:
+    r = config.redis
+    if r.operation_timeout_s <= 0:
+        _fail("redis.operation_timeout_s", "must be > 0")
+    if r.breaker_threshold < 1 or r.breaker_cooldown_s < 0:
+        _fail("redis.breaker_threshold", "must be >= 1 (and redis.breaker_cooldown_s >= 0)")
+    a = config.auth
+    if a.algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
+        _fail("auth.algorithm", "must be one of HS256, HS384, HS512, RS256, ES256")
+    if a.algorithm.startswith(("RS", "ES")) and not a.public_key_file:
+        _fail("auth.public_key_file", f"is required for {a.algorithm}")
+    weak = a.secret == DEV_SECRET or len(a.secret) < 32
+    if config.production and a.algorithm.startswith("HS") and weak:
+        _fail("auth.secret", "must be a real secret of 32+ characters when production = true")
+
+
+def _check_matching(config: Config) -> None:
     m = config.matching
     if m.tick_ms < 1 or m.snapshot_chunk < 1 or m.commit_batch_players < 1:
-        fail("matching", "tick_ms, snapshot_chunk and commit_batch_players must be >= 1")
+        _fail("matching", "tick_ms, snapshot_chunk and commit_batch_players must be >= 1")
     if not 0 < m.tick_budget_ms * 2 <= m.lease_ttl_ms:
-        fail("matching.tick_budget_ms", "must be > 0 and at most half of matching.lease_ttl_ms")
+        _fail("matching.tick_budget_ms", "must be > 0 and at most half of matching.lease_ttl_ms")
     if m.ready_timeout_ms < 1 or m.finished_match_ttl_ms < 1:
-        fail("matching.ready_timeout_ms", "and matching.finished_match_ttl_ms must be >= 1")
+        _fail("matching.ready_timeout_ms", "and matching.finished_match_ttl_ms must be >= 1")
     g = config.gameserver
     if g.allocation_timeout_ms < 1 or not g.request_channel:
-        fail("gameserver", "needs allocation_timeout_ms >= 1 and a request_channel")
+        _fail("gameserver", "needs allocation_timeout_ms >= 1 and a request_channel")
     if config.production and g.embedded:
-        fail("gameserver.embedded", "must be false when production = true")
+        _fail("gameserver.embedded", "must be false when production = true")
     pen = config.penalty
     if pen.threshold < 1 or pen.window_s <= 0 or pen.block_s < 0:
-        fail("penalty", "needs threshold >= 1, window_s > 0 and block_s >= 0")
-    if not config.modes:
-        fail("modes", "must declare at least one game mode")
-    for name, mode in config.modes.items():
+        _fail("penalty", "needs threshold >= 1, window_s > 0 and block_s >= 0")
+
+
+def _check_modes(modes: dict[str, ModeConfig]) -> None:
+    if not modes:
+        _fail("modes", "must declare at least one game mode")
+    for name, mode in modes.items():
         if not MODE_NAME_RE.match(name):
-            fail(f"modes.{name}", "name must be 1-32 characters of [A-Za-z0-9_-]")
+            _fail(f"modes.{name}", "name must be 1-32 characters of [A-Za-z0-9_-]")
         if mode.team_size < 1 or mode.teams < 1 or mode.match_size < 2:
-            fail(f"modes.{name}", "needs team_size >= 1, teams >= 1 and at least 2 players")
+            _fail(f"modes.{name}", "needs team_size >= 1, teams >= 1 and at least 2 players")
         if mode.window_base < 0 or mode.window_max < mode.window_base:
-            fail(f"modes.{name}.window_max", "must be >= window_base >= 0")
+            _fail(f"modes.{name}.window_max", "must be >= window_base >= 0")
         if mode.window_growth_per_s < 0 or mode.max_wait_s <= 0:
-            fail(f"modes.{name}", "needs window_growth_per_s >= 0 and max_wait_s > 0")
+            _fail(f"modes.{name}", "needs window_growth_per_s >= 0 and max_wait_s > 0")
 
 
 def _parse_env_value(text: str) -> Any:

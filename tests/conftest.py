@@ -30,6 +30,7 @@ FAST: dict[str, Any] = {
     "server.heartbeat_ttl_s": 0.6,
     "server.bad_message_budget": 3,
     "redis.operation_timeout_s": 0.5,
+    "redis.breaker_cooldown_s": 0.3,
     "redis.reconnect_base_s": 0.02,
     "redis.reconnect_max_s": 0.2,
     "matching.tick_ms": 20,

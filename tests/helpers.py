@@ -77,3 +77,13 @@ async def player_and_queue_keys(admin: Any) -> list[str]:
     found = sorted(await admin.keys("*"))
     return [k for k in found
             if k != "fm:workers" and not k.endswith(_LASTING) and not k.startswith(_EXPIRING)]
+
+
+async def retry_while_unavailable(ws: ClientConnection, message: dict[str, Any]) -> dict[str, Any]:
+    """What a well-behaved client does: wait `retry_after_ms` and ask again (bounded)."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            answer = await request(ws, message)
+            if answer.get("code") != "unavailable":
+                return answer
+            await asyncio.sleep(answer["retry_after_ms"] / 1000)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from server.app import metrics
+from server import metrics
 from server.app.outcomes import Outcomes
 from server.config import GameServerConfig
 from server.protocol import gameserver as gs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from server.app import metrics
+from server import metrics
 from server.app.handoff import Allocator
 from server.app.outcomes import Outcomes
 from server.store.matches import LoadingStore, ReadyResult

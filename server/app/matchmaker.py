@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 
-from server.app import metrics
+from server import metrics
 from server.app.lease import Lease
 from server.app.loading import Sweeper
 from server.app.trymatch import TryMatch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from server.app import metrics
+from server import metrics
 from server.protocol.messages import Dequeued, Error, MatchFound, Requeued, ServerMessage
 from server.store.matches import FinishAction, FinishResult, LoadingStore, PlayerOutcome
 from server.transport.delivery import Outgoing, Publisher

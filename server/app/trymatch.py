@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 
-from server.app import metrics
+from server import metrics
 from server.app.lease import Lease
 from server.config import MatchingConfig, ModeConfig
 from server.matching.plan import Candidates, MatchPlan, plan_matches

@@ -15,6 +15,7 @@ from server.app.loading import LoadingEvents, Sweeper
 from server.app.matchmaker import Matchmaker
 from server.app.outcomes import Outcomes
 from server.config import Config
+from server.metrics import RedisMetrics
 from server.protocol.auth import TokenVerifier
 from server.store import keys
 from server.store.client import RedisClient
@@ -36,7 +37,11 @@ class Worker:
     def __init__(self, config: Config, redis_url: str, worker_id: str | None = None) -> None:
         self.config = config
         self.worker_id = worker_id or new_worker_id()
-        self.client = RedisClient(redis_url, config.redis.operation_timeout_s)
+        self.client = RedisClient(
+            redis_url, config.redis.operation_timeout_s,
+            breaker_threshold=config.redis.breaker_threshold,
+            breaker_cooldown_s=config.redis.breaker_cooldown_s, observer=RedisMetrics(),
+        )
         grace_ms = config.server.resume_grace_ms
         self.store = PlayerStore(self.client, self.worker_id, grace_ms, config.penalty)
         self.loading = LoadingStore(

@@ -34,6 +34,7 @@ from server.protocol.messages import (
     Status,
     Welcome,
 )
+from server.protocol.ratelimit import TokenBucket
 
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
@@ -96,17 +97,30 @@ _VISIBLE: Final[dict[Phase, StateName]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """PROTOCOL 5 budgets of one connection."""
+
+    bad_messages: int = 10
+    message_rate: float = 20.0
+    message_burst: float = 40.0
+    rate_strikes: int = 3
+
+
 class Session:
     def __init__(
-        self, player_id: str, modes: Mapping[str, ModeConfig], bad_message_budget: int
+        self, player_id: str, modes: Mapping[str, ModeConfig], limits: Limits, now: float = 0.0
     ) -> None:
         self.player_id = player_id
         self.modes = modes
         self.phase = Phase.IDLE
+        self.last_type = ""  # type of the last frame received ("invalid", "rate_limited")
+        self._bucket = TokenBucket(limits.message_rate, limits.message_burst, now)
+        self._strikes_left = limits.rate_strikes
         self.game_mode: str | None = None
         self.queued_at_ms = 0
         self.loading_session_id: str | None = None
-        self._bad_left = bad_message_budget
+        self._bad_left = limits.bad_messages
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -144,13 +158,25 @@ class Session:
 
     # -- client input -------------------------------------------------------------------------
 
-    def receive(self, frame: str | bytes) -> list[Effect]:
+    def receive(self, frame: str | bytes, now: float = 0.0) -> list[Effect]:
+        """One client frame at time ``now`` (seconds, any monotonic origin)."""
         if self.closed:
             return []
+        if not self._bucket.take(now):
+            # PROTOCOL 5 floods: refused, not processed; past the strikes, close 4008.
+            self.last_type = "rate_limited"
+            self._strikes_left -= 1
+            effects = self._error("rate_limited", "too many messages; slow down",
+                                  retry_after_ms=self._bucket.retry_after_ms())
+            if self._strikes_left < 0:
+                effects += self.close(CLOSE_RATE_LIMITED, "rate limited")
+            return effects
         try:
             message = codec.decode(frame)
         except codec.BadMessage as exc:
+            self.last_type = "invalid"
             return self._bad_input(str(exc))
+        self.last_type = message.__struct_config__.tag  # type: ignore[assignment]
         return self._dispatch(message)
 
     def _dispatch(self, message: ClientMessage) -> list[Effect]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 
+from server.store.breaker import BreakerState, CircuitBreaker
 from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
 from server.store.scripts import read_scripts
 
@@ -23,10 +25,33 @@ T = TypeVar("T")
 Reply = Any  # a raw RESP reply: bytes, int, list of those, or None
 
 
+class CallObserver(Protocol):
+    """Hooks for metrics (the store layer itself knows no Prometheus)."""
+
+    def call_done(self, op: str, seconds: float, outcome: str) -> None:
+        """outcome: "ok", "timeout", "unavailable", "error" or "refused" (breaker open)."""
+
+    def breaker_changed(self, state: BreakerState) -> None:
+        """The breaker moved to ``state``."""
+
+
+class _NoObserver:
+    def call_done(self, op: str, seconds: float, outcome: str) -> None:
+        pass
+
+    def breaker_changed(self, state: BreakerState) -> None:
+        pass
+
+
 class RedisClient:
-    def __init__(self, url: str, operation_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, url: str, operation_timeout_s: float = 2.0, *, breaker_threshold: int = 5,
+        breaker_cooldown_s: float = 60.0, observer: CallObserver | None = None,
+    ) -> None:
         self.url = url
         self.timeout = operation_timeout_s
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
+        self.observer: CallObserver = observer or _NoObserver()
         # The socket timeout backs up asyncio.timeout: a stuck read is abandoned either way.
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
@@ -39,7 +64,35 @@ class RedisClient:
         self._scripts = {name: self.redis.register_script(src) for name, src in self._sources.items()}
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis round trip under the timeout and classify its failure."""
+        """Run one Redis round trip through the breaker, under the timeout; classify failures."""
+        started = time.monotonic()
+        if not self.breaker.allow(started):
+            self.observer.call_done(op, 0.0, "refused")
+            retry_ms = max(int(self.breaker.retry_after_s(started) * 1000), 100)
+            raise StoreUnavailable(f"redis {op} refused: circuit open", retry_after_ms=retry_ms)
+        before = self.breaker.state
+        outcome = "error"
+        try:
+            result = await self._call(op, fn)
+            outcome = "ok"
+            self.breaker.success()
+            return result
+        except StoreUnavailable as exc:
+            outcome = "timeout" if isinstance(exc.__cause__, TimeoutError) else "unavailable"
+            self.breaker.failure(time.monotonic())
+            exc.retry_after_ms = max(int(self.breaker.retry_after_s(time.monotonic()) * 1000), 1000)
+            raise
+        except StoreError:
+            # Redis answered (a script error): the connection is fine as far as the breaker goes.
+            self.breaker.success()
+            raise
+        finally:
+            self.observer.call_done(op, time.monotonic() - started, outcome)
+            if self.breaker.state is not before:
+                log.warning("redis circuit breaker %s -> %s", before.name, self.breaker.state.name)
+                self.observer.breaker_changed(self.breaker.state)
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             async with asyncio.timeout(self.timeout):
                 return await fn()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Final, Protocol
@@ -9,8 +10,10 @@ from typing import Final, Protocol
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from server import metrics
 from server.protocol import codec
 from server.protocol.auth import Identity
+from server.protocol.messages import Error as ErrorMessage
 from server.protocol.session import (
     CLOSE_INTERNAL,
     Close,
@@ -56,6 +59,8 @@ class ClientConnection:
         self.loading = loading
         self.events = events
         self.allocation_timeout_ms = allocation_timeout_ms
+        self.attached = False  # set once Redis records this connection as the player's
+        self._closing: asyncio.Task[None] | None = None
         self.log = logging.LoggerAdapter(log, {"player": identity.player_id, "conn": conn_id})
 
     @property
@@ -72,9 +77,18 @@ class ClientConnection:
     async def _one(self, effect: Effect) -> list[Effect]:
         match effect:
             case Send(message=message):
+                tag = message.__struct_config__.tag
+                metrics.MESSAGES_OUT.labels(tag).inc()
+                if isinstance(message, ErrorMessage):
+                    metrics.ERRORS_SENT.labels(message.code).inc()
+                    if message.code == "rate_limited":
+                        metrics.RATE_LIMITED.labels("message").inc()
                 await self.send_text(codec.encode(message))
             case Close(code=code, reason=reason):
-                await self.ws.close(code, reason)
+                # In the background: the handler must keep reading (and dropping) frames, or
+                # a flooded receive queue pauses reading and the closing handshake never ends.
+                if self._closing is None:
+                    self._closing = asyncio.create_task(self.ws.close(code, reason))
             case RunEnqueue(game_mode=mode, request_id=rid):
                 return await self._guarded(rid, self._enqueue(mode, rid))
             case RunDequeue(request_id=rid):
@@ -150,3 +164,9 @@ class ClientConnection:
 
     async def fail(self) -> None:
         await self.ws.close(CLOSE_INTERNAL, "internal error")
+
+    async def closed(self) -> None:
+        """Wait for a close this connection started (after its socket has ended)."""
+        if self._closing is not None:
+            with contextlib.suppress(Exception):
+                await self._closing

@@ -7,6 +7,7 @@ import http
 import itertools
 import logging
 import socket
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -17,11 +18,13 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from server import metrics
 from server.config import ModeConfig, ServerConfig
 from server.protocol import codec
 from server.protocol.auth import AuthError, Identity, TokenVerifier
 from server.protocol.messages import Error
-from server.protocol.session import CLOSE_INTERNAL, Session
+from server.protocol.ratelimit import KeyedBuckets
+from server.protocol.session import CLOSE_INTERNAL, CLOSE_RATE_LIMITED, Limits, Session
 from server.store import keys
 from server.store.errors import StoreError, StoreUnavailable
 from server.store.matches import LoadingStore
@@ -58,6 +61,9 @@ class FrontEnd:
         self.connections: dict[str, ClientConnection] = {}
         self._by_player: dict[str, set[str]] = {}
         self.pending_detach: set[tuple[str, str]] = set()
+        self.limits = Limits(config.bad_message_budget, config.message_rate, config.message_burst,
+                             config.rate_limit_strikes)
+        self._per_ip = KeyedBuckets(config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
@@ -124,25 +130,32 @@ class FrontEnd:
         assert isinstance(ws, PlayerSocket) and ws.identity is not None
         identity = ws.identity
         conn_id = f"{self.worker_id}.{next(self._ids)}"
-        session = Session(identity.player_id, self.modes, self.config.bad_message_budget)
+        now = time.monotonic()
+        session = Session(identity.player_id, self.modes, self.limits, now)
         client = ClientConnection(ws, identity, conn_id, session, self.store, self.loading,
                                   self.events, self.allocation_timeout_ms)
         self._register(client)
         attached = False
         try:
+            if await self._connection_flood(client, ws, now):
+                return
             try:
                 result = await self.store.attach(identity.player_id, conn_id)
             except StoreError as exc:
                 await self._refuse(client, exc)
                 return
-            attached = True
+            attached = client.attached = True
             await self._replace_previous(identity.player_id, result, conn_id)
             p = result.player
             await client.apply(session.welcome(p.state, p.mode, p.queued_at_ms, p.match_id))
+            # Read until the socket ends, also after the session closed it: frames that keep
+            # coming are dropped, and reading on lets the closing handshake finish.
             async for frame in ws:
-                await client.apply(session.receive(frame))
                 if session.closed:
-                    break
+                    continue
+                effects = session.receive(frame, time.monotonic())
+                metrics.MESSAGES_IN.labels(session.last_type).inc()
+                await client.apply(effects)
         except ConnectionClosed:
             pass
         except Exception:
@@ -150,8 +163,23 @@ class FrontEnd:
             await client.fail()
         finally:
             self._unregister(client)
+            await client.closed()
             if attached:
                 await self.detach(identity.player_id, conn_id)
+
+    async def _connection_flood(self, client: ClientConnection, ws: ServerConnection, now: float) -> bool:
+        """PROTOCOL 5: too many new connections from one address: rate_limited, close 4008."""
+        address = ws.remote_address[0] if ws.remote_address else "?"
+        refused = self._per_ip.take(str(address), now)
+        if refused is None:
+            return False
+        metrics.RATE_LIMITED.labels("connection").inc()
+        await client.send_text(codec.encode(Error(
+            code="rate_limited", message="too many new connections from this address",
+            retry_after_ms=refused.retry_after_ms(),
+        )))
+        await ws.close(CLOSE_RATE_LIMITED, "rate limited")
+        return True
 
     async def _refuse(self, client: ClientConnection, exc: StoreError) -> None:
         retry = exc.retry_after_ms if isinstance(exc, StoreUnavailable) else None
@@ -217,7 +245,8 @@ class FrontEnd:
 
     async def resync(self) -> None:
         """After (re)subscribing: close connections replaced while we could not hear about it."""
-        clients = list(self.connections.values())
+        # Only connections whose attach finished: one still attaching has no record yet.
+        clients = [c for c in self.connections.values() if c.attached]
         owners = await self.store.owners([c.player_id for c in clients])
         for client, (worker, conn) in zip(clients, owners, strict=True):
             if (worker, conn) == (self.worker_id, client.conn_id) or client.session.closed:
@@ -238,10 +267,12 @@ class FrontEnd:
         await client.apply(effects)
 
     def _register(self, client: ClientConnection) -> None:
+        metrics.CONNECTIONS.inc()
         self.connections[client.conn_id] = client
         self._by_player.setdefault(client.player_id, set()).add(client.conn_id)
 
     def _unregister(self, client: ClientConnection) -> None:
+        metrics.CONNECTIONS.dec()
         self.connections.pop(client.conn_id, None)
         conns = self._by_player.get(client.player_id)
         if conns is not None:

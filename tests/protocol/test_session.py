@@ -6,13 +6,22 @@ import json
 
 from server.config import load_config
 from server.protocol.messages import Dequeued, Enqueued, Error, QueueStatus, Welcome
-from server.protocol.session import Close, Phase, RunDequeue, RunEnqueue, RunStatus, Send, Session
+from server.protocol.session import (
+    Close,
+    Limits,
+    Phase,
+    RunDequeue,
+    RunEnqueue,
+    RunStatus,
+    Send,
+    Session,
+)
 
 MODES = load_config(environ={}).modes
 
 
 def session(budget: int = 2) -> Session:
-    s = Session("p1", MODES, budget)
+    s = Session("p1", MODES, Limits(bad_messages=budget, message_rate=1000, message_burst=1000))
     s.welcome("idle", "", 0)
     return s
 
@@ -27,7 +36,7 @@ def only_error(effects: list) -> str:  # type: ignore[type-arg]
 
 
 def test_welcome_shows_resumed_state() -> None:
-    s = Session("p1", MODES, 2)
+    s = Session("p1", MODES, Limits())
     [effect] = s.welcome("queued", "5v5", 1234)
     assert effect == Send(Welcome(player_id="p1", state="queued", protocol=1, game_mode="5v5",
                                   queued_at_ms=1234))
@@ -109,3 +118,17 @@ def test_window_grows_with_wait_up_to_the_cap() -> None:
     assert mode.window(0) == mode.window_base
     assert mode.window(1000) == mode.window_base + mode.window_growth_per_s
     assert mode.window(10**9) == mode.window_max
+
+
+def test_flood_is_refused_then_closed_4008() -> None:
+    s = Session("p1", MODES, Limits(message_rate=1, message_burst=2, rate_strikes=1), now=0.0)
+    s.welcome("idle", "", 0)
+    status = frame(type="status")
+    assert s.receive(status, now=0.0) == [RunStatus(None)]
+    assert s.receive(status, now=0.0) == [RunStatus(None)]
+    refused = s.receive(status, now=0.0)
+    assert isinstance(refused[0], Send) and refused[0].message.code == "rate_limited"  # type: ignore[union-attr]
+    assert refused[0].message.retry_after_ms == 1000  # type: ignore[union-attr]
+    assert s.receive(status, now=1.5) == [RunStatus(None)]  # refilled: allowed again
+    assert s.receive(status, now=1.5)[-1] == Close(4008, "rate limited")  # second strike
+    assert s.closed

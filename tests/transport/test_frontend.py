@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.app.worker import Worker
 from server.store import keys
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkerFactory, make_config
 from tests.helpers import (
     TIMEOUT,
     closed_code,
     connect_player,
+    open_client,
     player_and_queue_keys,
     recv,
     request,
+    retry_while_unavailable,
     send,
     token,
 )
@@ -271,7 +274,7 @@ async def test_redis_down_gives_unavailable_and_worker_stays_up(
     assert refused["type"] == "error" and refused["code"] == "unavailable"
     assert await closed_code(late) == 1011
     private_redis.process.send_signal(18)  # SIGCONT
-    ok = await request(ws, {"type": "enqueue", "game_mode": "1v1"})
+    ok = await retry_while_unavailable(ws, {"type": "enqueue", "game_mode": "1v1"})
     assert ok["type"] == "enqueued"
     await ws.close()
 
@@ -310,3 +313,37 @@ async def test_health_and_ready_follow_storage(start_worker: WorkerFactory, priv
     async with asyncio.timeout(TIMEOUT):
         while await _http_get(port, "/ready") != 200:
             await asyncio.sleep(0.02)
+
+
+# -- rate limits (PROTOCOL 5) -----------------------------------------------------------------------
+
+async def test_message_flood_gets_rate_limited_then_4008(start_worker: WorkerFactory) -> None:
+    w = await start_worker(cfg=make_config(**{"server.message_rate": 5, "server.message_burst": 5,
+                                             "server.rate_limit_strikes": 2}))
+    ws, _ = await connect_player(w.front.port, "flood")
+    for _ in range(20):
+        await send(ws, {"type": "status"})
+    answers = []
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            answers.append(await recv(ws))
+    assert [a["type"] for a in answers[:5]] == ["queue_status"] * 5
+    limited = [a for a in answers if a.get("code") == "rate_limited"]
+    assert len(limited) == 3 and all(a["retry_after_ms"] > 0 for a in limited)
+    assert ws.close_code == 4008
+
+
+async def test_connection_flood_from_one_address(start_worker: WorkerFactory) -> None:
+    w = await start_worker(cfg=make_config(**{"server.connect_rate_per_ip": 1,
+                                             "server.connect_burst_per_ip": 3}))
+    accepted, refused = [], []
+    for i in range(6):
+        ws = await open_client(w.front.port, f"c{i}")
+        first = await recv(ws)
+        (accepted if first["type"] == "welcome" else refused).append((ws, first))
+    assert len(accepted) == 3 and len(refused) == 3
+    for ws, first in refused:
+        assert first["code"] == "rate_limited" and first["retry_after_ms"] > 0
+        assert await closed_code(ws) == 4008
+    for ws, _ in accepted:
+        await ws.close()

@@ -61,3 +61,41 @@ GAME_SERVER_MISSES: Final = Counter(
 GAME_SERVER_AVAILABLE: Final = Gauge(
     "fastmatch_game_server_available", "0 after a battle_request reached no game server",
     multiprocess_mode="livemin")
+
+# -- front end and storage (issue: production server) ------------------------------------------
+
+CONNECTIONS: Final = Gauge(
+    "fastmatch_connections", "Open client WebSocket connections", multiprocess_mode="livesum")
+MESSAGES_IN: Final = Counter(
+    "fastmatch_messages_received", "Client messages by type (invalid: undecodable)", ["type"])
+MESSAGES_OUT: Final = Counter(
+    "fastmatch_messages_sent", "Server messages by type", ["type"])
+ERRORS_SENT: Final = Counter(
+    "fastmatch_errors_sent", "error messages sent to clients, by code", ["code"])
+RATE_LIMITED: Final = Counter(
+    "fastmatch_rate_limited", "Messages or connections refused by a rate limit", ["kind"])
+REDIS_SECONDS: Final = Histogram(
+    "fastmatch_redis_call_seconds", "Redis call latency by operation", ["op"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0))
+REDIS_FAILURES: Final = Counter(
+    "fastmatch_redis_failures", "Redis calls that failed, by outcome", ["outcome"])
+REDIS_TIMEOUTS: Final = Counter(
+    "fastmatch_redis_timeouts", "Redis calls abandoned at the operation timeout")
+BREAKER_STATE: Final = Gauge(
+    "fastmatch_redis_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
+    multiprocess_mode="livemax")
+
+
+class RedisMetrics:
+    """The store's CallObserver, recording into Prometheus."""
+
+    def call_done(self, op: str, seconds: float, outcome: str) -> None:
+        if outcome == "ok":
+            REDIS_SECONDS.labels(op).observe(seconds)
+            return
+        REDIS_FAILURES.labels(outcome).inc()
+        if outcome == "timeout":
+            REDIS_TIMEOUTS.inc()
+
+    def breaker_changed(self, state: int) -> None:
+        BREAKER_STATE.set(int(state))
