@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from server.app.logs import setup_logging
@@ -24,11 +26,18 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app.supervisor import Supervisor
-
     config = _load(args)
     setup_logging("supervisor")
-    return Supervisor(config, config.server.workers).run()
+    # prometheus-client multiprocess mode: the directory must be set before prometheus_client
+    # is imported, here and (inherited) in every spawned worker; wiped at every start.
+    multiproc_dir = tempfile.mkdtemp(prefix="fastmatch-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    try:
+        from server.app.supervisor import Supervisor
+
+        return Supervisor(config, config.server.workers, multiproc_dir).run()
+    finally:
+        shutil.rmtree(multiproc_dir, ignore_errors=True)
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -1,8 +1,11 @@
-"""``fastmatch serve``: an embedded Redis when none is configured, and the worker processes.
+"""``fastmatch serve``: the supervisor of the worker processes (DESIGN "Shape").
 
-Workers are started with ``spawn`` (never fork: no inherited event loop or Redis sockets) and
-each binds the public port with SO_REUSEPORT. Signal handlers only record the signal; the main
-loop acts on it.
+Workers are started with ``spawn`` (no inherited event loop or sockets) and each binds the
+public port with SO_REUSEPORT. Signal handlers only record the signal; the main loop acts:
+SIGTERM/SIGINT drain everything within the drain timeout, SIGHUP restarts the workers one by one,
+each replacement listening before its predecessor drains, so the port always has a listener.
+A worker that dies is restarted with backoff; a worker that dies before it is ready (a bad
+port, a config it cannot use) stops the supervisor instead of restart-looping.
 """
 
 from __future__ import annotations
@@ -10,81 +13,184 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
-import threading
-from multiprocessing.process import BaseProcess
+import time
+from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event
+from typing import Final
+
+from prometheus_client import multiprocess
 
 from server.app.gameserver import Behaviour, run_gameserver
+from server.app.metrics_http import MetricsServer
 from server.app.worker import run_worker
 from server.config import DEV_SECRET, Config
 from server.store.embedded import EmbeddedRedis
 
 log = logging.getLogger(__name__)
+_ctx: Final = mp.get_context("spawn")
+_STARTUP_S: Final = 60.0  # a worker must be listening within this
+_STABLE_S: Final = 30.0  # alive this long: its slot's restart backoff resets
+_BACKOFF_MAX_S: Final = 30.0
+
+
+class StartupFailed(Exception):
+    """A worker exited (or hung) before it was ready."""
+
+
+@dataclass
+class Slot:
+    index: int
+    process: SpawnProcess | None = None
+    ready: Event | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float = field(default=0.0)
 
 
 class Supervisor:
-    def __init__(self, config: Config, workers: int) -> None:
+    def __init__(self, config: Config, workers: int, multiproc_dir: str | None = None) -> None:
         self.config = config
-        self.count = workers or os.cpu_count() or 1
+        self.slots = [Slot(i) for i in range(workers or os.cpu_count() or 1)]
+        self.multiproc_dir = multiproc_dir
         self.redis: EmbeddedRedis | None = None
-        self.processes: list[BaseProcess] = []
-        self._signal = threading.Event()
-        self._received: list[int] = []
+        self.url = config.redis.url
+        self.gameserver: SpawnProcess | None = None
+        self.metrics: MetricsServer | None = None
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    # -- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> int:
         if self.config.auth.algorithm.startswith("HS") and self.config.auth.secret == DEV_SECRET:
             log.warning("*** using the PUBLIC development auth secret: anyone can mint tokens. "
                         "Set auth.secret (FASTMATCH_AUTH__SECRET) before exposing this server ***")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: self._signals.put(signum))
         try:
-            url = self.config.redis.url
-            if not url:
-                self.redis = EmbeddedRedis().start()
-                url = self.redis.url
-                log.info("no redis.url configured: using embedded redis at %s", url)
-            ctx = mp.get_context("spawn")
-            if self.config.gameserver.embedded:
-                # Dev only (refused with production = true): the whole lifecycle out of the box.
-                game = ctx.Process(target=run_gameserver, name="gameserver", args=(
-                    url, self.config.gameserver.request_channel, Behaviour()))
-                game.start()
-                self.processes.append(game)
-            for index in range(self.count):
-                process = ctx.Process(
-                    target=run_worker, args=(self.config, url, index), name=f"worker-{index}"
-                )
-                process.start()
-                self.processes.append(process)
-            log.info("supervisor pid %d started %d workers on port %d",
-                     os.getpid(), self.count, self.config.server.port)
-            return self._watch()
+            self._start_services()
+            for slot in self.slots:
+                self._start(slot)
+            for slot in self.slots:
+                self._wait_ready(slot)
+            log.info("supervisor pid %d: %d workers on port %d",
+                     os.getpid(), len(self.slots), self.config.server.port)
+            return self._loop()
+        except StartupFailed as exc:
+            log.error("%s; stopping", exc)
+            return 1
         finally:
-            self._stop_workers()
-            if self.redis is not None:
-                self.redis.stop()
+            self._shutdown()
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self._received.append(signum)
-        self._signal.set()
+    def _start_services(self) -> None:
+        if not self.url:
+            self.redis = EmbeddedRedis().start()
+            self.url = self.redis.url
+            log.info("no redis.url configured: using embedded redis at %s", self.url)
+        if self.multiproc_dir and self.config.metrics.port:
+            self.metrics = MetricsServer(self.config.server.host, self.config.metrics.port,
+                                         self.multiproc_dir, self.config.metrics.token)
+            self.metrics.start()
+        if self.config.gameserver.embedded:
+            # Dev only (refused with production = true): the whole lifecycle out of the box.
+            self.gameserver = _ctx.Process(target=run_gameserver, name="gameserver", args=(
+                self.url, self.config.gameserver.request_channel, Behaviour()))
+            self.gameserver.start()
 
-    def _watch(self) -> int:
-        while not self._signal.wait(0.5):
-            dead = [p for p in self.processes if not p.is_alive()]
-            if dead:
-                for process in dead:
-                    log.error("%s exited with code %s; shutting down", process.name, process.exitcode)
-                return 1
-        log.info("received %s: draining", signal.Signals(self._received[0]).name)
-        return 0
+    def _loop(self) -> int:
+        while True:
+            try:
+                signum = self._signals.get(timeout=0.2)
+            except queue.Empty:
+                self._reap_and_restart()
+                continue
+            if signum == signal.SIGHUP:
+                self._rolling_restart()
+                continue
+            log.info("received %s: draining", signal.Signals(signum).name)
+            return 0
 
-    def _stop_workers(self, timeout_s: float = 15.0) -> None:
-        for process in self.processes:
+    # -- workers ----------------------------------------------------------------------------
+
+    def _start(self, slot: Slot) -> None:
+        slot.ready = _ctx.Event()
+        slot.process = _ctx.Process(
+            target=run_worker, name=f"worker-{slot.index}",
+            args=(self.config, self.url, slot.index, slot.ready),
+        )
+        slot.process.start()
+        slot.started = time.monotonic()
+
+    def _wait_ready(self, slot: Slot) -> None:
+        assert slot.process is not None and slot.ready is not None
+        deadline = time.monotonic() + _STARTUP_S
+        while not slot.ready.wait(0.1):
+            if not slot.process.is_alive():
+                raise StartupFailed(f"worker-{slot.index} exited with {slot.process.exitcode} "
+                                    "before it was ready")
+            if time.monotonic() > deadline:
+                slot.process.kill()
+                raise StartupFailed(f"worker-{slot.index} was not ready within {_STARTUP_S:.0f}s")
+
+    def _reap_and_restart(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and not process.is_alive():
+                self._forget(process)
+                lived = now - slot.started
+                slot.failures = 0 if lived > _STABLE_S else slot.failures + 1
+                delay = min(0.5 * 2 ** max(slot.failures - 1, 0), _BACKOFF_MAX_S) if slot.failures else 0.0
+                log.error("worker-%d (pid %s) exited with %s after %.1fs; restarting in %.1fs",
+                          slot.index, process.pid, process.exitcode, lived, delay)
+                slot.process, slot.restart_at = None, now + delay
+            if slot.process is None and now >= slot.restart_at:
+                self._start(slot)
+                self._wait_ready(slot)
+                log.info("worker-%d restarted (pid %s)", slot.index, slot.process and slot.process.pid)
+
+    def _rolling_restart(self) -> None:
+        log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
+        for i, slot in enumerate(self.slots):
+            old = slot.process
+            replacement = Slot(slot.index, failures=slot.failures)
+            self._start(replacement)
+            try:
+                self._wait_ready(replacement)
+            except StartupFailed as exc:
+                log.error("rolling restart stopped, old workers kept: %s", exc)
+                return
+            self.slots[i] = replacement
+            if old is not None:
+                self._stop([old])
+        log.info("rolling restart done")
+
+    def _stop(self, processes: list[SpawnProcess]) -> None:
+        """SIGTERM (graceful drain), then SIGKILL what outlives the drain timeout."""
+        for process in processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            process.join(timeout_s)
+        deadline = time.monotonic() + self.config.server.drain_timeout_s + 2.0
+        for process in processes:
+            process.join(max(deadline - time.monotonic(), 0.0))
             if process.is_alive():
-                log.error("%s did not stop in %.0fs; killing it", process.name, timeout_s)
+                log.error("%s did not drain in time; killing it", process.name)
                 process.kill()
                 process.join()
+            self._forget(process)
+
+    def _forget(self, process: SpawnProcess) -> None:
+        """Drop a dead worker's live gauges from the aggregate (prometheus multiprocess)."""
+        if self.multiproc_dir and process.pid is not None:
+            multiprocess.mark_process_dead(process.pid, self.multiproc_dir)  # type: ignore[no-untyped-call]
+
+    def _shutdown(self) -> None:
+        self._stop([s.process for s in self.slots if s.process is not None])
+        if self.gameserver is not None:
+            self._stop([self.gameserver])
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.redis is not None:
+            self.redis.stop()

@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+from typing import Protocol
 
 from server.app.handoff import Allocator
 from server.app.housekeeping import Housekeeper
@@ -117,26 +118,40 @@ class Worker:
         await self._closed.wait()
 
 
-def run_worker(config: Config, redis_url: str, index: int) -> None:
-    """Entry point of a spawned worker process."""
+class _Ready(Protocol):
+    def set(self) -> None: ...
+
+
+def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None = None) -> None:
+    """Entry point of a spawned worker process; sets ``ready`` once it is listening."""
     from server.app.logs import setup_logging
 
     setup_logging(f"worker-{index}")
-    try:
-        import uvloop
+    import uvloop
 
-        uvloop.run(_serve(config, redis_url))
-    except KeyboardInterrupt:
-        pass
+    uvloop.run(_serve(config, redis_url, ready))
 
 
-async def _serve(config: Config, redis_url: str) -> None:
+async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
     worker = Worker(config, redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await worker.start()
+    # The supervisor's terminal Ctrl-C reaches us too; it decides, we only follow SIGTERM.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    try:
+        await worker.start()
+    except BaseException:
+        # Its background tasks are running already; stop them before the exception ends us.
+        await worker.close()
+        raise
+    if ready is not None:
+        ready.set()
     await stop.wait()
-    log.info("worker %s draining", worker.worker_id)
-    await worker.close()
+    log.info("worker %s draining (at most %.0fs)", worker.worker_id, config.server.drain_timeout_s)
+    try:
+        async with asyncio.timeout(config.server.drain_timeout_s):
+            await worker.close()
+    except TimeoutError:
+        log.error("worker %s: drain did not finish in time", worker.worker_id)

@@ -1,0 +1,92 @@
+"""Redis frozen (SIGSTOP) and restarted (data and scripts lost): workers stay responsive,
+clients get `unavailable`, and everything resumes by itself (DESIGN "Failure handling")."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from server.store.breaker import BreakerState
+from server.store.embedded import EmbeddedRedis
+from tests.app.served import http_get
+from tests.app.test_matchmaking import start_loading
+from tests.conftest import WorkerFactory, make_config
+from tests.helpers import TIMEOUT, connect_player, recv, request, retry_while_unavailable
+
+FAULTY = {"redis.operation_timeout_s": 0.5, "redis.breaker_threshold": 3,
+          "redis.breaker_cooldown_s": 0.5}
+
+
+async def wait_for(check, timeout: float = TIMEOUT) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+async def matched_pair(port: int, prefix: str) -> None:
+    """Two fresh players with equal ratings reach start_loading: matching works end to end."""
+    clients = [(await connect_player(port, f"{prefix}{i}", 7777))[0] for i in range(2)]
+    for ws in clients:
+        answer = await retry_while_unavailable(ws, {"type": "enqueue", "game_mode": "1v1"})
+        assert answer["type"] == "enqueued", answer
+    for ws in clients:
+        await start_loading(ws, TIMEOUT * 2)
+    for ws in clients:
+        await ws.close()
+
+
+async def test_frozen_redis_opens_the_breaker_and_the_worker_stays_responsive(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis
+) -> None:
+    w = await start_worker(url=private_redis.url, cfg=make_config(**FAULTY))
+    ws, _ = await connect_player(w.front.port, "alice")
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        err = await request(ws, {"type": "enqueue", "game_mode": "1v1"})
+        assert err["code"] == "unavailable" and err["retry_after_ms"] > 0
+        assert time.monotonic() - started < 0.5 + 0.4  # the operation timeout, not more
+        # The event loop is free: /health answers well inside the Redis timeout.
+        for _ in range(5):
+            started = time.monotonic()
+            assert (await http_get(w.front.port, "/health"))[0] == 200
+            assert time.monotonic() - started < 0.1
+        await wait_for(lambda: _async(w.client.breaker.state is BreakerState.OPEN))
+        started = time.monotonic()
+        fast = await request(ws, {"type": "status"})
+        assert fast["code"] == "unavailable" and time.monotonic() - started < 0.1  # no waiting
+        assert (await http_get(w.front.port, "/ready"))[0] == 503
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    await wait_for(lambda: _ready(w.front.port))
+    assert (await retry_while_unavailable(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    await matched_pair(w.front.port, "after-freeze")
+    await ws.close()
+
+
+async def test_redis_restart_loses_everything_and_service_resumes(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis
+) -> None:
+    w = await start_worker(url=private_redis.url, cfg=make_config(**FAULTY))
+    ws, _ = await connect_player(w.front.port, "bob", 1500)
+    assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    generation = w.subscriber.generation
+    private_redis.restart()  # no persistence: players, queues, leases and scripts are gone
+    # The client is told its ticket is gone (DESIGN invariant 5) and can queue again.
+    told = await recv(ws, TIMEOUT * 2)
+    assert told == {"type": "dequeued", "game_mode": "5v5", "reason": "removed"}
+    assert w.subscriber.generation > generation
+    assert (await retry_while_unavailable(ws, {"type": "status"}))["state"] == "idle"
+    await wait_for(lambda: _ready(w.front.port))
+    await matched_pair(w.front.port, "after-restart")  # scripts reloaded, lease re-acquired
+    await ws.close()
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def _ready(port: int) -> bool:
+    return (await http_get(port, "/ready"))[0] == 200

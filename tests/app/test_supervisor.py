@@ -1,0 +1,226 @@
+"""The production server as real processes: SO_REUSEPORT workers, SIGKILL, SIGTERM, SIGHUP,
+and one /metrics for all workers (issue: production server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from server.store import keys
+from tests.app.served import Served, http_get, sample, wait_workers
+from tests.app.test_matchmaking import start_loading
+from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request
+
+ServeFactory = Callable[..., Served]
+
+
+@pytest.fixture
+async def serve(redis_url: str) -> AsyncIterator[ServeFactory]:
+    started: list[Served] = []
+
+    def start(workers: int = 2, **env: str) -> Served:
+        served = Served(redis_url, workers, **env).start()
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        await asyncio.to_thread(served.stop)
+
+
+async def enqueue_many(
+    port: int, count: int, prefix: str, spread: float = 1000
+) -> dict[str, ClientConnection]:
+    """Players far apart in rating: they stay queued (a 1v1 window never covers them)."""
+    clients = {}
+    for i in range(count):
+        ws, _ = await connect_player(port, f"{prefix}{i}", 1000 + spread * i)
+        assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+        clients[f"{prefix}{i}"] = ws
+    return clients
+
+
+async def owners(admin: aioredis.Redis, players: list[str]) -> dict[str, str]:
+    return {p: await admin.hget(keys.player(p), "worker") or "" for p in players}
+
+
+async def test_two_workers_share_the_port(serve: ServeFactory, admin: aioredis.Redis) -> None:
+    served = serve(workers=2)
+    pids = await wait_workers(admin, 2)
+    clients = [(await connect_player(served.port, f"p{i}"))[0] for i in range(24)]
+    by_worker = await owners(admin, [f"p{i}" for i in range(24)])
+    assert set(by_worker.values()) == set(pids), "the kernel should spread connections over both"
+    for ws in clients:
+        await ws.close()
+
+
+async def test_sigkill_a_worker_while_players_queue_and_match(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    served = serve(workers=2)
+    pids = await wait_workers(admin, 2)
+    clients = await enqueue_many(served.port, 16, "q")
+    queued_at = {p: await admin.zscore(keys.queue("1v1"), p) for p in clients}
+    where = await owners(admin, list(clients))
+    victim_id = next(iter(pids))
+    victims = [p for p, w in where.items() if w == victim_id]
+    survivors = [p for p in clients if p not in victims]
+    assert victims and survivors
+    os.kill(pids[victim_id], signal.SIGKILL)
+
+    # Replaced by the supervisor.
+    await wait_workers(admin, 2, exclude={pids[victim_id]})
+    # Half the victims come back within the grace and keep their place; the rest do not.
+    back, gone = victims[: len(victims) // 2], victims[len(victims) // 2:]
+    for p in back:
+        with contextlib.suppress(ConnectionClosed):
+            await clients[p].recv()
+        ws, welcome = await connect_player(served.port, p, 1000 + 1000 * int(p[1:]))
+        assert welcome["state"] == "queued" and welcome["queued_at_ms"] == queued_at[p]
+        clients[p] = ws
+    async with asyncio.timeout(TIMEOUT * 2):
+        while any([await admin.zscore(keys.queue("1v1"), p) for p in gone]):
+            await asyncio.sleep(0.05)
+    # Invariant 1: everyone still connected is queued exactly once, nobody else is.
+    assert sorted(await admin.zrange(keys.queue("1v1"), 0, -1)) == sorted(survivors + back)
+    assert await admin.zcard(keys.queue("5v5")) == 0
+    # The leases live on a worker that is alive, and matching still works.
+    live = await wait_workers(admin, 2)
+    for mode in ("1v1", "5v5"):
+        async with asyncio.timeout(TIMEOUT):
+            while (await admin.get(keys.leader(mode)) or "|").split("|")[0] not in live:
+                await asyncio.sleep(0.05)
+    duo = [(await connect_player(served.port, f"d{i}", 99_000))[0] for i in range(2)]
+    for ws in duo:
+        assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    for ws in duo:
+        await start_loading(ws)
+    for ws in [*clients.values(), *duo]:
+        await ws.close()
+
+
+async def test_sigterm_drains_and_players_resume_elsewhere(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    draining = serve(workers=2)
+    await wait_workers(admin, 2)
+    other = serve(workers=1)
+    await wait_workers(admin, 3)
+    clients = await enqueue_many(draining.port, 6, "t")
+    queued_at = {p: await admin.zscore(keys.queue("1v1"), p) for p in clients}
+    started = time.monotonic()
+    draining.signal(signal.SIGTERM)
+    for ws in clients.values():
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await recv(ws, TIMEOUT * 2)
+        assert ws.close_code == 1001
+    assert await asyncio.to_thread(draining.wait, TIMEOUT * 2) == 0
+    assert time.monotonic() - started < 3 + 2  # drain_timeout_s plus the supervisor's margin
+    for p in clients:  # reconnect to the other server within the grace: nothing was lost
+        ws, welcome = await connect_player(other.port, p, 1000)
+        assert welcome["state"] == "queued" and welcome["queued_at_ms"] == queued_at[p]
+        await ws.close()
+    assert "Traceback" not in draining.output()
+
+
+async def test_sighup_rolls_every_worker_without_refusing_a_connection(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    served = serve(workers=2)
+    before = await wait_workers(admin, 2)
+    stop = asyncio.Event()
+    results: list[str] = []
+
+    async def keep_connecting() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                ws, welcome = await connect_player(served.port, f"h{i % 50}")
+                results.append(welcome["type"])
+                await ws.close()
+            except (OSError, ConnectionClosed) as exc:
+                results.append(f"failed: {exc!r}")
+            i += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(keep_connecting())
+    await asyncio.sleep(0.2)
+    served.signal(signal.SIGHUP)
+    after = await wait_workers(admin, 2, exclude=set(before.values()), timeout=TIMEOUT * 6)
+    await asyncio.sleep(0.2)
+    stop.set()
+    await task
+    assert not set(after.values()) & set(before.values())
+    assert len(results) > 20 and set(results) == {"welcome"}, [r for r in results if r != "welcome"][:3]
+
+
+async def test_metrics_add_up_across_workers_and_forget_dead_ones(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    served = serve(workers=2)
+    pids = await wait_workers(admin, 2)
+    clients = {f"x{i}": (await connect_player(served.port, f"x{i}"))[0] for i in range(12)}
+    for ws in clients.values():
+        await request(ws, {"type": "status"})
+    status, text = await http_get(served.metrics_port, "/metrics")
+    assert status == 200
+    assert sample(text, "fastmatch_connections") == 12
+    assert sample(text, "fastmatch_messages_received_total", type="status") == 12
+    assert sample(text, "fastmatch_messages_sent_total", type="welcome") == 12
+    where = await owners(admin, list(clients))
+    victim_id = next(iter(pids))
+    on_survivor = sum(w != victim_id for w in where.values())
+    os.kill(pids[victim_id], signal.SIGKILL)
+    await wait_workers(admin, 2, exclude={pids[victim_id]})
+    async with asyncio.timeout(TIMEOUT):
+        while sample((await http_get(served.metrics_port, "/metrics"))[1],
+                     "fastmatch_connections") != on_survivor:
+            await asyncio.sleep(0.05)
+    # Counters keep what the dead worker counted (its files stay for counters).
+    _, text = await http_get(served.metrics_port, "/metrics")
+    assert sample(text, "fastmatch_messages_received_total", type="status") == 12
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                               capture_output=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+    for ws in clients.values():
+        await ws.close()
+
+
+async def test_metrics_token(serve: ServeFactory, admin: aioredis.Redis) -> None:
+    served = serve(workers=1, FASTMATCH_METRICS__TOKEN="s3cret")
+    await wait_workers(admin, 1)
+    assert (await http_get(served.metrics_port, "/metrics"))[0] == 401
+    ok, _ = await http_get(served.metrics_port, "/metrics", {"Authorization": "Bearer s3cret"})
+    assert ok == 200
+
+
+async def test_a_worker_that_cannot_start_stops_the_supervisor(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    # Another process holds the port without SO_REUSEPORT: workers cannot bind it.
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        served = serve(workers=2, FASTMATCH_SERVER__PORT=str(port))
+        assert await asyncio.to_thread(served.wait, TIMEOUT * 4) == 1
+        assert "before it was ready" in served.output()
+    finally:
+        blocker.close()
+    assert await player_and_queue_keys(admin) == []
