@@ -2,7 +2,7 @@
 -- (DESIGN invariant 4; seeds plan 3: a status field checked first, never a delete under a race).
 -- KEYS[1] match  KEYS[2] loading ZSET  KEYS[3] queue  KEYS[4] tickets  KEYS[5] grace
 --      then the player hash of each player, then the penalty ZSET of each player (same order)
--- ARGV[1] action: "cancel" | "expire" | "fail" | "assign"
+-- ARGV[1] action: "cancel" | "abort" | "expire" | "fail" | "assign"
 -- ARGV[2] match id  ARGV[3] players, comma-separated, as the caller read them
 -- ARGV[4] resume grace ms  ARGV[5] penalty window ms  ARGV[6] finished-record ttl ms
 -- ARGV[7] cancel: the leaving player; fail: the reason; assign: server address
@@ -12,7 +12,8 @@
 --       | {"done", status, reason, routes...} with routes in fives:
 --         player, worker, conn, what ("requeued" | "removed" | "timed_out" | "matched"), queued_at
 -- Transitions: cancel: loading|allocating -> cancelled (the leaver removed with a penalty,
--- the others requeued, player_left); expire: loading past deadline -> timed_out (ready players
+-- the others requeued, player_left); abort (the leaver's worker is shutting down, not the
+-- player's doing): loading|allocating -> cancelled, everyone requeued, server_shutdown; expire: loading past deadline -> timed_out (ready players
 -- requeued, loading_timeout; the others removed with a penalty), allocating past deadline ->
 -- failed (all requeued, allocation_failed); fail: allocating -> failed (all requeued, reason);
 -- assign: allocating -> assigned (every player's matchmaking state cleared).
@@ -34,6 +35,8 @@ if status ~= 'loading' and status ~= 'allocating' then
   return {'final', status}
 elseif action == 'cancel' then
   new_status, reason = 'cancelled', 'player_left'
+elseif action == 'abort' then
+  new_status, reason = 'cancelled', 'server_shutdown'
 elseif action == 'expire' then
   if deadline > now then
     return {'not_due'}
@@ -117,7 +120,7 @@ end
 for j = 1, n do
   if new_status == 'assigned' then
     clear(j, 'matched')
-  elseif new_status == 'cancelled' and players[j] == ARGV[7] then
+  elseif action == 'cancel' and players[j] == ARGV[7] then
     clear(j, 'removed')
     penalise(j)
   elseif new_status == 'timed_out' and redis.call('HEXISTS', m, 'r:' .. players[j]) == 0 then

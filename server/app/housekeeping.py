@@ -84,5 +84,5 @@ class Housekeeper:
         for player in players:
             result = await self.store.detach(player, "", worker_id)
             if result.outcome == "loading" and result.match_id:
-                await self.events.left_loading(result.mode, result.match_id, player)
+                await self.events.left_loading(result.mode, result.match_id, player, shutdown=False)
         await self.store.forget_worker(worker_id)

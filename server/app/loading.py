@@ -22,8 +22,8 @@ class LoadingEvents:
     def all_ready(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         self.allocator.start(mode, match_id, ready)
 
-    async def left_loading(self, mode: str, match_id: str, player: str) -> None:
-        await self.outcomes.finish(mode, match_id, "cancel", player)
+    async def left_loading(self, mode: str, match_id: str, player: str, shutdown: bool) -> None:
+        await self.outcomes.finish(mode, match_id, "abort" if shutdown else "cancel", player)
 
     def enqueue_blocked(self, mode: str) -> None:
         metrics.PLAYERS_BLOCKED.labels(mode).inc()

@@ -184,7 +184,7 @@ class FinishResult:
     players: list[PlayerOutcome] = field(default_factory=list)
 
 
-FinishAction = Literal["cancel", "expire", "fail", "assign"]
+FinishAction = Literal["cancel", "abort", "expire", "fail", "assign"]
 _WHAT: Final = frozenset({"requeued", "removed", "timed_out", "matched"})
 _FINISH_RETRIES: Final = 3
 

@@ -36,8 +36,9 @@ class MatchEvents(Protocol):
     def all_ready(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         """Every player of the match is ready: start the game-server handoff (non-blocking)."""
 
-    async def left_loading(self, mode: str, match_id: str, player: str) -> None:
-        """A player's connection ended during its ready check: cancel the match."""
+    async def left_loading(self, mode: str, match_id: str, player: str, shutdown: bool) -> None:
+        """A player's connection ended during its ready check: cancel the match. With
+        ``shutdown`` the server closed it (draining): nobody is at fault, everyone requeued."""
 
     def enqueue_blocked(self, mode: str) -> None:
         """An enqueue was refused with player_blocked (for metrics)."""

@@ -198,7 +198,7 @@ class FrontEnd:
             self.pending_detach.discard((player, conn_id))
             if result.outcome == "loading" and result.match_id:
                 # PROTOCOL 4: leaving during the ready check cancels the match for everyone.
-                await self.events.left_loading(result.mode, result.match_id, player)
+                await self.events.left_loading(result.mode, result.match_id, player, self.draining)
         except StoreError as exc:
             log.warning("detach of %s deferred: %s", player, exc)
             self.pending_detach.add((player, conn_id))

@@ -14,7 +14,7 @@ from server.app.worker import Worker
 from server.store import keys
 from tests.app.test_matchmaking import queued, start_loading
 from tests.conftest import GameServerFactory, WorkerFactory, make_config
-from tests.helpers import TIMEOUT, player_and_queue_keys, recv, request, send
+from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request, send
 
 
 async def ready_all(clients: dict[str, ClientConnection], session: str) -> None:
@@ -209,3 +209,29 @@ async def test_dodging_ready_checks_blocks_enqueue(
 async def queued_one(w: Worker, player: str) -> tuple[ClientConnection, Any]:
     clients = await queued(w.front.port, "1v1", (player, 1500))
     return clients[player], None
+
+
+async def test_draining_worker_requeues_its_loading_matches_without_blame(
+    start_worker: WorkerFactory, admin: aioredis.Redis
+) -> None:
+    """SIGTERM path: a player's connection is closed by the server, not by the player."""
+    draining = await start_worker(cfg=make_config(**{"matching.enabled": False}))
+    staying = await start_worker()
+    on_draining = await queued(draining.front.port, "1v1", ("d", 1500))
+    on_staying = await queued(staying.front.port, "1v1", ("s", 1500))
+    original = {p: await admin.zscore(keys.queue("1v1"), p) for p in ("d", "s")}
+    await start_loading(on_draining["d"])
+    await start_loading(on_staying["s"])
+    await draining.close()
+    async with asyncio.timeout(TIMEOUT):
+        await on_draining["d"].wait_closed()
+    assert on_draining["d"].close_code == 1001
+    back = await recv(on_staying["s"])
+    assert back == {"type": "requeued", "game_mode": "1v1", "reason": "server_shutdown",
+                    "queued_at_ms": original["s"]}
+    assert await admin.exists(keys.penalty("d")) == 0
+    # The drained player resumes on the other worker within the grace, place kept.
+    ws, welcome = await connect_player(staying.front.port, "d", 1500)
+    assert welcome["state"] == "queued" and welcome["queued_at_ms"] == original["d"]
+    await ws.close()
+    await on_staying["s"].close()
