@@ -63,6 +63,12 @@ def cmd_gameserver(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    from server.sim.cli import main as sim_main
+
+    return sim_main(args, _load(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmatch", description="skill-based matchmaking server")
     parser.add_argument("--config", help="TOML config file (default: the shipped dev config)")
@@ -82,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     game.add_argument("--reject-rate", type=float, default=0.0, help="share of requests to reject")
     game.add_argument("--silent", action="store_true", help="never answer")
     game.set_defaults(func=cmd_gameserver)
+    from server.sim.cli import add_arguments as sim_arguments
+
+    sim = sub.add_parser("sim", help="simulated players over real WebSockets (load, SLO gate)")
+    sim_arguments(sim)
+    sim.set_defaults(func=cmd_sim)
     return parser
 
 

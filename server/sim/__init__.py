@@ -1,0 +1,1 @@
+"""`fastmatch sim`: simulated players over real WebSockets, invariant checks, reports."""

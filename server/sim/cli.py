@@ -1,0 +1,84 @@
+"""`fastmatch sim`: simulated players against a fastmatch server; exits 1 when an SLO fails."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+from server.config import Config
+from server.sim import report
+from server.sim.echo import measure_ceiling
+from server.sim.player import SimSettings, parse_mix
+from server.sim.runner import RunConfig, RunResult, run
+
+DEFAULT_MIX = ("normal=70,quit_before_match=5,quit_during_loading=3,slow_loader=7,afk=3,"
+               "invalid=4,double_enqueue=4,drop_resume=4")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="server WebSocket URL")
+    p.add_argument("--redis-url", help="the server's Redis (stats and leftover checks)")
+    p.add_argument("--serve", action="store_true", help="start a private Redis + fastmatch serve")
+    p.add_argument("--workers", type=int, default=2, help="with --serve: worker processes")
+    p.add_argument("--rate", type=float, default=200.0, help="arriving players per second")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    p.add_argument("--ramp", type=float, default=0.0, help="seconds to ramp up to --rate")
+    p.add_argument("--mix", default=DEFAULT_MIX, help="behaviour weights, name=weight,...")
+    p.add_argument("--mode", default="1v1")
+    p.add_argument("--lifetime", type=float, default=30.0, help="a player gives up after this")
+    p.add_argument("--rating-sd", type=float, default=200.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ceiling", action="store_true", help="also measure the client's own ceiling")
+    p.add_argument("--slo-p95-start-loading-ms", type=float)
+    p.add_argument("--slo-p95-match-ms", type=float)
+    p.add_argument("--report", type=Path, default=Path("reports/sim.json"))
+    p.add_argument("--plot", type=Path, default=Path("reports/sim.png"))
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace, config: Config) -> int:
+    mix = parse_mix(args.mix)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    ceiling = asyncio.run(measure_ceiling()) if args.ceiling else None
+    if args.serve:
+        from server.sim.launch import served
+
+        log = Path(tempfile.gettempdir()) / "fastmatch-sim-serve.log"
+        with served(args.workers, {}, log) as (url, redis_url):
+            result = asyncio.run(_run(args, config, mix, url, redis_url))
+    else:
+        if not args.redis_url:
+            raise SystemExit("fastmatch sim: --redis-url is required without --serve")
+        result = asyncio.run(_run(args, config, mix, args.url, args.redis_url))
+    summary = report.summarize(result, ceiling)
+    report.write_json(summary, args.report)
+    report.write_plot(result, args.plot)
+    report.print_summary(summary)
+    print(f"report: {args.report}  plot: {args.plot}")
+    failures = report.slo_failures(summary, args.slo_p95_start_loading_ms, args.slo_p95_match_ms)
+    for failure in failures:
+        print(f"SLO FAILED: {failure}")
+    return 1 if failures else 0
+
+
+async def _run(args: argparse.Namespace, config: Config, mix: dict[str, float], url: str,
+               redis_url: str) -> RunResult:
+    settings = SimSettings(url=url, secret=config.auth.secret, mode=args.mode,
+                           lifetime_s=args.lifetime, rating_sd=args.rating_sd)
+    grace = config.server.resume_grace_ms / 1000
+    cfg = RunConfig(settings=settings, redis_url=redis_url, rate=args.rate,
+                    duration_s=args.duration, mix=mix, ramp_s=args.ramp, seed=args.seed,
+                    leftover_wait_s=grace + config.matching.finished_match_ttl_ms / 1000 + 10)
+    if args.no_progress:
+        return await run(cfg)
+    from rich.live import Live
+
+    with Live(refresh_per_second=4) as live:
+        def progress(result: RunResult, active: int, elapsed: float) -> None:
+            matched = sum(1 for p in result.players if p.outcome == "matched")
+            live.update(f"t={elapsed:5.1f}s  active={active}  done={len(result.players)}  "
+                        f"matched={matched}  violations={sum(len(p.violations) for p in result.players)}")
+        return await run(cfg, progress)

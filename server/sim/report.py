@@ -1,0 +1,150 @@
+"""Summaries of a run: the terminal table, the JSON report, the PNG plot, the SLO gate."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from server.sim.runner import RunResult
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
+
+
+def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
+    to_load = [(p.t_start_loading - p.t_enqueue) * 1000 for p in r.players
+               if p.t_start_loading is not None and p.t_enqueue is not None]
+    to_match = [(p.t_match_found - p.t_enqueue) * 1000 for p in r.players
+                if p.t_match_found is not None and p.t_enqueue is not None]
+    matched = [p.t_match_found for p in r.players if p.t_match_found is not None]
+    # Steady state: matches completed while arrivals were running, after the first 10%.
+    window = (r.arrivals_s * 0.1, r.arrivals_s)
+    steady = sum(1 for t in matched if window[0] <= t <= window[1])
+    rate = steady / (window[1] - window[0]) if window[1] > window[0] else 0.0
+    errors: Counter[str] = Counter()
+    for p in r.players:
+        errors.update(p.errors)
+    sent, received = sum(p.sent for p in r.players), sum(p.received for p in r.players)
+    workers = {name: {"cpu_percent_mean": round(r.sampler.mean_cpu(name), 1),
+                      "rss_mb_peak": round(peak, 1)}
+               for name, peak in sorted(r.sampler.peak_rss_mb.items())}
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"Python {platform.python_version()}",
+        "config": {"rate": r.config.rate, "duration_s": r.config.duration_s, "ramp_s": r.config.ramp_s,
+                   "mix": r.config.mix, "mode": r.config.settings.mode},
+        "players": len(r.players),
+        "lifecycle_per_s": round(rate, 1),
+        "ceiling_lifecycle_per_s": round(ceiling, 1) if ceiling else None,
+        "share_of_ceiling": round(rate / ceiling, 3) if ceiling else None,
+        "start_loading_ms": {q: _r(percentile(to_load, q)) for q in (50, 95, 99)},
+        "match_found_ms": {q: _r(percentile(to_match, q)) for q in (50, 95, 99)},
+        "outcomes": dict(Counter(p.outcome for p in r.players).most_common()),
+        "behaviours": dict(Counter(p.behaviour for p in r.players).most_common()),
+        "errors": dict(errors.most_common()),
+        "messages_per_s": round((sent + received) / r.elapsed_s, 1) if r.elapsed_s else 0,
+        "workers": workers,
+        "redis_commands_per_s_mean": round(sum(v for _, v in r.redis_ops) / len(r.redis_ops), 1)
+        if r.redis_ops else None,
+        "violations": r.violations[:200],
+        "violation_count": len(r.violations),
+        "elapsed_s": round(r.elapsed_s, 1),
+    }
+
+
+def _r(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fastmatch sim — {summary['date']} — {summary['machine']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("players simulated", str(summary["players"]))
+    table.add_row("lifecycles/s (steady, match_found)", str(summary["lifecycle_per_s"]))
+    if summary["ceiling_lifecycle_per_s"]:
+        table.add_row("client ceiling (echo server)", str(summary["ceiling_lifecycle_per_s"]))
+        table.add_row("share of ceiling", f"{summary['share_of_ceiling']:.1%}")
+    for key, label in (("start_loading_ms", "enqueue -> start_loading"),
+                       ("match_found_ms", "enqueue -> match_found")):
+        q = summary[key]
+        table.add_row(f"{label} p50/p95/p99 ms", f"{q[50]} / {q[95]} / {q[99]}")
+    table.add_row("messages/s (both ways)", str(summary["messages_per_s"]))
+    table.add_row("redis commands/s (mean)", str(summary["redis_commands_per_s_mean"]))
+    for name, w in summary["workers"].items():
+        table.add_row(f"{name} cpu mean / rss peak", f"{w['cpu_percent_mean']}% / {w['rss_mb_peak']} MB")
+    table.add_row("outcomes", ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items()))
+    table.add_row("errors by code", ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "-")
+    table.add_row("invariant violations", str(summary["violation_count"]))
+    console = Console()
+    console.print(table)
+    for v in summary["violations"][:20]:
+        console.print(f"[red]violation[/red] {v}")
+
+
+def write_json(summary: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+def write_plot(r: RunResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, thr) = plt.subplots(2, 1, figsize=(10, 8))
+    for label, values in (
+        ("enqueue -> start_loading", [(p.t_start_loading - p.t_enqueue) * 1000 for p in r.players
+                                      if p.t_start_loading is not None and p.t_enqueue is not None]),
+        ("enqueue -> match_found", [(p.t_match_found - p.t_enqueue) * 1000 for p in r.players
+                                    if p.t_match_found is not None and p.t_enqueue is not None]),
+    ):
+        if values:
+            lat.hist(values, bins=60, alpha=0.6, label=label)
+    lat.set_xlabel("milliseconds")
+    lat.set_ylabel("players")
+    lat.set_title("latency distribution")
+    lat.legend()
+    seconds = int(r.elapsed_s) + 1
+    arrivals, matched = [0] * seconds, [0] * seconds
+    for p in r.players:
+        arrivals[min(int(p.arrived), seconds - 1)] += 1
+        if p.t_match_found is not None:
+            matched[min(int(p.t_match_found), seconds - 1)] += 1
+    thr.plot(range(seconds), arrivals, label="arrivals/s")
+    thr.plot(range(seconds), matched, label="match_found/s")
+    for name, series in r.sampler.cpu_series.items():
+        thr.plot([t for t, _ in series], [c * 10 for _, c in series], linestyle=":",
+                 label=f"{name} CPU% x10")
+    thr.set_xlabel("seconds")
+    thr.set_title("throughput over time")
+    thr.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def slo_failures(summary: dict[str, Any], p95_start_loading_ms: float | None,
+                 p95_match_ms: float | None) -> list[str]:
+    """The earlier swarm's SLO_P95_* gates, plus zero invariant violations."""
+    failures = []
+    if summary["violation_count"]:
+        failures.append(f"{summary['violation_count']} invariant violations")
+    for key, limit in (("start_loading_ms", p95_start_loading_ms), ("match_found_ms", p95_match_ms)):
+        p95 = summary[key][95]
+        if limit is not None and (p95 is None or p95 > limit):
+            failures.append(f"p95 {key} {p95} > {limit}")
+    return failures

@@ -1,0 +1,131 @@
+"""Drive a run: arrivals at a rate or ramp, live progress, sampling, the invariant checks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from server.sim.checker import cross_check
+from server.sim.player import PlayerResult, SimSettings, play
+from server.sim.stats import Sampler
+from server.store import keys
+
+_LASTING = (":leader", ":epoch", ":players")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    settings: SimSettings
+    redis_url: str
+    rate: float  # arrivals per second (after the ramp)
+    duration_s: float
+    mix: dict[str, float]
+    ramp_s: float = 0.0
+    seed: int = 1
+    leftover_wait_s: float = 20.0  # resume grace + ready/allocation deadlines + record TTL
+    check_leftovers: bool = True
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    players: list[PlayerResult] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    arrivals_s: float = 0.0
+    sampler: Sampler = field(default_factory=Sampler)
+    redis_ops: list[tuple[float, float]] = field(default_factory=list)  # (t, commands/s)
+    violations: list[str] = field(default_factory=list)
+    leftover_keys: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[RunResult, int, float], None]
+
+
+async def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
+    result = RunResult(cfg)
+    rng = random.Random(cfg.seed)
+    names, weights = list(cfg.mix), list(cfg.mix.values())
+    admin = aioredis.Redis.from_url(cfg.redis_url, decode_responses=True)
+    t0 = time.monotonic()
+    tasks: set[asyncio.Task[PlayerResult]] = set()
+    sampling = asyncio.create_task(_sample(admin, result, t0))
+
+    def finished(task: asyncio.Task[PlayerResult]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            result.players.append(task.result())
+
+    spawned = 0
+    try:
+        while (elapsed := time.monotonic() - t0) < cfg.duration_s:
+            due = int(_arrived(cfg, elapsed))
+            while spawned < due:
+                behaviour = rng.choices(names, weights)[0]
+                task = asyncio.create_task(play(cfg.settings, f"sim{cfg.seed}-{spawned}", behaviour,
+                                                random.Random(rng.random()), t0))
+                task.add_done_callback(finished)
+                tasks.add(task)
+                spawned += 1
+            if progress is not None:
+                progress(result, len(tasks), elapsed)
+            await asyncio.sleep(0.005)
+        result.arrivals_s = time.monotonic() - t0
+        while tasks:  # every player ends by itself within its lifetime
+            if progress is not None:
+                progress(result, len(tasks), time.monotonic() - t0)
+            await asyncio.wait(tasks, timeout=0.5)
+        result.elapsed_s = time.monotonic() - t0
+    finally:
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
+    result.violations = [v for p in result.players for v in p.violations]
+    result.violations += cross_check((p.player, p.sessions) for p in result.players)
+    if cfg.check_leftovers:
+        result.leftover_keys = await _leftovers(admin, cfg.leftover_wait_s)
+        result.violations += [f"leftover key {k}" for k in result.leftover_keys]
+    await admin.aclose()
+    return result
+
+
+def _arrived(cfg: RunConfig, t: float) -> float:
+    """Players due by time t: a linear ramp to `rate` over `ramp_s`, then steady."""
+    if cfg.ramp_s <= 0:
+        return cfg.rate * t
+    if t < cfg.ramp_s:
+        return cfg.rate * t * t / (2 * cfg.ramp_s)
+    return cfg.rate * (cfg.ramp_s / 2 + (t - cfg.ramp_s))
+
+
+async def _sample(admin: aioredis.Redis, result: RunResult, t0: float) -> None:
+    last: tuple[float, int] | None = None
+    while True:
+        now = time.monotonic() - t0
+        with contextlib.suppress(Exception):
+            workers = [str(w) for w in await admin.zrange(keys.WORKERS, 0, -1)]
+            pids = {f"worker {w.rsplit('-', 2)[1]}": int(w.rsplit("-", 2)[1]) for w in workers}
+            info = await admin.info("stats")
+            result.sampler.sample(pids, now)
+            total = int(info["total_commands_processed"])
+            if last is not None and now > last[0]:
+                result.redis_ops.append((now, (total - last[1]) / (now - last[0])))
+            last = (now, total)
+        await asyncio.sleep(1.0)
+
+
+async def _leftovers(admin: aioredis.Redis, wait_s: float) -> list[str]:
+    """DESIGN invariant 6: once every player left and the timeouts passed, nothing remains."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        names = [str(k) for k in await admin.keys("*")]
+        found = sorted(k for k in names if k != keys.WORKERS and not k.endswith(_LASTING)
+                       and not k.startswith("fm:penalty:"))
+        if not found or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.25)
