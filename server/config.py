@@ -60,6 +60,7 @@ class AuthConfig(_Base, frozen=True):
 class RedisConfig(_Base, frozen=True):
     url: str = ""  # empty: start an embedded redis-server
     operation_timeout_s: float = 2.0
+    max_connections: int = 64  # per worker; more concurrent calls wait for a free one
     breaker_threshold: int = 5  # consecutive failures that open the circuit
     breaker_cooldown_s: float = 60.0  # open this long, then one probe decides
     reconnect_base_s: float = 0.1
@@ -202,6 +203,8 @@ def _check_storage(config: Config) -> None:
     r = config.redis
     if r.operation_timeout_s <= 0:
         _fail("redis.operation_timeout_s", "must be > 0")
+    if r.max_connections < 2:
+        _fail("redis.max_connections", "must be >= 2")
     if r.breaker_threshold < 1 or r.breaker_cooldown_s < 0:
         _fail("redis.breaker_threshold", "must be >= 1 (and redis.breaker_cooldown_s >= 0)")
     a = config.auth

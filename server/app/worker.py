@@ -42,6 +42,7 @@ class Worker:
             redis_url, config.redis.operation_timeout_s,
             breaker_threshold=config.redis.breaker_threshold,
             breaker_cooldown_s=config.redis.breaker_cooldown_s, observer=RedisMetrics(),
+            max_connections=config.redis.max_connections,
         )
         grace_ms = config.server.resume_grace_ms
         self.store = PlayerStore(self.client, self.worker_id, grace_ms, config.penalty)
@@ -81,6 +82,8 @@ class Worker:
 
     async def start(self, port: int | None = None, sock: socket.socket | None = None) -> None:
         server = self.config.server
+        await self.front.start(server.host, server.port if port is None else port, sock)
+        # Registered only once listening: the registry then lists workers that take players.
         try:
             await self.store.heartbeat(int(server.heartbeat_ttl_s * 1000))
             self.front.ready = True
@@ -88,7 +91,6 @@ class Worker:
             log.warning("storage unreachable at start; will keep trying: %s", exc)
         self.subscriber.start()
         self.housekeeper.start()
-        await self.front.start(server.host, server.port if port is None else port, sock)
         for matchmaker in self.matchmakers.values():
             matchmaker.start()
         log.info("worker %s listening on port %d", self.worker_id, self.front.port)

@@ -296,6 +296,20 @@ class Session:
                 self.loading_session_id = None
         return [Send(message)]
 
+    def resync(self, state: StateName, game_mode: str, queued_at_ms: int) -> list[Effect]:
+        """After a request whose outcome was lost (a timeout after Redis ran it), Redis' view
+        is read back: correct ours and tell the client what really happened."""
+        if self.closed or self.phase in (Phase.ENQUEUING, Phase.DEQUEUING):
+            return []
+        if state == "queued" and self.phase is Phase.IDLE:
+            self.phase, self.game_mode, self.queued_at_ms = Phase.QUEUED, game_mode, queued_at_ms
+            return [Send(Enqueued(game_mode=game_mode, queued_at_ms=queued_at_ms))]
+        if state == "idle" and self.phase is Phase.QUEUED and self.game_mode:
+            mode = self.game_mode
+            self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+            return [Send(Dequeued(game_mode=mode, reason="requested"))]
+        return []
+
     def removed(self, game_mode: str) -> list[Effect]:
         """The player's ticket was removed by the server (e.g. poison, PROTOCOL 3 `dequeued`)."""
         self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing as mp
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from server.config import Config
 from server.sim import report
-from server.sim.echo import measure_ceiling
+from server.sim.echo import ceiling_in_process, measure_ceiling
 from server.sim.player import SimSettings, parse_mix
-from server.sim.runner import RunConfig, RunResult, run
+from server.sim.runner import RunConfig, RunResult, check, merge, run
 
 DEFAULT_MIX = ("normal=70,quit_before_match=5,quit_during_loading=3,slow_loader=7,afk=3,"
                "invalid=4,double_enqueue=4,drop_resume=4")
@@ -35,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-p95-match-ms", type=float)
     p.add_argument("--report", type=Path, default=Path("reports/sim.json"))
     p.add_argument("--plot", type=Path, default=Path("reports/sim.png"))
+    p.add_argument("--procs", type=int, default=1,
+                   help="client processes sharing the arrivals (one Python client tops out first)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -42,7 +47,7 @@ def main(args: argparse.Namespace, config: Config) -> int:
     mix = parse_mix(args.mix)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.plot.parent.mkdir(parents=True, exist_ok=True)
-    ceiling = asyncio.run(measure_ceiling()) if args.ceiling else None
+    ceiling = _ceiling(args.procs) if args.ceiling else None
     if args.serve:
         from server.sim.launch import served
 
@@ -64,14 +69,44 @@ def main(args: argparse.Namespace, config: Config) -> int:
     return 1 if failures else 0
 
 
+def _ceiling(procs: int) -> float:
+    if procs <= 1:
+        return asyncio.run(measure_ceiling())
+    with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
+        return sum(pool.map(ceiling_in_process, [5.0] * procs))
+
+
+def _run_part(cfg: RunConfig) -> RunResult:
+    return asyncio.run(run(cfg))
+
+
 async def _run(args: argparse.Namespace, config: Config, mix: dict[str, float], url: str,
                redis_url: str) -> RunResult:
+    cfg = _config(args, config, mix, url, redis_url)
+    if args.procs > 1:
+        parts = [replace(cfg, rate=cfg.rate / args.procs, seed=cfg.seed * 1000 + i,
+                         check_leftovers=False, sample=i == 0) for i in range(args.procs)]
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(args.procs, mp_context=mp.get_context("spawn")) as pool:
+            results = await asyncio.gather(*(loop.run_in_executor(pool, _run_part, part) for part in parts))
+        merged = merge(list(results))
+        merged.config = cfg
+        await check(merged)
+        return merged
+    return await _run_one(args, cfg)
+
+
+def _config(args: argparse.Namespace, config: Config, mix: dict[str, float], url: str,
+            redis_url: str) -> RunConfig:
     settings = SimSettings(url=url, secret=config.auth.secret, mode=args.mode,
                            lifetime_s=args.lifetime, rating_sd=args.rating_sd)
     grace = config.server.resume_grace_ms / 1000
-    cfg = RunConfig(settings=settings, redis_url=redis_url, rate=args.rate,
-                    duration_s=args.duration, mix=mix, ramp_s=args.ramp, seed=args.seed,
-                    leftover_wait_s=grace + config.matching.finished_match_ttl_ms / 1000 + 10)
+    return RunConfig(settings=settings, redis_url=redis_url, rate=args.rate,
+                     duration_s=args.duration, mix=mix, ramp_s=args.ramp, seed=args.seed,
+                     leftover_wait_s=grace + config.matching.finished_match_ttl_ms / 1000 + 10)
+
+
+async def _run_one(args: argparse.Namespace, cfg: RunConfig) -> RunResult:
     if args.no_progress:
         return await run(cfg)
     from rich.live import Live

@@ -48,3 +48,7 @@ async def measure_ceiling(seconds: float = 5.0, concurrency: int = 200) -> float
     server.close()
     await server.wait_closed()
     return done / elapsed
+
+
+def ceiling_in_process(seconds: float) -> float:
+    return asyncio.run(measure_ceiling(seconds))

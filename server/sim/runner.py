@@ -30,6 +30,7 @@ class RunConfig:
     seed: int = 1
     leftover_wait_s: float = 20.0  # resume grace + ready/allocation deadlines + record TTL
     check_leftovers: bool = True
+    sample: bool = True  # sample server CPU/memory and Redis (one process of a --procs run)
 
 
 @dataclass
@@ -54,7 +55,7 @@ async def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     admin = aioredis.Redis.from_url(cfg.redis_url, decode_responses=True)
     t0 = time.monotonic()
     tasks: set[asyncio.Task[PlayerResult]] = set()
-    sampling = asyncio.create_task(_sample(admin, result, t0))
+    sampling = asyncio.create_task(_sample(admin, result, t0) if cfg.sample else _idle())
 
     def finished(task: asyncio.Task[PlayerResult]) -> None:
         tasks.discard(task)
@@ -85,13 +86,36 @@ async def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling
+    await admin.aclose()
+    if cfg.check_leftovers:
+        await check(result)
+    return result
+
+
+async def check(result: RunResult) -> None:
+    """Every invariant over the whole run (after merging the processes of a --procs run)."""
     result.violations = [v for p in result.players for v in p.violations]
     result.violations += cross_check((p.player, p.sessions) for p in result.players)
-    if cfg.check_leftovers:
-        result.leftover_keys = await _leftovers(admin, cfg.leftover_wait_s)
-        result.violations += [f"leftover key {k}" for k in result.leftover_keys]
-    await admin.aclose()
-    return result
+    admin = aioredis.Redis.from_url(result.config.redis_url, decode_responses=True)
+    try:
+        result.leftover_keys = await _leftovers(admin, result.config.leftover_wait_s)
+    finally:
+        await admin.aclose()
+    result.violations += [f"leftover key {k}" for k in result.leftover_keys]
+
+
+def merge(parts: list[RunResult]) -> RunResult:
+    """One result from the processes of a run; sampling came from the first one."""
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.players.extend(part.players)
+        merged.elapsed_s = max(merged.elapsed_s, part.elapsed_s)
+        merged.arrivals_s = max(merged.arrivals_s, part.arrivals_s)
+    return merged
+
+
+async def _idle() -> None:
+    await asyncio.Event().wait()
 
 
 def _arrived(cfg: RunConfig, t: float) -> float:

@@ -47,9 +47,13 @@ class RedisClient:
     def __init__(
         self, url: str, operation_timeout_s: float = 2.0, *, breaker_threshold: int = 5,
         breaker_cooldown_s: float = 60.0, observer: CallObserver | None = None,
+        max_connections: int = 64,
     ) -> None:
         self.url = url
         self.timeout = operation_timeout_s
+        # At most this many calls in flight: the pool never runs dry, and waiting for a slot
+        # is local back-pressure that must not trip the breaker as if Redis had failed.
+        self._slots = asyncio.Semaphore(max_connections)
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
         self.observer: CallObserver = observer or _NoObserver()
         # The socket timeout backs up asyncio.timeout: a stuck read is abandoned either way.
@@ -59,6 +63,7 @@ class RedisClient:
             socket_connect_timeout=operation_timeout_s,
             retry_on_timeout=False,
             health_check_interval=0,
+            max_connections=max_connections,
         )
         self._sources = read_scripts()
         self._scripts = {name: self.redis.register_script(src) for name, src in self._sources.items()}
@@ -70,10 +75,16 @@ class RedisClient:
             self.observer.call_done(op, 0.0, "refused")
             retry_ms = max(int(self.breaker.retry_after_s(started) * 1000), 100)
             raise StoreUnavailable(f"redis {op} refused: circuit open", retry_after_ms=retry_ms)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            self.observer.call_done(op, time.monotonic() - started, "overloaded")
+            raise StoreUnavailable(f"redis {op}: every connection busy for {self.timeout:g}s") from exc
         before = self.breaker.state
         outcome = "error"
         try:
-            result = await self._call(op, fn)
+            result = await self._call(op, fn, started)
             outcome = "ok"
             self.breaker.success()
             return result
@@ -87,14 +98,16 @@ class RedisClient:
             self.breaker.success()
             raise
         finally:
+            self._slots.release()
             self.observer.call_done(op, time.monotonic() - started, outcome)
             if self.breaker.state is not before:
                 log.warning("redis circuit breaker %s -> %s", before.name, self.breaker.state.name)
                 self.observer.breaker_changed(self.breaker.state)
 
-    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]], started: float) -> T:
         try:
-            async with asyncio.timeout(self.timeout):
+            # The slot wait counts: a call never takes longer than the operation timeout.
+            async with asyncio.timeout(max(self.timeout - (time.monotonic() - started), 0.001)):
                 return await fn()
         except TimeoutError as exc:
             # Python 3.11: a cancel that lands as the timeout expires surfaces as TimeoutError.

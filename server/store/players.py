@@ -117,8 +117,8 @@ class PlayerStore:
                 return EnqueueResult("replaced")
             case ["blocked", retry_after]:
                 return EnqueueResult("blocked", retry_after_ms=to_int(retry_after))
-            case ["already", state, current_mode]:
-                return EnqueueResult("already", current=_player_state(state, current_mode, ""))
+            case ["already", state, current_mode, queued_at]:
+                return EnqueueResult("already", current=_player_state(state, current_mode, queued_at))
         raise ProtocolViolation(f"enqueue replied {reply!r}")
 
     async def dequeue(self, player: str, conn: str) -> DequeueResult:

@@ -62,6 +62,7 @@ class ClientConnection:
         self.allocation_timeout_ms = allocation_timeout_ms
         self.attached = False  # set once Redis records this connection as the player's
         self._closing: asyncio.Task[None] | None = None
+        self._reconciling: asyncio.Task[None] | None = None
         self.log = logging.LoggerAdapter(log, {"player": identity.player_id, "conn": conn_id})
 
     @property
@@ -106,11 +107,17 @@ class ClientConnection:
             await self.ws.send(text)
 
     async def _guarded(self, rid: str | None, request: object) -> list[Effect]:
-        """Storage failures become PROTOCOL errors; the session undoes its optimistic phase."""
+        """Storage failures become PROTOCOL errors; the session undoes its optimistic phase.
+
+        A timeout does not say whether Redis ran the script, so the outcome is read back from
+        Redis once it answers again (``reconcile``) and the client is told what happened.
+        """
         try:
             return await request  # type: ignore[no-any-return, misc]
         except StoreUnavailable as exc:
             self.log.warning("request failed, storage unavailable: %s", exc)
+            if self._reconciling is None or self._reconciling.done():
+                self._reconciling = asyncio.create_task(self._reconcile())
             return self.session.request_failed(
                 "unavailable", _UNAVAILABLE_MSG, rid, exc.retry_after_ms
             )
@@ -166,8 +173,21 @@ class ClientConnection:
     async def fail(self) -> None:
         await self.ws.close(CLOSE_INTERNAL, "internal error")
 
+    async def _reconcile(self, attempts: int = 120, interval_s: float = 0.5) -> None:
+        for _ in range(attempts):
+            await asyncio.sleep(interval_s)
+            try:
+                status = await self.store.status(self.player_id)
+            except StoreError:
+                continue
+            p = status.player
+            await self.apply(self.session.resync(p.state, p.mode, p.queued_at_ms))
+            return
+
     async def closed(self) -> None:
         """Wait for a close this connection started (after its socket has ended)."""
+        if self._reconciling is not None:
+            self._reconciling.cancel()
         if self._closing is not None:
             with contextlib.suppress(Exception):
                 await self._closing

@@ -132,3 +132,16 @@ def test_flood_is_refused_then_closed_4008() -> None:
     assert s.receive(status, now=1.5) == [RunStatus(None)]  # refilled: allowed again
     assert s.receive(status, now=1.5)[-1] == Close(4008, "rate limited")  # second strike
     assert s.closed
+
+
+def test_resync_reports_what_redis_really_did() -> None:
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.request_failed("unavailable", "timed out", None, 1000)  # but the script had run
+    [late] = s.resync("queued", "1v1", 777)
+    assert late == Send(Enqueued(game_mode="1v1", queued_at_ms=777)) and s.phase is Phase.QUEUED
+    s.receive(frame(type="dequeue"))
+    s.request_failed("unavailable", "timed out", None, 1000)
+    [gone] = s.resync("idle", "", 0)
+    assert gone == Send(Dequeued(game_mode="1v1", reason="requested")) and s.phase is Phase.IDLE
+    assert s.resync("idle", "", 0) == []  # agreeing views: nothing to say
