@@ -31,8 +31,10 @@ check: lint typecheck
 test: check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Kernel benchmarks (pytest-benchmark), then the end-to-end profile of DESIGN's targets.
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --benchmark-only $(PYTEST_ARGS)
+	$(BIN)/python -m bench.e2e $(E2E_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _fastmatch/*.c _fastmatch/*.so

@@ -35,7 +35,7 @@ def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
         errors.update(p.errors)
     sent, received = sum(p.sent for p in r.players), sum(p.received for p in r.players)
     workers = {name: {"cpu_percent_mean": round(r.sampler.mean_cpu(name), 1),
-                      "rss_mb_peak": round(peak, 1)}
+                      "rss_mb_peak": round(peak, 1), **_rss_drift(r.sampler.rss_series.get(name, []))}
                for name, peak in sorted(r.sampler.peak_rss_mb.items())}
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -62,6 +62,17 @@ def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
     }
 
 
+def _rss_drift(series: list[tuple[float, float]]) -> dict[str, float]:
+    """Memory after warm-up (the second minute, or the first fifth) versus the last fifth."""
+    if len(series) < 10:
+        return {}
+    fifth = len(series) // 5
+    early = [mb for _, mb in series[fifth:2 * fifth]]
+    late = [mb for _, mb in series[-fifth:]]
+    return {"rss_mb_early": round(sum(early) / len(early), 1),
+            "rss_mb_late": round(sum(late) / len(late), 1)}
+
+
 def _r(value: float | None) -> float | None:
     return round(value, 1) if value is not None else None
 
@@ -86,6 +97,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_row("redis commands/s (mean)", str(summary["redis_commands_per_s_mean"]))
     for name, w in summary["workers"].items():
         table.add_row(f"{name} cpu mean / rss peak", f"{w['cpu_percent_mean']}% / {w['rss_mb_peak']} MB")
+        if "rss_mb_early" in w:
+            table.add_row(f"{name} rss after warm-up -> at the end",
+                          f"{w['rss_mb_early']} -> {w['rss_mb_late']} MB")
     table.add_row("outcomes", ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items()))
     table.add_row("errors by code", ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "-")
     table.add_row("invariant violations", str(summary["violation_count"]))

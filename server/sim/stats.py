@@ -42,6 +42,7 @@ class Sampler:
     last: dict[int, tuple[float, float]] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     cpu_series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    rss_series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def sample(self, pids: dict[str, int], now: float) -> list[ProcessSample]:
         out = []
@@ -57,6 +58,7 @@ class Sampler:
             s = ProcessSample(pid, name, percent, rss / 2**20)
             out.append(s)
             self.cpu_series.setdefault(name, []).append((now, percent))
+            self.rss_series.setdefault(name, []).append((now, s.rss_mb))
             self.peak_rss_mb[name] = max(self.peak_rss_mb.get(name, 0.0), s.rss_mb)
         return out
 

@@ -22,7 +22,8 @@ class LeaseGrant:
 
 @dataclass(slots=True)
 class Snapshot:
-    """Matchable candidates in queue order: player ids and their raw tickets."""
+    """Matchable candidates in queue order: player ids and their raw tickets (b"" when a
+    queued player has no ticket: the decoder reports it as poison)."""
 
     now_ms: int = 0
     players: list[str] = field(default_factory=list)
@@ -102,13 +103,18 @@ class MatchStore:
             if not snap.now_ms:
                 snap.now_ms = to_int(reply[0])
             scanned = to_int(reply[1])
-            for i in range(2, len(reply), 2):
-                player = as_str(reply[i])
-                if player not in seen:  # entries shift between chunks when others leave
-                    seen.add(player)
-                    snap.players.append(player)
-                    ticket = reply[i + 1]
-                    snap.tickets.append(ticket if isinstance(ticket, bytes) and ticket else None)
+            # Whole-list slicing: this loop runs over every queued player every tick.
+            names = [p.decode() if isinstance(p, bytes) else str(p) for p in reply[2::2]]
+            raw = reply[3::2]
+            if seen.isdisjoint(names):
+                snap.players.extend(names)
+                snap.tickets.extend(raw)
+            else:  # entries shift between chunks when other players leave meanwhile
+                for name, ticket in zip(names, raw, strict=True):
+                    if name not in seen:
+                        snap.players.append(name)
+                        snap.tickets.append(ticket)
+            seen.update(names)
             if scanned < chunk:
                 return snap
             start += chunk
