@@ -157,7 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     out: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"Python {platform.python_version()}",
     }
     print("client ceiling (echo server)...", flush=True)
     with ProcessPoolExecutor(PROCS, mp_context=mp.get_context("spawn")) as pool:
@@ -200,8 +201,10 @@ def print_table(out: dict[str, Any]) -> None:
     t.add_row("  server memory per connection", f"{idle['kib_per_connection']} KiB", "< 20 KiB")
     pt = out["pool_tick"]
     t.add_row("100k pool: snapshot + decode + pair", f"{pt['plan_ms']} ms", "-")
-    t.add_row("100k pool: whole tick incl. commit", f"{pt['tick_ms']} ms ({pt['matches']} matches)", "< 100 ms")
-    t.add_row("100k pool: longest single Redis call", f"{pt['longest_call_ms']} ms ({pt['longest_call']})", "< 5 ms")
+    t.add_row("100k pool: whole tick incl. commit",
+              f"{pt['tick_ms']} ms ({pt['matches']} matches)", "< 100 ms")
+    t.add_row("100k pool: longest single Redis call",
+              f"{pt['longest_call_ms']} ms ({pt['longest_call']})", "< 5 ms")
     Console().print(t)
 
 

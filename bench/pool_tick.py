@@ -55,7 +55,7 @@ async def measure(size: int) -> dict[str, Any]:
         committed = await trymatch.commit(lease.token or "", plans, time.monotonic())
         finished = time.perf_counter()
         log = await client.redis.slowlog_get(100_000)
-        by_sha = {script.sha: name for name, script in client._scripts.items()}  # noqa: SLF001
+        by_sha = client.script_names()
         longest = max(log, key=lambda e: e["duration"])
         cmd = longest["command"].split()
         name = by_sha.get(cmd[1].decode() if isinstance(cmd[1], bytes) else str(cmd[1]), cmd[0]) \

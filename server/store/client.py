@@ -130,6 +130,10 @@ class RedisClient:
         script = self._scripts[name]
         return await self.call(name, lambda: script(keys=list(keys), args=list(args)))
 
+    def script_names(self) -> dict[str, str]:
+        """SHA -> script name, to read SLOWLOG and MONITOR output."""
+        return {script.sha: name for name, script in self._scripts.items()}
+
     async def ping(self) -> bool:
         return bool(await self.call("ping", self.redis.ping))
 
