@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
+from server.aio import raise_if_cancelling
 from server.store import keys
 from server.store.errors import StoreError
 from server.store.players import PlayerStore
@@ -49,10 +50,12 @@ class Housekeeper:
             try:
                 await self.tick()
             except StoreError as exc:
+                raise_if_cancelling()
                 if self.front.ready:
                     log.warning("storage unavailable, not ready: %s", exc)
                 self.front.ready = False
             except Exception:  # task boundary: log and keep the loop alive
+                raise_if_cancelling()
                 log.exception("housekeeping tick failed")
             await asyncio.sleep(self.interval)
 

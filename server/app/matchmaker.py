@@ -12,6 +12,7 @@ import contextlib
 import logging
 
 from server import metrics
+from server.aio import raise_if_cancelling
 from server.app.lease import Lease
 from server.app.loading import Sweeper
 from server.app.trymatch import TryMatch
@@ -70,8 +71,10 @@ class Matchmaker:
             try:
                 await self._step()
             except StoreError as exc:
+                raise_if_cancelling()
                 log.warning("%s: lease call failed: %s", self.name, exc)
             except Exception:  # task boundary: keep competing for the lease
+                raise_if_cancelling()
                 log.exception("%s: lease loop error", self.name)
             if not self.lease.holds():
                 self._stop_ticking()
@@ -128,7 +131,9 @@ class Matchmaker:
             await self.sweeper.run()
             return await self.trymatch.run(token)
         except StoreError as exc:
+            raise_if_cancelling()
             log.warning("%s: TryMatch failed: %s", self.name, exc)
         except Exception:  # task boundary: one bad tick must not end matchmaking
+            raise_if_cancelling()
             log.exception("%s: TryMatch crashed", self.name)
         return 0

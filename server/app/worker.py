@@ -159,4 +159,8 @@ async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
         async with asyncio.timeout(config.server.drain_timeout_s):
             await worker.close()
     except TimeoutError:
-        log.error("worker %s: drain did not finish in time", worker.worker_id)
+        # Whatever is stuck must not keep the process alive: Redis state left behind is
+        # handled like a crash (heartbeat expiry, resume grace, lease TTL).
+        log.error("worker %s: drain did not finish in time; exiting", worker.worker_id)
+        logging.shutdown()
+        os._exit(1)

@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 
+from server.aio import raise_if_cancelling
 from server.store.breaker import BreakerState, CircuitBreaker
 from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
 from server.store.scripts import read_scripts
@@ -79,6 +80,7 @@ class RedisClient:
             async with asyncio.timeout(self.timeout):
                 await self._slots.acquire()
         except TimeoutError as exc:
+            raise_if_cancelling()
             self.observer.call_done(op, time.monotonic() - started, "overloaded")
             raise StoreUnavailable(f"redis {op}: every connection busy for {self.timeout:g}s") from exc
         before = self.breaker.state
@@ -112,9 +114,7 @@ class RedisClient:
         except TimeoutError as exc:
             # Python 3.11: a cancel that lands as the timeout expires surfaces as TimeoutError.
             # Swallowing it would keep a closing loop alive forever, so cancellation wins.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError from exc
+            raise_if_cancelling()
             raise StoreUnavailable(f"redis {op} timed out after {self.timeout:g}s") from exc
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis {op} failed: {exc}") from exc

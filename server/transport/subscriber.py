@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 
+from server.aio import raise_if_cancelling
+
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[bytes], None]
@@ -71,6 +73,7 @@ class Subscriber:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # task boundary: any failure means "reconnect"
+                raise_if_cancelling()
                 self.connected = False
                 attempt += 1
                 delay = random.uniform(0, min(self._max, self._base * 2 ** min(attempt, 16)))

@@ -249,3 +249,25 @@ def _running(pid: int) -> bool:
             return "\nState:\tZ" not in status.read()
     except FileNotFoundError:
         return False
+
+
+async def test_sigterm_with_redis_gone_still_ends_every_process(private_redis) -> None:  # type: ignore[no-untyped-def]
+    served = Served(private_redis.url, 2).start()
+    try:
+        admin = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
+        pids = await wait_workers(admin, 2)
+        await admin.aclose()
+        clients = [(await connect_player(served.port, f"g{i}"))[0] for i in range(4)]
+        private_redis.stop()  # Redis is gone for good: every call fails from now on
+        started = time.monotonic()
+        served.signal(signal.SIGTERM)
+        await asyncio.to_thread(served.wait, 3 + 2 + TIMEOUT)  # drain timeout + margin
+        assert time.monotonic() - started < 3 + 2 + TIMEOUT
+        async with asyncio.timeout(TIMEOUT):
+            while any(_running(pid) for pid in pids.values()):
+                await asyncio.sleep(0.05)
+        for ws in clients:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.recv()
+    finally:
+        await asyncio.to_thread(served.stop)
