@@ -13,8 +13,6 @@ from server.store import keys
 from server.store.client import RedisClient
 from server.store.embedded import EmbeddedRedis
 from server.store.matches import MatchStore
-from server.store.players import PlayerStore
-from server.transport.delivery import Publisher
 
 MODE = "1v1"
 
@@ -44,8 +42,7 @@ async def measure(size: int) -> dict[str, Any]:
         matches = MatchStore(client)
         lease = Lease(matches, MODE, "bench", 60_000)
         assert await lease.acquire()
-        trymatch = TryMatch(MODE, config.modes[MODE], config.matching, matches,
-                            Publisher(PlayerStore(client, "bench", 1000)), lease)
+        trymatch = TryMatch(MODE, config.modes[MODE], config.matching, matches, lease)
         await client.redis.config_set("slowlog-log-slower-than", 0)
         await client.redis.config_set("slowlog-max-len", 100_000)
         await client.redis.slowlog_reset()

@@ -2,7 +2,9 @@
 -- KEYS[1] leader  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace  KEYS[5] loading
 --         then for each match: its match key, then one player key per player
 -- ARGV[1] lease token "<holder>|<epoch>"  ARGV[2] mode  ARGV[3] ready timeout ms
---      ARGV[4] number of matches, then for each match: id, player count n, teams JSON, n players
+-- ARGV[4] delivery channel prefix (keys.DELIVERY_PREFIX)
+-- ARGV[5] number of matches, then for each match: id, player count n, teams JSON, n players
+-- Every player of a committed match is sent `start_loading` on its worker's channel.
 -- Returns {"fenced"} when the caller does not hold this exact lease (nothing changes), else
 -- {"ok", {committed ids}, {skipped ids}, {poisoned players}, {routes}, deadline_ms} where routes
 -- is a flat list player, worker, conn, match id for every player of every committed match.
@@ -18,19 +20,43 @@ local deadline = now + tonumber(ARGV[3])
 local mode = ARGV[2]
 local epoch = string.match(ARGV[1], '|(%d+)$')
 local committed, skipped, poisoned, routes = {}, {}, {}, {}
-local ai, ki = 5, 6
+local ai, ki = 6, 6
 
-local function add_routes(id, players, pkeys)
+-- Notifications are published here, inside the script, so every player hears about state
+-- changes in exactly the order Redis made them (a second publisher could overtake).
+local outbox = {}
+local function notify(worker, conn, player, message)
+  if not worker or worker == '' or not conn or conn == '' then
+    return
+  end
+  local items = outbox[worker]
+  if not items then
+    items = {}
+    outbox[worker] = items
+  end
+  items[#items + 1] = '{"player":' .. cjson.encode(player) .. ',"conn":' .. cjson.encode(conn)
+    .. ',"message":' .. message .. '}'
+end
+local function flush(prefix)
+  for worker, items in pairs(outbox) do
+    redis.call('PUBLISH', prefix .. worker, '{"kind":"deliver","items":[' .. table.concat(items, ',') .. ']}')
+  end
+end
+
+local function add_routes(id, players, pkeys, message)
   for j = 1, #players do
     local owner = redis.call('HMGET', pkeys[j], 'worker', 'conn')
     routes[#routes + 1] = players[j]
     routes[#routes + 1] = owner[1] or ''
     routes[#routes + 1] = owner[2] or ''
     routes[#routes + 1] = id
+    if message then
+      notify(owner[1], owner[2], players[j], message)
+    end
   end
 end
 
-for _ = 1, tonumber(ARGV[4]) do
+for _ = 1, tonumber(ARGV[5]) do
   local id, n, teams = ARGV[ai], tonumber(ARGV[ai + 1]), ARGV[ai + 2]
   local mkey = KEYS[ki]
   local players, pkeys = {}, {}
@@ -41,8 +67,9 @@ for _ = 1, tonumber(ARGV[4]) do
   ai = ai + 3 + n
   ki = ki + 1 + n
   if redis.call('EXISTS', mkey) == 1 then
+    -- A retry: the first run committed it and told the players already.
     committed[#committed + 1] = id
-    add_routes(id, players, pkeys)
+    add_routes(id, players, pkeys, nil)
   else
     local ok = true
     for j = 1, n do
@@ -74,10 +101,13 @@ for _ = 1, tonumber(ARGV[4]) do
       redis.call('HSET', mkey, unpack(fields))
       redis.call('ZADD', KEYS[5], deadline, id)
       committed[#committed + 1] = id
-      add_routes(id, players, pkeys)
+      add_routes(id, players, pkeys, '{"type":"start_loading","loading_session_id":' .. cjson.encode(id)
+        .. ',"game_mode":' .. cjson.encode(mode) .. ',"teams":' .. teams .. ',"deadline_ms":'
+        .. deadline .. '}')
     else
       skipped[#skipped + 1] = id
     end
   end
 end
+flush(ARGV[4])
 return {'ok', committed, skipped, poisoned, routes, tostring(deadline)}

@@ -6,7 +6,9 @@
 -- ARGV[2] match id  ARGV[3] players, comma-separated, as the caller read them
 -- ARGV[4] resume grace ms  ARGV[5] penalty window ms  ARGV[6] finished-record ttl ms
 -- ARGV[7] cancel: the leaving player; fail: the reason; assign: server address
--- ARGV[8] assign: server session id
+-- ARGV[8] assign: server session id  ARGV[9] delivery channel prefix (keys.DELIVERY_PREFIX)
+-- Each player is told its outcome on its worker's channel: requeued, dequeued{removed} (the
+-- leaver), error{loading_timeout}, or match_found.
 -- Returns {"retry"} when ARGV[3] is not the match's player list (re-read, call again)
 --       | {"absent"} | {"not_due"} | {"final", status} (already ended: nothing changes)
 --       | {"done", status, reason, routes...} with routes in fives:
@@ -60,6 +62,44 @@ else
   return redis.error_reply('finish_match: unknown action ' .. tostring(action))
 end
 
+
+-- Notifications are published here, inside the script, so every player hears about state
+-- changes in exactly the order Redis made them (a second publisher could overtake).
+local outbox = {}
+local function notify(worker, conn, player, message)
+  if not worker or worker == '' or not conn or conn == '' then
+    return
+  end
+  local items = outbox[worker]
+  if not items then
+    items = {}
+    outbox[worker] = items
+  end
+  items[#items + 1] = '{"player":' .. cjson.encode(player) .. ',"conn":' .. cjson.encode(conn)
+    .. ',"message":' .. message .. '}'
+end
+local function flush(prefix)
+  for worker, items in pairs(outbox) do
+    redis.call('PUBLISH', prefix .. worker, '{"kind":"deliver","items":[' .. table.concat(items, ',') .. ']}')
+  end
+end
+
+local mode_json = cjson.encode(mode)
+local function message(what, queued_at)
+  if what == 'requeued' then
+    return '{"type":"requeued","game_mode":' .. mode_json .. ',"reason":' .. cjson.encode(reason)
+      .. ',"queued_at_ms":' .. queued_at .. '}'
+  elseif what == 'removed' then
+    return '{"type":"dequeued","game_mode":' .. mode_json .. ',"reason":"removed"}'
+  elseif what == 'timed_out' then
+    return '{"type":"error","code":"loading_timeout","message":"the ready check ended before '
+      .. 'this client loaded; removed from matchmaking"}'
+  end
+  return '{"type":"match_found","loading_session_id":' .. cjson.encode(ARGV[2]) .. ',"game_mode":'
+    .. mode_json .. ',"server_address":' .. cjson.encode(ARGV[7]) .. ',"server_session_id":'
+    .. cjson.encode(ARGV[8]) .. ',"teams":' .. redis.call('HGET', m, 'teams') .. '}'
+end
+
 local players = {}
 for p in string.gmatch(player_csv, '[^,]+') do
   players[#players + 1] = p
@@ -74,6 +114,7 @@ local function route(j, what, queued_at)
   out[#out + 1] = owner[2] or ''
   out[#out + 1] = what
   out[#out + 1] = queued_at or ''
+  notify(owner[1], owner[2], players[j], message(what, queued_at))
 end
 
 -- Back into the queue with the original queued_at: the player keeps its place.
@@ -138,4 +179,5 @@ end
 redis.call('ZREM', KEYS[2], ARGV[2])
 -- The record stays a short while so late answers meet a clear status, then it expires.
 redis.call('PEXPIRE', m, ARGV[6])
+flush(ARGV[9])
 return out

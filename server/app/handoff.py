@@ -106,7 +106,7 @@ class Allocator:
                 return
             if isinstance(reply, gs.BattleAssigned):
                 await self.outcomes.finish(mode, match_id, "assign", reply.server_address,
-                                           reply.server_session_id, teams=ready.teams)
+                                           reply.server_session_id)
             else:
                 log.info("%s match %s rejected by game server: %s", mode, match_id, reply.reason)
                 await self.outcomes.finish(mode, match_id, "fail", "allocation_failed")

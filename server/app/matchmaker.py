@@ -19,7 +19,6 @@ from server.app.trymatch import TryMatch
 from server.config import MatchingConfig, ModeConfig
 from server.store.errors import StoreError
 from server.store.matches import MatchStore
-from server.transport.delivery import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +26,12 @@ log = logging.getLogger(__name__)
 class Matchmaker:
     def __init__(
         self, name: str, mode: ModeConfig, config: MatchingConfig, matches: MatchStore,
-        publisher: Publisher, holder: str, sweeper: Sweeper,
+        holder: str, sweeper: Sweeper,
     ) -> None:
         self.name = name
         self.config = config
         self.lease = Lease(matches, name, holder, config.lease_ttl_ms)
-        self.trymatch = TryMatch(name, mode, config, matches, publisher, self.lease)
+        self.trymatch = TryMatch(name, mode, config, matches, self.lease)
         self.sweeper = sweeper
         self.skipped = 0
         self._task: asyncio.Task[None] | None = None

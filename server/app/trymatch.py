@@ -1,4 +1,5 @@
-"""One TryMatch tick for one mode: snapshot, decode, pair, fenced commit, tell the players."""
+"""One TryMatch tick for one mode: snapshot, decode, pair, fenced commit (which tells the
+players, from inside the script so notices keep Redis' order)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ from server import metrics
 from server.app.lease import Lease
 from server.config import MatchingConfig, ModeConfig
 from server.matching.plan import Candidates, MatchPlan, plan_matches
-from server.protocol.messages import Dequeued, StartLoading
 from server.store.errors import StoreUnavailable
 from server.store.matches import CommitResult, MatchStore, PlannedMatch
-from server.transport.delivery import Outgoing, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +20,12 @@ log = logging.getLogger(__name__)
 class TryMatch:
     def __init__(
         self, name: str, mode: ModeConfig, config: MatchingConfig, matches: MatchStore,
-        publisher: Publisher, lease: Lease,
+        lease: Lease,
     ) -> None:
         self.name = name
         self.mode = mode
         self.config = config
         self.matches = matches
-        self.publisher = publisher
         self.lease = lease
         self.ticks = 0
 
@@ -69,7 +67,6 @@ class TryMatch:
                 break
             committed += len(result.committed)
             self._record(result, by_id)
-            await self._announce(result, by_id)
         return committed
 
     async def _commit_batch(self, token: str, batch: Sequence[MatchPlan]) -> CommitResult:
@@ -96,30 +93,14 @@ class TryMatch:
             log.warning("%s: removed %d tickets whose owner is gone: %s",
                         mode, len(result.poisoned), result.poisoned[:10])
 
-    async def _announce(self, result: CommitResult, by_id: dict[str, MatchPlan]) -> None:
-        messages = {
-            match_id: StartLoading(
-                loading_session_id=match_id, game_mode=self.name, teams=by_id[match_id].teams,
-                deadline_ms=result.deadline_ms,
-            )
-            for match_id in result.committed
-        }
-        await self.publisher.send(
-            Outgoing(r.worker, r.player, r.conn, messages[r.match_id]) for r in result.routes
-        )
-
     async def remove_poison(self, players: Sequence[str]) -> None:
-        """DESIGN P1: an undecodable ticket is removed and counted; it never blocks the rest."""
-        notices = []
+        """DESIGN P1: an undecodable ticket is removed and counted; it never blocks the rest.
+        The script tells a connected owner (`dequeued{removed}`)."""
         for player in players:
             removal = await self.matches.remove_ticket(self.name, player)
             if removal.removed:
                 metrics.POISONED.labels(self.name).inc()
                 log.warning("%s: removed undecodable ticket of %s", self.name, player)
-                notices.append(Outgoing(removal.worker, player, removal.conn,
-                                        Dequeued(game_mode=self.name, reason="removed")))
-        if notices:
-            await self.publisher.send(notices)
 
 
 def _batches(plans: Sequence[MatchPlan], max_players: int) -> Iterator[Sequence[MatchPlan]]:

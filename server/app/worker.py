@@ -23,7 +23,6 @@ from server.store.client import RedisClient
 from server.store.errors import StoreError
 from server.store.matches import LoadingStore, MatchStore
 from server.store.players import PlayerStore
-from server.transport.delivery import Publisher
 from server.transport.frontend import FrontEnd
 from server.transport.subscriber import Subscriber
 
@@ -51,8 +50,7 @@ class Worker:
             penalty_window_ms=int(config.penalty.window_s * 1000),
             finished_ttl_ms=config.matching.finished_match_ttl_ms,
         )
-        self.publisher = Publisher(self.store)
-        self.outcomes = Outcomes(self.loading, self.publisher)
+        self.outcomes = Outcomes(self.loading)
         self.allocator = Allocator(self.store, self.outcomes, config.gameserver,
                                    keys.battle_replies(self.worker_id))
         self.events = LoadingEvents(self.outcomes, self.allocator)
@@ -73,8 +71,8 @@ class Worker:
             heartbeat_ttl_s=config.server.heartbeat_ttl_s,
         )
         self.matchmakers = {
-            name: Matchmaker(name, mode, config.matching, MatchStore(self.client), self.publisher,
-                             self.worker_id, Sweeper(name, self.loading, self.outcomes))
+            name: Matchmaker(name, mode, config.matching, MatchStore(self.client), self.worker_id,
+                             Sweeper(name, self.loading, self.outcomes))
             for name, mode in config.modes.items()
         } if config.matching.enabled else {}
         self._closed = asyncio.Event()

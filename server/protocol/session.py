@@ -120,6 +120,9 @@ class Session:
         self.game_mode: str | None = None
         self.queued_at_ms = 0
         self.loading_session_id: str | None = None
+        # Server messages that arrive while one of our requests is in flight wait for its
+        # reply: a match notice may overtake the `enqueued` it follows (DESIGN requirement 3).
+        self._held: list[ServerMessage] = []
         self._bad_left = limits.bad_messages
 
     # -- connection lifecycle ---------------------------------------------------------------
@@ -227,19 +230,21 @@ class Session:
         self.phase = Phase.QUEUED
         self.game_mode = game_mode
         self.queued_at_ms = queued_at_ms
-        return [Send(Enqueued(game_mode=game_mode, queued_at_ms=queued_at_ms, request_id=request_id))]
+        sent = Send(Enqueued(game_mode=game_mode, queued_at_ms=queued_at_ms, request_id=request_id))
+        return [sent, *self._release()]
 
     def enqueue_refused(self, state: StateName, game_mode: str, request_id: str | None) -> list[Effect]:
         """Redis says the player is already queued or loading (e.g. from another connection)."""
         self.phase = Phase(state)
         self.game_mode = game_mode or None
-        return self._error("already_in_queue", f"already {state} for {game_mode}", request_id)
+        return [*self._error("already_in_queue", f"already {state} for {game_mode}", request_id),
+                *self._release()]
 
     def enqueue_blocked(self, retry_after_ms: int, request_id: str | None) -> list[Effect]:
         """Too many dodged ready checks recently (PROTOCOL 3 `player_blocked`)."""
         self.phase, self.game_mode = Phase.IDLE, None
-        return self._error("player_blocked", "too many left or missed ready checks recently",
-                           request_id, retry_after_ms)
+        return [*self._error("player_blocked", "too many left or missed ready checks recently",
+                             request_id, retry_after_ms), *self._release()]
 
     def ready_refused(self, request_id: str | None) -> list[Effect]:
         """Redis does not know this player in that loading session."""
@@ -249,15 +254,18 @@ class Session:
         self.phase = Phase.IDLE
         self.game_mode = None
         self.queued_at_ms = 0
-        return [Send(Dequeued(game_mode=game_mode, reason="requested", request_id=request_id))]
+        return [Send(Dequeued(game_mode=game_mode, reason="requested", request_id=request_id)),
+                *self._release()]
 
     def dequeue_refused(self, code: str, request_id: str | None) -> list[Effect]:
         """Redis disagrees with our view: trust Redis, tell the client."""
         if code == "not_in_queue":
             self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
-            return self._error(code, "not in a queue", request_id)
-        self.phase = Phase.LOADING
-        return self._error(code, "a match is loading; it cannot be left", request_id)
+            return [*self._error(code, "not in a queue", request_id), *self._release()]
+        # Loading in Redis: the start_loading that says so is held, or on its way.
+        self.phase = Phase.QUEUED
+        return [*self._error(code, "a match is loading; it cannot be left", request_id),
+                *self._release()]
 
     def request_failed(
         self, code: str, message: str, request_id: str | None, retry_after_ms: int | None = None
@@ -267,7 +275,7 @@ class Session:
             self.phase, self.game_mode = Phase.IDLE, None
         elif self.phase is Phase.DEQUEUING:
             self.phase = Phase.QUEUED
-        return self._error(code, message, request_id, retry_after_ms)
+        return [*self._error(code, message, request_id, retry_after_ms), *self._release()]
 
     def status(
         self, state: StateName, game_mode: str, queued_at_ms: int, queue_size: int,
@@ -285,6 +293,9 @@ class Session:
         """A server-initiated message (from the matchmaker, via this worker): follow it, send it."""
         if self.closed:
             return []
+        if self.phase in (Phase.ENQUEUING, Phase.DEQUEUING):
+            self._held.append(message)
+            return []
         match message:
             case StartLoading(loading_session_id=sid, game_mode=mode):
                 self.phase, self.game_mode, self.loading_session_id = Phase.LOADING, mode, sid
@@ -295,6 +306,10 @@ class Session:
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
                 self.loading_session_id = None
         return [Send(message)]
+
+    def _release(self) -> list[Effect]:
+        held, self._held = self._held, []
+        return [effect for message in held for effect in self.deliver(message)]
 
     def resync(self, state: StateName, game_mode: str, queued_at_ms: int) -> list[Effect]:
         """After a request whose outcome was lost (a timeout after Redis ran it), Redis' view

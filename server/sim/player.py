@@ -225,13 +225,22 @@ class _Play:
     async def _drop_resume(self) -> None:
         ws = await self._connect_and_enqueue()
         queued = await self.until(ws, "enqueued")
-        await self._close(ws)
+        with contextlib.suppress(Exception):
+            await ws.close()
+        # Whatever the server sent before it saw the close still counts: if a start_loading was
+        # among it, this player walked out of a ready check and the match was cancelled.
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            while True:
+                await self.recv(ws)
+        walked_out = self.check.state == "loading"
+        self.check.left()
         ws = await self.open()
         welcome = await self.until(ws, "welcome")
         if welcome.get("state") == "queued" and welcome.get("queued_at_ms") != queued["queued_at_ms"]:
             self.check.violations.append(f"{self.player}: resumed with a different queued_at")
         if welcome.get("state") == "idle":
-            self.check.violations.append(f"{self.player}: resume within the grace found no ticket")
+            if not walked_out:
+                self.check.violations.append(f"{self.player}: resume within the grace found no ticket")
             await self.enqueue(ws)
         elif welcome.get("state") == "loading":  # matched while away: answer the ready check
             await self.send(ws, {"type": "loading_complete",

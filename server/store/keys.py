@@ -8,6 +8,7 @@ one Redis node (standalone, Sentinel or a single-shard deployment); see README "
 from typing import Final
 
 WORKERS: Final = "fm:workers"  # ZSET worker id -> heartbeat deadline (ms, Redis clock)
+DELIVERY_PREFIX: Final = "fm:deliver:"  # + worker id; scripts publish notifications here
 
 
 def player(player_id: str) -> str:
@@ -32,7 +33,7 @@ def worker_players(worker_id: str) -> str:
 
 def worker_channel(worker_id: str) -> str:
     """Pub/sub channel the worker subscribes to for delivery to its connections."""
-    return f"fm:deliver:{worker_id}"
+    return f"{DELIVERY_PREFIX}{worker_id}"
 
 
 def queue(mode: str) -> str:

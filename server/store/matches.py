@@ -123,7 +123,8 @@ class MatchStore:
         self, mode: str, token: str, ready_timeout_ms: int, matches: Sequence[PlannedMatch]
     ) -> CommitResult:
         script_keys = [keys.leader(mode), *keys.mode_keys(mode), keys.loading(mode)]
-        args: list[str | int | float] = [token, mode, ready_timeout_ms, len(matches)]
+        args: list[str | int | float] = [token, mode, ready_timeout_ms, keys.DELIVERY_PREFIX,
+                                          len(matches)]
         for match in matches:
             players = match.players
             script_keys.append(keys.match(mode, match.match_id))
@@ -135,7 +136,8 @@ class MatchStore:
 
     async def remove_ticket(self, mode: str, player: str) -> Removal:
         raw = await self.client.script(
-            "remove_ticket", [keys.player(player), *keys.mode_keys(mode)], [player, mode]
+            "remove_ticket", [keys.player(player), *keys.mode_keys(mode)],
+            [player, mode, keys.DELIVERY_PREFIX]
         )
         reply = as_list(raw, "remove_ticket")
         if reply[0] == "removed" and len(reply) == 3:
@@ -243,7 +245,8 @@ class LoadingStore:
             script_keys = [match_key, keys.loading(mode), *keys.mode_keys(mode),
                            *(keys.player(p) for p in players), *(keys.penalty(p) for p in players)]
             raw = await self.client.script(
-                "finish_match", script_keys, [action, match_id, csv, *self._finish_args, arg, arg2]
+                "finish_match", script_keys,
+                [action, match_id, csv, *self._finish_args, arg, arg2, keys.DELIVERY_PREFIX]
             )
             result = _finish_result(raw)
             if result is not None:

@@ -18,7 +18,6 @@ from server.app.trymatch import TryMatch
 from server.app.worker import Worker, run_worker
 from server.store import keys
 from server.store.matches import MatchStore
-from server.transport.delivery import Publisher
 from tests.conftest import WorkerFactory, make_config
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request
 
@@ -222,4 +221,4 @@ async def leader_of(w: Worker, mode: str) -> tuple[TryMatch, Lease]:
     store = MatchStore(w.client)
     lease = Lease(store, mode, "test-leader", 60_000)
     assert await lease.acquire()
-    return TryMatch(mode, w.config.modes[mode], w.config.matching, store, Publisher(w.store), lease), lease
+    return TryMatch(mode, w.config.modes[mode], w.config.matching, store, lease), lease

@@ -145,3 +145,25 @@ def test_resync_reports_what_redis_really_did() -> None:
     [gone] = s.resync("idle", "", 0)
     assert gone == Send(Dequeued(game_mode="1v1", reason="requested")) and s.phase is Phase.IDLE
     assert s.resync("idle", "", 0) == []  # agreeing views: nothing to say
+
+
+def test_a_match_notice_never_overtakes_the_reply_it_follows() -> None:
+    from server.protocol.messages import StartLoading
+
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    notice = StartLoading(loading_session_id="1.2.3", game_mode="1v1", teams=[["p1"], ["p2"]],
+                          deadline_ms=9)
+    assert s.deliver(notice) == []  # held while the enqueue is in flight
+    sent = [e.message for e in s.enqueued("1v1", 5, None) if isinstance(e, Send)]
+    assert [type(m).__name__ for m in sent] == ["Enqueued", "StartLoading"]
+    assert s.phase is Phase.LOADING
+    # A dequeue that loses the race to the match: the refusal first, then the notice.
+    s2 = session()
+    s2.receive(frame(type="enqueue", game_mode="1v1"))
+    s2.enqueued("1v1", 5, None)
+    s2.receive(frame(type="dequeue"))
+    s2.deliver(notice)
+    effects = s2.dequeue_refused("invalid_state", None)
+    assert [type(e.message).__name__ for e in effects if isinstance(e, Send)] == ["Error", "StartLoading"]
+    assert s2.phase is Phase.LOADING
