@@ -14,7 +14,7 @@
 --       | {"done", status, reason, routes...} with routes in fives:
 --         player, worker, conn, what ("requeued" | "removed" | "timed_out" | "matched"), queued_at
 -- Transitions: cancel: loading|allocating -> cancelled (the leaver removed with a penalty,
--- the others requeued, player_left); abort (the leaver's worker is shutting down, not the
+-- the others requeued, player_left; nothing happens if the leaver has reconnected meanwhile); abort (the leaver's worker is shutting down, not the
 -- player's doing): loading|allocating -> cancelled, everyone requeued, server_shutdown; expire: loading past deadline -> timed_out (ready players
 -- requeued, loading_timeout; the others removed with a penalty), allocating past deadline ->
 -- failed (all requeued, allocation_failed); fail: allocating -> failed (all requeued, reason);
@@ -105,6 +105,15 @@ for p in string.gmatch(player_csv, '[^,]+') do
   players[#players + 1] = p
 end
 local n = #players
+if action == 'cancel' then
+  -- The leaver reconnected before this ran (its new connection was welcomed as loading):
+  -- it has not left after all, and the ready check goes on.
+  for j = 1, n do
+    if players[j] == ARGV[7] and redis.call('HEXISTS', KEYS[5 + j], 'conn') == 1 then
+      return {'final', status}
+    end
+  end
+end
 local out = {'done', new_status, reason}
 
 local function route(j, what, queued_at)

@@ -99,7 +99,7 @@ async def _run(args: argparse.Namespace, config: Config, mix: dict[str, float], 
 def _config(args: argparse.Namespace, config: Config, mix: dict[str, float], url: str,
             redis_url: str) -> RunConfig:
     settings = SimSettings(url=url, secret=config.auth.secret, mode=args.mode,
-                           lifetime_s=args.lifetime, rating_sd=args.rating_sd)
+                           lifetime_s=args.lifetime, rating_sd=args.rating_sd, redis_url=redis_url)
     grace = config.server.resume_grace_ms / 1000
     return RunConfig(settings=settings, redis_url=redis_url, rate=args.rate,
                      duration_s=args.duration, mix=mix, ramp_s=args.ramp, seed=args.seed,

@@ -11,11 +11,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.protocol.auth import mint_token
 from server.sim.checker import SequenceChecker, SessionSeen
+from server.store import keys
 
 BEHAVIOURS: Final = (
     "normal", "quit_before_match", "quit_during_loading", "slow_loader", "afk",
@@ -45,6 +47,7 @@ class SimSettings:
     slow_load_s: float = 1.0  # slow_loader's delay before loading_complete
     rating_mean: float = 1500.0
     rating_sd: float = 200.0
+    redis_url: str = ""  # the server's Redis, to tell a legitimate outcome from a lost ticket
 
 
 @dataclass
@@ -239,13 +242,27 @@ class _Play:
         if welcome.get("state") == "queued" and welcome.get("queued_at_ms") != queued["queued_at_ms"]:
             self.check.violations.append(f"{self.player}: resumed with a different queued_at")
         if welcome.get("state") == "idle":
-            if not walked_out:
+            # Matched in the instant it dropped: its start_loading never arrived and leaving
+            # cancelled the match. Redis' penalty record says so; a lost ticket leaves none.
+            if not walked_out and not await _walked_out_of_ready_check(self.s.redis_url, self.player):
                 self.check.violations.append(f"{self.player}: resume within the grace found no ticket")
             await self.enqueue(ws)
         elif welcome.get("state") == "loading":  # matched while away: answer the ready check
             await self.send(ws, {"type": "loading_complete",
                                  "loading_session_id": welcome["loading_session_id"]})
         await self._normal(ws)
+
+
+_redis: dict[str, aioredis.Redis] = {}
+
+
+async def _walked_out_of_ready_check(redis_url: str, player: str) -> bool:
+    if not redis_url:
+        return False
+    client = _redis.get(redis_url)
+    if client is None:
+        client = _redis[redis_url] = aioredis.Redis.from_url(redis_url)
+    return bool(await client.zcard(keys.penalty(player)))
 
 
 async def play(settings: SimSettings, player: str, behaviour: str, rng: random.Random,

@@ -165,3 +165,19 @@ async def test_ready_checks_membership_and_session(env, admin: aioredis.Redis) -
     assert (await ready(env, "a")).outcome == "ready"
     assert (await ready(env, "a")).outcome == "ready"  # twice is harmless
     assert await admin.hget(keys.match(MODE, MATCH), "ready") == "1"
+
+
+async def test_a_leaver_who_reconnected_before_the_cancel_stays_in_the_match(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis
+) -> None:
+    await make_match(env, 60_000)
+    players, loading, _ = env
+    detached = await players.detach("a", "a-c")
+    assert detached.outcome == "loading"
+    back = await players.attach("a", "a-c2")  # reconnected: welcomed as loading
+    assert back.player.state == "loading" and back.player.match_id == MATCH
+    late = await loading.finish(MODE, MATCH, "cancel", "a")
+    assert late.outcome == "final" and late.status == "loading"  # the ready check goes on
+    assert await admin.zcard(keys.penalty("a")) == 0
+    assert (await loading.ready(MODE, MATCH, "a", "a-c2", 60_000, "w1")).outcome == "ready"
+    assert (await ready(env, "b")).outcome == "allocating"
