@@ -46,6 +46,7 @@ CLOSE_REPLACED: Final = 4009
 
 
 class Phase(StrEnum):
+    CONNECTING = "connecting"  # until the welcome is sent
     IDLE = "idle"
     ENQUEUING = "enqueuing"
     QUEUED = "queued"
@@ -92,7 +93,7 @@ Effect = Send | Close | RunEnqueue | RunDequeue | RunStatus | RunReady
 
 # What the client sees of each internal phase (PROTOCOL 3 `state`).
 _VISIBLE: Final[dict[Phase, StateName]] = {
-    Phase.IDLE: "idle", Phase.ENQUEUING: "idle", Phase.QUEUED: "queued",
+    Phase.CONNECTING: "idle", Phase.IDLE: "idle", Phase.ENQUEUING: "idle", Phase.QUEUED: "queued",
     Phase.DEQUEUING: "queued", Phase.LOADING: "loading", Phase.CLOSED: "idle",
 }
 
@@ -113,7 +114,7 @@ class Session:
     ) -> None:
         self.player_id = player_id
         self.modes = modes
-        self.phase = Phase.IDLE
+        self.phase = Phase.CONNECTING
         self.last_type = ""  # type of the last frame received ("invalid", "rate_limited")
         self._bucket = TokenBucket(limits.message_rate, limits.message_burst, now)
         self._strikes_left = limits.rate_strikes
@@ -139,7 +140,7 @@ class Session:
             player_id=self.player_id, state=state, game_mode=self.game_mode,
             loading_session_id=self.loading_session_id,
             queued_at_ms=self.queued_at_ms or None, protocol=PROTOCOL_VERSION,
-        ))]
+        )), *self._release()]
 
     def replaced(self) -> list[Effect]:
         """Another connection of this player won (PROTOCOL 1): close 4009, touch nothing."""
@@ -293,7 +294,7 @@ class Session:
         """A server-initiated message (from the matchmaker, via this worker): follow it, send it."""
         if self.closed:
             return []
-        if self.phase in (Phase.ENQUEUING, Phase.DEQUEUING):
+        if self.phase in (Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
             self._held.append(message)
             return []
         match message:

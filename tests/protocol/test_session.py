@@ -167,3 +167,15 @@ def test_a_match_notice_never_overtakes_the_reply_it_follows() -> None:
     effects = s2.dequeue_refused("invalid_state", None)
     assert [type(e.message).__name__ for e in effects if isinstance(e, Send)] == ["Error", "StartLoading"]
     assert s2.phase is Phase.LOADING
+
+
+def test_nothing_overtakes_the_welcome() -> None:
+    from server.protocol.messages import StartLoading
+
+    s = Session("p1", MODES, Limits())
+    notice = StartLoading(loading_session_id="1.2.3", game_mode="1v1", teams=[["p1"], ["p2"]],
+                          deadline_ms=9)
+    assert s.deliver(notice) == []  # attached, matched, but not welcomed yet
+    sent = [e.message for e in s.welcome("queued", "1v1", 5) if isinstance(e, Send)]
+    assert [type(m).__name__ for m in sent] == ["Welcome", "StartLoading"]
+    assert s.phase is Phase.LOADING
