@@ -164,11 +164,16 @@ async def test_sighup_rolls_every_worker_without_refusing_a_connection(
             i += 1
             await asyncio.sleep(0.01)
 
+    async def until_connected(count: int) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while len(results) < count:
+                await asyncio.sleep(0.01)
+
     task = asyncio.create_task(keep_connecting())
-    await asyncio.sleep(0.2)
+    await until_connected(5)  # traffic is flowing
     served.signal(signal.SIGHUP)
     after = await wait_workers(admin, 2, exclude=set(before.values()), timeout=TIMEOUT * 6)
-    await asyncio.sleep(0.2)
+    await until_connected(len(results) + 5)  # and keeps flowing on the new workers
     stop.set()
     await task
     assert not set(after.values()) & set(before.values())
