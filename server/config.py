@@ -78,7 +78,7 @@ class MatchingConfig(_Base, frozen=True):
     lease_ttl_ms: int = 3000  # leader lease; renewed every third of it
     tick_budget_ms: int = 800  # a tick stops committing past this (well inside the lease)
     snapshot_chunk: int = 2000  # queue entries read per Redis call (bounds each call's cost)
-    commit_batch_players: int = 200  # players per fenced commit script (~2 ms of Redis each)
+    commit_batch_players: int = 100  # players per fenced commit script (~1-3 ms of Redis each)
     ready_timeout_ms: int = 15_000  # ready-check deadline after start_loading
     finished_match_ttl_ms: int = 30_000  # an ended match's record stays this long, then expires
 
