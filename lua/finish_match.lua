@@ -63,26 +63,7 @@ else
 end
 
 
--- Notifications are published here, inside the script, so every player hears about state
--- changes in exactly the order Redis made them (a second publisher could overtake).
-local outbox = {}
-local function notify(worker, conn, player, message)
-  if not worker or worker == '' or not conn or conn == '' then
-    return
-  end
-  local items = outbox[worker]
-  if not items then
-    items = {}
-    outbox[worker] = items
-  end
-  items[#items + 1] = '{"player":' .. cjson.encode(player) .. ',"conn":' .. cjson.encode(conn)
-    .. ',"message":' .. message .. '}'
-end
-local function flush(prefix)
-  for worker, items in pairs(outbox) do
-    redis.call('PUBLISH', prefix .. worker, '{"kind":"deliver","items":[' .. table.concat(items, ',') .. ']}')
-  end
-end
+--#include notify
 
 local mode_json = cjson.encode(mode)
 local function message(what, queued_at)

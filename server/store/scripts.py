@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +21,19 @@ def lua_dir() -> Path:
     raise ConfigError(f"Lua scripts not found in any of: {', '.join(map(str, candidates))}")
 
 
+_INCLUDE = re.compile(r"^--#include (\w+)$", re.MULTILINE)
+
+
 def read_scripts(directory: Path | None = None) -> dict[str, str]:
+    """Every ``lua/*.lua`` by name, with ``--#include name`` lines replaced by
+    ``lua/include/name.lua`` (Redis scripts cannot import; shared helpers live once)."""
     folder = directory or lua_dir()
-    return {path.stem: path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.lua"))}
+
+    def include(match: re.Match[str]) -> str:
+        path = folder / "include" / f"{match.group(1)}.lua"
+        if not path.is_file():
+            raise ConfigError(f"{path}: included by a script but missing")
+        return path.read_text(encoding="utf-8")
+
+    return {path.stem: _INCLUDE.sub(include, path.read_text(encoding="utf-8"))
+            for path in sorted(folder.glob("*.lua"))}

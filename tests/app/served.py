@@ -86,17 +86,17 @@ async def worker_pids(admin: aioredis.Redis, port_owner: Served | None = None) -
     out = {}
     for wid in members:
         pid = int(wid.rsplit("-", 2)[1])
-        if _alive(pid):
+        if alive(pid):
             out[wid] = pid
     return out
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Running, not merely a zombie that still answers signal 0."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still answers signal 0; its /proc status says so.
     try:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:

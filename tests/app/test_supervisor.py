@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.store import keys
-from tests.app.served import Served, http_get, sample, wait_workers
+from tests.app.served import Served, alive, http_get, sample, wait_workers
 from tests.app.test_matchmaking import start_loading
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request
 
@@ -250,20 +250,8 @@ async def test_workers_do_not_outlive_a_killed_supervisor(
     served.proc.kill()  # SIGKILL: no chance to stop its children itself
     served.proc.wait()
     async with asyncio.timeout(TIMEOUT * 2):
-        while any(_running(pid) for pid in pids.values()):
+        while any(alive(pid) for pid in pids.values()):
             await asyncio.sleep(0.05)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/status") as status:  # a zombie has exited already
-            return "\nState:\tZ" not in status.read()
-    except FileNotFoundError:
-        return False
 
 
 async def test_sigterm_with_redis_gone_still_ends_every_process(private_redis) -> None:  # type: ignore[no-untyped-def]
@@ -279,7 +267,7 @@ async def test_sigterm_with_redis_gone_still_ends_every_process(private_redis) -
         await asyncio.to_thread(served.wait, 3 + 2 + TIMEOUT)  # drain timeout + margin
         assert time.monotonic() - started < 3 + 2 + TIMEOUT
         async with asyncio.timeout(TIMEOUT):
-            while any(_running(pid) for pid in pids.values()):
+            while any(alive(pid) for pid in pids.values()):
                 await asyncio.sleep(0.05)
         for ws in clients:
             with contextlib.suppress(ConnectionClosed):
