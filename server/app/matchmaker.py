@@ -33,7 +33,6 @@ class Matchmaker:
         self.lease = Lease(matches, name, holder, config.lease_ttl_ms)
         self.trymatch = TryMatch(name, mode, config, matches, self.lease)
         self.sweeper = sweeper
-        self.skipped = 0
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
@@ -111,7 +110,6 @@ class Matchmaker:
         try:
             while self.lease.holds(token):
                 if running is not None and not running.done():
-                    self.skipped += 1
                     metrics.TRY_MATCH_SKIPPED.labels(self.name).inc()
                 else:
                     running = asyncio.create_task(self._tick(token))

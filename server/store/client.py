@@ -134,9 +134,6 @@ class RedisClient:
         """SHA -> script name, to read SLOWLOG and MONITOR output."""
         return {script.sha: name for name, script in self._scripts.items()}
 
-    async def ping(self) -> bool:
-        return bool(await self.call("ping", self.redis.ping))
-
     async def close(self) -> None:
         await self.redis.aclose()
 
