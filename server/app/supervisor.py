@@ -17,8 +17,8 @@ import queue
 import signal
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
-from multiprocessing.synchronize import Event
 from typing import Final
 
 from prometheus_client import multiprocess
@@ -36,6 +36,14 @@ _STABLE_S: Final = 30.0  # alive this long: its slot's restart backoff resets
 _BACKOFF_MAX_S: Final = 30.0
 
 
+def _readable(conn: Connection, timeout_s: float) -> bool:
+    """Has the worker written its ready byte? (EOF without it means it died first.)"""
+    try:
+        return conn.poll(timeout_s) and bool(conn.recv_bytes())
+    except (EOFError, OSError):
+        return False
+
+
 class StartupFailed(Exception):
     """A worker exited (or hung) before it was ready."""
 
@@ -44,7 +52,7 @@ class StartupFailed(Exception):
 class Slot:
     index: int
     process: SpawnProcess | None = None
-    ready: Event | None = None
+    ready: Connection | None = None  # read end of the worker's readiness pipe
     started: float = 0.0
     failures: int = 0
     restart_at: float = field(default=0.0)
@@ -115,18 +123,19 @@ class Supervisor:
     # -- workers ----------------------------------------------------------------------------
 
     def _start(self, slot: Slot) -> None:
-        slot.ready = _ctx.Event()
+        slot.ready, writer = _ctx.Pipe(duplex=False)
         slot.process = _ctx.Process(
             target=run_worker, name=f"worker-{slot.index}",
-            args=(self.config, self.url, slot.index, slot.ready),
+            args=(self.config, self.url, slot.index, writer),
         )
         slot.process.start()
+        writer.close()  # the worker holds the only write end now
         slot.started = time.monotonic()
 
     def _wait_ready(self, slot: Slot) -> None:
         assert slot.process is not None and slot.ready is not None
         deadline = time.monotonic() + _STARTUP_S
-        while not slot.ready.wait(0.1):
+        while not _readable(slot.ready, 0.1):
             if not slot.process.is_alive():
                 raise StartupFailed(f"worker-{slot.index} exited with {slot.process.exitcode} "
                                     "before it was ready")

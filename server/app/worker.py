@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -119,7 +120,9 @@ class Worker:
 
 
 class _Ready(Protocol):
-    def set(self) -> None: ...
+    """The write end of the supervisor's readiness pipe."""
+
+    def send_bytes(self, data: bytes) -> None: ...
 
 
 def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None = None) -> None:
@@ -150,7 +153,10 @@ async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
         await worker.close()
         raise
     if ready is not None:
-        ready.set()
+        # One byte down a pipe: it cannot block on a dead supervisor (a multiprocessing.Event
+        # can: its set() waits for the killed waiter's acknowledgement, freezing this loop).
+        with contextlib.suppress(OSError):
+            ready.send_bytes(b"1")
     await stop.wait()
     log.info("worker %s draining (at most %.0fs)", worker.worker_id, config.server.drain_timeout_s)
     try:

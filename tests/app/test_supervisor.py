@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.store import keys
-from tests.app.served import Served, alive, http_get, sample, wait_workers
+from tests.app.served import Served, alive, http_get, sample, wait_workers, worker_pids
 from tests.app.test_matchmaking import start_loading
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request
 
@@ -274,3 +274,19 @@ async def test_sigterm_with_redis_gone_still_ends_every_process(private_redis) -
                 await ws.recv()
     finally:
         await asyncio.to_thread(served.stop)
+
+
+async def test_supervisor_killed_while_workers_start_leaves_no_worker(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    """Killed while it waits for readiness: a worker must not hang signalling a dead parent."""
+    served = serve(workers=2)
+    async with asyncio.timeout(TIMEOUT * 4):
+        while not (pids := await worker_pids(admin)):
+            await asyncio.sleep(0.005)
+    assert served.proc is not None
+    served.proc.kill()
+    served.proc.wait()
+    async with asyncio.timeout(TIMEOUT * 2):
+        while any(alive(pid) for pid in pids.values()):
+            await asyncio.sleep(0.05)
