@@ -51,6 +51,11 @@ class CircuitBreaker:
         self.failures = 0
         self._probing = False
 
+    def abandon(self) -> None:
+        """A call that ``allow`` let through ended without an answer from Redis (cancelled, or
+        it never got a connection): if it was the half-open probe, the next call probes."""
+        self._probing = False
+
     def failure(self, now: float) -> None:
         self.failures += 1
         if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:

@@ -66,8 +66,7 @@ class RedisClient:
             health_check_interval=0,
             max_connections=max_connections,
         )
-        self._sources = read_scripts()
-        self._scripts = {name: self.redis.register_script(src) for name, src in self._sources.items()}
+        self._scripts = {name: self.redis.register_script(src) for name, src in read_scripts().items()}
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis round trip through the breaker, under the timeout; classify failures."""
@@ -79,7 +78,10 @@ class RedisClient:
         try:
             async with asyncio.timeout(self.timeout):
                 await self._slots.acquire()
-        except TimeoutError as exc:
+        except BaseException as exc:
+            self.breaker.abandon()
+            if not isinstance(exc, TimeoutError):
+                raise
             raise_if_cancelling()
             self.observer.call_done(op, time.monotonic() - started, "overloaded")
             raise StoreUnavailable(f"redis {op}: every connection busy for {self.timeout:g}s") from exc
@@ -98,6 +100,9 @@ class RedisClient:
         except StoreError:
             # Redis answered (a script error): the connection is fine as far as the breaker goes.
             self.breaker.success()
+            raise
+        except BaseException:  # cancelled: no verdict on Redis either way
+            self.breaker.abandon()
             raise
         finally:
             self._slots.release()

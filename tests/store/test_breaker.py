@@ -26,3 +26,15 @@ def test_a_success_resets_the_count() -> None:
     b.success()
     b.failure(0)
     assert b.state is BreakerState.CLOSED
+
+
+def test_an_abandoned_probe_lets_the_next_call_probe() -> None:
+    """A half-open probe that is cancelled (or never gets a connection) must not leave the
+    breaker refusing everything forever."""
+    b = CircuitBreaker(threshold=1, cooldown_s=1)
+    b.failure(0)
+    assert b.allow(2) and not b.allow(2)  # the probe is out
+    b.abandon()
+    assert b.allow(2)  # another call may probe
+    b.success()
+    assert b.state is BreakerState.CLOSED

@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from server.store import keys
+from server.store.breaker import BreakerState
 from server.store.client import RedisClient
 from server.store.embedded import EmbeddedRedis
 from server.store.errors import StoreUnavailable
@@ -113,4 +114,24 @@ async def test_every_call_is_bounded_by_the_operation_timeout(private_redis: Emb
         assert time.monotonic() - started < 0.3 + TIMEOUT / 5
     finally:
         private_redis.process.send_signal(signal.SIGCONT)
+    await client.close()
+
+
+async def test_a_cancelled_probe_does_not_wedge_the_breaker(private_redis: EmbeddedRedis) -> None:
+    client = RedisClient(private_redis.url, operation_timeout_s=5, breaker_threshold=1,
+                         breaker_cooldown_s=0)
+    client.breaker.failure(0)  # open; with no cooldown the next call is the half-open probe
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        probe = asyncio.create_task(client.call("ping", client.redis.ping))
+        async with asyncio.timeout(TIMEOUT):  # the probe is out, waiting on the frozen Redis
+            while client.breaker.state is not BreakerState.HALF_OPEN:
+                await asyncio.sleep(0)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    assert await client.call("ping", client.redis.ping) is True  # not refused: a new probe ran
     await client.close()
