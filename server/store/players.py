@@ -76,21 +76,24 @@ class PlayerStore:
         self._penalty_args = [int(pen.window_s * 1000), pen.threshold, int(pen.block_s * 1000)]
 
     async def attach(self, player: str, conn: str) -> Attached:
+        # A new connection does not know the player's mode; most connecting players are idle.
         reply = await self._with_mode(
             "attach", player, [keys.player(player), keys.worker_players(self.worker_id)],
-            lambda mode: [player, self.worker_id, conn, mode],
+            lambda mode: [player, self.worker_id, conn, mode], mode_guess="",
         )
         if reply[0] != "ok" or len(reply) < 7:
             raise ProtocolViolation(f"attach replied {reply!r}")
         state = _player_state(reply[1], reply[2], reply[3], reply[6])
         return Attached(state, previous_worker=reply[4], previous_conn=reply[5])
 
-    async def detach(self, player: str, conn: str, worker_id: str | None = None) -> DetachResult:
+    async def detach(
+        self, player: str, conn: str, worker_id: str | None = None, mode_guess: str = ""
+    ) -> DetachResult:
         """Release ``conn`` (or, with ``conn == ""``, any connection of ``worker_id``)."""
         wid = worker_id or self.worker_id
         reply = await self._with_mode(
             "detach", player, [keys.player(player), keys.worker_players(wid)],
-            lambda mode: [player, wid, conn, mode, self.grace_ms],
+            lambda mode: [player, wid, conn, mode, self.grace_ms], mode_guess,
         )
         match reply[0]:
             case "grace":
@@ -121,9 +124,9 @@ class PlayerStore:
                 return EnqueueResult("already", current=_player_state(state, current_mode, queued_at))
         raise ProtocolViolation(f"enqueue replied {reply!r}")
 
-    async def dequeue(self, player: str, conn: str) -> DequeueResult:
+    async def dequeue(self, player: str, conn: str, mode_guess: str = "") -> DequeueResult:
         reply = await self._with_mode(
-            "dequeue", player, [keys.player(player)], lambda mode: [player, conn, mode]
+            "dequeue", player, [keys.player(player)], lambda mode: [player, conn, mode], mode_guess
         )
         match reply:
             case ["ok", mode]:
@@ -134,9 +137,11 @@ class PlayerStore:
                 return DequeueResult("invalid_state")
         raise ProtocolViolation(f"dequeue replied {reply!r}")
 
-    async def status(self, player: str) -> QueueStatus:
+    async def status(self, player: str, mode_guess: str = "") -> QueueStatus:
         """The player's state, its queue's size and the Redis clock, in one read."""
-        reply = await self._with_mode("status", player, [keys.player(player)], lambda mode: [mode])
+        reply = await self._with_mode(
+            "status", player, [keys.player(player)], lambda mode: [mode], mode_guess
+        )
         if reply[0] != "ok" or len(reply) < 6:
             raise ProtocolViolation(f"status replied {reply!r}")
         return QueueStatus(_player_state(reply[1], reply[2], reply[3]), to_int(reply[4]), to_int(reply[5]))
@@ -190,17 +195,15 @@ class PlayerStore:
 
     async def _with_mode(
         self, name: str, player: str, fixed_keys: list[str],
-        args: Callable[[str], list[str | int | float]],
+        args: Callable[[str], list[str | int | float]], mode_guess: str,
     ) -> list[str]:
         """Run a script that also needs the keys of the player's current mode.
 
-        The mode is read first, then the script re-checks it and answers "retry" if it changed in
-        between, so every key a script touches is declared in KEYS.
+        The caller's guess (the session knows its mode) goes first; the script checks it and
+        answers "retry" with the real mode when it is wrong, so every key a script touches is
+        declared in KEYS and a right guess costs one round trip.
         """
-        redis = self.client.redis
-        mode = as_str(await self.client.call(
-            "hget", lambda: redis.hget(keys.player(player), "mode")
-        ))
+        mode = mode_guess
         for _ in range(_MODE_RETRIES):
             mode_keys = keys.mode_keys(mode) if mode else []
             reply = as_list(await self.client.script(name, fixed_keys + mode_keys, args(mode)), name)

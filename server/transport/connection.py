@@ -156,7 +156,7 @@ class ClientConnection:
         return []
 
     async def _dequeue(self, rid: str | None) -> list[Effect]:
-        result = await self.store.dequeue(self.player_id, self.conn_id)
+        result = await self.store.dequeue(self.player_id, self.conn_id, self.session.game_mode or "")
         if result.outcome == "ok":
             return self.session.dequeued(result.mode, rid)
         if result.outcome == "replaced":
@@ -164,7 +164,7 @@ class ClientConnection:
         return self.session.dequeue_refused(result.outcome, rid)
 
     async def _status(self, rid: str | None) -> list[Effect]:
-        status = await self.store.status(self.player_id)
+        status = await self.store.status(self.player_id, self.session.game_mode or "")
         p = status.player
         return self.session.status(
             p.state, p.mode, p.queued_at_ms, status.queue_size, status.now_ms, rid
@@ -177,7 +177,7 @@ class ClientConnection:
         for _ in range(attempts):
             await asyncio.sleep(interval_s)
             try:
-                status = await self.store.status(self.player_id)
+                status = await self.store.status(self.player_id, self.session.game_mode or "")
             except StoreError:
                 continue
             p = status.player

@@ -165,7 +165,7 @@ class FrontEnd:
             self._unregister(client)
             await client.closed()
             if attached:
-                await self.detach(identity.player_id, conn_id)
+                await self.detach(identity.player_id, conn_id, session.game_mode or "")
 
     async def _connection_flood(self, client: ClientConnection, ws: ServerConnection, now: float) -> bool:
         """PROTOCOL 5: too many new connections from one address: rate_limited, close 4008."""
@@ -191,10 +191,10 @@ class FrontEnd:
         )))
         await client.ws.close(CLOSE_INTERNAL, code)
 
-    async def detach(self, player: str, conn_id: str) -> None:
+    async def detach(self, player: str, conn_id: str, mode_guess: str = "") -> None:
         """Release the player in Redis; if Redis is down, housekeeping retries it later."""
         try:
-            result = await self.store.detach(player, conn_id)
+            result = await self.store.detach(player, conn_id, mode_guess=mode_guess)
             self.pending_detach.discard((player, conn_id))
             if result.outcome == "loading" and result.match_id:
                 # PROTOCOL 4: leaving during the ready check cancels the match for everyone.
