@@ -12,6 +12,7 @@ import msgspec
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
 from server.store.errors import ProtocolViolation, StoreError
+from server.store.players import due
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,8 +255,7 @@ class LoadingStore:
         raise StoreError(f"finish_match {match_id}: the player list kept changing")
 
     async def due(self, mode: str, limit: int = 200) -> list[str]:
-        reply = await self.client.script("due", [keys.loading(mode)], [limit])
-        return [as_str(item) for item in reply] if isinstance(reply, list) else []
+        return await due(self.client, keys.loading(mode), limit)
 
 
 def _finish_result(raw: object) -> FinishResult | None:

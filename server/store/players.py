@@ -150,8 +150,7 @@ class PlayerStore:
         return to_int(await self.client.script("heartbeat", [keys.WORKERS], [self.worker_id, ttl_ms]))
 
     async def due(self, zset_key: str, limit: int = 100) -> list[str]:
-        reply = await self.client.script("due", [zset_key], [limit])
-        return [as_str(item) for item in reply] if isinstance(reply, list) else []
+        return await due(self.client, zset_key, limit)
 
     async def expire_grace(self, player: str, mode: str) -> bool:
         raw = await self.client.script(
@@ -211,6 +210,12 @@ class PlayerStore:
                 return reply
             mode = reply[1] if len(reply) > 1 else ""
         raise StoreError(f"{name}: the player's mode kept changing")
+
+
+async def due(client: RedisClient, zset_key: str, limit: int) -> list[str]:
+    """Members of a deadline ZSET whose deadline passed on the Redis clock (``due.lua``)."""
+    reply = await client.script("due", [zset_key], [limit])
+    return [as_str(item) for item in reply] if isinstance(reply, list) else []
 
 
 def _player_state(state: str, mode: str, queued_at: str, match_id: str = "") -> PlayerState:
