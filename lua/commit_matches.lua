@@ -14,8 +14,8 @@
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {'fenced'}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--#include clock
+local now = now_ms()
 local deadline = now + tonumber(ARGV[3])
 local mode = ARGV[2]
 local epoch = string.match(ARGV[1], '|(%d+)$')

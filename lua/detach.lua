@@ -7,6 +7,7 @@
 -- (nothing changes), else {"removed"} (idle: record deleted), {"grace", deadline_ms} (queued:
 -- ticket kept but not matchable until it resumes or the deadline passes), {"loading", match id, mode}
 -- (the caller cancels that match: PROTOCOL 4, disconnect while loading).
+--#include clock
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode', 'match')
 local owner_worker, owner_conn = cur[1] or '', cur[2] or ''
@@ -24,8 +25,7 @@ end
 redis.call('SREM', KEYS[2], ARGV[1])
 local state = cur[3] or 'idle'
 if state == 'queued' then
-  local t = redis.call('TIME')
-  local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
+  local deadline = now_ms() + tonumber(ARGV[5])
   redis.call('HDEL', p, 'worker', 'conn')
   redis.call('ZADD', KEYS[5], deadline, ARGV[1])
   return {'grace', tostring(deadline)}

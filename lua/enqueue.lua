@@ -16,8 +16,8 @@ local state = cur[2] or 'idle'
 if state ~= 'idle' then
   return {'already', state, cur[3] or '', cur[4] or ''}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--#include clock
+local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[6]))
 if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then
   local newest = redis.call('ZREVRANGE', KEYS[5], 0, 0, 'WITHSCORES')

@@ -7,8 +7,8 @@ local deadline = redis.call('ZSCORE', KEYS[4], ARGV[1])
 if not deadline then
   return {'kept'}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--#include clock
+local now = now_ms()
 if tonumber(deadline) > now then
   return {'kept'}
 end

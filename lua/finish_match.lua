@@ -29,8 +29,8 @@ if player_csv ~= ARGV[3] then
   return {'retry'}
 end
 local action = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--#include clock
+local now = now_ms()
 local new_status, reason
 if status ~= 'loading' and status ~= 'allocating' then
   redis.call('ZREM', KEYS[2], ARGV[2])

@@ -30,8 +30,8 @@ local info = redis.call('HMGET', m, 'ready', 'size', 'teams', 'players', 'create
 if tonumber(info[1]) < tonumber(info[2]) then
   return {'ready', info[1], info[2]}
 end
-local t = redis.call('TIME')
-local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
+--#include clock
+local deadline = now_ms() + tonumber(ARGV[4])
 redis.call('HSET', m, 'status', 'allocating', 'deadline', deadline, 'allocator', ARGV[5],
            'all_ready', deadline - tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[2], deadline, ARGV[2])

@@ -3,8 +3,8 @@
 -- Returns {now_ms, scanned, player1, ticket1, player2, ticket2, ...}. Players in resume grace
 -- are left out (not matchable); a queued player without a ticket comes back with "" so the
 -- decoder reports it as poison. `scanned` < count means the end of the queue was reached.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--#include clock
+local now = now_ms()
 local start = tonumber(ARGV[1])
 local members = redis.call('ZRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
 local out = {tostring(now), tostring(#members)}

@@ -11,6 +11,6 @@ local size = 0
 if mode ~= '' then
   size = redis.call('ZCARD', KEYS[2])
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--#include clock
+local now = now_ms()
 return {'ok', cur[1] or 'idle', mode, cur[3] or '', tostring(size), tostring(now)}

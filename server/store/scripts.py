@@ -22,6 +22,7 @@ def lua_dir() -> Path:
 
 
 _INCLUDE = re.compile(r"^--#include (\w+)$", re.MULTILINE)
+_LEFTOVER = re.compile(r"^\s*--#include", re.MULTILINE)
 
 
 def read_scripts(directory: Path | None = None) -> dict[str, str]:
@@ -35,5 +36,10 @@ def read_scripts(directory: Path | None = None) -> dict[str, str]:
             raise ConfigError(f"{path}: included by a script but missing")
         return path.read_text(encoding="utf-8")
 
-    return {path.stem: _INCLUDE.sub(include, path.read_text(encoding="utf-8"))
-            for path in sorted(folder.glob("*.lua"))}
+    scripts = {path.stem: _INCLUDE.sub(include, path.read_text(encoding="utf-8"))
+               for path in sorted(folder.glob("*.lua"))}
+    for name, source in scripts.items():
+        # An include the pattern missed (indented, misspelt) would stay a silent Lua comment.
+        if _LEFTOVER.search(source):
+            raise ConfigError(f"lua/{name}.lua: an --#include must stand alone at column 0")
+    return scripts

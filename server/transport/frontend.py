@@ -135,7 +135,6 @@ class FrontEnd:
         client = ClientConnection(ws, identity, conn_id, session, self.store, self.loading,
                                   self.events, self.allocation_timeout_ms)
         self._register(client)
-        attached = False
         try:
             if await self._connection_flood(client, ws, now):
                 return
@@ -144,7 +143,7 @@ class FrontEnd:
             except StoreError as exc:
                 await self._refuse(client, exc)
                 return
-            attached = client.attached = True
+            client.attached = True
             await self._replace_previous(identity.player_id, result, conn_id)
             p = result.player
             await client.apply(session.welcome(p.state, p.mode, p.queued_at_ms, p.match_id))
@@ -164,7 +163,7 @@ class FrontEnd:
         finally:
             self._unregister(client)
             await client.closed()
-            if attached:
+            if client.attached:
                 await self.detach(identity.player_id, conn_id, session.game_mode or "")
 
     async def _connection_flood(self, client: ClientConnection, ws: ServerConnection, now: float) -> bool:
