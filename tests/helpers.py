@@ -12,6 +12,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from server.config import DEV_SECRET
 from server.protocol.auth import mint_token
+from server.store import keys
 
 # Every wait in the tests scales from this one constant (slow CI machines can raise it).
 TIMEOUT: Final = float(os.environ.get("FASTMATCH_TEST_TIMEOUT", "5"))
@@ -66,17 +67,9 @@ async def closed_code(ws: ClientConnection, timeout: float = TIMEOUT) -> int | N
     return ws.close_code
 
 
-# Keys that may outlive every client (DESIGN invariant 6): the worker registry while workers
-# run, a live leader lease, and counters.
-_LASTING = (":leader", ":epoch", ":players")
-_EXPIRING = ("fm:penalty:",)  # per player, with a TTL of the penalty window (tests check it)
-
-
 async def player_and_queue_keys(admin: Any) -> list[str]:
     """Every key that would be left behind by a player, a queue entry or a match."""
-    found = sorted(await admin.keys("*"))
-    return [k for k in found
-            if k != "fm:workers" and not k.endswith(_LASTING) and not k.startswith(_EXPIRING)]
+    return sorted(k for k in await admin.keys("*") if not keys.outlives_players(k))
 
 
 async def retry_while_unavailable(ws: ClientConnection, message: dict[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,6 @@ from server.sim.player import PlayerResult, SimSettings, play
 from server.sim.stats import Sampler
 from server.store import keys
 
-_LASTING = (":leader", ":epoch", ":players")
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -148,8 +146,7 @@ async def _leftovers(admin: aioredis.Redis, wait_s: float) -> list[str]:
     deadline = time.monotonic() + wait_s
     while True:
         names = [str(k) for k in await admin.keys("*")]
-        found = sorted(k for k in names if k != keys.WORKERS and not k.endswith(_LASTING)
-                       and not k.startswith("fm:penalty:"))
+        found = sorted(k for k in names if not keys.outlives_players(k))
         if not found or time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.25)

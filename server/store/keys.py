@@ -73,3 +73,13 @@ def loading(mode: str) -> str:
 
 def mode_keys(mode: str) -> list[str]:
     return [queue(mode), tickets(mode), grace(mode)]
+
+
+_LASTING: Final = (":leader", ":epoch", ":players")
+
+
+def outlives_players(key: str) -> bool:
+    """May this key remain once every player has left (DESIGN invariant 6)? The worker registry
+    and per-worker sets while workers run, a live lease, the epoch counter, and penalties, which
+    expire with their window. Anything else left behind is a leak."""
+    return key == WORKERS or key.endswith(_LASTING) or key.startswith("fm:penalty:")
