@@ -110,7 +110,7 @@ class Matchmaker:
         try:
             while self.lease.holds(token):
                 if running is not None and not running.done():
-                    metrics.TRY_MATCH_SKIPPED.labels(self.name).inc()
+                    metrics.inc(metrics.TRY_MATCH_SKIPPED, self.name)
                 else:
                     running = asyncio.create_task(self._tick(token))
                 next_at += period

@@ -233,18 +233,22 @@ class LoadingStore:
         raise ProtocolViolation(f"ready replied {raw!r:.200}")
 
     async def finish(
-        self, mode: str, match_id: str, action: FinishAction, arg: str = "", arg2: str = ""
+        self, mode: str, match_id: str, action: FinishAction, arg: str = "", arg2: str = "",
+        players: Sequence[str] | None = None,
     ) -> FinishResult:
-        """End the match if ``action`` still applies; the status check inside decides."""
-        redis = self.client.redis
+        """End the match if ``action`` still applies; the status check inside decides.
+
+        The script needs every player's keys: a caller that knows the players (the handoff
+        does, from the ready check) saves reading them first; a wrong list is re-read."""
         match_key = keys.match(mode, match_id)
+        known = list(players) if players is not None else None
         for _ in range(_FINISH_RETRIES):
-            csv = as_str(await self.client.call(
-                "hget", lambda: redis.hget(match_key, "players")
-            ))
-            players = csv.split(",") if csv else []
+            if known is None:
+                known = as_str(await self.client.command("HGET", match_key, "players")).split(",")
+            names, known = [p for p in known if p], None
+            csv = ",".join(names)
             script_keys = [match_key, keys.loading(mode), *keys.mode_keys(mode),
-                           *(keys.player(p) for p in players), *(keys.penalty(p) for p in players)]
+                           *(keys.player(p) for p in names), *(keys.penalty(p) for p in names)]
             raw = await self.client.script(
                 "finish_match", script_keys,
                 [action, match_id, csv, *self._finish_args, arg, arg2, keys.DELIVERY_PREFIX]
