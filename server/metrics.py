@@ -99,3 +99,17 @@ class RedisMetrics:
 
     def breaker_changed(self, state: int) -> None:
         BREAKER_STATE.set(int(state))
+
+# -- operating fastmatch (issue 14) ---------------------------------------------------------------
+# The overload names are issue 9's, declared here with its exact names and labels so the
+# dashboard and the alert rules can rely on them; that issue's shedding increments them.
+
+HANDSHAKES_REFUSED: Final = Counter(
+    "fastmatch_handshakes_refused",
+    "New WebSocket handshakes refused at once (HTTP 503) instead of served", ["reason"])
+LOOP_LAG: Final = Gauge(
+    "fastmatch_event_loop_lag_seconds", "How late the worker's event loop ran a timer (recent max)",
+    multiprocess_mode="livemax")
+# Incremented by the supervisor, whose process writes to the same multiprocess directory.
+WORKER_RESTARTS: Final = Counter(
+    "fastmatch_worker_restarts", "Dead workers the supervisor restarted")
