@@ -36,6 +36,7 @@ const num = (v, digits = 0) => v === null || v === undefined ? dash : Number(v).
 function dur(ms) {
   if (ms === null || ms === undefined) return dash;
   const s = ms / 1000;
+  if (Math.abs(s) < 1) return Math.round(ms) + " ms";
   if (Math.abs(s) < 10) return s.toFixed(1) + " s";
   if (Math.abs(s) < 120) return Math.round(s) + " s";
   return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
@@ -54,7 +55,9 @@ function renderMode(m, window_s) {
     field("queued", "queued", num(m.queued), "big"),
     field("disconnected", "in resume grace", num(m.disconnected)),
     field("ready_checks", "in ready check", num(m.ready_checks), "big"),
-    field("matches_window", "matches, last " + win + " s", num(m.local.matches_window), "big"),
+    // The window grows from the first state read to a minute: say which it is.
+    field("matches_window", win >= 59 ? "matches / min" : "matches, last " + win + " s",
+          num(m.local.matches_window), "big"),
     field("matches_total", "matches (this host)", num(m.local.matches_total)),
     field("wait", "wait p50 / p95 / p99", w.length ? w.map(secs).join(" / ") : dash),
     field("oldest", "longest wait now",
@@ -172,7 +175,7 @@ code { font: 12px ui-monospace, monospace; }
 # The inline script is allowed by its hash: the page runs nothing else, whatever is injected.
 SCRIPT_HASH: Final = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
 CSP: Final = (f"default-src 'none'; script-src 'sha256-{SCRIPT_HASH}'; style-src 'unsafe-inline'; "
-              "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'")
+              "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'")
 
 PAGE: Final = f"""<!doctype html>
 <html lang="en">
@@ -180,6 +183,7 @@ PAGE: Final = f"""<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
 <title>fastmatch console</title>
 <style>{_STYLE}</style>
 </head>
