@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from server.app.console import Console, Observed, quantile
+from server.app.metrics_http import MetricsServer
 from server.store import keys
 from server.store.embedded import EmbeddedRedis
 from tests.app.served import Served, http_get, sample, wait_workers
@@ -123,7 +125,23 @@ async def test_token_guards_console_and_state(serve: ServeFactory, admin: aiored
     assert (await http_get(port, "/console", AUTH))[0] == 200
     assert (await http_get(port, "/console/state", AUTH))[0] == 200
     assert (await http_get(port, "/nothing", AUTH))[0] == 404
-    assert TOKEN not in served.output()
+
+
+async def test_the_token_never_reaches_the_log(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    observed = Observed(redis_url, ("1v1",), "battle:request", 1.0, str(tmp_path), dict)
+    server = MetricsServer("127.0.0.1", 0, observed, TOKEN)
+    server.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="server.app.metrics_http"):
+            assert (await http_get(server.port, f"/console?token={TOKEN}&x=1"))[0] == 200
+            assert (await http_get(server.port, "/console?token=guess"))[0] == 401
+    finally:
+        await asyncio.to_thread(server.close)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "/console?token=<redacted>&x=1" in logged and "token=<redacted> " in logged
+    assert TOKEN not in logged and "guess" not in logged
 
 
 async def test_console_without_token_and_restarts_counted(
