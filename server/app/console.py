@@ -230,7 +230,9 @@ class Console:
         matches = {m: total(data, "fastmatch_matches_created_total", mode=m) for m in self.source.modes}
         waits = {m: buckets(data, "fastmatch_match_wait_seconds_bucket", m) for m in self.source.modes}
         self._history.append((now, matches, waits))
-        while len(self._history) > 1 and now - self._history[1][0] >= WINDOW_S:
+        # The baseline is the oldest read within the window; after a pause in viewing, the
+        # window starts again from the reads that follow instead of spanning the pause.
+        while now - self._history[0][0] > WINDOW_S:
             self._history.popleft()
         then, old_matches, old_waits = self._history[0]
         window_matches = {m: matches[m] - old_matches.get(m, 0.0) for m in matches}

@@ -56,7 +56,7 @@ function renderMode(m, window_s) {
     field("disconnected", "in resume grace", num(m.disconnected)),
     field("ready_checks", "in ready check", num(m.ready_checks), "big"),
     // The window grows from the first state read to a minute: say which it is.
-    field("matches_window", win >= 59 ? "matches / min" : "matches, last " + win + " s",
+    field("matches_window", win >= 55 ? "matches / min" : "matches, last " + win + " s",
           num(m.local.matches_window), "big"),
     field("matches_total", "matches (this host)", num(m.local.matches_total)),
     field("wait", "wait p50 / p95 / p99", w.length ? w.map(secs).join(" / ") : dash),

@@ -19,8 +19,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--window-size=1400,1000", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0")
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,1000",
+         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
 
 
 def find_chromium() -> str | None:
@@ -123,7 +123,7 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def chromium(binary: str, profile: Path) -> AsyncIterator[Page]:
+async def chromium(binary: str, profile: Path, start_timeout: float = 30.0) -> AsyncIterator[Page]:
     """A headless Chromium with a fresh profile; yields a page on its DevTools connection."""
     await asyncio.to_thread(profile.mkdir, parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
@@ -135,14 +135,15 @@ async def chromium(binary: str, profile: Path) -> AsyncIterator[Page]:
     try:
         # Chromium announces its DevTools endpoint on stderr once it listens.
         seen = []
-        while True:
-            line = (await proc.stderr.readline()).decode(errors="replace")
-            if not line:
-                raise CDPError(f"chromium exited ({await proc.wait()}): {''.join(seen)[-2000:]}")
-            seen.append(line)
-            if line.startswith("DevTools listening on "):
-                url = line.split(" on ", 1)[1].strip()
-                break
+        async with asyncio.timeout(start_timeout):
+            while True:
+                line = (await proc.stderr.readline()).decode(errors="replace")
+                if not line:
+                    raise CDPError(f"chromium exited ({await proc.wait()}): {''.join(seen)[-2000:]}")
+                seen.append(line)
+                if line.startswith("DevTools listening on "):
+                    url = line.split(" on ", 1)[1].strip()
+                    break
 
         async def drain_stderr() -> None:  # a full pipe would stall the browser
             assert proc.stderr is not None

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from server.app.console import Console, Observed, quantile
 from server.app.metrics_http import MetricsServer
@@ -204,3 +204,38 @@ def _plain(value: object) -> dict[str, Any]:
 
     result: dict[str, Any] = msgspec.to_builtins(value)
     return result
+
+
+async def test_matches_and_waits_cover_the_last_minute_of_reads(redis_url: str, tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    created = Counter("fastmatch_matches_created", "", ["mode"], registry=registry)
+    waits = Histogram("fastmatch_match_wait_seconds", "", ["mode"], registry=registry,
+                      buckets=(1, 10, 100))
+    now = [1000.0]
+    console = Console(Observed(redis_url, ("1v1",), "battle:request", 1.0, str(tmp_path), dict),
+                      registry, max_age_s=0, clock=lambda: now[0])
+
+    async def read() -> dict[str, Any]:
+        current = _plain(await asyncio.to_thread(console.state))
+        return {"window_s": current["window_s"], **mode(current, "1v1")["local"]}
+
+    try:
+        created.labels("1v1").inc(5)  # before the console looked: in the total only
+        assert await read() == {"window_s": 0, "matches_total": 5, "matches_window": 0,
+                                "wait_s": [None, None, None], "ticks_skipped_total": 0}
+        now[0] += 30
+        created.labels("1v1").inc(2)
+        for seconds in (5, 5):
+            waits.labels("1v1").observe(seconds)
+        first = await read()
+        assert first["window_s"] == 30 and first["matches_window"] == 2
+        assert first["wait_s"] == [pytest.approx(5.5), pytest.approx(9.55), pytest.approx(9.91)]
+        now[0] += 40  # the first read leaves the window; the second is the baseline now
+        created.labels("1v1").inc(1)
+        assert (await read())["window_s"] == 40 and (await read())["matches_window"] == 1
+        now[0] += 600  # nobody looked for ten minutes: the window starts again
+        created.labels("1v1").inc(3)
+        assert await read() == {"window_s": 0, "matches_total": 11, "matches_window": 0,
+                                "wait_s": [None, None, None], "ticks_skipped_total": 0}
+    finally:
+        console.close()

@@ -41,7 +41,7 @@ async def test_console_page_shows_queued_players_then_their_match(
             assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
             clients.append(ws)
 
-        async with chromium(CHROMIUM, tmp_path / "profile") as page:
+        async with chromium(CHROMIUM, tmp_path / "profile", TIMEOUT * 6) as page:
             async with asyncio.timeout(TIMEOUT * 4):
                 await page.open(f"http://127.0.0.1:{served.metrics_port}/console?token={TOKEN}")
             waiting = in_mode("1v1", '[data-list="waiting"]')
