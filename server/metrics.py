@@ -100,6 +100,7 @@ class RedisMetrics:
     def breaker_changed(self, state: int) -> None:
         BREAKER_STATE.set(int(state))
 
+
 # -- operating fastmatch (issue 14) ---------------------------------------------------------------
 # The overload names are issue 9's, declared here with its exact names and labels so the
 # dashboard and the alert rules can rely on them; that issue's shedding increments them.
