@@ -97,6 +97,9 @@ HANDSHAKES_REFUSED: Final = Counter(
 LOOP_LAG: Final = Gauge(
     "fastmatch_event_loop_lag_seconds", "How late the worker's event loop ran a timer (recent max)",
     multiprocess_mode="livemax")
+# Incremented by the supervisor, whose process writes to the same multiprocess directory.
+WORKER_RESTARTS: Final = Counter(
+    "fastmatch_worker_restarts", "Dead workers the supervisor restarted")
 
 
 class RedisMetrics:
