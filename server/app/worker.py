@@ -11,7 +11,7 @@ import signal
 import socket
 from typing import Protocol
 
-from server import metrics
+from server import logthrottle, metrics
 from server.app.handoff import Allocator
 from server.app.housekeeping import Housekeeper
 from server.app.loading import LoadingEvents, Sweeper
@@ -130,6 +130,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.metrics.flush_interval_s)
             metrics.flush()
+            logthrottle.flush_due()
 
 
 class _Ready(Protocol):

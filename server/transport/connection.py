@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from websockets.http11 import Request, Response
 
 from server import metrics
+from server.logthrottle import Throttled
 from server.protocol import codec
 from server.protocol.auth import Identity
 from server.protocol.messages import Error as ErrorMessage
@@ -49,6 +50,7 @@ class MatchEvents(Protocol):
 
 log = logging.getLogger(__name__)
 _UNAVAILABLE_MSG: Final = "matchmaking storage is unavailable; retry later"
+_failed = Throttled(log, "requests failed, storage unavailable")
 
 
 class ClientConnection(WebSocketProtocol):
@@ -225,7 +227,7 @@ class ClientConnection(WebSocketProtocol):
         try:
             return await self._run(effect)
         except StoreUnavailable as exc:
-            self.log.warning("request failed, storage unavailable: %s", exc)
+            _failed("%s (player %s)", exc, self.identity.player_id)
             if self._reconciling is None or self._reconciling.done():
                 self._reconciling = asyncio.get_running_loop().create_task(self._reconcile())
             return self.session.request_failed(

@@ -23,6 +23,7 @@ from websockets.http11 import Request, Response
 
 from server import metrics
 from server.config import ModeConfig, ServerConfig
+from server.logthrottle import Throttled
 from server.protocol.auth import AuthError, TokenVerifier
 from server.protocol.messages import Error
 from server.protocol.ratelimit import KeyedBuckets
@@ -38,6 +39,11 @@ from server.transport.wsproto import WsLimits
 
 log = logging.getLogger(__name__)
 WS_PATHS: Final = frozenset({"/ws", "/ws/"})
+_refusing = Throttled(log, "refusing connections, storage unavailable")
+_shedding = Throttled(log, "refusing handshakes (HTTP 503), worker busy", level=logging.INFO)
+_deferred = Throttled(log, "detach deferred to housekeeping, storage unavailable")
+_unnotified = Throttled(log, "could not tell another worker of a replaced connection")
+_crashed = Throttled(log, "connection task failed", level=logging.ERROR)
 
 
 class FrontEnd:
@@ -115,7 +121,13 @@ class FrontEnd:
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            _crashed("%s", task.get_name(), exc_info=error)
 
     # -- HTTP: health, readiness, overload, authentication ----------------------------------------
 
@@ -137,6 +149,9 @@ class FrontEnd:
             # Beyond capacity: refuse at once, before any work, instead of letting handshakes
             # queue until clients time out; players already connected keep their service.
             metrics.inc(metrics.HANDSHAKES_REFUSED, refused)
+            if refused != "draining":
+                _shedding("%s (loop lag %.0f ms, %d upgrades pending)", refused,
+                          self.lag.lag_s * 1000, self.handshakes)
             response = self.refusal(client, 503, f"server busy ({refused}); retry later")
             response.headers["Retry-After"] = str(self.config.overload_retry_after_s)
             return response
@@ -181,7 +196,7 @@ class FrontEnd:
                      retry_after_ms=refused.retry_after_ms())
 
     def refused_handshake(self, exc: StoreError) -> None:
-        log.warning("refusing connection: %s", exc)
+        _refusing("%s", exc)
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -205,7 +220,7 @@ class FrontEnd:
                 # PROTOCOL 4: leaving during the ready check cancels the match for everyone.
                 await self.events.left_loading(result.mode, result.match_id, player, self.draining)
         except StoreError as exc:
-            log.warning("detach of %s deferred: %s", player, exc)
+            _deferred("%s: %s", player, exc)
             self.pending_detach.add((player, conn_id))
 
     async def replace_previous(self, player: str, attached: Attached, conn_id: str) -> None:
@@ -221,7 +236,7 @@ class FrontEnd:
             await self.store.publish(keys.worker_channel(old_worker), data)
         except StoreError as exc:
             # The old worker's resync after its next reconnect closes it instead.
-            log.warning("could not notify %s of replaced %s: %s", old_worker, old_conn, exc)
+            _unnotified("%s of %s: %s", old_worker, old_conn, exc)
 
     def _close_replaced(self, conn_id: str) -> None:
         client = self.connections.get(conn_id)

@@ -14,6 +14,7 @@ pauses, so a flooding client is slowed by TCP instead of filling memory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from server.logthrottle import Throttled
+
+log = logging.getLogger(__name__)
+_crashed = Throttled(log, "connection handler failed", level=logging.ERROR)
 CLOSE_INTERNAL: Final = 1011
 CLOSE_INVALID_DATA: Final = 1007
 MAX_QUEUED: Final = 64
@@ -85,11 +90,18 @@ class WebSocketProtocol(asyncio.Protocol):
         self._last_recv = self._loop.time()
         ws = self.ws
         ws.receive_data(data)
-        for event in ws.events_received():
-            if isinstance(event, Frame):
-                self._on_frame(event)
-            elif isinstance(event, Request):
-                self.handle_request(event)
+        try:
+            for event in ws.events_received():
+                if isinstance(event, Frame):
+                    self._on_frame(event)
+                elif isinstance(event, Request):
+                    self.handle_request(event)
+        except Exception:  # a bug must cost this connection only, and one log line per interval
+            _crashed("connection from %s", self.peer, exc_info=True)
+            if ws.state is _OPEN:
+                ws.fail(CLOSE_INTERNAL, "internal error")
+            elif self.transport is not None:
+                self.transport.abort()
         self.flush()
 
     def eof_received(self) -> bool:
