@@ -98,8 +98,7 @@ class TryMatch:
         """DESIGN P1: an undecodable ticket is removed and counted; it never blocks the rest.
         The script tells a connected owner (`dequeued{removed}`)."""
         for player in players:
-            removal = await self.matches.remove_ticket(self.name, player)
-            if removal.removed:
+            if await self.matches.remove_ticket(self.name, player):
                 metrics.inc(metrics.POISONED, self.name)
                 log.warning("%s: removed undecodable ticket of %s", self.name, player)
 

@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 from server import metrics
 from server.config import ModeConfig, ServerConfig
 from server.logthrottle import Throttled
+from server.protocol import notices
 from server.protocol.auth import AuthError, TokenVerifier
 from server.protocol.messages import Error
 from server.protocol.ratelimit import KeyedBuckets
@@ -254,13 +255,15 @@ class FrontEnd:
         match message:
             case envelope.Replace(conn=conn):
                 self._close_replaced(conn)
-            case envelope.Deliver(items=items):
-                for item in items:
-                    client = self.connections.get(item.conn)
-                    # A connection replaced since the sender looked is skipped: the new one
-                    # learned the same state from its welcome.
-                    if client is not None and client.player_id == item.player:
-                        client.deliver(item.message)
+            case envelope.Notices(events=events):
+                connections = self.connections
+                for event in events:
+                    for player, conn, server_message in notices.messages(event):
+                        client = connections.get(conn)
+                        # A connection replaced since the script looked is skipped: the new
+                        # one learned the same state from its welcome.
+                        if client is not None and client.identity.player_id == player:
+                            client.deliver(server_message)
 
     async def resync(self) -> None:
         """After (re)subscribing: close connections replaced while we could not hear about it."""
