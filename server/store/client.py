@@ -144,12 +144,15 @@ class RedisClient:
                 raise error
             outcome = "ok"
             return reply
-        except (RespConnectionError, OSError) as exc:
-            outcome = "timeout" if isinstance(exc, RespTimeout | TimeoutError) else "unavailable"
+        except (RespConnectionError, OSError, _NotSent) as exc:
+            sent = not isinstance(exc, _NotSent)
+            cause = exc.__cause__ if isinstance(exc, _NotSent) else exc
+            outcome = "timeout" if isinstance(cause, RespTimeout | TimeoutError) else "unavailable"
             breaker.failure(loop.time())
             retry_ms = max(int(breaker.retry_after_s(loop.time()) * 1000), 1000)
-            what = f"timed out after {self.timeout:g}s" if outcome == "timeout" else f"failed: {exc}"
-            raise StoreUnavailable(f"redis {op} {what}", retry_after_ms=retry_ms) from exc
+            what = f"timed out after {self.timeout:g}s" if outcome == "timeout" else f"failed: {cause}"
+            raise StoreUnavailable(f"redis {op} {what}", retry_after_ms=retry_ms,
+                                   maybe_ran=sent) from cause
         except _Overloaded as exc:
             outcome = "overloaded"
             raise StoreUnavailable(f"redis {op}: {exc}") from None
@@ -163,7 +166,10 @@ class RedisClient:
     ) -> Reply:
         conn = self._conn
         if conn is None or conn.broken:
-            conn = await self._connected(started)
+            try:
+                conn = await self._connected(started)
+            except (RespConnectionError, OSError) as exc:
+                raise _NotSent from exc
         if conn.in_flight >= self.max_inflight:
             raise _Overloaded(f"{self.max_inflight} calls already in flight")
         if isinstance(packed, list):
@@ -280,6 +286,10 @@ class RedisClient:
         if conn is not None:
             conn.close()
             await conn.closed
+
+
+class _NotSent(Exception):
+    """The call never left: no connection to Redis could be opened."""
 
 
 class _Overloaded(Exception):
