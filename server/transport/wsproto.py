@@ -267,11 +267,14 @@ class WebSocketProtocol(asyncio.Protocol):
         return bytes(header[parsed.size:])
 
     def _reject_header(self, reason: str, detail: str) -> None:
+        """Close without a word (it is not a client of ours); count and log it once."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
         self._cancel_timer()
         if self.limits.proxy is not None:
             self.limits.proxy.rejected(self.peer, reason, detail)
-        if self.transport is not None:
-            self.transport.close()
+        transport.close()
 
     def _header_timed_out(self) -> None:
         self._timer = None
