@@ -56,7 +56,9 @@ def _encrypted() -> NoReturn:
 
 def _holds_certificate(path: str) -> bool:
     try:
-        ssl.create_default_context().load_verify_locations(cadata=Path(path).read_text("ascii"))
+        # PEM is ASCII; anything else in the file (comments) is not part of a certificate.
+        text = Path(path).read_bytes().decode("ascii", errors="ignore")
+        ssl.create_default_context().load_verify_locations(cadata=text)
     except (ssl.SSLError, ValueError, OSError):
         return False
     return True
