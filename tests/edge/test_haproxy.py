@@ -121,7 +121,8 @@ EdgeFactory = Callable[..., Awaitable[Edge]]
 
 @pytest.fixture
 async def edge(tmp_path: Path, redis_url: str, admin: aioredis.Redis) -> AsyncIterator[EdgeFactory]:
-    started: list[Edge] = []
+    hosts_started: list[Served] = []
+    proxies_started: list[HAProxy] = []
 
     async def start(**env: str) -> Edge:
         cert = make_cert(tmp_path, "server")
@@ -133,6 +134,7 @@ async def edge(tmp_path: Path, redis_url: str, admin: aioredis.Redis) -> AsyncIt
                "FASTMATCH_SERVER__DRAIN_TIMEOUT_S": "6",
                "FASTMATCH_MATCHING__FINISHED_MATCH_TTL_MS": "300", **env}
         hosts = {name: Served(redis_url, 1, **env).start() for name in ("a", "b")}
+        hosts_started.extend(hosts.values())
         pids = await wait_workers(admin, 2)
         by_supervisor = {served.proc.pid: name for name, served in hosts.items() if served.proc}
         config = tmp_path / "haproxy.cfg"
@@ -145,10 +147,10 @@ async def edge(tmp_path: Path, redis_url: str, admin: aioredis.Redis) -> AsyncIt
             "inter 1s": "inter 100ms",
         }))
         haproxy = HAProxy(config)
+        proxies_started.append(haproxy)
         await haproxy.start()
         found = Edge(port, client_context(cert), hosts, haproxy, admin,
                      {wid: by_supervisor[_parent(pid)] for wid, pid in pids.items()})
-        started.append(found)
         async with asyncio.timeout(TIMEOUT):
             while True:  # HAProxy starts listening on its own time; nothing to wait on but that
                 with contextlib.suppress(OSError):
@@ -159,12 +161,12 @@ async def edge(tmp_path: Path, redis_url: str, admin: aioredis.Redis) -> AsyncIt
         return found
 
     yield start
-    for found in started:
-        await found.haproxy.stop()
-        for served in found.hosts.values():
-            if served.proc is not None and served.proc.poll() is None:
-                served.signal(signal.SIGINT)
-            await asyncio.to_thread(served.stop)
+    for haproxy in proxies_started:
+        await haproxy.stop()
+    for served in hosts_started:
+        if served.proc is not None and served.proc.poll() is None:
+            served.signal(signal.SIGINT)  # drain at once
+        await asyncio.to_thread(served.stop)
 
 
 async def no_keys_left(admin: aioredis.Redis) -> None:
