@@ -149,6 +149,19 @@ class Worker:
         metrics.flush()
 
 
+async def _leave(worker: Worker, delay_s: float, now: asyncio.Event) -> None:
+    """Balancers first: /ready answers 503 while players, new ones too, are still served, so
+    health checks take this host out before its players are closed (README "Behind a load
+    balancer"). SIGINT cuts the delay short."""
+    if now.is_set() or delay_s <= 0:
+        return
+    worker.front.leaving = True
+    log.info("worker %s leaving: /ready answers 503; serving %.1fs more before draining",
+             worker.worker_id, delay_s)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(now.wait(), delay_s)
+
+
 class _Ready(Protocol):
     """The write end of the supervisor's readiness pipe."""
 
@@ -170,11 +183,17 @@ def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None 
 
 async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
     worker = Worker(config, redis_url)
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # SIGTERM: leave the balancer's rotation, then drain
+    now = asyncio.Event()  # SIGINT (Ctrl-C, a rolling restart): drain at once
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # The supervisor's terminal Ctrl-C reaches us too; it decides, we only follow SIGTERM.
+
+    def drain_now() -> None:
+        stop.set()
+        now.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, drain_now)
+    # A SIGHUP sent to the whole group reaches us too; restarts are the supervisor's to decide.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     try:
         await worker.start()
@@ -188,9 +207,12 @@ async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
         with contextlib.suppress(OSError):
             ready.send_bytes(b"1")
     await stop.wait()
-    log.info("worker %s draining (at most %.0fs)", worker.worker_id, config.server.drain_timeout_s)
+    # drain_timeout_s bounds everything from the signal on, the delay included.
+    deadline = loop.time() + config.server.drain_timeout_s
+    await _leave(worker, config.server.drain_delay_s, now)
+    log.info("worker %s draining (at most %.1fs)", worker.worker_id, deadline - loop.time())
     try:
-        async with asyncio.timeout(config.server.drain_timeout_s):
+        async with asyncio.timeout_at(deadline):
             await worker.close()
     except TimeoutError:
         # Whatever is stuck must not keep the process alive: Redis state left behind is

@@ -9,6 +9,7 @@ deliveries from Redis, and releases players when their connection ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import itertools
 import logging
@@ -36,6 +37,8 @@ from server.store.players import Attached, PlayerStore
 from server.transport import envelope
 from server.transport.connection import ClientConnection, MatchEvents
 from server.transport.overload import LoopLag
+from server.transport.proxyproto import ProxyPolicy
+from server.transport.tls import load_context
 from server.transport.wsproto import WsLimits
 
 log = logging.getLogger(__name__)
@@ -62,14 +65,19 @@ class FrontEnd:
         self.verifier = verifier
         self.worker_id = worker_id
         self.ready = False  # set by the worker from its Redis heartbeat
+        # SIGTERM: /ready answers 503 so balancers take the host out, while players (new ones
+        # too) are still served for server.drain_delay_s; then `close` drains.
+        self.leaving = False
         self.draining = False
         self.connections: dict[str, ClientConnection] = {}
         self.pending_detach: set[tuple[str, str]] = set()
         self.limits = Limits(config.bad_message_budget, config.message_rate, config.message_burst,
                              config.rate_limit_strikes)
+        proxy = ProxyPolicy(config.proxy_trusted, config.proxy_header_timeout_s) \
+            if config.proxy_protocol else None
         self.ws_limits = WsLimits(max_size=config.max_message_bytes,
                                   ping_interval_s=config.ping_interval_s,
-                                  ping_timeout_s=config.ping_timeout_s)
+                                  ping_timeout_s=config.ping_timeout_s, proxy=proxy)
         self.lag = LoopLag(config.max_loop_lag_ms / 1000)
         self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
         self._per_ip = KeyedBuckets(config.connect_rate_per_ip, config.connect_burst_per_ip)
@@ -82,6 +90,10 @@ class FrontEnd:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        if self.config.tls_cert_file:
+            # Read now, at each worker's start: a rolling restart serves a renewed certificate.
+            tls = load_context(self.config.tls_cert_file, self.config.tls_key_file)
+            self.ws_limits = dataclasses.replace(self.ws_limits, tls=tls)
         loop = asyncio.get_running_loop()
         options: dict[str, Any] = {"sock": sock} if sock is not None else {
             "host": host, "port": port, "reuse_port": True,
@@ -139,10 +151,10 @@ class FrontEnd:
         if url.path == "/health":
             return self.refusal(client, 200, "ok")
         if url.path == "/ready":
-            if self.ready and not self.draining:
+            if self.ready and not self.draining and not self.leaving:
                 return self.refusal(client, 200, "ready")
             return self.refusal(client, 503, "not ready: " + (
-                "draining" if self.draining else "storage unavailable"))
+                "draining" if self.draining or self.leaving else "storage unavailable"))
         if url.path not in WS_PATHS:
             return self.refusal(client, 404, "not found")
         refused = self._shed()
