@@ -1,7 +1,8 @@
 -- finish_match: every way a match ends, in one script so exactly one outcome wins
 -- (DESIGN invariant 4; seeds plan 3: a status field checked first, never a delete under a race).
 -- KEYS[1] match  KEYS[2] loading ZSET  KEYS[3] queue  KEYS[4] tickets  KEYS[5] grace
---      then the player hash of each player, then the penalty ZSET of each player (same order)
+--      then the player hash of each player, then the penalty ZSET of each player (same order),
+--      then the mode's `left` ZSET (keys.left: leavers waiting for their cancel)
 -- ARGV[1] action: "cancel" | "abort" | "expire" | "fail" | "assign"
 -- ARGV[2] match id  ARGV[3] players, comma-separated, as the caller read them
 -- ARGV[4] resume grace ms  ARGV[5] penalty window ms  ARGV[6] finished-record ttl ms
@@ -21,7 +22,15 @@
 -- failed (all requeued, allocation_failed); fail: allocating -> failed (all requeued, reason);
 -- assign: allocating -> assigned (every player's matchmaking state cleared).
 local m = KEYS[1]
+local action = ARGV[1]
+-- A cancel (or abort) settles the leaver's record in `left`, whatever the match's fate.
+local function settled()
+  if action == 'cancel' or action == 'abort' then
+    redis.call('ZREM', KEYS[#KEYS], ARGV[2] .. '|' .. ARGV[7] .. '|' .. action)
+  end
+end
 if redis.call('EXISTS', m) == 0 then
+  settled()
   return {'absent'}
 end
 local info = redis.call('HMGET', m, 'status', 'deadline', 'players', 'mode')
@@ -29,12 +38,12 @@ local status, deadline, player_csv, mode = info[1], tonumber(info[2]), info[3], 
 if player_csv ~= ARGV[3] then
   return {'retry'}
 end
-local action = ARGV[1]
 --#include clock
 local now = now_ms()
 local new_status, reason
 if status ~= 'loading' and status ~= 'allocating' then
   redis.call('ZREM', KEYS[2], ARGV[2])
+  settled()
   return {'final', status}
 elseif action == 'cancel' then
   new_status, reason = 'cancelled', 'player_left'
@@ -76,6 +85,7 @@ if action == 'cancel' then
   -- it has not left after all, and the ready check goes on.
   for j = 1, n do
     if players[j] == ARGV[7] and redis.call('HEXISTS', KEYS[5 + j], 'conn') == 1 then
+      settled()
       return {'final', status}
     end
   end
@@ -162,6 +172,7 @@ else
     .. ',"teams":' .. redis.call('HGET', m, 'teams')
 end
 redis.call('ZREM', KEYS[2], ARGV[2])
+settled()
 -- The record stays a short while so late answers meet a clear status, then it expires.
 redis.call('PEXPIRE', m, ARGV[6])
 post(head, by_worker)

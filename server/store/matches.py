@@ -222,7 +222,8 @@ class LoadingStore:
             names, known = [p for p in known if p], None
             csv = ",".join(names)
             script_keys = [match_key, keys.loading(mode), *keys.mode_keys(mode),
-                           *(keys.player(p) for p in names), *(keys.penalty(p) for p in names)]
+                           *(keys.player(p) for p in names), *(keys.penalty(p) for p in names),
+                           keys.left(mode)]
             raw = await self.client.script(
                 "finish_match", script_keys,
                 [action, match_id, csv, *self._finish_args, arg, arg2, keys.DELIVERY_PREFIX]
@@ -234,6 +235,14 @@ class LoadingStore:
 
     async def due(self, mode: str, limit: int = 200) -> list[str]:
         return await due(self.client, keys.loading(mode), limit)
+
+    async def left_due(self, mode: str, limit: int = 200) -> list[tuple[str, str, FinishAction]]:
+        """(match, player, "cancel" | "abort") of leavers whose cancel is overdue."""
+        out: list[tuple[str, str, FinishAction]] = []
+        for member in await due(self.client, keys.left(mode), limit):
+            match_id, player, kind = [*member.rsplit("|", 2), "", ""][:3]
+            out.append((match_id, player, "abort" if kind == "abort" else "cancel"))
+        return out
 
 
 def _finish_result(raw: object) -> FinishResult | None:

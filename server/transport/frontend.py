@@ -46,6 +46,7 @@ WS_PATHS: Final = frozenset({"/ws", "/ws/"})
 _refusing = Throttled(log, "refusing connections, storage unavailable")
 _shedding = Throttled(log, "refusing handshakes (HTTP 503), worker busy", level=logging.INFO)
 _deferred = Throttled(log, "detach deferred to housekeeping, storage unavailable")
+_cancel_deferred = Throttled(log, "cancel of a ready check left to the mode's leader")
 _unnotified = Throttled(log, "could not tell another worker of a replaced connection")
 _crashed = Throttled(log, "connection task failed", level=logging.ERROR)
 
@@ -227,14 +228,20 @@ class FrontEnd:
     async def detach(self, player: str, conn_id: str, mode_guess: str = "") -> None:
         """Release the player in Redis; if Redis is down, housekeeping retries it later."""
         try:
-            result = await self.store.detach(player, conn_id, mode_guess=mode_guess)
-            self.pending_detach.discard((player, conn_id))
-            if result.outcome == "loading" and result.match_id:
-                # PROTOCOL 4: leaving during the ready check cancels the match for everyone.
-                await self.events.left_loading(result.mode, result.match_id, player, self.draining)
+            result = await self.store.detach(player, conn_id, mode_guess=mode_guess,
+                                             shutdown=self.draining)
         except StoreError as exc:
             _deferred("%s: %s", player, exc)
             self.pending_detach.add((player, conn_id))
+            return
+        self.pending_detach.discard((player, conn_id))
+        if result.outcome == "loading" and result.match_id:
+            # PROTOCOL 4: leaving during the ready check cancels the match for everyone. If
+            # this fails, the detach recorded the leaver and the mode's leader cancels it.
+            try:
+                await self.events.left_loading(result.mode, result.match_id, player, self.draining)
+            except StoreError as exc:
+                _cancel_deferred("match %s (%s left): %s", result.match_id, player, exc)
 
     async def replace_previous(self, player: str, attached: Attached, conn_id: str) -> None:
         """PROTOCOL 1: the new connection wins; the old one, wherever it is, is closed with 4009."""
