@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -70,6 +71,12 @@ _BACKOFF_BASE_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 2.0
 
 
+@functools.lru_cache(maxsize=64)
+def _parse_uri(url: str) -> WebSocketURI:
+    # Many clients of one process share a URL (a load generator's thousands of players).
+    return parse_uri(url)
+
+
 class Client:
     """A fastmatch connection for one player. Make one with :func:`connect`.
 
@@ -85,7 +92,7 @@ class Client:
         max_size: int = 2**20,
     ) -> None:
         self.url = url
-        self._uri = parse_uri(url)
+        self._uri = _parse_uri(url)
         self._token = token
         self._token_in_query = token_in_query
         self._auto_ready = auto_ready
