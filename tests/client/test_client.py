@@ -28,7 +28,6 @@ from server.client import (
     PlayerBlocked,
     RateLimited,
     ServerError,
-    ServerMessage,
     ServiceUnavailable,
     SessionReplaced,
     StartLoading,
@@ -41,35 +40,27 @@ from server.client import (
     error_for,
 )
 from server.store import keys
+from tests import helpers
 from tests.conftest import GameServerFactory, WorkerFactory, make_config
-from tests.helpers import TIMEOUT, token
+from tests.helpers import TIMEOUT, next_of, token
 
 
 def url(worker: Worker, path: str = "/ws") -> str:
     return f"ws://127.0.0.1:{worker.front.port}{path}"
 
 
-async def until(client: Client, kind: type[ServerMessage]) -> ServerMessage:
-    """The next message of a type, skipping others (the stream holds every message)."""
-    async with asyncio.timeout(TIMEOUT):
-        async for message in client:
-            if isinstance(message, kind):
-                return message
-    raise AssertionError(f"the stream ended before a {kind.__name__}")
-
-
 async def next_error(client: Client) -> ServerError:
     """The next error that answers no request of ours (those were raised by the request)."""
     while True:
-        message = await until(client, Error)
-        assert isinstance(message, Error)
+        message = await next_of(client, Error)
         if message.request_id is None:
             return error_for(message)
 
 
 @contextlib.asynccontextmanager
 async def player(worker: Worker, name: str, mmr: float = 1500, **options: bool) -> AsyncIterator[Client]:
-    async with connect(url(worker), token(name, mmr), open_timeout_s=TIMEOUT, **options) as client:
+    client = await helpers.player(worker.front.port, name, mmr, **options)
+    async with client:
         yield client
 
 
@@ -108,12 +99,12 @@ async def test_ready_when_the_caller_says_so(worker: Worker, start_game_server: 
     async with player(worker, "cat") as cat, player(worker, "dan", auto_ready=True) as dan:
         await cat.enqueue("1v1")
         await dan.enqueue("1v1")
-        start = await until(cat, StartLoading)
+        start = await next_of(cat, StartLoading)
         assert isinstance(start, StartLoading) and cat.loading_session_id == start.loading_session_id
         cat.auto_ready = True  # answers the ready check running now
-        found = await until(cat, MatchFound)
+        found = await next_of(cat, MatchFound)
         assert isinstance(found, MatchFound) and found.loading_session_id == start.loading_session_id
-        assert isinstance(await until(dan, MatchFound), MatchFound)
+        assert isinstance(await next_of(dan, MatchFound), MatchFound)
 
 
 async def test_token_in_the_query_string(worker: Worker) -> None:
@@ -136,9 +127,9 @@ async def test_iteration_ends_after_close(worker: Worker) -> None:
 async def test_resume_after_a_dropped_connection(worker: Worker, admin: aioredis.Redis) -> None:
     async with player(worker, "gina") as client:
         queued = await client.enqueue("1v1")
-        await until(client, Enqueued)
+        await next_of(client, Enqueued)
         client.drop()  # no closing handshake: the server sees the socket die
-        welcome = await until(client, Welcome)
+        welcome = await next_of(client, Welcome)
         assert isinstance(welcome, Welcome) and welcome.state == "queued"
         assert welcome.queued_at_ms == queued.queued_at_ms  # the same place in the queue
         assert await admin.zscore(keys.queue("1v1"), "gina") == queued.queued_at_ms
@@ -151,7 +142,7 @@ async def test_a_second_connection_replaces_the_first_with_4009(worker: Worker) 
         async with player(worker, "hal") as new:
             assert new.welcome is not None and new.welcome.state == "queued"
             with pytest.raises(SessionReplaced) as replaced:
-                await until(old, MatchFound)  # never: the stream ends with the close
+                await next_of(old, MatchFound)  # never: the stream ends with the close
             assert replaced.value.code == CloseCode.SESSION_REPLACED == old.close_code
             assert not old.connected  # 4009 is not resumed: the other connection has the state
 
@@ -161,7 +152,7 @@ async def test_bad_message_budget_closes_with_1008(worker: Worker) -> None:
         for _ in range(4):  # the test budget is 3
             client.send("{{{")
         with pytest.raises(ConnectionClosed) as closed:
-            await until(client, MatchFound)
+            await next_of(client, MatchFound)
         assert closed.value.code == CloseCode.POLICY
 
 
@@ -225,7 +216,7 @@ async def test_loading_errors_timeout_and_block(
     async with player(w, "afk") as afk, player(w, "ok", auto_ready=True) as ok:
         await afk.enqueue("1v1")
         await ok.enqueue("1v1")
-        await until(afk, StartLoading)
+        await next_of(afk, StartLoading)
         with pytest.raises(InvalidState):
             await afk.dequeue()  # a match is loading: it cannot be left
         afk.loading_complete("not-this-one")
@@ -245,7 +236,7 @@ async def test_flood_is_rate_limited_then_closed_4008(start_worker: WorkerFactor
         limited = [a for a in answers if isinstance(a, RateLimited)]
         assert limited and all(e.retry_after_ms for e in limited)
         with pytest.raises(ConnectionClosed) as closed:
-            await until(client, MatchFound)
+            await next_of(client, MatchFound)
         assert closed.value.code == CloseCode.RATE_LIMITED
 
 
