@@ -14,7 +14,8 @@ format; errors are the exceptions of :mod:`server.client.errors`, under
 :class:`FastmatchClientError`.
 """
 
-from server.client.client import Client, Connecting, Token, connect
+from server.client.client import Client, Token
+from server.client.connect import Connecting, connect
 from server.client.errors import (
     AlreadyInQueue,
     CloseCode,

@@ -15,27 +15,22 @@ import functools
 import inspect
 import itertools
 import logging
-import random
 import ssl as ssl_module
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import msgspec
 from websockets.uri import WebSocketURI, parse_uri
 
+from server.client import retry
 from server.client.errors import (
     CloseCode,
     ConnectionClosed,
     FastmatchClientError,
     NotConnected,
-    RateLimited,
-    ServerError,
-    ServiceUnavailable,
-    Unauthorized,
-    Unavailable,
     connection_closed,
     error_for,
 )
@@ -66,9 +61,6 @@ T = TypeVar("T")
 _decoder: Final = msgspec.json.Decoder(ServerMessage)
 _encoder: Final = msgspec.json.Encoder()
 # Closes after which the same player may simply come back (docs/protocol.md "Close codes").
-_RESUMABLE: Final = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
-_BACKOFF_BASE_S: Final = 0.1
-_BACKOFF_MAX_S: Final = 2.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -336,34 +328,22 @@ class Client:
         last: FastmatchClientError = connection_closed(code, reason)
         attempt, at_least = 0, 0.0
         while True:
-            delay = max(random.uniform(0, min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**attempt)), at_least)
-            if time.monotonic() + delay >= deadline:
+            wait = retry.delay(attempt, at_least)
+            if time.monotonic() + wait >= deadline:
                 break
-            await asyncio.sleep(delay)
+            await asyncio.sleep(wait)
             attempt += 1
-            at_least = 0.0
             try:
                 await self._connect()
                 return
-            except (OSError, TimeoutError) as exc:
-                last = ConnectionClosed(CloseCode.ABNORMAL, str(exc) or type(exc).__name__)
-            except ServiceUnavailable as exc:
-                last, at_least = exc, exc.retry_after_s or 0.0
-            except (Unavailable, RateLimited) as exc:
-                last, at_least = exc, (exc.retry_after_ms or 0) / 1000
-            except Unauthorized as exc:
-                if isinstance(self._token, str):  # the same token will be refused again
-                    self._finish(exc)
+            except (OSError, TimeoutError, FastmatchClientError) as exc:
+                next_wait = retry.verdict(exc, fresh_token=not isinstance(self._token, str))
+                failure = exc if isinstance(exc, FastmatchClientError) else ConnectionClosed(
+                    CloseCode.ABNORMAL, str(exc) or type(exc).__name__)
+                if next_wait is None:
+                    self._finish(failure)
                     return
-                last = exc
-            except ConnectionClosed as exc:
-                if exc.code not in _RESUMABLE:
-                    self._finish(exc)
-                    return
-                last = exc
-            except FastmatchClientError as exc:
-                self._finish(exc)
-                return
+                last, at_least = failure, next_wait
             log.info("reconnect attempt %d failed: %s", attempt, last)
         self._finish(last)
 
@@ -451,7 +431,7 @@ class Client:
         self._fail_pending(connection_closed(code, reason))
         if self._closing:
             self._finish(None)
-        elif self.reconnect and code in _RESUMABLE:
+        elif self.reconnect and code in retry.RESUMABLE:
             self._reconnecting = asyncio.get_running_loop().create_task(self._resume(code, reason))
         else:
             self._finish(connection_closed(code, reason))
@@ -471,46 +451,3 @@ class _Abandoned:
 
     def closed(self, code: int, reason: str) -> None:
         pass
-
-
-class Connecting:
-    """``await connect(...)`` gives a connected :class:`Client`; ``async with connect(...) as
-    client`` also closes it at the end of the block."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    def __await__(self) -> Generator[Any, None, Client]:
-        return self._open().__await__()
-
-    async def _open(self) -> Client:
-        await self.client._connect()
-        return self.client
-
-    async def __aenter__(self) -> Client:
-        return await self._open()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.client.close()
-
-
-def connect(
-    url: str, token: Token, *, auto_ready: bool = False, reconnect: bool = True,
-    resume_grace_s: float = 10.0, token_in_query: bool = False, open_timeout_s: float = 10.0,
-    close_timeout_s: float = 5.0, ssl: ssl_module.SSLContext | None = None,
-) -> Connecting:
-    """Open a connection for the player the ``token`` names (a string, or a function returning
-    one, called again for every reconnect) and wait for its ``welcome``.
-
-    ``token_in_query`` sends it as ``?token=`` instead of ``Authorization: Bearer``.
-    Raises :class:`HandshakeRefused` (HTTP status), :class:`ServerError` (e.g. ``Unavailable``
-    or ``RateLimited`` at connect), :class:`ConnectionClosed`, ``OSError`` or ``TimeoutError``.
-    """
-    return Connecting(Client(
-        url, token, auto_ready=auto_ready, reconnect=reconnect, resume_grace_s=resume_grace_s,
-        token_in_query=token_in_query, open_timeout_s=open_timeout_s,
-        close_timeout_s=close_timeout_s, ssl=ssl,
-    ))
-
-
-__all__ = ["Client", "Connecting", "ServerError", "Token", "connect"]
