@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, default=Path("reports/sim.png"))
     p.add_argument("--procs", type=int, default=1,
                    help="client processes sharing the arrivals (one Python client tops out first)")
-    p.add_argument("--arrival-tick-ms", type=float, default=50.0,
+    p.add_argument("--arrival-tick-ms", type=float, default=100.0,
                    help="players due within one tick arrive together (1: evenly spaced; larger "
                         "ticks cost the generator less CPU per player)")
     p.add_argument("--no-progress", action="store_true")

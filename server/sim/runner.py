@@ -32,7 +32,7 @@ class RunConfig:
     leftover_wait_s: float = 20.0  # resume grace + ready/allocation deadlines + record TTL
     check_leftovers: bool = True
     sample: bool = True  # sample server CPU/memory and Redis (one process of a --procs run)
-    arrival_tick_s: float = 0.05  # arrivals due within a tick start together
+    arrival_tick_s: float = 0.1  # arrivals due within a tick start together (the match tick)
 
 
 @dataclass
