@@ -201,7 +201,10 @@ class Client:
         if sid == self._answered or self._wire is None:
             return
         self._answered = sid
-        self._wire.send_text(_encoder.encode(LoadingComplete(loading_session_id=sid)))
+        try:
+            self._wire.send_text(_encoder.encode(LoadingComplete(loading_session_id=sid)))
+        except ConnectionClosed:
+            return  # closing already: the server cancels the match as this player leaves
         self.messages_sent += 1
 
     # -- the message stream ---------------------------------------------------------------------
