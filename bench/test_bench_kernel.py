@@ -76,4 +76,4 @@ def test_codec_encode_start_loading(benchmark: Any) -> None:
     message = StartLoading(loading_session_id="12.3456.7", game_mode="5v5",
                            teams=[[f"player-{i}" for i in range(5)], [f"player-{i}" for i in range(5, 10)]],
                            deadline_ms=NOW)
-    assert benchmark(codec.encode, message).startswith('{"type":"start_loading"')
+    assert benchmark(codec.encode, message).startswith(b'{"type":"start_loading"')

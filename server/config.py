@@ -48,6 +48,12 @@ class ServerConfig(_Base, frozen=True):
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
     housekeeping_interval_s: float = 0.5
+    # Overload (README "Overload"): past these, new handshakes get HTTP 503 + Retry-After at once.
+    max_loop_lag_ms: float = 250.0  # the event loop runs this late (0 disables)
+    max_pending_handshakes: int = 256  # upgrades waiting for their welcome, per worker
+    max_connections: int = 50_000  # open client connections per worker
+    overload_retry_after_s: int = 1  # the Retry-After header of those 503s
+    backlog: int = 4096  # listen() queue; the kernel caps it at net.core.somaxconn
 
 
 class AuthConfig(_Base, frozen=True):
@@ -60,7 +66,9 @@ class AuthConfig(_Base, frozen=True):
 class RedisConfig(_Base, frozen=True):
     url: str = ""  # empty: start an embedded redis-server
     operation_timeout_s: float = 2.0
-    max_connections: int = 64  # per worker; more concurrent calls wait for a free one
+    # Calls awaiting replies per worker (all on one pipelined connection); past it, calls fail
+    # at once with `unavailable` without counting against Redis in the breaker.
+    max_inflight: int = 10_000
     breaker_threshold: int = 5  # consecutive failures that open the circuit
     breaker_cooldown_s: float = 60.0  # open this long, then one probe decides
     reconnect_base_s: float = 0.1
@@ -70,6 +78,7 @@ class RedisConfig(_Base, frozen=True):
 class MetricsConfig(_Base, frozen=True):
     port: int = 9100
     token: str = ""
+    flush_interval_s: float = 1.0  # workers add their in-memory counts to /metrics this often
 
 
 class MatchingConfig(_Base, frozen=True):
@@ -197,14 +206,20 @@ def _check_server(s: ServerConfig) -> None:
         _fail("server.rate_limit_strikes", "must be >= 0 (and server.drain_timeout_s > 0)")
     if s.heartbeat_ttl_s <= s.heartbeat_interval_s:
         _fail("server.heartbeat_ttl_s", "must exceed server.heartbeat_interval_s")
+    if s.max_loop_lag_ms < 0 or s.overload_retry_after_s < 0:
+        _fail("server.max_loop_lag_ms", "and server.overload_retry_after_s must be >= 0")
+    if min(s.max_pending_handshakes, s.max_connections, s.backlog) < 1:
+        _fail("server.max_connections", "and max_pending_handshakes and backlog must be >= 1")
 
 
 def _check_storage(config: Config) -> None:
     r = config.redis
     if r.operation_timeout_s <= 0:
         _fail("redis.operation_timeout_s", "must be > 0")
-    if r.max_connections < 2:
-        _fail("redis.max_connections", "must be >= 2")
+    if r.max_inflight < 1:
+        _fail("redis.max_inflight", "must be >= 1")
+    if config.metrics.flush_interval_s <= 0:
+        _fail("metrics.flush_interval_s", "must be > 0")
     if r.breaker_threshold < 1 or r.breaker_cooldown_s < 0:
         _fail("redis.breaker_threshold", "must be >= 1 (and redis.breaker_cooldown_s >= 0)")
     a = config.auth

@@ -2,11 +2,18 @@
 
 Gauges declare their multiprocess mode on purpose: workers are separate processes and the
 supervisor serves one aggregate (prometheus-client multiprocess mode).
+
+The player's path does not touch Prometheus directly: in multiprocess mode every ``inc`` and
+``observe`` takes a lock and writes a memory-mapped file (several microseconds, a dozen times
+per player). ``inc``, ``observe`` and ``add`` below count in process memory instead, and
+``flush`` adds the totals to Prometheus' files; each worker flushes every second and at exit,
+so a scrape sees exact counts at most a second late.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from bisect import bisect_left
+from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -84,6 +91,15 @@ REDIS_TIMEOUTS: Final = Counter(
 BREAKER_STATE: Final = Gauge(
     "fastmatch_redis_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
     multiprocess_mode="livemax")
+HANDSHAKES_REFUSED: Final = Counter(
+    "fastmatch_handshakes_refused", "New WebSocket handshakes refused at once (HTTP 503) instead "
+    "of served, by reason (loop_lag, inflight, max_connections, draining)", ["reason"])
+LOOP_LAG: Final = Gauge(
+    "fastmatch_event_loop_lag_seconds", "How late the worker's event loop ran a timer (recent max)",
+    multiprocess_mode="livemax")
+# Incremented by the supervisor, whose process writes to the same multiprocess directory.
+WORKER_RESTARTS: Final = Counter(
+    "fastmatch_worker_restarts", "Dead workers the supervisor restarted")
 
 
 class RedisMetrics:
@@ -91,11 +107,75 @@ class RedisMetrics:
 
     def call_done(self, op: str, seconds: float, outcome: str) -> None:
         if outcome == "ok":
-            REDIS_SECONDS.labels(op).observe(seconds)
+            observe(REDIS_SECONDS, seconds, op)
             return
-        REDIS_FAILURES.labels(outcome).inc()
+        inc(REDIS_FAILURES, outcome)
         if outcome == "timeout":
-            REDIS_TIMEOUTS.inc()
+            inc(REDIS_TIMEOUTS)
 
     def breaker_changed(self, state: int) -> None:
         BREAKER_STATE.set(int(state))
+
+
+# -- in-process tallies, flushed into Prometheus -------------------------------------------------
+
+class _Pending:
+    """One label set's counts since the last flush (a counter's, a gauge's delta, or a
+    histogram's buckets and sum)."""
+
+    __slots__ = ("bounds", "buckets", "child", "total")
+
+    def __init__(self, metric: Any, labels: tuple[str, ...]) -> None:
+        self.child = metric.labels(*labels) if labels else metric
+        self.total = 0.0
+        bounds = getattr(self.child, "_upper_bounds", None)
+        self.bounds: list[float] = list(bounds) if bounds else []
+        self.buckets = [0] * len(self.bounds)
+
+    def flush(self) -> None:
+        child = self.child
+        if self.bounds:
+            # Histogram internals (stable since prometheus-client 0.4): per-bucket values and
+            # the sum; tests/app/test_metrics.py compares the result with plain observe().
+            for i, count in enumerate(self.buckets):
+                if count:
+                    child._buckets[i].inc(count)
+                    self.buckets[i] = 0
+            if self.total:
+                child._sum.inc(self.total)
+        elif self.total:
+            child.inc(self.total)
+        self.total = 0.0
+
+
+_pending: dict[tuple[Any, tuple[str, ...]], _Pending] = {}
+
+
+def _entry(metric: Any, labels: tuple[str, ...]) -> _Pending:
+    entry = _pending.get((metric, labels))
+    if entry is None:
+        entry = _pending[(metric, labels)] = _Pending(metric, labels)
+    return entry
+
+
+def inc(metric: Counter, *labels: str, amount: float = 1.0) -> None:
+    """``metric.labels(*labels).inc(amount)``, counted in memory until the next ``flush``."""
+    _entry(metric, labels).total += amount
+
+
+def add(metric: Gauge, amount: float, *labels: str) -> None:
+    """Move a livesum gauge by ``amount`` (e.g. +1/-1 per connection) at the next ``flush``."""
+    _entry(metric, labels).total += amount
+
+
+def observe(metric: Histogram, value: float, *labels: str) -> None:
+    """``metric.labels(*labels).observe(value)``, counted in memory until the next ``flush``."""
+    entry = _entry(metric, labels)
+    entry.buckets[bisect_left(entry.bounds, value)] += 1
+    entry.total += value
+
+
+def flush() -> None:
+    """Add everything counted since the last call to Prometheus (files or registry)."""
+    for entry in list(_pending.values()):
+        entry.flush()

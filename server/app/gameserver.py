@@ -14,9 +14,9 @@ import signal
 from dataclasses import dataclass
 
 import msgspec
-import redis.asyncio as aioredis
 
 from server.protocol import gameserver as gs
+from server.store.client import RedisClient
 from server.transport.subscriber import Subscriber
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,9 @@ class ReferenceGameServer:
     def __init__(self, redis_url: str, channel: str = "battle:request",
                  behaviour: Behaviour | None = None, seed: int | None = None) -> None:
         self.behaviour = behaviour or Behaviour()
-        self.requests: list[gs.BattleRequest] = []
-        self._redis = aioredis.Redis.from_url(redis_url)
+        self.received = 0  # battle requests heard (a count: a long run must not grow memory)
+        self.last_request: gs.BattleRequest | None = None
+        self._redis = RedisClient(redis_url)
         self._rng = random.Random(seed)
         self._subscriber = Subscriber(redis_url, {channel: self._on_request}, self._nothing)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -49,7 +50,7 @@ class ReferenceGameServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._redis.aclose()
+        await self._redis.close()
 
     @staticmethod
     async def _nothing() -> None:
@@ -61,7 +62,8 @@ class ReferenceGameServer:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("ignoring malformed battle request: %s", exc)
             return
-        self.requests.append(request)
+        self.received += 1
+        self.last_request = request
         if self.behaviour.silent:
             return
         task = asyncio.create_task(self._answer(request))
@@ -82,7 +84,7 @@ class ReferenceGameServer:
                 server_session_id=f"{request.game_mode}-{request.match_id}",
             )
         try:
-            await self._redis.publish(request.reply_to, gs.encode(reply))
+            await self._redis.command("PUBLISH", request.reply_to, gs.encode(reply))
         except Exception:  # task boundary: one failed answer must not stop the server
             log.warning("could not answer battle request %s", request.match_id, exc_info=True)
 

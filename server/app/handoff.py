@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Final
 
 import msgspec
 
@@ -41,11 +41,11 @@ class HealthMonitor:
             if self.down_since is not None:
                 log.info("game servers are back after %.1fs (%d requests found none)",
                          self.clock() - self.down_since, self.consecutive)
+                metrics.GAME_SERVER_AVAILABLE.set(1)
             self.consecutive, self.down_since = 0, None
-            metrics.GAME_SERVER_AVAILABLE.set(1)
             return
         self.consecutive += 1
-        metrics.GAME_SERVER_MISSES.inc()
+        metrics.inc(metrics.GAME_SERVER_MISSES)
         metrics.GAME_SERVER_AVAILABLE.set(0)
         if self.down_since is None:
             self.down_since = self.clock()
@@ -76,8 +76,9 @@ class Allocator:
         task.add_done_callback(self._tasks.discard)
 
     async def allocate(self, mode: str, match_id: str, ready: ReadyResult) -> None:
-        metrics.LOADING_SECONDS.labels(mode).observe(
-            max(ready.deadline_ms - self.config.allocation_timeout_ms - ready.created_ms, 0) / 1000)
+        metrics.observe(metrics.LOADING_SECONDS, max(
+            ready.deadline_ms - self.config.allocation_timeout_ms - ready.created_ms, 0) / 1000, mode)
+        players = [p for team in ready.teams for p in team]
         request = gs.BattleRequest(
             match_id=match_id, game_mode=mode, teams=ready.teams,
             players={p: _player_info(t) for p, t in ready.tickets.items()},
@@ -91,25 +92,25 @@ class Allocator:
                 receivers = await self.store.publish(self.config.request_channel, gs.encode(request))
             except StoreError as exc:
                 log.warning("%s match %s: battle_request not published: %s", mode, match_id, exc)
-                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed")
+                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed", players=players)
                 return
             self.health.observe(receivers)
             if receivers == 0:
-                await self.outcomes.finish(mode, match_id, "fail", "no_game_server")
+                await self.outcomes.finish(mode, match_id, "fail", "no_game_server", players=players)
                 return
             try:
                 async with asyncio.timeout(self.config.allocation_timeout_ms / 1000):
                     reply = await future
             except TimeoutError:
                 log.warning("%s match %s: no game server answer in time", mode, match_id)
-                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed")
+                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed", players=players)
                 return
             if isinstance(reply, gs.BattleAssigned):
                 await self.outcomes.finish(mode, match_id, "assign", reply.server_address,
-                                           reply.server_session_id)
+                                           reply.server_session_id, players=players)
             else:
                 log.info("%s match %s rejected by game server: %s", mode, match_id, reply.reason)
-                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed")
+                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed", players=players)
         finally:
             self._pending.pop(match_id, None)
             self._modes.pop(match_id, None)
@@ -139,11 +140,14 @@ class Allocator:
                 log.warning("match %s left to the sweeper: %s", match_id, exc)
 
 
+_attrs_decoder: Final = msgspec.json.Decoder(dict[str, str | int | float])
+
+
 def _player_info(ticket: bytes) -> gs.PlayerInfo:
-    rating, _, rest = ticket.decode("utf-8", "replace").partition("|")
-    attrs_json = rest.partition("|")[2]
+    rating, _, rest = ticket.partition(b"|")
+    attrs_json = rest.partition(b"|")[2]
     try:
-        attrs = json.loads(attrs_json) if attrs_json else {}
-        return gs.PlayerInfo(mmr=float(rating), attrs=attrs if isinstance(attrs, dict) else {})
-    except ValueError:
+        attrs = _attrs_decoder.decode(attrs_json) if attrs_json else {}
+        return gs.PlayerInfo(mmr=float(rating), attrs=attrs)
+    except (ValueError, msgspec.DecodeError):
         return gs.PlayerInfo(mmr=0.0)

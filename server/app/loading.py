@@ -26,7 +26,7 @@ class LoadingEvents:
         await self.outcomes.finish(mode, match_id, "abort" if shutdown else "cancel", player)
 
     def enqueue_blocked(self, mode: str) -> None:
-        metrics.PLAYERS_BLOCKED.labels(mode).inc()
+        metrics.inc(metrics.PLAYERS_BLOCKED, mode)
 
 
 class Sweeper:

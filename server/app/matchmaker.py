@@ -17,10 +17,12 @@ from server.app.lease import Lease
 from server.app.loading import Sweeper
 from server.app.trymatch import TryMatch
 from server.config import MatchingConfig, ModeConfig
+from server.logthrottle import Throttled
 from server.store.errors import StoreError
 from server.store.matches import MatchStore
 
 log = logging.getLogger(__name__)
+_tick_failed = Throttled(log, "TryMatch failed")
 
 
 class Matchmaker:
@@ -110,7 +112,7 @@ class Matchmaker:
         try:
             while self.lease.holds(token):
                 if running is not None and not running.done():
-                    metrics.TRY_MATCH_SKIPPED.labels(self.name).inc()
+                    metrics.inc(metrics.TRY_MATCH_SKIPPED, self.name)
                 else:
                     running = asyncio.create_task(self._tick(token))
                 next_at += period
@@ -129,7 +131,7 @@ class Matchmaker:
             return await self.trymatch.run(token)
         except StoreError as exc:
             raise_if_cancelling()
-            log.warning("%s: TryMatch failed: %s", self.name, exc)
+            _tick_failed("%s: %s", self.name, exc)
         except Exception:  # task boundary: one bad tick must not end matchmaking
             raise_if_cancelling()
             log.exception("%s: TryMatch crashed", self.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from server import metrics
 from server.store.matches import FinishAction, FinishResult, LoadingStore
@@ -15,22 +16,23 @@ class Outcomes:
         self.loading = loading
 
     async def finish(
-        self, mode: str, match_id: str, action: FinishAction, arg: str = "", arg2: str = ""
+        self, mode: str, match_id: str, action: FinishAction, arg: str = "", arg2: str = "",
+        players: Sequence[str] | None = None,
     ) -> FinishResult:
         """Apply ``action`` if the match's status still allows it; exactly one ending wins."""
-        result = await self.loading.finish(mode, match_id, action, arg, arg2)
+        result = await self.loading.finish(mode, match_id, action, arg, arg2, players)
         if result.outcome != "done":
             log.debug("%s match %s: %s not applied (%s %s)", mode, match_id, action,
                       result.outcome, result.status)
             return result
         reason = result.reason or "none"
-        metrics.MATCHES_ENDED.labels(mode, result.status, reason).inc()
+        metrics.inc(metrics.MATCHES_ENDED, mode, result.status, reason)
         if result.status == "assigned":
-            metrics.MATCHES_ASSIGNED.labels(mode).inc()
+            metrics.inc(metrics.MATCHES_ASSIGNED, mode)
         log.info("%s match %s %s (%s)", mode, match_id, result.status, reason)
         for p in result.players:
             if p.what == "requeued":
-                metrics.PLAYERS_REQUEUED.labels(mode, result.reason).inc()
+                metrics.inc(metrics.PLAYERS_REQUEUED, mode, result.reason)
             elif p.what in ("removed", "timed_out"):
-                metrics.PLAYERS_REMOVED.labels(mode, result.reason).inc()
+                metrics.inc(metrics.PLAYERS_REMOVED, mode, result.reason)
         return result

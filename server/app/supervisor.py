@@ -23,6 +23,8 @@ from typing import Final
 
 from prometheus_client import multiprocess
 
+from server import metrics
+from server.app.console import Observed
 from server.app.gameserver import Behaviour, run_gameserver
 from server.app.metrics_http import MetricsServer
 from server.app.worker import run_worker
@@ -97,9 +99,18 @@ class Supervisor:
             self.redis = EmbeddedRedis().start()
             self.url = self.redis.url
             log.info("no redis.url configured: using embedded redis at %s", self.url)
+        if self.multiproc_dir:
+            # This process declares every metric (it imports their module) but sets no gauge;
+            # its zero-valued live gauges would win every livemin (game_server_available).
+            multiprocess.mark_process_dead(os.getpid(), self.multiproc_dir)  # type: ignore[no-untyped-call]
         if self.multiproc_dir and self.config.metrics.port:
+            observed = Observed(
+                redis_url=self.url, modes=tuple(self.config.modes),
+                request_channel=self.config.gameserver.request_channel,
+                timeout_s=self.config.redis.operation_timeout_s,
+                multiproc_dir=self.multiproc_dir, processes=self.processes)
             self.metrics = MetricsServer(self.config.server.host, self.config.metrics.port,
-                                         self.multiproc_dir, self.config.metrics.token)
+                                         observed, self.config.metrics.token)
             self.metrics.start()
         if self.config.gameserver.embedded:
             # Dev only (refused with production = true): the whole lifecycle out of the box.
@@ -156,6 +167,7 @@ class Supervisor:
                           slot.index, process.pid, process.exitcode, lived, delay)
                 slot.process, slot.restart_at = None, now + delay
             if slot.process is None and now >= slot.restart_at:
+                metrics.WORKER_RESTARTS.inc()
                 self._start(slot)
                 self._wait_ready(slot)
                 log.info("worker-%d restarted (pid %s)", slot.index, slot.process and slot.process.pid)
@@ -189,6 +201,19 @@ class Supervisor:
                 process.kill()
                 process.join()
             self._forget(process)
+
+    def processes(self) -> dict[str, int]:
+        """Local processes by role, for /metrics and the console (read from the HTTP thread)."""
+        found = {"supervisor": os.getpid()}
+        for slot in list(self.slots):
+            if slot.process is not None and slot.process.pid is not None:
+                found[f"worker-{slot.index}"] = slot.process.pid
+        if self.gameserver is not None and self.gameserver.pid is not None:
+            found["gameserver"] = self.gameserver.pid
+        redis = self.redis.process if self.redis is not None else None
+        if redis is not None:
+            found["redis"] = redis.pid
+        return found
 
     def _forget(self, process: SpawnProcess) -> None:
         """Drop a dead worker's live gauges from the aggregate (prometheus multiprocess)."""

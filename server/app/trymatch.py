@@ -41,11 +41,12 @@ class TryMatch:
     async def run(self, token: str) -> int:
         """One tick under ``token``'s lease; returns the number of matches committed."""
         started = time.monotonic()
-        with metrics.TRY_MATCH_SECONDS.labels(self.name).time():
+        try:
             plans, poison = await self.plan()
             await self.remove_poison(poison)
-            committed = await self.commit(token, plans, started)
-        return committed
+            return await self.commit(token, plans, started)
+        finally:
+            metrics.observe(metrics.TRY_MATCH_SECONDS, time.monotonic() - started, self.name)
 
     async def commit(self, token: str, plans: Sequence[MatchPlan], started: float) -> int:
         budget_s = self.config.tick_budget_ms / 1000
@@ -61,7 +62,7 @@ class TryMatch:
                 break
             result = await self._commit_batch(token, batch)
             if result.fenced:
-                metrics.COMMITS_FENCED.labels(self.name).inc()
+                metrics.inc(metrics.COMMITS_FENCED, self.name)
                 self.lease.lose()
                 log.warning("%s: commit fenced: this worker is no longer the leader", self.name)
                 break
@@ -82,14 +83,14 @@ class TryMatch:
         mode = self.name
         for match_id in result.committed:
             plan = by_id[match_id]
-            metrics.MATCHES_CREATED.labels(mode).inc()
-            metrics.PLAYERS_MATCHED.labels(mode).inc(len(plan.waits_ms))
-            metrics.MATCH_SPREAD.labels(mode).observe(plan.spread)
-            metrics.MATCH_TEAM_GAP.labels(mode).observe(plan.team_gap)
+            metrics.inc(metrics.MATCHES_CREATED, mode)
+            metrics.inc(metrics.PLAYERS_MATCHED, mode, amount=len(plan.waits_ms))
+            metrics.observe(metrics.MATCH_SPREAD, plan.spread, mode)
+            metrics.observe(metrics.MATCH_TEAM_GAP, plan.team_gap, mode)
             for wait in plan.waits_ms:
-                metrics.MATCH_WAIT.labels(mode).observe(wait / 1000)
+                metrics.observe(metrics.MATCH_WAIT, wait / 1000, mode)
         if result.poisoned:
-            metrics.POISONED.labels(mode).inc(len(result.poisoned))
+            metrics.inc(metrics.POISONED, mode, amount=len(result.poisoned))
             log.warning("%s: removed %d tickets whose owner is gone: %s",
                         mode, len(result.poisoned), result.poisoned[:10])
 
@@ -97,9 +98,8 @@ class TryMatch:
         """DESIGN P1: an undecodable ticket is removed and counted; it never blocks the rest.
         The script tells a connected owner (`dequeued{removed}`)."""
         for player in players:
-            removal = await self.matches.remove_ticket(self.name, player)
-            if removal.removed:
-                metrics.POISONED.labels(self.name).inc()
+            if await self.matches.remove_ticket(self.name, player):
+                metrics.inc(metrics.POISONED, self.name)
                 log.warning("%s: removed undecodable ticket of %s", self.name, player)
 
 

@@ -11,6 +11,7 @@ import signal
 import socket
 from typing import Protocol
 
+from server import logthrottle, metrics
 from server.app.handoff import Allocator
 from server.app.housekeeping import Housekeeper
 from server.app.loading import LoadingEvents, Sweeper
@@ -42,7 +43,7 @@ class Worker:
             redis_url, config.redis.operation_timeout_s,
             breaker_threshold=config.redis.breaker_threshold,
             breaker_cooldown_s=config.redis.breaker_cooldown_s, observer=RedisMetrics(),
-            max_connections=config.redis.max_connections,
+            max_inflight=config.redis.max_inflight,
         )
         grace_ms = config.server.resume_grace_ms
         self.store = PlayerStore(self.client, self.worker_id, grace_ms, config.penalty)
@@ -78,6 +79,7 @@ class Worker:
         } if config.matching.enabled else {}
         self._closed = asyncio.Event()
         self._closing = False
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self, port: int | None = None, sock: socket.socket | None = None) -> None:
         server = self.config.server
@@ -90,6 +92,7 @@ class Worker:
             log.warning("storage unreachable at start; will keep trying: %s", exc)
         self.subscriber.start()
         self.housekeeper.start()
+        self._flusher = asyncio.create_task(self._flush_metrics(), name="metrics-flush")
         for matchmaker in self.matchmakers.values():
             matchmaker.start()
         log.info("worker %s listening on port %d", self.worker_id, self.front.port)
@@ -112,11 +115,22 @@ class Worker:
             except StoreError as exc:
                 log.warning("could not deregister worker %s: %s", self.worker_id, exc)
             await self.client.close()
+            if self._flusher is not None:
+                self._flusher.cancel()
+                await asyncio.gather(self._flusher, return_exceptions=True)
         finally:
+            metrics.flush()
             self._closed.set()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    async def _flush_metrics(self) -> None:
+        """The player's path counts in memory (server/metrics.py); /metrics sees it from here."""
+        while True:
+            await asyncio.sleep(self.config.metrics.flush_interval_s)
+            metrics.flush()
+            logthrottle.flush_due()
 
 
 class _Ready(Protocol):

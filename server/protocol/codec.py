@@ -18,7 +18,11 @@ class BadMessage(FastmatchError):
 
 
 def decode(frame: str | bytes) -> ClientMessage:
-    """Parse one WebSocket frame. Binary frames are bad input: the protocol is JSON text."""
+    """Parse one WebSocket frame. Binary frames are bad input: the protocol is JSON text.
+
+    Whatever goes wrong is bad input (PROTOCOL 5), never a crash: msgspec raises
+    DecodeError/ValidationError for what it recognises, and RecursionError for JSON nested
+    past the interpreter's limit, even inside a field that would be ignored."""
     if not isinstance(frame, str):
         raise BadMessage("binary frames are not accepted; send JSON text frames")
     try:
@@ -28,8 +32,10 @@ def decode(frame: str | bytes) -> ClientMessage:
         raise BadMessage(f"invalid message: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise BadMessage(f"malformed JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadMessage("malformed JSON: nested too deeply") from exc
 
 
-def encode(message: ServerMessage) -> str:
-    # Text frames must carry str; the encoder's output is ASCII-safe UTF-8.
-    return _encoder.encode(message).decode()
+def encode(message: ServerMessage) -> bytes:
+    """One server message as the UTF-8 payload of a text frame."""
+    return _encoder.encode(message)

@@ -1,36 +1,45 @@
-"""The one door to Redis: every call passes through :meth:`RedisClient.call` or :meth:`script`.
+"""The one door to Redis: every call passes through :meth:`RedisClient.command` or :meth:`script`.
 
 It bounds each call with the operation timeout (DESIGN safety device P0; the old server waited
-10 s, we default to 2 s), turns every redis-py failure into :class:`StoreUnavailable` or
-:class:`StoreError`, and reloads scripts after NOSCRIPT (a restarted Redis lost them).
+10 s, we default to 2 s), turns every failure into :class:`StoreUnavailable` or
+:class:`StoreError`, keeps the circuit breaker, and reloads scripts after NOSCRIPT (a restarted
+Redis lost them). Calls share one pipelined connection (``resp.py``): whatever the worker asks
+within one event-loop iteration leaves in one write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
 
-import redis.asyncio as aioredis
-from redis import exceptions as rex
+import hiredis
 
-from server.aio import raise_if_cancelling
 from server.store.breaker import BreakerState, CircuitBreaker
 from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
+from server.store.resp import (
+    Address,
+    Reply,
+    RespConnectionError,
+    RespProtocol,
+    RespTimeout,
+    open_connection,
+    pack,
+)
 from server.store.scripts import read_scripts
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-Reply = Any  # a raw RESP reply: bytes, int, list of those, or None
+_TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 
 
 class CallObserver(Protocol):
     """Hooks for metrics (the store layer itself knows no Prometheus)."""
 
     def call_done(self, op: str, seconds: float, outcome: str) -> None:
-        """outcome: "ok", "timeout", "unavailable", "error" or "refused" (breaker open)."""
+        """outcome: "ok", "timeout", "unavailable", "error", "overloaded" or "refused"."""
 
     def breaker_changed(self, state: BreakerState) -> None:
         """The breaker moved to ``state``."""
@@ -44,108 +53,206 @@ class _NoObserver:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    sha: str
+    source: str
+
+
 class RedisClient:
     def __init__(
         self, url: str, operation_timeout_s: float = 2.0, *, breaker_threshold: int = 5,
         breaker_cooldown_s: float = 60.0, observer: CallObserver | None = None,
-        max_connections: int = 64,
+        max_inflight: int = 10_000,
     ) -> None:
         self.url = url
+        self.address = Address.from_url(url)
         self.timeout = operation_timeout_s
-        # At most this many calls in flight: the pool never runs dry, and waiting for a slot
-        # is local back-pressure that must not trip the breaker as if Redis had failed.
-        self._slots = asyncio.Semaphore(max_connections)
+        # Past this many calls awaiting replies, new calls fail at once: local back-pressure
+        # that must not trip the breaker as if Redis had failed.
+        self.max_inflight = max_inflight
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
         self.observer: CallObserver = observer or _NoObserver()
-        # The socket timeout backs up asyncio.timeout: a stuck read is abandoned either way.
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=operation_timeout_s,
-            socket_connect_timeout=operation_timeout_s,
-            retry_on_timeout=False,
-            health_check_interval=0,
-            max_connections=max_connections,
-        )
-        self._scripts = {name: self.redis.register_script(src) for name, src in read_scripts().items()}
+        self._scripts = {
+            name: Script(name, hashlib.sha1(src.encode()).hexdigest(), src)  # the SHA Redis knows it by
+            for name, src in read_scripts().items()
+        }
+        self._conn: RespProtocol | None = None
+        self._connecting: asyncio.Task[RespProtocol] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        # The watchdog looks at the oldest call this often: a call waits at most the timeout
+        # plus one period before its connection is dropped.
+        self._period = min(max(operation_timeout_s / 8, 0.01), 0.25)
+        self._closed = False
 
-    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis round trip through the breaker, under the timeout; classify failures."""
-        started = time.monotonic()
-        if not self.breaker.allow(started):
-            self.observer.call_done(op, 0.0, "refused")
-            retry_ms = max(int(self.breaker.retry_after_s(started) * 1000), 100)
-            raise StoreUnavailable(f"redis {op} refused: circuit open", retry_after_ms=retry_ms)
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._slots.acquire()
-        except BaseException as exc:
-            self.breaker.abandon()
-            if not isinstance(exc, TimeoutError):
-                raise
-            raise_if_cancelling()
-            self.observer.call_done(op, time.monotonic() - started, "overloaded")
-            raise StoreUnavailable(f"redis {op}: every connection busy for {self.timeout:g}s") from exc
-        before = self.breaker.state
-        outcome = "error"
-        try:
-            result = await self._call(op, fn, started)
-            outcome = "ok"
-            self.breaker.success()
-            return result
-        except StoreUnavailable as exc:
-            outcome = "timeout" if isinstance(exc.__cause__, TimeoutError) else "unavailable"
-            self.breaker.failure(time.monotonic())
-            exc.retry_after_ms = max(int(self.breaker.retry_after_s(time.monotonic()) * 1000), 1000)
-            raise
-        except StoreError:
-            # Redis answered (a script error): the connection is fine as far as the breaker goes.
-            self.breaker.success()
-            raise
-        except BaseException:  # cancelled: no verdict on Redis either way
-            self.breaker.abandon()
-            raise
-        finally:
-            self._slots.release()
-            self.observer.call_done(op, time.monotonic() - started, outcome)
-            if self.breaker.state is not before:
-                log.warning("redis circuit breaker %s -> %s", before.name, self.breaker.state.name)
-                self.observer.breaker_changed(self.breaker.state)
+    # -- calls ----------------------------------------------------------------------------------
 
-    async def _call(self, op: str, fn: Callable[[], Awaitable[T]], started: float) -> T:
-        try:
-            # The slot wait counts: a call never takes longer than the operation timeout.
-            async with asyncio.timeout(max(self.timeout - (time.monotonic() - started), 0.001)):
-                return await fn()
-        except TimeoutError as exc:
-            # Python 3.11: a cancel that lands as the timeout expires surfaces as TimeoutError.
-            # Swallowing it would keep a closing loop alive forever, so cancellation wins.
-            raise_if_cancelling()
-            raise StoreUnavailable(f"redis {op} timed out after {self.timeout:g}s") from exc
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"redis {op} failed: {exc}") from exc
-        except rex.ResponseError as exc:
-            if _is_transient(exc):
-                raise StoreUnavailable(f"redis {op} refused: {exc}") from exc
-            raise StoreError(f"redis {op} error: {exc}") from exc
-        except rex.RedisError as exc:
-            raise StoreError(f"redis {op} error: {exc}") from exc
+    async def command(self, *args: str | bytes | int | float) -> Reply:
+        """One Redis command, e.g. ``command("PUBLISH", channel, data)``."""
+        return await self._call(str(args[0]).lower(), pack(*args))
 
     async def script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Reply:
-        """EVALSHA the named script; redis-py's Script reloads it on NOSCRIPT."""
+        """EVALSHA the named script from ``lua/``; loaded again if Redis lost it (NOSCRIPT)."""
         script = self._scripts[name]
-        return await self.call(name, lambda: script(keys=list(keys), args=list(args)))
+        return await self._call(name, pack("EVALSHA", script.sha, len(keys), *keys, *args), script)
+
+    async def pipeline(self, op: str, commands: Sequence[Sequence[str | bytes | int | float]]) -> list[Reply]:
+        """Several commands sent together, as one call for the breaker and the timeout."""
+        if not commands:
+            return []
+        return await self._call(op, [pack(*c) for c in commands])  # type: ignore[no-any-return]
 
     def script_names(self) -> dict[str, str]:
         """SHA -> script name, to read SLOWLOG and MONITOR output."""
         return {script.sha: name for name, script in self._scripts.items()}
 
+    async def _call(self, op: str, packed: bytes | list[bytes], script: Script | None = None) -> Reply:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        breaker = self.breaker
+        before = breaker.state
+        if not breaker.allow(started):
+            self.observer.call_done(op, 0.0, "refused")
+            retry_ms = max(int(breaker.retry_after_s(started) * 1000), 100)
+            raise StoreUnavailable(f"redis {op} refused: circuit open", retry_after_ms=retry_ms)
+        outcome = "error"
+        try:
+            reply = await self._exchange(op, packed, script, started)
+            replies = reply if isinstance(packed, list) else (reply,)
+            error = next(filter(None, (_reply_error(op, r) for r in replies)), None)
+            if isinstance(error, StoreUnavailable):  # Redis is loading, busy or read-only
+                breaker.failure(loop.time())
+                outcome = "unavailable"
+                raise error
+            # Redis answered: as far as the breaker goes it is fine, even for a script error.
+            breaker.success()
+            if error is not None:
+                raise error
+            outcome = "ok"
+            return reply
+        except (RespConnectionError, OSError) as exc:
+            outcome = "timeout" if isinstance(exc, RespTimeout | TimeoutError) else "unavailable"
+            breaker.failure(loop.time())
+            retry_ms = max(int(breaker.retry_after_s(loop.time()) * 1000), 1000)
+            what = f"timed out after {self.timeout:g}s" if outcome == "timeout" else f"failed: {exc}"
+            raise StoreUnavailable(f"redis {op} {what}", retry_after_ms=retry_ms) from exc
+        except _Overloaded as exc:
+            breaker.abandon()
+            outcome = "overloaded"
+            raise StoreUnavailable(f"redis {op}: {exc}") from None
+        except StoreError:
+            raise
+        except BaseException:  # cancelled: no verdict on Redis either way
+            breaker.abandon()
+            raise
+        finally:
+            self.observer.call_done(op, loop.time() - started, outcome)
+            if breaker.state is not before:
+                log.warning("redis circuit breaker %s -> %s", before.name, breaker.state.name)
+                self.observer.breaker_changed(breaker.state)
+
+    async def _exchange(
+        self, op: str, packed: bytes | list[bytes], script: Script | None, started: float
+    ) -> Reply:
+        conn = self._conn
+        if conn is None or conn.broken:
+            conn = await self._connected(started)
+        if conn.in_flight >= self.max_inflight:
+            raise _Overloaded(f"{self.max_inflight} calls already in flight")
+        if isinstance(packed, list):
+            futures = [conn.send(p) for p in packed]
+            self._arm_watchdog()
+            return await asyncio.gather(*futures)
+        future = conn.send(packed)
+        self._arm_watchdog()
+        reply = await future
+        if script is not None and _is_noscript(reply):
+            # Redis restarted (or flushed its scripts): load and run again, back to back.
+            loaded = conn.send(pack("SCRIPT", "LOAD", script.source))
+            loaded.add_done_callback(_retrieve)
+            future = conn.send(packed)
+            reply = await future
+        return reply
+
+    # -- the connection ---------------------------------------------------------------------------
+
+    async def _connected(self, started: float) -> RespProtocol:
+        """The live connection, opening one when needed (concurrent callers share the attempt)."""
+        if self._closed:
+            raise RespConnectionError("redis client is closed")
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self._open())
+        remaining = max(self.timeout - (asyncio.get_running_loop().time() - started), 0.001)
+        try:
+            async with asyncio.timeout(remaining):
+                # Shielded: one caller's timeout or cancellation must not kill the shared attempt.
+                return await asyncio.shield(self._connecting)
+        except TimeoutError as exc:
+            raise RespTimeout(f"connecting took over {self.timeout:g}s") from exc
+
+    async def _open(self) -> RespProtocol:
+        conn = await open_connection(self.address)
+        if self._closed:
+            conn.close()
+            raise RespConnectionError("redis client is closed")
+        self._conn = conn
+        return conn
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self._period, self._watch)
+
+    def _watch(self) -> None:
+        """Drop a connection whose oldest call is past the timeout: Redis hangs, or the socket
+        is half-open. Every call on it fails now (replies come in order, so all are stuck)."""
+        self._watchdog = None
+        conn = self._conn
+        if conn is None or conn.broken:
+            return
+        sent = conn.oldest_sent_at()
+        if sent is None:
+            return
+        if asyncio.get_running_loop().time() - sent >= self.timeout:
+            conn.abort(RespTimeout(f"no reply within {self.timeout:g}s"))
+            return
+        self._arm_watchdog()
+
     async def close(self) -> None:
-        await self.redis.aclose()
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            await conn.closed
 
 
-def _is_transient(exc: rex.ResponseError) -> bool:
-    text = str(exc)
-    return text.startswith(("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN"))
+class _Overloaded(Exception):
+    """Too many calls in flight on this worker (not Redis' fault)."""
+
+
+def _retrieve(future: asyncio.Future[Reply]) -> None:
+    """A reply nobody awaits: its outcome shows in the call that follows it."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _is_noscript(reply: Reply) -> bool:
+    return type(reply) is hiredis.ReplyError and str(reply).startswith("NOSCRIPT")
+
+
+def _reply_error(op: str, reply: Reply) -> StoreError | None:
+    """The error a reply is, if it is one."""
+    if type(reply) is not hiredis.ReplyError:
+        return None
+    text = str(reply)
+    if text.startswith(_TRANSIENT):
+        return StoreUnavailable(f"redis {op} refused: {text}")
+    return StoreError(f"redis {op} error: {text}")
 
 
 def as_str(value: Reply) -> str:

@@ -159,10 +159,7 @@ class PlayerStore:
         return as_list(raw, "expire_grace")[0] == "removed"
 
     async def worker_members(self, worker_id: str) -> list[str]:
-        redis = self.client.redis
-        members = await self.client.call(
-            "smembers", lambda: redis.smembers(keys.worker_players(worker_id))
-        )
+        members = await self.client.command("SMEMBERS", keys.worker_players(worker_id))
         return sorted(as_str(m) for m in members)
 
     async def forget_worker(self, worker_id: str) -> bool:
@@ -173,24 +170,19 @@ class PlayerStore:
 
     async def owners(self, players: list[str], chunk: int = 500) -> list[tuple[str, str]]:
         """(worker, conn) holding each player ("" when Redis has no record), pipelined."""
-        redis = self.client.redis
         out: list[tuple[str, str]] = []
         for start in range(0, len(players), chunk):
             part = players[start:start + chunk]
-
-            async def run(part: list[str] = part) -> list[list[bytes | None]]:
-                pipe = redis.pipeline(transaction=False)
-                for player in part:
-                    pipe.hmget(keys.player(player), ["worker", "conn"])
-                return await pipe.execute()
-
-            for worker, conn in await self.client.call("owners", run):
-                out.append((as_str(worker), as_str(conn)))
+            replies = await self.client.pipeline(
+                "owners", [("HMGET", keys.player(p), "worker", "conn") for p in part])
+            for reply in replies:
+                if not isinstance(reply, list) or len(reply) != 2:
+                    raise ProtocolViolation(f"owners: HMGET replied {reply!r:.100}")
+                out.append((as_str(reply[0]), as_str(reply[1])))
         return out
 
     async def publish(self, channel: str, data: bytes) -> int:
-        redis = self.client.redis
-        return int(await self.client.call("publish", lambda: redis.publish(channel, data)))
+        return to_int(await self.client.command("PUBLISH", channel, data))
 
     async def _with_mode(
         self, name: str, player: str, fixed_keys: list[str],

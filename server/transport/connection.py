@@ -1,21 +1,22 @@
-"""One client connection: runs the session's effects against the store and the socket."""
+"""One client connection: the WebSocket, its session, and the requests the session asks for."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from server import metrics
+from server.logthrottle import Throttled
 from server.protocol import codec
 from server.protocol.auth import Identity
 from server.protocol.messages import Error as ErrorMessage
+from server.protocol.messages import ServerMessage
 from server.protocol.session import (
     CLOSE_INTERNAL,
+    CLOSE_RATE_LIMITED,
     Close,
     Effect,
     RunDequeue,
@@ -26,8 +27,11 @@ from server.protocol.session import (
     Session,
 )
 from server.store.errors import StoreError, StoreUnavailable
-from server.store.matches import LoadingStore, ReadyResult
-from server.store.players import PlayerStore
+from server.store.matches import ReadyResult
+from server.transport.wsproto import WebSocketProtocol
+
+if TYPE_CHECKING:
+    from server.transport.frontend import FrontEnd
 
 
 class MatchEvents(Protocol):
@@ -43,81 +47,189 @@ class MatchEvents(Protocol):
     def enqueue_blocked(self, mode: str) -> None:
         """An enqueue was refused with player_blocked (for metrics)."""
 
+
 log = logging.getLogger(__name__)
 _UNAVAILABLE_MSG: Final = "matchmaking storage is unavailable; retry later"
+_failed = Throttled(log, "requests failed, storage unavailable")
 
 
-class ClientConnection:
-    def __init__(
-        self, ws: ServerConnection, identity: Identity, conn_id: str, session: Session,
-        store: PlayerStore, loading: LoadingStore, events: MatchEvents, allocation_timeout_ms: int,
-    ) -> None:
-        self.ws = ws
-        self.identity = identity
-        self.conn_id = conn_id
-        self.session = session
-        self.store = store
-        self.loading = loading
-        self.events = events
-        self.allocation_timeout_ms = allocation_timeout_ms
+class ClientConnection(WebSocketProtocol):
+    def __init__(self, front: FrontEnd) -> None:
+        super().__init__(front.ws_limits)
+        self.front = front
+        self.identity = Identity("")
+        self.conn_id = ""
+        self.session: Session | None = None
         self.attached = False  # set once Redis records this connection as the player's
-        self._closing: asyncio.Task[None] | None = None
+        self._upgrade: Response | None = None  # the 101, sent together with the welcome
+        self._attaching = False
         self._reconciling: asyncio.Task[None] | None = None
-        self.log = logging.LoggerAdapter(log, {"player": identity.player_id, "conn": conn_id})
 
     @property
     def player_id(self) -> str:
         return self.identity.player_id
 
-    async def apply(self, effects: list[Effect]) -> None:
-        """Carry out effects in order; results of requests feed back into the session."""
-        pending = list(effects)
-        while pending:
-            effect = pending.pop(0)
-            pending[:0] = await self._one(effect)
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        return logging.LoggerAdapter(log, {"player": self.identity.player_id, "conn": self.conn_id})
 
-    async def _one(self, effect: Effect) -> list[Effect]:
-        match effect:
-            case Send(message=message):
-                tag = message.__struct_config__.tag
-                metrics.MESSAGES_OUT.labels(tag).inc()
-                if isinstance(message, ErrorMessage):
-                    metrics.ERRORS_SENT.labels(message.code).inc()
-                    if message.code == "rate_limited":
-                        metrics.RATE_LIMITED.labels("message").inc()
-                await self.send_text(codec.encode(message))
-            case Close(code=code, reason=reason):
-                # In the background: the handler must keep reading (and dropping) frames, or
-                # a flooded receive queue pauses reading and the closing handshake never ends.
-                if self._closing is None:
-                    self._closing = asyncio.create_task(self.ws.close(code, reason))
-            case RunEnqueue(game_mode=mode, request_id=rid):
-                return await self._guarded(rid, self._enqueue(mode, rid))
-            case RunDequeue(request_id=rid):
-                return await self._guarded(rid, self._dequeue(rid))
-            case RunStatus(request_id=rid):
-                return await self._guarded(rid, self._status(rid))
-            case RunReady(loading_session_id=sid, game_mode=mode, request_id=rid):
-                return await self._guarded(rid, self._ready(mode, sid, rid))
-        return []
+    @property
+    def handshaking(self) -> bool:
+        return self._attaching
 
-    async def send_text(self, text: str) -> None:
-        # A closed socket is noticed by the handler, which cleans up.
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(text)
+    # -- the opening handshake ------------------------------------------------------------------
 
-    async def _guarded(self, rid: str | None, request: object) -> list[Effect]:
+    def handle_request(self, request: Request) -> None:
+        refusal = self.front.admit(self, request)
+        if refusal is not None:
+            self.respond(refusal)
+            return
+        upgrade = self.ws.accept(request)
+        if upgrade.status_code != 101:  # not a valid WebSocket upgrade (e.g. 426)
+            self.respond(upgrade)
+            return
+        self.hold()  # frames that arrive early wait for the welcome
+        now = self._loop.time()
+        self.session = Session(self.identity.player_id, self.front.modes, self.front.limits, now)
+        self.front.register(self)
+        flood = self.front.flood_error(self.peer, now)
+        if flood is not None:
+            # PROTOCOL 5: too many new connections from one address: rate_limited, close 4008.
+            self.respond(upgrade, flush=False)
+            self._send(flood)
+            self.close_with(CLOSE_RATE_LIMITED, "rate limited")
+            return
+        self._upgrade = upgrade
+        self._attaching = True
+        self.front.handshake_started()
+        self.front.spawn(self._attach())
+
+    async def _attach(self) -> None:
+        front = self.front
+        try:
+            result = await front.store.attach(self.identity.player_id, self.conn_id)
+        except StoreError as exc:
+            self._attach_failed(exc)
+            return
+        finally:
+            self._attaching = False
+            front.handshake_ended()
+        self.attached = True
+        if self.lost or front.draining:
+            # Gone while attaching, or the worker started draining: never welcomed, so the
+            # client sees a close or an immediate 503 to retry elsewhere, never a 1001.
+            if not self.lost:
+                self.respond(front.refusal(self, 503, "shutting down"))
+            await front.detach(self.identity.player_id, self.conn_id)
+            return
+        await front.replace_previous(self.identity.player_id, result, self.conn_id)
+        assert self.session is not None and self._upgrade is not None
+        self.respond(self._upgrade, flush=False)
+        p = result.player
+        self.release()
+        self._apply(self.session.welcome(p.state, p.mode, p.queued_at_ms, p.match_id))
+        self.drain()
+        self.flush()
+
+    def _attach_failed(self, exc: StoreError) -> None:
+        if self.lost or self._upgrade is None:
+            return
+        retry = exc.retry_after_ms if isinstance(exc, StoreUnavailable) else None
+        code = "unavailable" if isinstance(exc, StoreUnavailable) else "internal_error"
+        self.front.refused_handshake(exc)
+        self.respond(self._upgrade, flush=False)
+        self._send(ErrorMessage(code=code, message=_UNAVAILABLE_MSG, retry_after_ms=retry))
+        self.close_with(CLOSE_INTERNAL, code)
+        self.flush()
+
+    # -- client messages ------------------------------------------------------------------------
+
+    def handle_message(self, data: str | bytes) -> None:
+        session = self.session
+        if session is None or session.closed:
+            return  # frames after the session closed are dropped while the close completes
+        effects = session.receive(data, self._loop.time())
+        metrics.inc(metrics.MESSAGES_IN, session.last_type)
+        self._apply(effects)
+
+    def deliver(self, message: ServerMessage) -> None:
+        """A server-initiated message for this connection (from the worker's channel)."""
+        if self.session is not None and not self.lost:
+            self._apply(self.session.deliver(message))
+            self.flush()
+
+    def deliver_effects(self, effects: list[Effect]) -> None:
+        if not self.lost:
+            self._apply(effects)
+            self.flush()
+
+    def replaced(self) -> None:
+        """Another connection of this player won (PROTOCOL 1): close 4009."""
+        if self.session is not None and not self.lost:
+            self.log.info("session replaced by a newer connection")
+            self._apply(self.session.replaced())
+            self.flush()
+
+    def shut_down(self) -> None:
+        """The worker is draining: 1001, the client reconnects elsewhere (PROTOCOL 6)."""
+        if self.session is not None and self.attached and not self.lost:
+            self._apply(self.session.close(1001, "server shutting down"))
+            self.flush()
+
+    def handle_lost(self) -> None:
+        self.front.unregister(self)
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+        if self.attached:
+            mode = self.session.game_mode if self.session is not None else None
+            self.front.spawn(self.front.detach(self.identity.player_id, self.conn_id, mode or ""))
+
+    # -- effects --------------------------------------------------------------------------------
+
+    def _apply(self, effects: list[Effect]) -> None:
+        """Carry out effects in order. A request holds the connection; the effects after it
+        and the messages that arrive meanwhile wait for its result."""
+        for i, effect in enumerate(effects):
+            if type(effect) is Send:
+                self._send(effect.message)
+            elif type(effect) is Close:
+                self.close_with(effect.code, effect.reason)
+            else:
+                self.hold()
+                self.front.spawn(self._request(effect, effects[i + 1:]))
+                return
+
+    def _send(self, message: ServerMessage) -> None:
+        tag: str = message.__struct_config__.tag  # type: ignore[assignment]
+        metrics.inc(metrics.MESSAGES_OUT, tag)
+        if type(message) is ErrorMessage:
+            metrics.inc(metrics.ERRORS_SENT, message.code)
+            if message.code == "rate_limited":
+                metrics.inc(metrics.RATE_LIMITED, "message")
+        self.send_message(codec.encode(message))
+
+    async def _request(self, effect: Effect, rest: list[Effect]) -> None:
+        effects = await self._guarded(effect)
+        if not self.lost:
+            self.release()
+            self._apply(effects + rest)  # may start the next request
+            self.drain()
+            self.flush()
+
+    async def _guarded(self, effect: Effect) -> list[Effect]:
         """Storage failures become PROTOCOL errors; the session undoes its optimistic phase.
 
         A timeout does not say whether Redis ran the script, so the outcome is read back from
         Redis once it answers again (``reconcile``) and the client is told what happened.
         """
+        assert self.session is not None
+        rid = getattr(effect, "request_id", None)
         try:
-            return await request  # type: ignore[no-any-return, misc]
+            return await self._run(effect)
         except StoreUnavailable as exc:
-            self.log.warning("request failed, storage unavailable: %s", exc)
+            _failed("%s (player %s)", exc, self.identity.player_id)
             if self._reconciling is None or self._reconciling.done():
-                self._reconciling = asyncio.create_task(self._reconcile())
+                self._reconciling = asyncio.get_running_loop().create_task(self._reconcile())
             return self.session.request_failed(
                 "unavailable", _UNAVAILABLE_MSG, rid, exc.retry_after_ms
             )
@@ -125,29 +237,43 @@ class ClientConnection:
             self.log.exception("request failed")
             return self.session.request_failed("internal_error", "internal error", rid)
 
+    async def _run(self, effect: Effect) -> list[Effect]:
+        match effect:
+            case RunEnqueue(game_mode=mode, request_id=rid):
+                return await self._enqueue(mode, rid)
+            case RunDequeue(request_id=rid):
+                return await self._dequeue(rid)
+            case RunStatus(request_id=rid):
+                return await self._status(rid)
+            case RunReady(loading_session_id=sid, game_mode=mode, request_id=rid):
+                return await self._ready(mode, sid, rid)
+        return []
+
     async def _enqueue(self, mode: str, rid: str | None) -> list[Effect]:
+        assert self.session is not None
         rating = self.identity.rating(mode, self.session.modes[mode].default_rating)
-        result = await self.store.enqueue(
+        result = await self.front.store.enqueue(
             self.player_id, self.conn_id, mode, rating, self.identity.attrs
         )
         if result.outcome == "ok":
-            self.log.debug("enqueued in %s at %d", mode, result.queued_at_ms)
             return self.session.enqueued(mode, result.queued_at_ms, rid)
         if result.outcome == "already" and result.current is not None:
             return self.session.enqueue_refused(result.current.state, result.current.mode, rid)
         if result.outcome == "blocked":
-            self.events.enqueue_blocked(mode)
+            self.front.events.enqueue_blocked(mode)
             return self.session.enqueue_blocked(result.retry_after_ms, rid)
         return self.session.replaced()
 
     async def _ready(self, mode: str, match_id: str, rid: str | None) -> list[Effect]:
-        result = await self.loading.ready(
-            mode, match_id, self.player_id, self.conn_id, self.allocation_timeout_ms,
-            self.store.worker_id,
+        assert self.session is not None
+        front = self.front
+        result = await front.loading.ready(
+            mode, match_id, self.player_id, self.conn_id, front.allocation_timeout_ms,
+            front.worker_id,
         )
         match result.outcome:
             case "allocating":
-                self.events.all_ready(mode, match_id, result)
+                front.events.all_ready(mode, match_id, result)
             case "replaced":
                 return self.session.replaced()
             case "unknown" | "wrong_session":
@@ -156,7 +282,8 @@ class ClientConnection:
         return []
 
     async def _dequeue(self, rid: str | None) -> list[Effect]:
-        result = await self.store.dequeue(self.player_id, self.conn_id, self.session.game_mode or "")
+        assert self.session is not None
+        result = await self.front.store.dequeue(self.player_id, self.conn_id, self.session.game_mode or "")
         if result.outcome == "ok":
             return self.session.dequeued(result.mode, rid)
         if result.outcome == "replaced":
@@ -164,30 +291,24 @@ class ClientConnection:
         return self.session.dequeue_refused(result.outcome, rid)
 
     async def _status(self, rid: str | None) -> list[Effect]:
-        status = await self.store.status(self.player_id, self.session.game_mode or "")
+        assert self.session is not None
+        status = await self.front.store.status(self.player_id, self.session.game_mode or "")
         p = status.player
         return self.session.status(
             p.state, p.mode, p.queued_at_ms, status.queue_size, status.now_ms, rid
         )
 
-    async def fail(self) -> None:
-        await self.ws.close(CLOSE_INTERNAL, "internal error")
-
     async def _reconcile(self, attempts: int = 120, interval_s: float = 0.5) -> None:
+        assert self.session is not None
         for _ in range(attempts):
             await asyncio.sleep(interval_s)
             try:
-                status = await self.store.status(self.player_id, self.session.game_mode or "")
+                status = await self.front.store.status(self.player_id, self.session.game_mode or "")
             except StoreError:
                 continue
+            if self.lost:
+                return
             p = status.player
-            await self.apply(self.session.resync(p.state, p.mode, p.queued_at_ms))
+            self._apply(self.session.resync(p.state, p.mode, p.queued_at_ms))
+            self.flush()
             return
-
-    async def closed(self) -> None:
-        """Wait for a close this connection started (after its socket has ended)."""
-        if self._reconciling is not None:
-            self._reconciling.cancel()
-        if self._closing is not None:
-            with contextlib.suppress(Exception):
-                await self._closing

@@ -1,4 +1,10 @@
-"""The public WebSocket front end (PROTOCOL 1-6) and the operator endpoints (PROTOCOL 8)."""
+"""The public WebSocket front end (PROTOCOL 1-6) and the operator endpoints (PROTOCOL 8).
+
+Connections are ``ClientConnection`` protocols on one listening socket per worker
+(SO_REUSEPORT). This module decides what a handshake gets (health, readiness, 404, 401, a 503
+when the worker is overloaded or draining, or the upgrade), keeps the connections by id for
+deliveries from Redis, and releases players when their connection ends.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +13,38 @@ import http
 import itertools
 import logging
 import socket
-import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from server import metrics
 from server.config import ModeConfig, ServerConfig
-from server.protocol import codec
-from server.protocol.auth import AuthError, Identity, TokenVerifier
+from server.logthrottle import Throttled
+from server.protocol import notices
+from server.protocol.auth import AuthError, TokenVerifier
 from server.protocol.messages import Error
 from server.protocol.ratelimit import KeyedBuckets
-from server.protocol.session import CLOSE_INTERNAL, CLOSE_RATE_LIMITED, Limits, Session
+from server.protocol.session import Limits
 from server.store import keys
-from server.store.errors import StoreError, StoreUnavailable
+from server.store.errors import StoreError
 from server.store.matches import LoadingStore
 from server.store.players import Attached, PlayerStore
 from server.transport import envelope
 from server.transport.connection import ClientConnection, MatchEvents
+from server.transport.overload import LoopLag
+from server.transport.wsproto import WsLimits
 
 log = logging.getLogger(__name__)
 WS_PATHS: Final = frozenset({"/ws", "/ws/"})
-
-
-class PlayerSocket(ServerConnection):
-    """A server connection that carries the identity proven at the handshake."""
-
-    identity: Identity | None = None
+_refusing = Throttled(log, "refusing connections, storage unavailable")
+_shedding = Throttled(log, "refusing handshakes (HTTP 503), worker busy", level=logging.INFO)
+_deferred = Throttled(log, "detach deferred to housekeeping, storage unavailable")
+_unnotified = Throttled(log, "could not tell another worker of a replaced connection")
+_crashed = Throttled(log, "connection task failed", level=logging.ERROR)
 
 
 class FrontEnd:
@@ -59,27 +64,36 @@ class FrontEnd:
         self.ready = False  # set by the worker from its Redis heartbeat
         self.draining = False
         self.connections: dict[str, ClientConnection] = {}
-        self._by_player: dict[str, set[str]] = {}
         self.pending_detach: set[tuple[str, str]] = set()
         self.limits = Limits(config.bad_message_budget, config.message_rate, config.message_burst,
                              config.rate_limit_strikes)
+        self.ws_limits = WsLimits(max_size=config.max_message_bytes,
+                                  ping_interval_s=config.ping_interval_s,
+                                  ping_timeout_s=config.ping_timeout_s)
+        self.lag = LoopLag(config.max_loop_lag_ms / 1000)
+        self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
         self._per_ip = KeyedBuckets(config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
+        self._all: set[ClientConnection] = set()  # every TCP connection, welcomed or not
+        self._all_gone = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
         options: dict[str, Any] = {"sock": sock} if sock is not None else {
             "host": host, "port": port, "reuse_port": True,
         }
-        self._server = await serve(
-            self._handler, process_request=self._process_request,
-            create_connection=PlayerSocket, compression=None,
-            max_size=self.config.max_message_bytes, ping_interval=self.config.ping_interval_s,
-            ping_timeout=self.config.ping_timeout_s, **options,
-        )
+        self._server = await loop.create_server(
+            self._accepted, backlog=self.config.backlog, **options)
+        self.lag.start()
+
+    def _accepted(self) -> ClientConnection:
+        client = ClientConnection(self)
+        self._all.add(client)
+        return client
 
     @property
     def port(self) -> int:
@@ -90,105 +104,113 @@ class FrontEnd:
         """Stop accepting, close every client with 1001, wait for handlers to clean up."""
         self.draining = True
         if self._server is not None:
-            self._server.close(close_connections=True)
+            self._server.close()
+        for client in list(self._all):
+            if client.attached:
+                client.shut_down()
+            elif not client.handshaking:
+                client.respond(self.refusal(client, 503, "shutting down"))
+        # Each closing handshake is bounded by its close timeout (then aborted).
+        if self._all:
+            await self._all_gone.wait()
+        self.lag.stop()
+        while self._tasks:  # detaches of the connections that just ended
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
 
-    # -- HTTP: health, readiness, authentication --------------------------------------------------
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            _crashed("%s", task.get_name(), exc_info=error)
 
-    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+    # -- HTTP: health, readiness, overload, authentication ----------------------------------------
+
+    def admit(self, client: ClientConnection, request: Request) -> Response | None:
+        """The answer to a handshake request, or None to go on with the WebSocket upgrade
+        (the client's identity and connection id are then set)."""
         url = urlsplit(request.path)
         if url.path == "/health":
-            return ws.respond(http.HTTPStatus.OK, "ok\n")
+            return self.refusal(client, 200, "ok")
         if url.path == "/ready":
             if self.ready and not self.draining:
-                return ws.respond(http.HTTPStatus.OK, "ready\n")
-            why = "draining" if self.draining else "storage unavailable"
-            return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
+                return self.refusal(client, 200, "ready")
+            return self.refusal(client, 503, "not ready: " + (
+                "draining" if self.draining else "storage unavailable"))
         if url.path not in WS_PATHS:
-            return ws.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+            return self.refusal(client, 404, "not found")
+        refused = self._shed()
+        if refused:
+            # Beyond capacity: refuse at once, before any work, instead of letting handshakes
+            # queue until clients time out; players already connected keep their service.
+            metrics.inc(metrics.HANDSHAKES_REFUSED, refused)
+            if refused != "draining":
+                _shedding("%s (loop lag %.0f ms, %d upgrades pending)", refused,
+                          self.lag.lag_s * 1000, self.handshakes)
+            response = self.refusal(client, 503, f"server busy ({refused}); retry later")
+            response.headers["Retry-After"] = str(self.config.overload_retry_after_s)
+            return response
         try:
             identity = self.verifier.verify(_token(request.headers, url.query))
         except AuthError as exc:
-            response = ws.respond(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+            response = self.refusal(client, 401, str(exc))
             response.headers["WWW-Authenticate"] = 'Bearer realm="fastmatch"'
             return response
-        assert isinstance(ws, PlayerSocket)
-        ws.identity = identity
+        client.identity = identity
+        client.conn_id = f"{self.worker_id}.{next(self._ids)}"
         return None
 
-    # -- one connection -------------------------------------------------------------------------
+    def _shed(self) -> str:
+        if self.draining:
+            return "draining"
+        if self.lag.lagging:
+            return "loop_lag"
+        if self.handshakes >= self.config.max_pending_handshakes:
+            return "inflight"
+        if len(self.connections) >= self.config.max_connections:
+            return "max_connections"
+        return ""
 
-    async def _handler(self, ws: ServerConnection) -> None:
-        assert isinstance(ws, PlayerSocket) and ws.identity is not None
-        identity = ws.identity
-        conn_id = f"{self.worker_id}.{next(self._ids)}"
-        now = time.monotonic()
-        session = Session(identity.player_id, self.modes, self.limits, now)
-        client = ClientConnection(ws, identity, conn_id, session, self.store, self.loading,
-                                  self.events, self.allocation_timeout_ms)
-        self._register(client)
-        try:
-            if await self._connection_flood(client, ws, now):
-                return
-            try:
-                result = await self.store.attach(identity.player_id, conn_id)
-            except StoreError as exc:
-                await self._refuse(client, exc)
-                return
-            client.attached = True
-            await self._replace_previous(identity.player_id, result, conn_id)
-            p = result.player
-            await client.apply(session.welcome(p.state, p.mode, p.queued_at_ms, p.match_id))
-            # Read until the socket ends, also after the session closed it: frames that keep
-            # coming are dropped, and reading on lets the closing handshake finish.
-            async for frame in ws:
-                if session.closed:
-                    continue
-                effects = session.receive(frame, time.monotonic())
-                metrics.MESSAGES_IN.labels(session.last_type).inc()
-                await client.apply(effects)
-        except ConnectionClosed:
-            pass
-        except Exception:
-            client.log.exception("connection handler failed")
-            await client.fail()
-        finally:
-            self._unregister(client)
-            await client.closed()
-            if client.attached:
-                await self.detach(identity.player_id, conn_id, session.game_mode or "")
+    @staticmethod
+    def refusal(client: ClientConnection, status: int, text: str) -> Response:
+        return client.ws.reject(http.HTTPStatus(status), f"{text}\n")
 
-    async def _connection_flood(self, client: ClientConnection, ws: ServerConnection, now: float) -> bool:
-        """PROTOCOL 5: too many new connections from one address: rate_limited, close 4008."""
-        address = ws.remote_address[0] if ws.remote_address else "?"
-        refused = self._per_ip.take(str(address), now)
+    def handshake_started(self) -> None:
+        self.handshakes += 1
+
+    def handshake_ended(self) -> None:
+        self.handshakes -= 1
+
+    def flood_error(self, peer: str, now: float) -> Error | None:
+        """PROTOCOL 5: too many new connections from one address (per worker)."""
+        refused = self._per_ip.take(peer, now)
         if refused is None:
-            return False
-        metrics.RATE_LIMITED.labels("connection").inc()
-        await client.send_text(codec.encode(Error(
-            code="rate_limited", message="too many new connections from this address",
-            retry_after_ms=refused.retry_after_ms(),
-        )))
-        await ws.close(CLOSE_RATE_LIMITED, "rate limited")
-        return True
+            return None
+        metrics.inc(metrics.RATE_LIMITED, "connection")
+        return Error(code="rate_limited", message="too many new connections from this address",
+                     retry_after_ms=refused.retry_after_ms())
 
-    async def _refuse(self, client: ClientConnection, exc: StoreError) -> None:
-        retry = exc.retry_after_ms if isinstance(exc, StoreUnavailable) else None
-        code = "unavailable" if isinstance(exc, StoreUnavailable) else "internal_error"
-        client.log.warning("refusing connection: %s", exc)
-        await client.send_text(codec.encode(Error(
-            code=code, message="matchmaking storage is unavailable; retry later",
-            retry_after_ms=retry,
-        )))
-        await client.ws.close(CLOSE_INTERNAL, code)
+    def refused_handshake(self, exc: StoreError) -> None:
+        _refusing("%s", exc)
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def register(self, client: ClientConnection) -> None:
+        metrics.add(metrics.CONNECTIONS, 1)
+        self.connections[client.conn_id] = client
+
+    def unregister(self, client: ClientConnection) -> None:
+        self._all.discard(client)
+        if self.draining and not self._all:
+            self._all_gone.set()
+        if self.connections.pop(client.conn_id, None) is not None:
+            metrics.add(metrics.CONNECTIONS, -1)
 
     async def detach(self, player: str, conn_id: str, mode_guess: str = "") -> None:
         """Release the player in Redis; if Redis is down, housekeeping retries it later."""
@@ -199,10 +221,10 @@ class FrontEnd:
                 # PROTOCOL 4: leaving during the ready check cancels the match for everyone.
                 await self.events.left_loading(result.mode, result.match_id, player, self.draining)
         except StoreError as exc:
-            log.warning("detach of %s deferred: %s", player, exc)
+            _deferred("%s: %s", player, exc)
             self.pending_detach.add((player, conn_id))
 
-    async def _replace_previous(self, player: str, attached: Attached, conn_id: str) -> None:
+    async def replace_previous(self, player: str, attached: Attached, conn_id: str) -> None:
         """PROTOCOL 1: the new connection wins; the old one, wherever it is, is closed with 4009."""
         old_worker, old_conn = attached.previous_worker, attached.previous_conn
         if not old_conn or old_conn == conn_id:
@@ -215,13 +237,12 @@ class FrontEnd:
             await self.store.publish(keys.worker_channel(old_worker), data)
         except StoreError as exc:
             # The old worker's resync after its next reconnect closes it instead.
-            log.warning("could not notify %s of replaced %s: %s", old_worker, old_conn, exc)
+            _unnotified("%s of %s: %s", old_worker, old_conn, exc)
 
     def _close_replaced(self, conn_id: str) -> None:
         client = self.connections.get(conn_id)
         if client is not None:
-            client.log.info("session replaced by a newer connection")
-            self.spawn(client.apply(client.session.replaced()))
+            client.replaced()
 
     # -- delivery from other workers ------------------------------------------------------------
 
@@ -234,13 +255,15 @@ class FrontEnd:
         match message:
             case envelope.Replace(conn=conn):
                 self._close_replaced(conn)
-            case envelope.Deliver(items=items):
-                for item in items:
-                    client = self.connections.get(item.conn)
-                    # A connection replaced since the sender looked is skipped: the new one
-                    # learned the same state from its welcome.
-                    if client is not None and client.player_id == item.player:
-                        self.spawn(client.apply(client.session.deliver(item.message)))
+            case envelope.Notices(events=events):
+                connections = self.connections
+                for event in events:
+                    for player, conn, server_message in notices.messages(event):
+                        client = connections.get(conn)
+                        # A connection replaced since the script looked is skipped: the new
+                        # one learned the same state from its welcome.
+                        if client is not None and client.identity.player_id == player:
+                            client.deliver(server_message)
 
     async def resync(self) -> None:
         """After (re)subscribing: close connections replaced while we could not hear about it."""
@@ -248,7 +271,8 @@ class FrontEnd:
         clients = [c for c in self.connections.values() if c.attached]
         owners = await self.store.owners([c.player_id for c in clients])
         for client, (worker, conn) in zip(clients, owners, strict=True):
-            if (worker, conn) == (self.worker_id, client.conn_id) or client.session.closed:
+            session = client.session
+            if (worker, conn) == (self.worker_id, client.conn_id) or session is None or session.closed:
                 continue
             if conn:
                 self._close_replaced(client.conn_id)
@@ -260,24 +284,8 @@ class FrontEnd:
         client.log.warning("player record lost in Redis; re-attaching as idle")
         result = await self.store.attach(client.player_id, client.conn_id)
         session = client.session
-        effects = []
-        if session.game_mode and result.player.state == "idle":
-            effects = session.removed(session.game_mode)
-        await client.apply(effects)
-
-    def _register(self, client: ClientConnection) -> None:
-        metrics.CONNECTIONS.inc()
-        self.connections[client.conn_id] = client
-        self._by_player.setdefault(client.player_id, set()).add(client.conn_id)
-
-    def _unregister(self, client: ClientConnection) -> None:
-        metrics.CONNECTIONS.dec()
-        self.connections.pop(client.conn_id, None)
-        conns = self._by_player.get(client.player_id)
-        if conns is not None:
-            conns.discard(client.conn_id)
-            if not conns:
-                del self._by_player[client.player_id]
+        if session is not None and session.game_mode and result.player.state == "idle":
+            client.deliver_effects(session.removed(session.game_mode))
 
 
 def _token(headers: Headers, query: str) -> str | None:

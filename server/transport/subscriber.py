@@ -12,13 +12,10 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
 
-import redis.asyncio as aioredis
-from redis import exceptions as rex
-
 from server.aio import raise_if_cancelling
+from server.store.resp import Address, Reply, RespConnectionError, RespProtocol, open_connection, pack
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +30,9 @@ class Subscriber:
         ping_interval_s: float = 5.0,
     ) -> None:
         self.url = url
+        self.address = Address.from_url(url)
         self.handlers = dict(handlers)
+        self._by_channel = {name.encode(): handler for name, handler in self.handlers.items()}
         self.channel = next(iter(self.handlers))
         self._on_subscribed = on_subscribed
         self._timeout = timeout_s
@@ -45,6 +44,9 @@ class Subscriber:
         self.generation = 0  # incremented on every successful (re)subscription
         self.connected = False
         self._closing = False
+        self._confirmed = 0
+        self._all_confirmed: asyncio.Future[None] | None = None
+        self._last_heard = 0.0
 
     def start(self) -> None:
         self._closing = False
@@ -86,27 +88,21 @@ class Subscriber:
                 attempt = 0
 
     async def _session(self) -> None:
-        client = aioredis.Redis.from_url(
-            self.url, socket_connect_timeout=self._timeout, socket_timeout=None,
-        )
-        pubsub = client.pubsub()
+        loop = asyncio.get_running_loop()
+        self._confirmed = 0
+        self._all_confirmed = loop.create_future()
+        async with asyncio.timeout(self._timeout):
+            conn = await open_connection(self.address, on_push=self._on_push)
         try:
             async with asyncio.timeout(self._timeout):
-                await pubsub.subscribe(*self.handlers)
                 # Count as subscribed only once Redis confirms: a publish after this is heard.
-                confirmed = 0
-                while confirmed < len(self.handlers):
-                    reply = await pubsub.get_message(timeout=self._timeout)
-                    if reply is not None and reply.get("type") == "subscribe":
-                        confirmed += 1
+                conn.write(pack("SUBSCRIBE", *self.handlers))
+                await self._all_confirmed
             await self._subscribed()
-            await self._listen(pubsub)
+            await self._listen(conn)
         finally:
             self.connected = False
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            with contextlib.suppress(Exception):
-                await client.aclose()
+            conn.close()
 
     async def _subscribed(self) -> None:
         self.connected = True
@@ -120,29 +116,42 @@ class Subscriber:
             # A failed resync is retried at the next reconnect; listening matters more.
             log.warning("resync after subscribe failed", exc_info=True)
 
-    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
-        last_heard = time.monotonic()
+    async def _listen(self, conn: RespProtocol) -> None:
+        """Messages are dispatched by ``_on_push`` as they arrive; this only watches the line:
+        a silent connection (Redis frozen, a half-open socket) must answer a PING in time."""
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
         ping_sent = False
         while not self._closing:
-            message = await pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=min(1.0, self._ping_interval)
-            )
-            now = time.monotonic()
-            if message is not None:
-                last_heard = now
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, self._ping_interval)):
+                    await asyncio.shield(conn.closed)
+            if conn.closed.done():
+                raise RespConnectionError("subscriber connection closed")
+            silent = loop.time() - self._last_heard
+            if silent < self._ping_interval:
                 ping_sent = False
-                if message.get("type") == "message":
-                    self._dispatch(message["channel"], message["data"])
-                continue
-            if not ping_sent and now - last_heard > self._ping_interval:
-                await pubsub.ping()
+            elif not ping_sent:
+                conn.write(pack("PING"))
                 ping_sent = True
-            elif ping_sent and now - last_heard > self._ping_interval + self._timeout:
-                raise rex.ConnectionError("no answer to PING on the subscriber connection")
+            elif silent > self._ping_interval + self._timeout:
+                raise RespConnectionError("no answer to PING on the subscriber connection")
 
-    def _dispatch(self, channel: object, data: object) -> None:
-        name = channel.decode() if isinstance(channel, bytes) else str(channel)
-        handler = self.handlers.get(name)
+    def _on_push(self, reply: Reply) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
+        if not isinstance(reply, list) or not reply:
+            return
+        kind = reply[0]
+        if kind == b"message" and len(reply) == 3:
+            self._dispatch(reply[1], reply[2])
+        elif kind == b"subscribe":
+            self._confirmed += 1
+            done = self._all_confirmed
+            if self._confirmed >= len(self.handlers) and done is not None and not done.done():
+                done.set_result(None)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        handler = self._by_channel.get(channel)
         if handler is None or not isinstance(data, bytes):
             return
         try:

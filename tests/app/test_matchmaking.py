@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection
 
+from server import metrics
 from server.app.lease import Lease
 from server.app.trymatch import TryMatch
 from server.app.worker import Worker, run_worker
@@ -21,12 +22,18 @@ from server.store.matches import MatchStore
 from tests.conftest import WorkerFactory, make_config
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request
 
+# Each player's `queued_at_ms` from its `enqueued` answer (the queue entry may already be
+# gone by the time a test could read it: the leader commits within a tick).
+QUEUED_AT: dict[str, int] = {}
+
 
 async def queued(port: int, mode: str, *ratings: tuple[str, float]) -> dict[str, ClientConnection]:
     clients = {}
     for player, mmr in ratings:
         ws, _ = await connect_player(port, player, mmr)
-        assert (await request(ws, {"type": "enqueue", "game_mode": mode}))["type"] == "enqueued"
+        answer = await request(ws, {"type": "enqueue", "game_mode": mode})
+        assert answer["type"] == "enqueued", answer
+        QUEUED_AT[player] = answer["queued_at_ms"]
         clients[player] = ws
     return clients
 
@@ -38,6 +45,7 @@ async def start_loading(ws: ClientConnection, timeout: float = TIMEOUT) -> dict[
 
 
 def metric(name: str, mode: str) -> float:
+    metrics.flush()  # the worker counts in memory until its next flush
     return REGISTRY.get_sample_value(name, {"mode": mode}) or 0.0
 
 

@@ -189,8 +189,14 @@ async def test_metrics_add_up_across_workers_and_forget_dead_ones(
     clients = {f"x{i}": (await connect_player(served.port, f"x{i}"))[0] for i in range(12)}
     for ws in clients.values():
         await request(ws, {"type": "status"})
-    status, text = await http_get(served.metrics_port, "/metrics")
-    assert status == 200
+    # Workers count in memory and flush every `metrics.flush_interval_s`: wait for the flush.
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            status, text = await http_get(served.metrics_port, "/metrics")
+            assert status == 200
+            if sample(text, "fastmatch_messages_received_total", type="status") == 12:
+                break
+            await asyncio.sleep(0.05)
     assert sample(text, "fastmatch_connections") == 12
     assert sample(text, "fastmatch_messages_received_total", type="status") == 12
     assert sample(text, "fastmatch_messages_sent_total", type="welcome") == 12

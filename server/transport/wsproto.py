@@ -1,0 +1,258 @@
+"""WebSocket connections driven straight from the event loop (RFC 6455 by ``websockets``).
+
+websockets' sans-I/O ``ServerProtocol`` does the protocol: the opening handshake, frame
+parsing, masking, close codes, UTF-8 and size checks. This module is the thin I/O around it:
+an ``asyncio.Protocol`` per connection, so a connection costs no task, no stream pair and no
+lock, and each batch of outgoing frames leaves in one ``write``. Subclasses get plain hooks:
+the handshake request, each complete message, and the end of the connection.
+
+Requests are handled one at a time, in order (PROTOCOL 2): while the subclass ``hold``s the
+connection (a request in flight), messages wait in a short queue; past ``MAX_QUEUED`` reading
+pauses, so a flooding client is slowed by TCP instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, cast
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from server.logthrottle import Throttled
+
+log = logging.getLogger(__name__)
+_crashed = Throttled(log, "connection handler failed", level=logging.ERROR)
+CLOSE_INTERNAL: Final = 1011
+CLOSE_INVALID_DATA: Final = 1007
+MAX_QUEUED: Final = 64
+MAX_WRITE_BUFFER: Final = 1 << 20  # a client that stops reading is dropped past this
+_OPEN: Final = State.OPEN
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+
+
+@dataclass(frozen=True, slots=True)
+class WsLimits:
+    max_size: int = 4096
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    open_timeout_s: float = 10.0  # TCP accepted -> handshake request complete
+    close_timeout_s: float = 5.0  # close frame sent -> the peer closes TCP
+
+
+class WebSocketProtocol(asyncio.Protocol):
+    def __init__(self, limits: WsLimits) -> None:
+        self.limits = limits
+        self.ws = ServerProtocol(max_size=limits.max_size)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.lost = False
+        self._loop = asyncio.get_running_loop()
+        self._held = False
+        self._queue: deque[str | bytes] = deque()  # text as str, binary as bytes
+        self._paused = False
+        self._fragments: list[bytes] = []
+        self._fragment_binary = False
+        self._last_recv = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._ping_at = 0.0  # when the unanswered keepalive ping left (0: none out)
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+
+    def handle_request(self, request: Request) -> None:
+        """The opening handshake request: answer with ``respond`` (now or later)."""
+        raise NotImplementedError
+
+    def handle_message(self, data: str | bytes) -> None:
+        """One complete client message, text as ``str``, binary as ``bytes`` (not called while
+        held: it waits in the queue)."""
+        raise NotImplementedError
+
+    def handle_lost(self) -> None:
+        """The TCP connection is gone (called once)."""
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else "?"
+        self._last_recv = self._loop.time()
+        self._set_timer(self.limits.open_timeout_s, self._open_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_recv = self._loop.time()
+        ws = self.ws
+        ws.receive_data(data)
+        try:
+            for event in ws.events_received():
+                if isinstance(event, Frame):
+                    self._on_frame(event)
+                elif isinstance(event, Request):
+                    self.handle_request(event)
+        except Exception:  # a bug must cost this connection only, and one log line per interval
+            _crashed("connection from %s", self.peer, exc_info=True)
+            if ws.state is _OPEN:
+                ws.fail(CLOSE_INTERNAL, "internal error")
+            elif self.transport is not None:
+                self.transport.abort()
+        self.flush()
+
+    def eof_received(self) -> bool:
+        self.ws.receive_eof()
+        self.ws.events_received()
+        self.flush()
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self._cancel_timer()
+        self._queue.clear()
+        self.handle_lost()
+
+    def pause_writing(self) -> None:
+        """The client reads slower than we write: past the limit it is dropped in ``flush``."""
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def respond(self, response: Response, *, flush: bool = True) -> None:
+        """Send the handshake response (101 opens the connection; anything else ends it).
+        ``flush=False`` lets the first messages leave in the same write."""
+        if self.lost or self.ws.state is not State.CONNECTING:
+            return
+        self.ws.send_response(response)
+        if response.status_code == 101:
+            self._set_timer(self.limits.ping_interval_s, self._keepalive)
+        if flush:
+            self.flush()
+
+    def send_message(self, data: bytes) -> None:
+        """Queue one text message; it leaves with the next ``flush``."""
+        if self.ws.state is _OPEN:
+            self.ws.send_text(data)
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the peer has ``close_timeout`` to finish it."""
+        if self.ws.state is _OPEN:
+            self.ws.send_close(code, reason)
+            self._set_timer(self.limits.close_timeout_s, self._abort)
+
+    def flush(self) -> None:
+        writes = self.ws.data_to_send()
+        transport = self.transport
+        if not writes or transport is None or self.lost:
+            return
+        eof = not writes[-1]  # websockets' SEND_EOF: the server closes TCP now
+        transport.write(b"".join(writes))
+        if eof:
+            transport.close()
+        elif transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            transport.abort()
+
+    # -- ordering: one request at a time ----------------------------------------------------------
+
+    def hold(self) -> None:
+        """A request is in flight: messages wait until ``release``."""
+        self._held = True
+
+    def release(self) -> None:
+        """The request is answered: its effects are applied; then queued messages go on."""
+        self._held = False
+
+    def drain(self) -> None:
+        """Handle the queued messages in order, until one of them holds the connection."""
+        while self._queue and not self._held and not self.lost:
+            self.handle_message(self._queue.popleft())
+        if self._paused and len(self._queue) < MAX_QUEUED // 2 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        data = cast(bytes, frame.data)  # the parser reads bytes
+        if opcode is _TEXT or opcode is _BINARY:
+            if not frame.fin:
+                self._fragments = [data]
+                self._fragment_binary = opcode is _BINARY
+                return
+            self._message(data, opcode is _BINARY)
+        elif opcode is _CONT:
+            self._fragments.append(data)
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), []
+                self._message(data, self._fragment_binary)
+        # Ping, pong and close: websockets answers them; any frame proves the peer is alive.
+
+    def _message(self, data: bytes, binary: bool) -> None:
+        message: str | bytes = data
+        if not binary:
+            try:
+                message = data.decode()  # RFC 6455 8.1: text must be UTF-8, else close 1007
+            except UnicodeDecodeError as exc:
+                self.ws.fail(CLOSE_INVALID_DATA, f"invalid UTF-8 at position {exc.start}")
+                return
+        if self._held or self._queue:
+            self._queue.append(message)
+            if len(self._queue) >= MAX_QUEUED and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+            return
+        self.handle_message(message)
+
+    def _set_timer(self, delay: float, callback: object) -> None:
+        self._cancel_timer()
+        if delay > 0:
+            self._timer = self._loop.call_later(delay, callback)  # type: ignore[arg-type]
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _open_timed_out(self) -> None:
+        if self.ws.state is State.CONNECTING and not self.handshaking:
+            self._abort()
+
+    @property
+    def handshaking(self) -> bool:
+        """The request arrived and its answer is being prepared (the subclass says so)."""
+        return False
+
+    def _keepalive(self) -> None:
+        """Ping a connection that has been silent for ``ping_interval``; one that sends nothing
+        within ``ping_timeout`` of the ping is closed 1011 (websockets' keepalive contract)."""
+        self._timer = None
+        if self.lost or self.ws.state is not _OPEN:
+            return
+        now = self._loop.time()
+        if self._ping_at and self._last_recv < self._ping_at:
+            self.ws.fail(CLOSE_INTERNAL, "keepalive ping timeout")
+            self.flush()
+            return
+        self._ping_at = 0.0
+        silent = now - self._last_recv
+        if silent < self.limits.ping_interval_s:
+            self._set_timer(self.limits.ping_interval_s - silent, self._keepalive)
+            return
+        self.ws.send_ping(os.urandom(4))
+        self.flush()
+        self._ping_at = now
+        self._set_timer(self.limits.ping_timeout_s, self._keepalive)
+
+    def _abort(self) -> None:
+        self._timer = None
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
