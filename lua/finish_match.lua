@@ -151,11 +151,13 @@ for j = 1, n do
   end
 end
 
-redis.call('HSET', m, 'status', new_status, 'reason', reason, 'ended', now)
 local head = '{"e":"ended","mode":' .. cjson.encode(mode) .. ',"match":' .. cjson.encode(ARGV[2])
   .. ',"status":"' .. new_status .. '","reason":' .. cjson.encode(reason)
-if action == 'assign' then
-  redis.call('HSET', m, 'server_address', ARGV[7], 'server_session_id', ARGV[8])
+if action ~= 'assign' then
+  redis.call('HSET', m, 'status', new_status, 'reason', reason, 'ended', now)
+else
+  redis.call('HSET', m, 'status', new_status, 'reason', reason, 'ended', now,
+             'server_address', ARGV[7], 'server_session_id', ARGV[8])
   head = head .. ',"server":' .. cjson.encode(ARGV[7]) .. ',"session":' .. cjson.encode(ARGV[8])
     .. ',"teams":' .. redis.call('HGET', m, 'teams')
 end

@@ -69,8 +69,11 @@ class RedisConfig(_Base, frozen=True):
     # Calls awaiting replies per worker (all on one pipelined connection); past it, calls fail
     # at once with `unavailable` without counting against Redis in the breaker.
     max_inflight: int = 10_000
+    # Calls issued within this window leave Redis-bound in one write (0: per loop iteration).
+    pipeline_window_ms: float = 2.0
     breaker_threshold: int = 5  # consecutive failures that open the circuit
-    breaker_cooldown_s: float = 60.0  # open this long, then one probe decides
+    breaker_cooldown_s: float = 60.0  # the longest wait between recovery probes while open
+    breaker_probe_s: float = 0.25  # the first recovery probe this long after opening, then x2
     reconnect_base_s: float = 0.1
     reconnect_max_s: float = 5.0
 
@@ -218,10 +221,13 @@ def _check_storage(config: Config) -> None:
         _fail("redis.operation_timeout_s", "must be > 0")
     if r.max_inflight < 1:
         _fail("redis.max_inflight", "must be >= 1")
+    if not 0 <= r.pipeline_window_ms <= 50:
+        _fail("redis.pipeline_window_ms", "must be between 0 and 50")
     if config.metrics.flush_interval_s <= 0:
         _fail("metrics.flush_interval_s", "must be > 0")
-    if r.breaker_threshold < 1 or r.breaker_cooldown_s < 0:
-        _fail("redis.breaker_threshold", "must be >= 1 (and redis.breaker_cooldown_s >= 0)")
+    if r.breaker_threshold < 1 or r.breaker_cooldown_s <= 0 or r.breaker_probe_s <= 0:
+        _fail("redis.breaker_threshold", "must be >= 1 (and redis.breaker_cooldown_s, "
+              "redis.breaker_probe_s > 0)")
     a = config.auth
     if a.algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
         _fail("auth.algorithm", "must be one of HS256, HS384, HS512, RS256, ES256")

@@ -91,6 +91,10 @@ REDIS_TIMEOUTS: Final = Counter(
 BREAKER_STATE: Final = Gauge(
     "fastmatch_redis_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
     multiprocess_mode="livemax")
+REDIS_WRITES: Final = Counter(
+    "fastmatch_redis_writes", "Writes to Redis (round trips: pipelined calls share one)")
+WS_FRAMES: Final = Counter(
+    "fastmatch_ws_frames", "WebSocket frames, by direction (in, out)", ["direction"])
 HANDSHAKES_REFUSED: Final = Counter(
     "fastmatch_handshakes_refused", "New WebSocket handshakes refused at once (HTTP 503) instead "
     "of served, by reason (loop_lag, inflight, max_connections, draining)", ["reason"])

@@ -47,6 +47,10 @@ class WsLimits:
 
 
 class WebSocketProtocol(asyncio.Protocol):
+    # Frames of every connection of this process, both ways (cost accounting, metrics).
+    frames_in = 0
+    frames_out = 0
+
     def __init__(self, limits: WsLimits) -> None:
         self.limits = limits
         self.ws = ServerProtocol(max_size=limits.max_size)
@@ -62,6 +66,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self._last_recv = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._ping_at = 0.0  # when the unanswered keepalive ping left (0: none out)
+        self._responding = False  # the handshake response is among the writes to flush
 
     # -- hooks for subclasses -------------------------------------------------------------------
 
@@ -93,6 +98,7 @@ class WebSocketProtocol(asyncio.Protocol):
         try:
             for event in ws.events_received():
                 if isinstance(event, Frame):
+                    WebSocketProtocol.frames_in += 1
                     self._on_frame(event)
                 elif isinstance(event, Request):
                     self.handle_request(event)
@@ -132,6 +138,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.lost or self.ws.state is not State.CONNECTING:
             return
         self.ws.send_response(response)
+        self._responding = True
         if response.status_code == 101:
             self._set_timer(self.limits.ping_interval_s, self._keepalive)
         if flush:
@@ -154,6 +161,8 @@ class WebSocketProtocol(asyncio.Protocol):
         if not writes or transport is None or self.lost:
             return
         eof = not writes[-1]  # websockets' SEND_EOF: the server closes TCP now
+        WebSocketProtocol.frames_out += len(writes) - eof - self._responding
+        self._responding = False
         transport.write(b"".join(writes))
         if eof:
             transport.close()
