@@ -69,11 +69,18 @@ class Allocator:
         self._pending: dict[str, asyncio.Future[gs.BattleReply]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._modes: dict[str, str] = {}
+        self._closing = False
 
     def start(self, mode: str, match_id: str, ready: ReadyResult) -> None:
-        task = asyncio.create_task(self.allocate(mode, match_id, ready), name=f"allocate:{match_id}")
+        work = self._requeue(mode, match_id, ready) if self._closing else self.allocate(mode, match_id, ready)
+        task = asyncio.create_task(work, name=f"allocate:{match_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _requeue(self, mode: str, match_id: str, ready: ReadyResult) -> None:
+        """A handoff that would start while the worker shuts down: nobody would own it."""
+        players = [p for team in ready.teams for p in team]
+        await self.outcomes.finish(mode, match_id, "fail", "server_shutdown", players=players)
 
     async def allocate(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         metrics.observe(metrics.LOADING_SECONDS, max(
@@ -129,6 +136,7 @@ class Allocator:
 
     async def close(self) -> None:
         """Shutdown: requeue the matches still waiting for a game server (server_shutdown)."""
+        self._closing = True
         waiting = dict(self._modes)
         for task in list(self._tasks):
             task.cancel()

@@ -112,8 +112,10 @@ class Worker:
         try:
             # Leases first: another worker takes over matchmaking while this one drains.
             await asyncio.gather(*(m.close() for m in self.matchmakers.values()))
-            await self.allocator.close()  # handoffs in flight: requeued (server_shutdown)
+            # Then the clients: once the front end is closed no ready check can complete here,
+            # so no handoff can start after the allocator requeues those in flight.
             await self.front.close()
+            await self.allocator.close()  # handoffs in flight: requeued (server_shutdown)
             await self.housekeeper.close()
             await self.subscriber.close()
             try:

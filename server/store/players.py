@@ -189,6 +189,20 @@ class PlayerStore:
                 out.append((as_str(reply[0]), as_str(reply[1])))
         return out
 
+    async def states(self, players: list[str], chunk: int = 500) -> list[PlayerState]:
+        """Each player's state, mode and queued_at (idle when Redis has no record), pipelined."""
+        out: list[PlayerState] = []
+        for start in range(0, len(players), chunk):
+            replies = await self.client.pipeline("states", [
+                ("HMGET", keys.player(p), "state", "mode", "queued_at")
+                for p in players[start:start + chunk]])
+            for reply in replies:
+                if not isinstance(reply, list) or len(reply) != 3:
+                    raise ProtocolViolation(f"states: HMGET replied {reply!r:.100}")
+                state, mode, queued_at = (as_str(x) for x in reply)
+                out.append(_player_state(state or "idle", mode, queued_at))
+        return out
+
     async def publish(self, channel: str, data: bytes) -> int:
         return to_int(await self.client.command("PUBLISH", channel, data))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -28,6 +27,7 @@ from server.protocol.session import (
 )
 from server.store.errors import StoreError, StoreUnavailable
 from server.store.matches import ReadyResult
+from server.store.players import PlayerState
 from server.transport.wsproto import WebSocketProtocol
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ class ClientConnection(WebSocketProtocol):
         self.attached = False  # set once Redis records this connection as the player's
         self._upgrade: Response | None = None  # the 101, sent together with the welcome
         self._attaching = False
-        self._reconciling: asyncio.Task[None] | None = None
 
     @property
     def player_id(self) -> str:
@@ -182,8 +181,6 @@ class ClientConnection(WebSocketProtocol):
 
     def handle_lost(self) -> None:
         self.front.unregister(self)
-        if self._reconciling is not None:
-            self._reconciling.cancel()
         if self.attached:
             mode = self.session.game_mode if self.session is not None else None
             self.front.spawn(self.front.detach(self.identity.player_id, self.conn_id, mode or ""))
@@ -232,8 +229,10 @@ class ClientConnection(WebSocketProtocol):
             return await self._run(effect)
         except StoreUnavailable as exc:
             _failed("%s (player %s)", exc, self.identity.player_id)
-            if self._reconciling is None or self._reconciling.done():
-                self._reconciling = asyncio.get_running_loop().create_task(self._reconcile())
+            if exc.maybe_ran:
+                # Redis may have run it: the front end reads the truth back once Redis
+                # answers and tells the client (`reconcile`), together with every other.
+                self.front.reconcile(self)
             return self.session.request_failed(
                 "unavailable", _UNAVAILABLE_MSG, rid, exc.retry_after_ms
             )
@@ -302,17 +301,9 @@ class ClientConnection(WebSocketProtocol):
             p.state, p.mode, p.queued_at_ms, status.queue_size, status.now_ms, rid
         )
 
-    async def _reconcile(self, attempts: int = 120, interval_s: float = 0.5) -> None:
-        assert self.session is not None
-        for _ in range(attempts):
-            await asyncio.sleep(interval_s)
-            try:
-                status = await self.front.store.status(self.player_id, self.session.game_mode or "")
-            except StoreError:
-                continue
-            if self.lost:
-                return
-            p = status.player
-            self._apply(self.session.resync(p.state, p.mode, p.queued_at_ms))
+    def reconcile(self, state: PlayerState) -> None:
+        """Redis' view of the player after a request whose outcome was lost: correct ours
+        and tell the client what really happened (a late `enqueued` or `dequeued`)."""
+        if self.session is not None and not self.lost:
+            self._apply(self.session.resync(state.state, state.mode, state.queued_at_ms))
             self.flush()
-            return

@@ -43,6 +43,7 @@ from server.transport.wsproto import WsLimits
 
 log = logging.getLogger(__name__)
 WS_PATHS: Final = frozenset({"/ws", "/ws/"})
+SETTLE_INTERVAL_S: Final = 0.5  # how often lost request outcomes are read back while Redis fails
 _refusing = Throttled(log, "refusing connections, storage unavailable")
 _shedding = Throttled(log, "refusing handshakes (HTTP 503), worker busy", level=logging.INFO)
 _deferred = Throttled(log, "detach deferred to housekeeping, storage unavailable")
@@ -87,6 +88,8 @@ class FrontEnd:
         self._server: asyncio.Server | None = None
         self._all: set[ClientConnection] = set()  # every TCP connection, welcomed or not
         self._all_gone = asyncio.Event()
+        self._unsettled: set[ClientConnection] = set()  # lost a request's outcome: reconcile
+        self._settler: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -127,6 +130,9 @@ class FrontEnd:
         if self._all:
             await self._all_gone.wait()
         self.lag.stop()
+        if self._settler is not None:
+            self._settler.cancel()
+            await asyncio.gather(self._settler, return_exceptions=True)
         while self._tasks:  # detaches of the connections that just ended
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._server is not None:
@@ -211,6 +217,28 @@ class FrontEnd:
 
     def refused_handshake(self, exc: StoreError) -> None:
         _refusing("%s", exc)
+
+    # -- requests whose outcome was lost ----------------------------------------------------------
+
+    def reconcile(self, client: ClientConnection) -> None:
+        """``client``'s request timed out (Redis may have run it): read its player back once
+        Redis answers. One loop for every such connection, not one per failed request."""
+        self._unsettled.add(client)
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.get_running_loop().create_task(self._settle(), name="settle")
+
+    async def _settle(self) -> None:
+        while self._unsettled:
+            await asyncio.sleep(SETTLE_INTERVAL_S)
+            clients = [c for c in self._unsettled if not c.lost]
+            self._unsettled.clear()
+            try:
+                states = await self.store.states([c.player_id for c in clients])
+            except StoreError:
+                self._unsettled.update(clients)  # still unanswered: next round
+                continue
+            for client, state in zip(clients, states, strict=True):
+                client.reconcile(state)
 
     # -- connections ------------------------------------------------------------------------------
 

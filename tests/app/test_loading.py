@@ -260,3 +260,24 @@ async def test_a_leaver_whose_worker_never_cancelled_is_cancelled_by_the_leader(
     assert await admin.zcard(keys.penalty("vanished")) == 1  # the leaver's dodge counts
     assert await admin.zcard(keys.left("1v1")) == 0  # settled
     await leave_and_check_clean(clients, admin)
+
+
+async def test_a_handoff_that_would_start_during_the_drain_is_requeued_at_once(
+    worker: Worker, admin: aioredis.Redis
+) -> None:
+    """Issue 13: a ready check that completes while the worker drains must not start a
+    handoff nobody owns; its players are requeued (server_shutdown, nobody at fault)."""
+    clients = await queued(worker.front.port, "1v1", ("xa", 1500), ("xb", 1500))
+    session = (await matched(clients))["xa"]["loading_session_id"]
+    conns = {c.player_id: c.conn_id for c in worker.front.connections.values()}
+    # Both ready straight through the store, as the last request in flight would be.
+    await worker.loading.ready("1v1", session, "xa", conns["xa"], 60_000, worker.worker_id)
+    last = await worker.loading.ready("1v1", session, "xb", conns["xb"], 60_000, worker.worker_id)
+    assert last.outcome == "allocating"
+    await worker.allocator.close()  # the drain has begun
+    worker.allocator.start("1v1", session, last)
+    for player, ws in clients.items():
+        assert await recv(ws) == {"type": "requeued", "game_mode": "1v1",
+                                  "reason": "server_shutdown", "queued_at_ms": QUEUED_AT[player]}
+    assert await admin.hget(keys.match("1v1", session), "status") == "failed"
+    await leave_and_check_clean(clients, admin)

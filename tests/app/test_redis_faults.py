@@ -127,3 +127,27 @@ async def test_handshakes_that_time_out_in_attach_leave_no_record(
             await asyncio.sleep(0.02)
     assert not await admin.smembers(keys.worker_players(w.worker_id))
     await admin.aclose()
+
+
+async def test_a_request_that_timed_out_but_ran_is_reconciled_once_redis_answers(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis
+) -> None:
+    """The enqueue reaches a frozen Redis and times out: the client hears `unavailable`; Redis
+    runs it when it thaws, and the worker reads that back and sends the late `enqueued`."""
+    w = await start_worker(url=private_redis.url, cfg=make_config(**{
+        **FAULTY, "redis.breaker_threshold": 1000}))
+    ws, _ = await connect_player(w.front.port, "late")
+    # Redis knows the scripts (a script it never loaded would fail NOSCRIPT, not run).
+    assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    assert (await request(ws, {"type": "dequeue"}))["type"] == "dequeued"
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        refused = await request(ws, {"type": "enqueue", "game_mode": "1v1", "request_id": "e1"})
+        assert refused["code"] == "unavailable" and refused["request_id"] == "e1"
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    late = await recv(ws, TIMEOUT * 2)
+    assert late["type"] == "enqueued" and late["game_mode"] == "1v1" and "request_id" not in late
+    assert (await request(ws, {"type": "status"}))["state"] == "queued"
+    await ws.close()
