@@ -7,8 +7,10 @@ first takes the host out of the balancer's rotation for the drain delay, SIGINT 
 SIGHUP restarts the workers one by one, each replacement listening before its predecessor
 drains, so the port always has a listener. TLS files are checked before any worker starts, and
 again before a rolling restart, which is how a renewed certificate goes live.
-A worker that dies is restarted with backoff; a worker that dies before it is ready (a bad
-port, a config it cannot use) stops the supervisor instead of restart-looping.
+A worker that dies is restarted with backoff, without blocking the signal loop: the loop
+watches the replacement's readiness, and a replacement that fails is tried again after the
+backoff (the other workers keep serving meanwhile). Only at first start does a worker that
+dies before it is ready (a bad port, a config it cannot use) stop the supervisor.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ _STABLE_S: Final = 30.0  # alive this long: its slot's restart backoff resets
 _BACKOFF_MAX_S: Final = 30.0
 
 
+def _backoff(failures: int) -> float:
+    """0.5 s doubling to 30 s after repeated failures of one slot; 0 for the first death."""
+    return min(0.5 * 2 ** max(failures - 1, 0), _BACKOFF_MAX_S) if failures else 0.0
+
+
 def _readable(conn: Connection, timeout_s: float) -> bool:
     """Has the worker written its ready byte? (EOF without it means it died first.)"""
     try:
@@ -55,6 +62,10 @@ class StartupFailed(Exception):
     """A worker exited (or hung) before it was ready."""
 
 
+class Interrupted(Exception):
+    """A stop signal arrived while a rolling restart waited for a replacement."""
+
+
 @dataclass
 class Slot:
     index: int
@@ -63,6 +74,7 @@ class Slot:
     started: float = 0.0
     failures: int = 0
     restart_at: float = field(default=0.0)
+    starting: bool = False  # a restart is running and the worker is not ready yet
 
 
 class Supervisor:
@@ -148,6 +160,7 @@ class Supervisor:
     # -- workers ----------------------------------------------------------------------------
 
     def _start(self, slot: Slot) -> None:
+        """Spawn the slot's worker (raises OSError when the process cannot even be created)."""
         slot.ready, writer = _ctx.Pipe(duplex=False)
         slot.process = _ctx.Process(
             target=run_worker, name=f"worker-{slot.index}",
@@ -157,10 +170,12 @@ class Supervisor:
         writer.close()  # the worker holds the only write end now
         slot.started = time.monotonic()
 
-    def _wait_ready(self, slot: Slot) -> None:
+    def _wait_ready(self, slot: Slot, interruptible: bool = False) -> None:
         assert slot.process is not None and slot.ready is not None
         deadline = time.monotonic() + _STARTUP_S
         while not _readable(slot.ready, 0.1):
+            if interruptible and not self._signals.empty():
+                raise Interrupted
             if not slot.process.is_alive():
                 raise StartupFailed(f"worker-{slot.index} exited with {slot.process.exitcode} "
                                     "before it was ready")
@@ -172,19 +187,47 @@ class Supervisor:
         now = time.monotonic()
         for slot in self.slots:
             process = slot.process
+            if process is not None and slot.starting:
+                self._check_restart(slot, process, now)
+                continue
             if process is not None and not process.is_alive():
                 self._forget(process)
                 lived = now - slot.started
                 slot.failures = 0 if lived > _STABLE_S else slot.failures + 1
-                delay = min(0.5 * 2 ** max(slot.failures - 1, 0), _BACKOFF_MAX_S) if slot.failures else 0.0
+                delay = _backoff(slot.failures)
                 log.error("worker-%d (pid %s) exited with %s after %.1fs; restarting in %.1fs",
                           slot.index, process.pid, process.exitcode, lived, delay)
                 slot.process, slot.restart_at = None, now + delay
             if slot.process is None and now >= slot.restart_at:
                 metrics.WORKER_RESTARTS.inc()
-                self._start(slot)
-                self._wait_ready(slot)
-                log.info("worker-%d restarted (pid %s)", slot.index, slot.process and slot.process.pid)
+                try:
+                    self._start(slot)
+                except OSError as exc:  # no process could be made (fds, memory): later
+                    slot.failures += 1
+                    slot.process, slot.restart_at = None, now + _backoff(slot.failures)
+                    log.error("worker-%d could not be started (%s); next try in %.1fs",
+                              slot.index, exc, slot.restart_at - now)
+                    continue
+                slot.starting = True
+
+    def _check_restart(self, slot: Slot, process: SpawnProcess, now: float) -> None:
+        """A restarted worker is watched here, one look per loop turn, never waited on."""
+        assert slot.ready is not None
+        if _readable(slot.ready, 0):
+            slot.starting = False
+            log.info("worker-%d restarted (pid %s)", slot.index, process.pid)
+            return
+        if process.is_alive() and now - slot.started < _STARTUP_S:
+            return
+        if process.is_alive():
+            process.kill()
+        process.join()
+        self._forget(process)
+        slot.failures += 1
+        slot.process, slot.starting = None, False
+        slot.restart_at = now + _backoff(slot.failures)
+        log.error("worker-%d failed to start again (exit %s); next try in %.1fs", slot.index,
+                  process.exitcode, slot.restart_at - now)
 
     def _rolling_restart(self) -> None:
         log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
@@ -196,11 +239,15 @@ class Supervisor:
         for i, slot in enumerate(self.slots):
             old = slot.process
             replacement = Slot(slot.index, failures=slot.failures)
-            self._start(replacement)
             try:
-                self._wait_ready(replacement)
-            except StartupFailed as exc:
-                log.error("rolling restart stopped, old workers kept: %s", exc)
+                self._start(replacement)
+                self._wait_ready(replacement, interruptible=True)
+            except (StartupFailed, OSError, Interrupted) as exc:
+                if replacement.process is not None and replacement.process.is_alive():
+                    replacement.process.kill()
+                    replacement.process.join()
+                why = "a stop signal came" if isinstance(exc, Interrupted) else str(exc)
+                log.error("rolling restart stopped, old workers kept: %s", why)
                 return
             self.slots[i] = replacement
             if old is not None:
