@@ -53,6 +53,7 @@ class ServerConfig(_Base, frozen=True):
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
     housekeeping_interval_s: float = 0.5
+    audit_interval_s: float = 30.0  # a worker checks Redis' records of it against its connections
     # Overload (README "Overload"): past these, new handshakes get HTTP 503 + Retry-After at once.
     max_loop_lag_ms: float = 250.0  # the event loop runs this late (0 disables)
     max_pending_handshakes: int = 256  # upgrades waiting for their welcome, per worker

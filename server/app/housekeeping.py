@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Housekeeper:
     def __init__(
         self, store: PlayerStore, front: FrontEnd, events: MatchEvents, modes: Iterable[str], *,
-        interval_s: float, heartbeat_ttl_s: float,
+        interval_s: float, heartbeat_ttl_s: float, audit_interval_s: float = 30.0,
     ) -> None:
         self.store = store
         self.events = events
@@ -31,6 +31,8 @@ class Housekeeper:
         self.modes = sorted(modes)
         self.interval = interval_s
         self.ttl_ms = int(heartbeat_ttl_s * 1000)
+        self.audit_interval_s = audit_interval_s
+        self._audit_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -71,6 +73,28 @@ class Housekeeper:
         for worker_id in await self.store.due(keys.WORKERS):
             if worker_id != self.store.worker_id:
                 await self.reap(worker_id)
+        loop = asyncio.get_running_loop()
+        if self.audit_interval_s and loop.time() >= self._audit_at:
+            self._audit_at = loop.time() + self.audit_interval_s
+            await self.audit()
+
+    async def audit(self) -> int:
+        """Release records Redis says this worker holds but no connection of its own has (an
+        outcome lost and never settled, whatever the cause): DESIGN invariant 6 must hold even
+        after a bug. Players still attaching are registered first, so they are never taken."""
+        players = await self.store.worker_members(self.store.worker_id)
+        live = self.front.connections
+        released = 0
+        for player, (worker, conn) in zip(players, await self.store.owners(players), strict=True):
+            if worker == self.store.worker_id and conn in live:
+                continue
+            # Not ours any more (another worker, or no record): detach only drops it from our set.
+            if worker == self.store.worker_id:
+                log.warning("audit: %s is recorded on connection %s, which this worker does not "
+                            "hold; releasing it", player, conn)
+                released += 1
+            await self.front.detach(player, conn)
+        return released
 
     async def expire_grace(self, mode: str) -> int:
         removed = 0

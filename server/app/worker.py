@@ -76,6 +76,7 @@ class Worker:
             self.store, self.front, self.events, config.modes,
             interval_s=config.server.housekeeping_interval_s,
             heartbeat_ttl_s=config.server.heartbeat_ttl_s,
+            audit_interval_s=config.server.audit_interval_s,
         )
         self.matchmakers = {
             name: Matchmaker(name, mode, config.matching, MatchStore(self.client), self.worker_id,

@@ -151,3 +151,23 @@ async def test_a_request_that_timed_out_but_ran_is_reconciled_once_redis_answers
     assert late["type"] == "enqueued" and late["game_mode"] == "1v1" and "request_id" not in late
     assert (await request(ws, {"type": "status"}))["state"] == "queued"
     await ws.close()
+
+
+async def test_a_record_no_connection_holds_is_released_by_the_workers_audit(
+    start_worker: WorkerFactory, redis_url: str
+) -> None:
+    """Issue 13: whatever left it (an outcome never settled, a bug), a record Redis says this
+    worker holds on a connection it does not have is released; live players are untouched."""
+    w = await start_worker(cfg=make_config(**{"server.audit_interval_s": 0.1}))
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    live, _ = await connect_player(w.front.port, "live")
+    await admin.hset(keys.player("ghost"), mapping={"state": "idle", "worker": w.worker_id,
+                                                     "conn": f"{w.worker_id}.999999"})
+    await admin.sadd(keys.worker_players(w.worker_id), "ghost")
+    async with asyncio.timeout(TIMEOUT):
+        while await admin.exists(keys.player("ghost")):
+            await asyncio.sleep(0.02)
+    assert await admin.smembers(keys.worker_players(w.worker_id)) == {"live"}
+    assert (await request(live, {"type": "status"}))["state"] == "idle"  # still served
+    await live.close()
+    await admin.aclose()
