@@ -15,8 +15,8 @@ from server import metrics
 from server.app.outcomes import Outcomes
 from server.config import GameServerConfig
 from server.protocol import gameserver as gs
+from server.protocol.results import ReadyResult
 from server.store.errors import StoreError
-from server.store.matches import ReadyResult
 from server.store.players import PlayerStore
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ import logging
 from server import metrics
 from server.app.handoff import Allocator
 from server.app.outcomes import Outcomes
-from server.store.matches import LoadingStore, ReadyResult
+from server.protocol.results import ReadyResult
+from server.store.matches import LoadingStore
 
 log = logging.getLogger(__name__)
 

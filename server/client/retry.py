@@ -37,10 +37,8 @@ def verdict(exc: BaseException, fresh_token: bool) -> float | None:
     """
     if isinstance(exc, OSError | TimeoutError):
         return 0.0
-    if isinstance(exc, ServiceUnavailable):
-        return exc.retry_after_s or 0.0
-    if isinstance(exc, Unavailable | RateLimited):
-        return (exc.retry_after_ms or 0) / 1000
+    if isinstance(exc, ServiceUnavailable | Unavailable | RateLimited):
+        return _asked_wait(exc)
     if isinstance(exc, Unauthorized):
         return 0.0 if fresh_token else None
     if isinstance(exc, ConnectionClosed):
@@ -50,3 +48,10 @@ def verdict(exc: BaseException, fresh_token: bool) -> float | None:
     if isinstance(exc, FastmatchClientError):
         return None
     raise exc
+
+
+def _asked_wait(exc: ServiceUnavailable | Unavailable | RateLimited) -> float:
+    """The wait the server asked for: HTTP Retry-After, or an error's retry_after_ms."""
+    if isinstance(exc, ServiceUnavailable):
+        return exc.retry_after_s or 0.0
+    return (exc.retry_after_ms or 0) / 1000

@@ -35,6 +35,14 @@ from server.protocol.messages import (
     Welcome,
 )
 from server.protocol.ratelimit import TokenBucket
+from server.protocol.results import (
+    DequeueResult,
+    EnqueueResult,
+    Failed,
+    ReadyResult,
+    Result,
+    StatusResult,
+)
 
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
@@ -89,7 +97,8 @@ class RunReady:
     request_id: str | None
 
 
-Effect = Send | Close | RunEnqueue | RunDequeue | RunStatus | RunReady
+Request = RunEnqueue | RunDequeue | RunStatus | RunReady
+Effect = Send | Close | Request
 
 # What the client sees of each internal phase (PROTOCOL 3 `state`).
 _VISIBLE: Final[dict[Phase, StateName]] = {
@@ -188,22 +197,28 @@ class Session:
             case Enqueue(game_mode=mode, request_id=rid):
                 return self._on_enqueue(mode, rid)
             case Dequeue(request_id=rid):
-                if self.phase is Phase.QUEUED:
-                    self.phase = Phase.DEQUEUING
-                    return [RunDequeue(rid)]
-                if self.phase is Phase.LOADING:
-                    return self._error("invalid_state", "a match is loading; it cannot be left", rid)
-                return self._error("not_in_queue", "not in a queue", rid)
+                return self._on_dequeue(rid)
             case Status(request_id=rid):
                 return [RunStatus(rid)]
             case LoadingComplete(loading_session_id=sid, request_id=rid):
-                if self.phase is not Phase.LOADING or self.game_mode is None:
-                    return self._error("invalid_state", "no loading session is in progress", rid)
-                if sid != self.loading_session_id:
-                    current = self.loading_session_id
-                    return self._error("wrong_session_id", f"loading session is {current}", rid)
-                return [RunReady(sid, self.game_mode, rid)]
+                return self._on_loading_complete(sid, rid)
         return self._bad_input("unhandled message")  # pragma: no cover - the union is closed
+
+    def _on_dequeue(self, rid: str | None) -> list[Effect]:
+        if self.phase is Phase.QUEUED:
+            self.phase = Phase.DEQUEUING
+            return [RunDequeue(rid)]
+        if self.phase is Phase.LOADING:
+            return self._error("invalid_state", "a match is loading; it cannot be left", rid)
+        return self._error("not_in_queue", "not in a queue", rid)
+
+    def _on_loading_complete(self, sid: str, rid: str | None) -> list[Effect]:
+        if self.phase is not Phase.LOADING or self.game_mode is None:
+            return self._error("invalid_state", "no loading session is in progress", rid)
+        if sid != self.loading_session_id:
+            current = self.loading_session_id
+            return self._error("wrong_session_id", f"loading session is {current}", rid)
+        return [RunReady(sid, self.game_mode, rid)]
 
     def _on_enqueue(self, mode: str, rid: str | None) -> list[Effect]:
         if mode not in self.modes:
@@ -225,69 +240,82 @@ class Session:
 
     # -- results of requests the transport ran --------------------------------------------------
 
-    def enqueued(self, game_mode: str, queued_at_ms: int, request_id: str | None) -> list[Effect]:
-        if self.phase is not Phase.ENQUEUING:
-            return []
-        self.phase = Phase.QUEUED
-        self.game_mode = game_mode
-        self.queued_at_ms = queued_at_ms
-        sent = Send(Enqueued(game_mode=game_mode, queued_at_ms=queued_at_ms, request_id=request_id))
-        return [sent, *self._release()]
+    def complete(self, request: Request, result: Result) -> list[Effect]:
+        """The outcome of a request this session asked for, as storage reported it. Held
+        server messages follow the answer (a match notice never overtakes its `enqueued`)."""
+        rid = request.request_id
+        if isinstance(result, Failed):
+            effects = self._failed(result, rid)
+        elif isinstance(request, RunEnqueue) and isinstance(result, EnqueueResult):
+            effects = self._enqueue_done(request.game_mode, result, rid)
+        elif isinstance(request, RunDequeue) and isinstance(result, DequeueResult):
+            effects = self._dequeue_done(result, rid)
+        elif isinstance(request, RunReady) and isinstance(result, ReadyResult):
+            effects = self._ready_done(result, rid)
+        elif isinstance(request, RunStatus) and isinstance(result, StatusResult):
+            effects = self._status(result, rid)
+        else:
+            raise TypeError(f"{type(result).__name__} does not answer {type(request).__name__}")
+        return [*effects, *self._release()]
 
-    def enqueue_refused(self, state: StateName, game_mode: str, request_id: str | None) -> list[Effect]:
-        """Redis says the player is already queued or loading (e.g. from another connection)."""
-        self.phase = Phase(state)
-        self.game_mode = game_mode or None
-        return [*self._error("already_in_queue", f"already {state} for {game_mode}", request_id),
-                *self._release()]
+    def _enqueue_done(self, mode: str, result: EnqueueResult, rid: str | None) -> list[Effect]:
+        match result.outcome:
+            case "ok":
+                if self.phase is not Phase.ENQUEUING:
+                    return []
+                self.phase, self.game_mode, self.queued_at_ms = Phase.QUEUED, mode, result.queued_at_ms
+                return [Send(Enqueued(game_mode=mode, queued_at_ms=result.queued_at_ms, request_id=rid))]
+            case "already" if result.current is not None:
+                # Already queued or loading, e.g. from another connection: trust Redis.
+                current = result.current
+                self.phase, self.game_mode = Phase(current.state), current.mode or None
+                return self._error("already_in_queue", f"already {current.state} for {current.mode}", rid)
+            case "blocked":  # too many dodged ready checks recently (PROTOCOL 3 `player_blocked`)
+                self.phase, self.game_mode = Phase.IDLE, None
+                return self._error("player_blocked", "too many left or missed ready checks recently",
+                                   rid, result.retry_after_ms)
+        return self.replaced()
 
-    def enqueue_blocked(self, retry_after_ms: int, request_id: str | None) -> list[Effect]:
-        """Too many dodged ready checks recently (PROTOCOL 3 `player_blocked`)."""
-        self.phase, self.game_mode = Phase.IDLE, None
-        return [*self._error("player_blocked", "too many left or missed ready checks recently",
-                             request_id, retry_after_ms), *self._release()]
+    def _dequeue_done(self, result: DequeueResult, rid: str | None) -> list[Effect]:
+        match result.outcome:
+            case "ok":
+                self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+                return [Send(Dequeued(game_mode=result.mode, reason="requested", request_id=rid))]
+            case "not_in_queue":  # Redis disagrees with our view: trust Redis, tell the client
+                self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+                return self._error("not_in_queue", "not in a queue", rid)
+            case "invalid_state":  # loading in Redis: the start_loading is held or on its way
+                self.phase = Phase.QUEUED
+                return self._error("invalid_state", "a match is loading; it cannot be left", rid)
+        return self.replaced()
 
-    def ready_refused(self, request_id: str | None) -> list[Effect]:
-        """Redis does not know this player in that loading session."""
-        return self._error("wrong_session_id", "not a player of that loading session", request_id)
+    def _ready_done(self, result: ReadyResult, rid: str | None) -> list[Effect]:
+        match result.outcome:
+            case "replaced":
+                return self.replaced()
+            case "unknown" | "wrong_session":
+                return self._error("wrong_session_id", "not a player of that loading session", rid)
+        # Recorded, or the match already ended: no answer, its outcome message follows
+        # (PROTOCOL 4 has no acknowledgement of loading_complete).
+        return []
 
-    def dequeued(self, game_mode: str, request_id: str | None) -> list[Effect]:
-        self.phase = Phase.IDLE
-        self.game_mode = None
-        self.queued_at_ms = 0
-        return [Send(Dequeued(game_mode=game_mode, reason="requested", request_id=request_id)),
-                *self._release()]
-
-    def dequeue_refused(self, code: str, request_id: str | None) -> list[Effect]:
-        """Redis disagrees with our view: trust Redis, tell the client."""
-        if code == "not_in_queue":
-            self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
-            return [*self._error(code, "not in a queue", request_id), *self._release()]
-        # Loading in Redis: the start_loading that says so is held, or on its way.
-        self.phase = Phase.QUEUED
-        return [*self._error(code, "a match is loading; it cannot be left", request_id),
-                *self._release()]
-
-    def request_failed(
-        self, code: str, message: str, request_id: str | None, retry_after_ms: int | None = None
-    ) -> list[Effect]:
+    def _failed(self, result: Failed, rid: str | None) -> list[Effect]:
         """The request did not happen (e.g. storage unavailable): undo the optimistic phase."""
         if self.phase is Phase.ENQUEUING:
             self.phase, self.game_mode = Phase.IDLE, None
         elif self.phase is Phase.DEQUEUING:
             self.phase = Phase.QUEUED
-        return [*self._error(code, message, request_id, retry_after_ms), *self._release()]
+        return self._error(result.code, result.message, rid, result.retry_after_ms)
 
-    def status(
-        self, state: StateName, game_mode: str, queued_at_ms: int, queue_size: int,
-        now_ms: int, request_id: str | None,
-    ) -> list[Effect]:
-        mode = self.modes.get(game_mode) if game_mode else None
-        waited = max(now_ms - queued_at_ms, 0) if state == "queued" and queued_at_ms else 0
-        window = mode.window(waited) if mode is not None and state == "queued" else 0.0
+    def _status(self, result: StatusResult, rid: str | None) -> list[Effect]:
+        p = result.player
+        mode = self.modes.get(p.mode) if p.mode else None
+        queued = p.state == "queued"
+        waited = max(result.now_ms - p.queued_at_ms, 0) if queued and p.queued_at_ms else 0
+        window = mode.window(waited) if mode is not None and queued else 0.0
         return [Send(QueueStatus(
-            state=state, waited_ms=waited, queue_size=queue_size, search_window=window,
-            game_mode=game_mode or None, request_id=request_id,
+            state=p.state, waited_ms=waited, queue_size=result.queue_size, search_window=window,
+            game_mode=p.mode or None, request_id=rid,
         ))]
 
     def deliver(self, message: ServerMessage) -> list[Effect]:

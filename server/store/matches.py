@@ -9,6 +9,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from server.protocol.results import ReadyResult
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
 from server.store.errors import ProtocolViolation, StoreError
@@ -141,16 +142,6 @@ def _commit_result(reply: object) -> CommitResult:
         poisoned=[as_str(x) for x in reply[3]],
         deadline_ms=to_int(reply[4]),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class ReadyResult:
-    outcome: Literal["unknown", "replaced", "wrong_session", "final", "ready", "allocating"]
-    status: str = ""
-    deadline_ms: int = 0
-    teams: list[list[str]] = field(default_factory=list)
-    tickets: dict[str, bytes] = field(default_factory=dict)
-    created_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

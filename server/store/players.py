@@ -11,24 +11,16 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from server.config import PenaltyConfig
+from server.protocol.results import DequeueResult, EnqueueResult, PlayerState, StatusResult
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
 from server.store.errors import ProtocolViolation, StoreError
 
-PlayerStateName = Literal["idle", "queued", "loading"]
 _STATES: Final[frozenset[str]] = frozenset({"idle", "queued", "loading"})
 _MODE_RETRIES: Final = 4
 # A ready check's leaver is cancelled by the detaching worker at once; the mode's leader takes
 # over (DESIGN: every step repairable) only if that has not happened this long after.
 LEFT_SETTLE_MS: Final = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class PlayerState:
-    state: PlayerStateName
-    mode: str = ""
-    queued_at_ms: int = 0
-    match_id: str = ""  # the loading session while state is "loading"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,32 +31,11 @@ class Attached:
 
 
 @dataclass(frozen=True, slots=True)
-class EnqueueResult:
-    outcome: Literal["ok", "replaced", "already", "blocked"]
-    queued_at_ms: int = 0
-    current: PlayerState | None = None
-    retry_after_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class DequeueResult:
-    outcome: Literal["ok", "replaced", "not_in_queue", "invalid_state"]
-    mode: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class DetachResult:
     outcome: Literal["removed", "grace", "loading", "stale"]
     grace_deadline_ms: int = 0
     match_id: str = ""  # with "loading": the match the player walked out of ...
     mode: str = ""  # ... and its mode
-
-
-@dataclass(frozen=True, slots=True)
-class QueueStatus:
-    player: PlayerState
-    queue_size: int
-    now_ms: int
 
 
 class PlayerStore:
@@ -145,14 +116,14 @@ class PlayerStore:
                 return DequeueResult("invalid_state")
         raise ProtocolViolation(f"dequeue replied {reply!r}")
 
-    async def status(self, player: str, mode_guess: str = "") -> QueueStatus:
+    async def status(self, player: str, mode_guess: str = "") -> StatusResult:
         """The player's state, its queue's size and the Redis clock, in one read."""
         reply = await self._with_mode(
             "status", player, [keys.player(player)], lambda mode: [mode], mode_guess
         )
         if reply[0] != "ok" or len(reply) < 6:
             raise ProtocolViolation(f"status replied {reply!r}")
-        return QueueStatus(_player_state(reply[1], reply[2], reply[3]), to_int(reply[4]), to_int(reply[5]))
+        return StatusResult(_player_state(reply[1], reply[2], reply[3]), to_int(reply[4]), to_int(reply[5]))
 
     async def heartbeat(self, ttl_ms: int) -> int:
         return to_int(await self.client.script("heartbeat", [keys.WORKERS], [self.worker_id, ttl_ms]))

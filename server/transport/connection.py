@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final, Protocol
 
-from websockets.http11 import Request, Response
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response
 
 from server import metrics
 from server.logthrottle import Throttled
@@ -13,11 +14,13 @@ from server.protocol import codec
 from server.protocol.auth import Identity
 from server.protocol.messages import Error as ErrorMessage
 from server.protocol.messages import ServerMessage
+from server.protocol.results import Failed, PlayerState, ReadyResult, Result
 from server.protocol.session import (
     CLOSE_INTERNAL,
     CLOSE_RATE_LIMITED,
     Close,
     Effect,
+    Request,
     RunDequeue,
     RunEnqueue,
     RunReady,
@@ -26,8 +29,6 @@ from server.protocol.session import (
     Session,
 )
 from server.store.errors import StoreError, StoreUnavailable
-from server.store.matches import ReadyResult
-from server.store.players import PlayerState
 from server.transport.wsproto import WebSocketProtocol
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class ClientConnection(WebSocketProtocol):
 
     # -- the opening handshake ------------------------------------------------------------------
 
-    def handle_request(self, request: Request) -> None:
+    def handle_request(self, request: HttpRequest) -> None:
         refusal = self.front.admit(self, request)
         if refusal is not None:
             self.respond(refusal)
@@ -197,7 +198,7 @@ class ClientConnection(WebSocketProtocol):
                 self.close_with(effect.code, effect.reason)
             else:
                 self.hold()
-                self.front.spawn(self._request(effect, effects[i + 1:]))
+                self.front.spawn(self._request(effect, effects[i + 1:]))  # type: ignore[arg-type]
                 return
 
     def _send(self, message: ServerMessage) -> None:
@@ -209,97 +210,50 @@ class ClientConnection(WebSocketProtocol):
                 metrics.inc(metrics.RATE_LIMITED, "message")
         self.send_message(codec.encode(message))
 
-    async def _request(self, effect: Effect, rest: list[Effect]) -> None:
-        effects = await self._guarded(effect)
-        if not self.lost:
+    async def _request(self, request: Request, rest: list[Effect]) -> None:
+        result = await self._run(request)
+        if not self.lost and self.session is not None:
             self.release()
-            self._apply(effects + rest)  # may start the next request
+            self._apply([*self.session.complete(request, result), *rest])  # may hold again
             self.drain()
             self.flush()
 
-    async def _guarded(self, effect: Effect) -> list[Effect]:
-        """Storage failures become PROTOCOL errors; the session undoes its optimistic phase.
-
-        A timeout does not say whether Redis ran the script, so the outcome is read back from
-        Redis once it answers again (``reconcile``) and the client is told what happened.
-        """
-        assert self.session is not None
-        rid = getattr(effect, "request_id", None)
+    async def _run(self, request: Request) -> Result:
+        """Run one request in storage; failures become results too (the session undoes its
+        optimistic phase). A timeout does not say whether Redis ran the script, so that
+        outcome is read back once Redis answers (``FrontEnd.reconcile``)."""
         try:
-            return await self._run(effect)
+            return await self._call(request)
         except StoreUnavailable as exc:
             _failed("%s (player %s)", exc, self.identity.player_id)
             if exc.maybe_ran:
-                # Redis may have run it: the front end reads the truth back once Redis
-                # answers and tells the client (`reconcile`), together with every other.
                 self.front.reconcile(self)
-            return self.session.request_failed(
-                "unavailable", _UNAVAILABLE_MSG, rid, exc.retry_after_ms
-            )
+            return Failed("unavailable", _UNAVAILABLE_MSG, exc.retry_after_ms)
         except StoreError:
             self.log.exception("request failed")
-            return self.session.request_failed("internal_error", "internal error", rid)
+            return Failed("internal_error", "internal error")
 
-    async def _run(self, effect: Effect) -> list[Effect]:
-        match effect:
-            case RunEnqueue(game_mode=mode, request_id=rid):
-                return await self._enqueue(mode, rid)
-            case RunDequeue(request_id=rid):
-                return await self._dequeue(rid)
-            case RunStatus(request_id=rid):
-                return await self._status(rid)
-            case RunReady(loading_session_id=sid, game_mode=mode, request_id=rid):
-                return await self._ready(mode, sid, rid)
-        return []
-
-    async def _enqueue(self, mode: str, rid: str | None) -> list[Effect]:
-        assert self.session is not None
-        rating = self.identity.rating(mode, self.session.modes[mode].default_rating)
-        result = await self.front.store.enqueue(
-            self.player_id, self.conn_id, mode, rating, self.identity.attrs
-        )
-        if result.outcome == "ok":
-            return self.session.enqueued(mode, result.queued_at_ms, rid)
-        if result.outcome == "already" and result.current is not None:
-            return self.session.enqueue_refused(result.current.state, result.current.mode, rid)
-        if result.outcome == "blocked":
-            self.front.events.enqueue_blocked(mode)
-            return self.session.enqueue_blocked(result.retry_after_ms, rid)
-        return self.session.replaced()
-
-    async def _ready(self, mode: str, match_id: str, rid: str | None) -> list[Effect]:
-        assert self.session is not None
-        front = self.front
-        result = await front.loading.ready(
-            mode, match_id, self.player_id, self.conn_id, front.allocation_timeout_ms,
-            front.worker_id,
-        )
-        match result.outcome:
-            case "allocating":
-                front.events.all_ready(mode, match_id, result)
-            case "replaced":
-                return self.session.replaced()
-            case "unknown" | "wrong_session":
-                return self.session.ready_refused(rid)
-        # "ready" and "final" have no answer: the match's outcome message follows (PROTOCOL 4).
-        return []
-
-    async def _dequeue(self, rid: str | None) -> list[Effect]:
-        assert self.session is not None
-        result = await self.front.store.dequeue(self.player_id, self.conn_id, self.session.game_mode or "")
-        if result.outcome == "ok":
-            return self.session.dequeued(result.mode, rid)
-        if result.outcome == "replaced":
-            return self.session.replaced()
-        return self.session.dequeue_refused(result.outcome, rid)
-
-    async def _status(self, rid: str | None) -> list[Effect]:
-        assert self.session is not None
-        status = await self.front.store.status(self.player_id, self.session.game_mode or "")
-        p = status.player
-        return self.session.status(
-            p.state, p.mode, p.queued_at_ms, status.queue_size, status.now_ms, rid
-        )
+    async def _call(self, request: Request) -> Result:
+        front, player, conn = self.front, self.identity.player_id, self.conn_id
+        mode = (self.session.game_mode if self.session is not None else None) or ""
+        match request:
+            case RunEnqueue(game_mode=mode):
+                rating = self.identity.rating(mode, front.modes[mode].default_rating)
+                enqueued = await front.store.enqueue(player, conn, mode, rating, self.identity.attrs)
+                if enqueued.outcome == "blocked":
+                    front.events.enqueue_blocked(mode)
+                return enqueued
+            case RunDequeue():
+                return await front.store.dequeue(player, conn, mode)
+            case RunStatus():
+                return await front.store.status(player, mode)
+            case RunReady(loading_session_id=match_id, game_mode=mode):
+                ready = await front.loading.ready(mode, match_id, player, conn,
+                                                  front.allocation_timeout_ms, front.worker_id)
+                if ready.outcome == "allocating":  # the last one: hand the match to a game server
+                    front.events.all_ready(mode, match_id, ready)
+                return ready
+        raise TypeError(f"not a request: {request!r}")
 
     def reconcile(self, state: PlayerState) -> None:
         """Redis' view of the player after a request whose outcome was lost: correct ours

@@ -155,15 +155,8 @@ class FrontEnd:
         """The answer to a handshake request, or None to go on with the WebSocket upgrade
         (the client's identity and connection id are then set)."""
         url = urlsplit(request.path)
-        if url.path == "/health":
-            return self.refusal(client, 200, "ok")
-        if url.path == "/ready":
-            if self.ready and not self.draining and not self.leaving:
-                return self.refusal(client, 200, "ready")
-            return self.refusal(client, 503, "not ready: " + (
-                "draining" if self.draining or self.leaving else "storage unavailable"))
         if url.path not in WS_PATHS:
-            return self.refusal(client, 404, "not found")
+            return self._operator(client, url.path)
         refused = self._shed()
         if refused:
             # Beyond capacity: refuse at once, before any work, instead of letting handshakes
@@ -184,6 +177,17 @@ class FrontEnd:
         client.identity = identity
         client.conn_id = f"{self.worker_id}.{next(self._ids)}"
         return None
+
+    def _operator(self, client: ClientConnection, path: str) -> Response:
+        """PROTOCOL 8: /health and /ready on the public port; anything else is not found."""
+        if path == "/health":
+            return self.refusal(client, 200, "ok")
+        if path != "/ready":
+            return self.refusal(client, 404, "not found")
+        if self.ready and not self.draining and not self.leaving:
+            return self.refusal(client, 200, "ready")
+        why = "draining" if self.draining or self.leaving else "storage unavailable"
+        return self.refusal(client, 503, f"not ready: {why}")
 
     def _shed(self) -> str:
         if self.draining:

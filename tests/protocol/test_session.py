@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from server.config import load_config
 from server.protocol.messages import Dequeued, Enqueued, Error, QueueStatus, Welcome
+from server.protocol.results import (
+    DequeueResult,
+    EnqueueResult,
+    Failed,
+    PlayerState,
+    ReadyResult,
+    StatusResult,
+)
 from server.protocol.session import (
     Close,
     Limits,
     Phase,
     RunDequeue,
     RunEnqueue,
+    RunReady,
     RunStatus,
     Send,
     Session,
 )
 
 MODES = load_config(environ={}).modes
+DOWN = Failed("unavailable", "down", 500)
 
 
 def session(budget: int = 2) -> Session:
@@ -49,7 +61,7 @@ def test_phase_changes_before_the_request_runs() -> None:
     assert s.phase is Phase.ENQUEUING
     # A second enqueue while the first is in flight never reaches storage.
     assert only_error(s.receive(frame(type="enqueue", game_mode="1v1"))) == "already_in_queue"
-    [sent] = s.enqueued("1v1", 99, None)
+    [sent] = s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=99))
     assert sent == Send(Enqueued(game_mode="1v1", queued_at_ms=99))
     assert s.phase is Phase.QUEUED
 
@@ -58,33 +70,35 @@ def test_dequeue_round_trip_and_errors() -> None:
     s = session()
     assert only_error(s.receive(frame(type="dequeue"))) == "not_in_queue"
     s.receive(frame(type="enqueue", game_mode="5v5"))
-    s.enqueued("5v5", 5, None)
+    s.complete(RunEnqueue("5v5", None), EnqueueResult("ok", queued_at_ms=5))
     assert s.receive(frame(type="dequeue", request_id="d")) == [RunDequeue("d")]
     assert s.phase is Phase.DEQUEUING
-    assert s.dequeued("5v5", "d") == [Send(Dequeued(game_mode="5v5", reason="requested", request_id="d"))]
+    assert s.complete(RunDequeue("d"), DequeueResult("ok", "5v5")) == [
+        Send(Dequeued(game_mode="5v5", reason="requested", request_id="d"))]
     assert s.phase is Phase.IDLE
 
 
 def test_failed_request_undoes_the_optimistic_phase() -> None:
     s = session()
     s.receive(frame(type="enqueue", game_mode="1v1"))
-    effects = s.request_failed("unavailable", "down", None, 500)
+    effects = s.complete(RunEnqueue("1v1", None), DOWN)
     assert s.phase is Phase.IDLE and s.game_mode is None
     assert effects == [Send(Error(code="unavailable", message="down", retry_after_ms=500))]
     s.receive(frame(type="enqueue", game_mode="1v1"))
-    s.enqueued("1v1", 1, None)
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=1))
     s.receive(frame(type="dequeue"))
-    s.request_failed("unavailable", "down", None, 500)
+    s.complete(RunDequeue(None), DOWN)
     assert s.phase is Phase.QUEUED
 
 
 def test_redis_view_wins_over_the_local_view() -> None:
     s = session()
     s.receive(frame(type="enqueue", game_mode="1v1"))
-    assert only_error(s.enqueue_refused("queued", "5v5", None)) == "already_in_queue"
+    already = EnqueueResult("already", current=PlayerState("queued", "5v5", 3))
+    assert only_error(s.complete(RunEnqueue("1v1", None), already)) == "already_in_queue"
     assert s.phase is Phase.QUEUED and s.game_mode == "5v5"
     s.receive(frame(type="dequeue"))
-    assert only_error(s.dequeue_refused("not_in_queue", None)) == "not_in_queue"
+    assert only_error(s.complete(RunDequeue(None), DequeueResult("not_in_queue"))) == "not_in_queue"
     assert s.phase is Phase.IDLE
 
 
@@ -92,7 +106,7 @@ def test_unknown_mode_and_status() -> None:
     s = session()
     assert only_error(s.receive(frame(type="enqueue", game_mode="chess"))) == "unsupported_game_mode"
     assert s.receive(frame(type="status", request_id="s")) == [RunStatus("s")]
-    [sent] = s.status("queued", "1v1", 1_000, 7, 11_000, "s")
+    [sent] = s.complete(RunStatus("s"), StatusResult(PlayerState("queued", "1v1", 1_000), 7, 11_000))
     assert isinstance(sent, Send) and isinstance(sent.message, QueueStatus)
     assert sent.message.waited_ms == 10_000 and sent.message.queue_size == 7
     assert sent.message.search_window == MODES["1v1"].window(10_000)
@@ -137,11 +151,11 @@ def test_flood_is_refused_then_closed_4008() -> None:
 def test_resync_reports_what_redis_really_did() -> None:
     s = session()
     s.receive(frame(type="enqueue", game_mode="1v1"))
-    s.request_failed("unavailable", "timed out", None, 1000)  # but the script had run
+    s.complete(RunEnqueue("1v1", None), DOWN)  # but the script had run
     [late] = s.resync("queued", "1v1", 777)
     assert late == Send(Enqueued(game_mode="1v1", queued_at_ms=777)) and s.phase is Phase.QUEUED
     s.receive(frame(type="dequeue"))
-    s.request_failed("unavailable", "timed out", None, 1000)
+    s.complete(RunDequeue(None), DOWN)
     [gone] = s.resync("idle", "", 0)
     assert gone == Send(Dequeued(game_mode="1v1", reason="requested")) and s.phase is Phase.IDLE
     assert s.resync("idle", "", 0) == []  # agreeing views: nothing to say
@@ -155,16 +169,17 @@ def test_a_match_notice_never_overtakes_the_reply_it_follows() -> None:
     notice = StartLoading(loading_session_id="1.2.3", game_mode="1v1", teams=[["p1"], ["p2"]],
                           deadline_ms=9)
     assert s.deliver(notice) == []  # held while the enqueue is in flight
-    sent = [e.message for e in s.enqueued("1v1", 5, None) if isinstance(e, Send)]
+    done = s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
+    sent = [e.message for e in done if isinstance(e, Send)]
     assert [type(m).__name__ for m in sent] == ["Enqueued", "StartLoading"]
     assert s.phase is Phase.LOADING
     # A dequeue that loses the race to the match: the refusal first, then the notice.
     s2 = session()
     s2.receive(frame(type="enqueue", game_mode="1v1"))
-    s2.enqueued("1v1", 5, None)
+    s2.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
     s2.receive(frame(type="dequeue"))
     s2.deliver(notice)
-    effects = s2.dequeue_refused("invalid_state", None)
+    effects = s2.complete(RunDequeue(None), DequeueResult("invalid_state"))
     assert [type(e.message).__name__ for e in effects if isinstance(e, Send)] == ["Error", "StartLoading"]
     assert s2.phase is Phase.LOADING
 
@@ -179,3 +194,20 @@ def test_nothing_overtakes_the_welcome() -> None:
     sent = [e.message for e in s.welcome("queued", "1v1", 5) if isinstance(e, Send)]
     assert [type(m).__name__ for m in sent] == ["Welcome", "StartLoading"]
     assert s.phase is Phase.LOADING
+
+
+def test_ready_results_answer_only_errors_and_a_mismatch_is_a_bug() -> None:
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
+    from server.protocol.messages import StartLoading
+
+    s.deliver(StartLoading(loading_session_id="9.1.0", game_mode="1v1", teams=[["p1"], ["p2"]],
+                           deadline_ms=9))
+    [ready] = s.receive(frame(type="loading_complete", loading_session_id="9.1.0"))
+    assert ready == RunReady("9.1.0", "1v1", None)
+    assert s.complete(ready, ReadyResult("ready")) == []  # the match's outcome is the answer
+    assert only_error(s.complete(ready, ReadyResult("wrong_session"))) == "wrong_session_id"
+    assert s.complete(ready, ReadyResult("replaced")) == [Close(4009, "session_replaced")]
+    with pytest.raises(TypeError):
+        session().complete(RunStatus(None), ReadyResult("ready"))
