@@ -134,7 +134,10 @@ class FrontEnd:
     def admit(self, client: ClientConnection, request: Request) -> Response | None:
         """The answer to a handshake request, or None to go on with the WebSocket upgrade
         (the client's identity and connection id are then set)."""
-        url = urlsplit(request.path)
+        try:
+            url = urlsplit(request.path)
+        except ValueError:  # e.g. "//[x": an authority that is not a valid IPv6 literal
+            return self.refusal(client, 400, "bad request target")
         if url.path == "/health":
             return self.refusal(client, 200, "ok")
         if url.path == "/ready":
