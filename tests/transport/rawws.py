@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from websockets.client import ClientProtocol
@@ -56,14 +56,20 @@ class Ending:
     invalid: str = ""  # the server's bytes broke RFC 6455 (a server bug)
 
 
-@dataclass
 class RawClient:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    protocol: ClientProtocol
-    response: Response | None = None
-    frames: list[Frame] = field(default_factory=list)  # received, not yet taken
-    eof: bool = False
+    """The client's end of one TCP connection, on a plain socket: a write that fails because
+    the server has closed is ignored and reading goes on, so what the server sent before it
+    closed (a close frame) is still seen. (An asyncio transport drops the connection at once on
+    a failed write, unread bytes and all.)"""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.protocol = ClientProtocol(parse_uri("ws://127.0.0.1/ws"), max_size=None)
+        self.response: Response | None = None
+        self.frames: list[Frame] = []  # received, not yet taken
+        self.eof = False
+        self._changed = asyncio.Event()
+        self._reading = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
     async def connect(cls, port: int, player: str | None, *, early: bytes = b"",
@@ -71,37 +77,36 @@ class RawClient:
         """TCP connect and send the upgrade request for ``player`` (its token in the header)
         to the request target ``path``, followed in the same write by ``early`` (frames sent
         before the answer)."""
-        protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/ws"), max_size=None)
-        request = protocol.connect()
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        client = cls(sock)
+        request = client.protocol.connect()
         request.path = path  # sent as given, even when no URL parser would accept it
         if player is not None:
             request.headers["Authorization"] = f"Bearer {token(player)}"
-        protocol.send_request(request)
-        async with asyncio.timeout(TIMEOUT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment
-        writer.write(b"".join(protocol.data_to_send()) + early)
-        return cls(reader, writer, protocol)
+        client.protocol.send_request(request)
+        await client.write(b"".join(client.protocol.data_to_send()) + early)
+        return client
 
     async def handshake(self, timeout: float = TIMEOUT) -> Response | None:
-        """The server's HTTP response (None if it closed without one)."""
+        """The server's HTTP response (None if it closed without a valid one)."""
         async with asyncio.timeout(timeout):
             while self.response is None and not self.eof:
-                await self._read()
+                await self._wait()
         return self.response
 
     async def write(self, data: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(data)
-            with contextlib.suppress(ConnectionError):  # the server closed first: read on
-                await self.writer.drain()
+        with contextlib.suppress(OSError):  # closed by the server: what it sent is still read
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
 
     async def next_frame(self, timeout: float = TIMEOUT) -> Frame | None:
         """The next data or control frame from the server; None once the connection ended."""
         async with asyncio.timeout(timeout):
             while not self.frames and not self.eof:
-                await self._read()
+                await self._wait()
         return self.frames.pop(0) if self.frames else None
 
     async def ending(self, timeout: float = TIMEOUT) -> Ending:
@@ -114,6 +119,11 @@ class RawClient:
         ending.invalid = self.invalid()
         return ending
 
+    def ended_with(self) -> str:
+        """The close code the server sent, for statistics ("none": the TCP connection ended bare)."""
+        close = self.protocol.close_rcvd
+        return f"close {close.code}" if close is not None else "no close frame"
+
     def invalid(self) -> str:
         """What was wrong with the server's bytes ("" when nothing)."""
         exc = self.protocol.parser_exc
@@ -122,22 +132,38 @@ class RawClient:
         return f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:
-        self.writer.close()
+        if self.sock.fileno() < 0:
+            return
+        # Unregistered before the close: epoll would otherwise keep a stale entry under an fd
+        # number the next socket may reuse.
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self._reading.cancel()
+        self.sock.close()
 
     async def _read(self) -> None:
-        try:
-            data = await self.reader.read(65536)
-        except ConnectionError:
-            data = b""
-        if data:
-            self.protocol.receive_data(data)
-        else:
-            self.eof = True
-            self.protocol.receive_eof()
-        for event in self.protocol.events_received():
-            if isinstance(event, Response):
-                self.response = event
+        loop = asyncio.get_running_loop()
+        protocol = self.protocol
+        while not self.eof:
+            try:
+                data = await loop.sock_recv(self.sock, 65536)
+            except OSError:  # reset: the bytes that came before it were returned already
+                data = b""
+            if data:
+                protocol.receive_data(data)
             else:
-                self.frames.append(event)
-        if self.protocol.parser_exc is not None and not isinstance(self.protocol.parser_exc, EOFError):
-            self.eof = True  # stop reading: the server's stream is broken (reported by invalid())
+                protocol.receive_eof()
+                self.eof = True
+            for event in protocol.events_received():
+                if isinstance(event, Response):
+                    self.response = event
+                else:
+                    self.frames.append(event)
+            # Not a valid response or frame stream: nothing after it would parse.
+            if protocol.handshake_exc is not None or (
+                    protocol.parser_exc is not None and not isinstance(protocol.parser_exc, EOFError)):
+                self.eof = True
+            self._changed.set()
+
+    async def _wait(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
