@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from server import metrics
 from server.app.worker import Worker
+from server.store.embedded import EmbeddedRedis
 from tests.conftest import WorkerFactory, make_config
-from tests.helpers import closed_code, connect_player, recv, request
+from tests.helpers import closed_code, connect_player, recv, request, send
 from tests.transport.rawws import RawClient
 
 
@@ -81,3 +83,84 @@ async def test_unparsable_request_target_gets_400_not_a_traceback(
     await ws.close()
     assert complaints(caplog) == []
 
+
+
+# -- logs an attacker cannot flood (issue 18) ---------------------------------------------------------
+
+def lines_of(caplog: pytest.LogCaptureFixture, kind: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(kind)]
+
+
+async def test_reconnect_loop_is_one_log_line_per_interval(
+    worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client with a valid token reconnecting in a loop replaces its connection each time
+    (PROTOCOL 1, close 4009): one INFO line per interval, not one per reconnect."""
+    caplog.set_level(logging.INFO)
+    port = worker.front.port
+    previous, _ = await connect_player(port, "looper")
+    for _ in range(50):
+        current, welcome = await connect_player(port, "looper")
+        assert welcome["type"] == "welcome"
+        assert await closed_code(previous) == 4009
+        previous = current
+    await previous.close()
+    assert len(lines_of(caplog, "sessions replaced by a newer connection")) <= 1
+    assert complaints(caplog) == []
+
+
+async def test_storage_errors_are_one_line_per_interval_and_no_traceback(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis refusing a command (here an ACL denies one that enqueue.lua runs; OOM or MISCONF
+    look the same) fails every enqueue with internal_error: one ERROR line per interval with
+    the count and an example, not a traceback per request."""
+    caplog.set_level(logging.INFO)
+    w = await start_worker(url=private_redis.url)
+    clients = [(await connect_player(w.front.port, f"denied{i}"))[0] for i in range(10)]
+    admin = aioredis.Redis.from_url(private_redis.url)
+    await admin.acl_setuser("default", enabled=True, nopass=True, commands=["-zremrangebyscore"])
+    errors_before = counted("fastmatch_errors_sent_total", code="internal_error")
+    try:
+        for _ in range(20):
+            for ws in clients:
+                answer = await request(ws, {"type": "enqueue", "game_mode": "1v1"})
+                assert answer["type"] == "error" and answer["code"] == "internal_error", answer
+    finally:
+        await admin.acl_setuser("default", enabled=True, nopass=True, commands=["+@all"])
+        await admin.aclose()
+    assert counted("fastmatch_errors_sent_total", code="internal_error") - errors_before == 200
+    refused = lines_of(caplog, "requests failed, storage error")
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR
+    assert "no permissions to run the 'zremrangebyscore' command" in refused[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
+    assert (await request(clients[0], {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    for ws in clients:
+        await ws.close()
+
+
+async def test_floods_are_counted_not_logged(
+    start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Message floods (rate_limited, then 4008) and connection floods from one address
+    (rate_limited at the welcome, then 4008): metrics count each, the log shows none."""
+    caplog.set_level(logging.INFO)
+    w = await start_worker(cfg=make_config(**{
+        "server.message_rate": 5, "server.message_burst": 5, "server.rate_limit_strikes": 2,
+        "server.connect_rate_per_ip": 1, "server.connect_burst_per_ip": 5}))
+    port = w.front.port
+    caplog.clear()  # the worker's start-up lines
+    messages_before = counted("fastmatch_rate_limited_total", kind="message")
+    connections_before = counted("fastmatch_rate_limited_total", kind="connection")
+    for i in range(5):  # the connection burst
+        ws, _ = await connect_player(port, f"flood{i}")
+        for _ in range(20):
+            await send(ws, {"type": "status"})
+        assert await closed_code(ws) == 4008
+    for i in range(20):  # past the connection burst: each refused at its welcome
+        ws, first = await connect_player(port, f"again{i}")
+        assert first["code"] == "rate_limited"
+        assert await closed_code(ws) == 4008
+    assert counted("fastmatch_rate_limited_total", kind="message") - messages_before == 5 * 3
+    assert counted("fastmatch_rate_limited_total", kind="connection") - connections_before == 20
+    assert [r for r in caplog.records if r.name.startswith("server.")] == []
