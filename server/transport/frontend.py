@@ -14,7 +14,7 @@ import itertools
 import logging
 import socket
 from collections.abc import Coroutine, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -32,7 +32,7 @@ from server.store import keys
 from server.store.errors import StoreError
 from server.store.matches import LoadingStore
 from server.store.players import Attached, PlayerStore
-from server.transport import envelope
+from server.transport import envelope, fdlimit
 from server.transport.connection import ClientConnection, MatchEvents
 from server.transport.overload import LoopLag
 from server.transport.wsproto import WsLimits
@@ -70,6 +70,7 @@ class FrontEnd:
                                   ping_interval_s=config.ping_interval_s,
                                   ping_timeout_s=config.ping_timeout_s)
         self.lag = LoopLag(config.max_loop_lag_ms / 1000)
+        self.caps = fdlimit.caps_for(config.max_connections, config.max_pending_handshakes)
         self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
         self._per_ip = KeyedBuckets(config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._ids = itertools.count(1)
@@ -89,7 +90,13 @@ class FrontEnd:
             self._accepted, backlog=self.config.backlog, **options)
         self.lag.start()
 
-    def _accepted(self) -> ClientConnection:
+    def _accepted(self) -> asyncio.Protocol:
+        if len(self._all) >= self.caps.sockets:
+            # Connections that never finish their request (slowloris) would otherwise hold a
+            # descriptor each until their open timeout, without limit.
+            metrics.inc(metrics.HANDSHAKES_REFUSED, "max_connections")
+            _shedding("max_connections (%d sockets held, new ones closed at once)", len(self._all))
+            return _Refused(self.config.overload_retry_after_s)
         client = ClientConnection(self)
         self._all.add(client)
         return client
@@ -175,7 +182,7 @@ class FrontEnd:
             return "loop_lag"
         if self.handshakes >= self.config.max_pending_handshakes:
             return "inflight"
-        if len(self.connections) >= self.config.max_connections:
+        if len(self.connections) >= self.caps.connections:
             return "max_connections"
         return ""
 
@@ -286,6 +293,22 @@ class FrontEnd:
         session = client.session
         if session is not None and session.game_mode and result.player.state == "idle":
             client.deliver_effects(session.removed(session.game_mode))
+
+
+class _Refused(asyncio.Protocol):
+    """A socket past the worker's ceiling: a 503 before its request is even read, then closed
+    (best effort: a client whose request is already on its way may see a reset instead)."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = b"server busy (max_connections); retry later\n"
+        cast(asyncio.Transport, transport).write(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nConnection: close\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+            % (self.retry_after_s, len(body), body))
+        transport.close()
 
 
 def _token(headers: Headers, query: str) -> str | None:

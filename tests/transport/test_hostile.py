@@ -3,17 +3,22 @@ log and file-descriptor bounds that hold under abuse."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
+import time
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from websockets.exceptions import InvalidStatus
 
 from server import metrics
 from server.app.worker import Worker
 from server.store.embedded import EmbeddedRedis
 from tests.conftest import WorkerFactory, make_config
-from tests.helpers import closed_code, connect_player, recv, request, send
+from tests.helpers import TIMEOUT, closed_code, connect_player, open_client, recv, request, send
 from tests.transport.rawws import RawClient
 
 
@@ -164,3 +169,99 @@ async def test_floods_are_counted_not_logged(
     assert counted("fastmatch_rate_limited_total", kind="message") - messages_before == 5 * 3
     assert counted("fastmatch_rate_limited_total", kind="connection") - connections_before == 20
     assert [r for r in caplog.records if r.name.startswith("server.")] == []
+
+
+# -- the connection cap (server.max_connections) -------------------------------------------------------
+
+async def _refused_status(port: int, player: str) -> tuple[int, str | None]:
+    """The HTTP status of a handshake the worker should refuse, and its Retry-After."""
+    try:
+        ws = await open_client(port, player)
+    except InvalidStatus as exc:
+        return exc.response.status_code, exc.response.headers.get("Retry-After")
+    await ws.close()
+    return 101, None
+
+
+async def test_past_max_connections_handshakes_get_503_at_once(start_worker: WorkerFactory) -> None:
+    w = await start_worker(cfg=make_config(**{"server.max_connections": 5}))
+    port = w.front.port
+    players = [(await connect_player(port, f"seated{i}"))[0] for i in range(5)]
+    refused_before = counted("fastmatch_handshakes_refused_total", reason="max_connections")
+    started = time.monotonic()
+    answers = await asyncio.gather(*(_refused_status(port, f"late{i}") for i in range(30)))
+    assert answers == [(503, "1")] * 30
+    assert time.monotonic() - started < TIMEOUT / 5  # at once, not after a queue or a timeout
+    assert counted("fastmatch_handshakes_refused_total", reason="max_connections") - refused_before == 30
+    for ws in players:  # the players already connected keep their service
+        assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    await players.pop().close()
+    async with asyncio.timeout(TIMEOUT):  # the worker sees the connection end, then has room
+        while len(w.front.connections) >= 5:
+            await asyncio.sleep(0.01)
+    nextone, welcome = await connect_player(port, "seated-next")
+    assert welcome["type"] == "welcome"
+    for ws in [*players, nextone]:
+        await ws.close()
+
+
+async def _half_request(port: int) -> socket.socket:
+    """A client that starts its request and never finishes it (slowloris)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return sock
+
+
+async def _answer(sock: socket.socket, wait: float) -> bytes | None:
+    """Everything the server sent until it closed; None if it is still silent after ``wait``."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    try:
+        async with asyncio.timeout(wait):
+            while chunk := await loop.sock_recv(sock, 4096):
+                data += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass  # closed with our request unread: what it sent before is in ``data``
+    return data
+
+
+def _descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_half_sent_requests_cannot_exhaust_descriptors(start_worker: WorkerFactory) -> None:
+    """Sockets that never finish their HTTP request count against the worker's ceiling
+    (max_connections + max_pending_handshakes): past it they are answered 503 and closed at
+    once, instead of each holding a descriptor for the open timeout."""
+    w = await start_worker(cfg=make_config(**{"server.max_connections": 5,
+                                             "server.max_pending_handshakes": 5}))
+    port = w.front.port
+    players = [(await connect_player(port, f"kept{i}"))[0] for i in range(5)]
+    refused_before = counted("fastmatch_handshakes_refused_total", reason="max_connections")
+    descriptors = _descriptors()
+    slow = [await _half_request(port) for _ in range(100)]
+    answers = await asyncio.gather(*(_answer(sock, wait=1.0) for sock in slow))
+    held = [a for a in answers if a is None]
+    assert len(held) == 5  # the ceiling's room for handshakes in progress
+    assert all(a.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in a for a in answers if a is not None)
+    # This process holds both ends: our 100 sockets, the worker's 5 held ones (and a few
+    # refused ones still closing), not 100 more.
+    assert _descriptors() - descriptors <= 100 + 5 + 10
+    assert counted("fastmatch_handshakes_refused_total", reason="max_connections") - refused_before == 95
+    for ws in players:
+        assert (await request(ws, {"type": "status"}))["state"] == "idle"
+    for sock in slow:
+        sock.close()
+    await players.pop().close()
+    async with asyncio.timeout(TIMEOUT):
+        while len(w.front.connections) >= 5:
+            await asyncio.sleep(0.01)
+    nextone, welcome = await connect_player(port, "kept-next")
+    assert welcome["type"] == "welcome"
+    for ws in [*players, nextone]:
+        await ws.close()
