@@ -119,11 +119,6 @@ class RawClient:
         ending.invalid = self.invalid()
         return ending
 
-    def ended_with(self) -> str:
-        """The close code the server sent, for statistics ("none": the TCP connection ended bare)."""
-        close = self.protocol.close_rcvd
-        return f"close {close.code}" if close is not None else "no close frame"
-
     def invalid(self) -> str:
         """What was wrong with the server's bytes ("" when nothing)."""
         exc = self.protocol.parser_exc
