@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck check bench build clean
+.PHONY: serve test lint typecheck check bench build clean fuzz
 
 $(STAMP): pyproject.toml setup.py _fastmatch/kernel.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ check: lint typecheck
 
 test: check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The protocol fuzzer's release run (README "Protocol fuzzer"): FUZZ_EXAMPLES examples per
+# session state (default 2,000), four times as many upgrade requests; `make test` runs 50.
+fuzz: $(STAMP)
+	FASTMATCH_FUZZ=release $(BIN)/python -m pytest tests/transport/test_fuzz.py --timeout=0 \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 # Kernel benchmarks (pytest-benchmark), then the end-to-end profile of DESIGN's targets.
 bench: $(STAMP)

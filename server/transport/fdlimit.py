@@ -1,4 +1,5 @@
-"""Connection caps that fit the process's file descriptor limit (README "Limits").
+"""Connection caps that fit the process's file descriptor limit (README "Limits against hostile
+clients").
 
 A worker refuses handshakes past ``server.max_connections`` and closes new sockets past
 ``max_connections + max_pending_handshakes`` (connections still in their handshake, which a
