@@ -182,7 +182,7 @@ async def test_worker_under_a_low_descriptor_limit_refuses_instead_of_running_ou
                 seated.append(ws)
         assert statuses == [101] * caps.connections + [503] * 30
         slow = [await _slowloris(served.port) for _ in range(300)]
-        answers = await asyncio.gather(*(_first_bytes(sock, wait=1.0) for sock in slow))
+        answers = await asyncio.gather(*(_first_bytes(sock, wait=TIMEOUT / 2.5) for sock in slow))
         assert sum(a is None for a in answers) == caps.sockets - caps.connections
         assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers if a is not None)
         for ws in seated[:5]:  # the players already connected keep their service

@@ -110,13 +110,15 @@ valid_messages = st.builds(
     st.sampled_from(MODES), st.sampled_from([SID]) | st.text(min_size=1, max_size=64), request_ids)
 
 
-def _mutate(message: dict[str, Any], how: str, key: str, value: Any) -> dict[str, Any]:
+def _mutate(message: dict[str, Any], how: str, pick: int, key: str, value: Any) -> dict[str, Any]:
+    """``message`` with one field dropped or given another value, an extra field, or another
+    ``type`` (the field is picked by ``pick``)."""
     out = dict(message)
-    keys = sorted(out)
+    chosen = sorted(out)[pick % len(out)]
     if how == "drop":
-        out.pop(keys[len(key) % len(keys)])
+        del out[chosen]
     elif how == "retype":
-        out[keys[len(key) % len(keys)]] = value
+        out[chosen] = value
     elif how == "extra":
         out[key] = value
     elif how == "type":
@@ -126,7 +128,7 @@ def _mutate(message: dict[str, Any], how: str, key: str, value: Any) -> dict[str
 
 mutated_messages = st.builds(
     _mutate, valid_messages, st.sampled_from(["keep", "drop", "retype", "extra", "type"]),
-    st.text(max_size=10), field_values)
+    st.integers(0, 3), st.text(max_size=10), field_values)
 
 
 def _nested(depth: int, bracket: str) -> str:

@@ -191,7 +191,7 @@ async def test_past_max_connections_handshakes_get_503_at_once(start_worker: Wor
     started = time.monotonic()
     answers = await asyncio.gather(*(_refused_status(port, f"late{i}") for i in range(30)))
     assert answers == [(503, "1")] * 30
-    assert time.monotonic() - started < TIMEOUT / 5  # at once, not after a queue or a timeout
+    assert time.monotonic() - started < TIMEOUT / 2  # at once: not after a queue or a timeout
     assert counted("fastmatch_handshakes_refused_total", reason="max_connections") - refused_before == 30
     for ws in players:  # the players already connected keep their service
         assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
@@ -245,7 +245,7 @@ async def test_half_sent_requests_cannot_exhaust_descriptors(start_worker: Worke
     refused_before = counted("fastmatch_handshakes_refused_total", reason="max_connections")
     descriptors = _descriptors()
     slow = [await _half_request(port) for _ in range(100)]
-    answers = await asyncio.gather(*(_answer(sock, wait=1.0) for sock in slow))
+    answers = await asyncio.gather(*(_answer(sock, wait=TIMEOUT / 2.5) for sock in slow))
     held = [a for a in answers if a is None]
     assert len(held) == 5  # the ceiling's room for handshakes in progress
     assert all(a.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in a for a in answers if a is not None)
