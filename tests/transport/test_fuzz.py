@@ -51,7 +51,7 @@ from tests.transport.rawws import CLOSE, TEXT, RawClient, close_payload, frame
 _SUPPRESS: Final = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                     HealthCheck.data_too_large, HealthCheck.large_base_example]
 # Examples per session state (the upgrade test runs four times as many, they are cheaper).
-# CI: about 25 s on the project's 2-core machine; `make fuzz`: the release run, minutes.
+# CI: about 15 s on the project's 2-core machine; `make fuzz`: the release run, about 10 minutes.
 settings.register_profile("fuzz-ci", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "50")),
                           deadline=None, suppress_health_check=_SUPPRESS, print_blob=True)
 settings.register_profile("fuzz-release", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "2000")),
