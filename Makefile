@@ -5,7 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck check bench build clean fuzz
+.PHONY: serve test lint typecheck check bench build clean ts schema fuzz
+
+# The TypeScript client (clients/typescript): tsc from the npm registry, pinned by the lockfile.
+TS     := clients/typescript
+TS_SRC := $(wildcard $(TS)/src/*.ts $(TS)/test/*.ts $(TS)/scripts/*.mjs docs/schema/*.json) $(TS)/tsconfig.json
 
 $(STAMP): pyproject.toml setup.py _fastmatch/kernel.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +32,7 @@ typecheck: $(STAMP)
 
 check: lint typecheck
 
-test: check
+test: check ts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The protocol fuzzer's release run (README "Protocol fuzzer"): FUZZ_EXAMPLES examples per
@@ -37,10 +41,25 @@ fuzz: $(STAMP)
 	FASTMATCH_FUZZ=release $(BIN)/python -m pytest tests/transport/test_fuzz.py --timeout=0 \
 		--hypothesis-show-statistics $(PYTEST_ARGS)
 
+$(TS)/node_modules/.installed: $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund
+	touch $@
+
+$(TS)/dist/.built: $(TS)/node_modules/.installed $(TS_SRC)
+	cd $(TS) && npm run --silent build
+	touch $@
+
+ts: $(TS)/dist/.built
+
+# After a change to server/protocol/messages.py: regenerate docs/schema and the TS types.
+schema: $(STAMP)
+	$(BIN)/python -m server.protocol.schema
+	cd $(TS) && node scripts/gen-types.mjs
+
 # Kernel benchmarks (pytest-benchmark), then the end-to-end profile of DESIGN's targets.
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --benchmark-only $(PYTEST_ARGS)
 	$(BIN)/python -m bench.e2e $(E2E_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info _fastmatch/*.c _fastmatch/*.so
+	rm -rf $(VENV) build *.egg-info _fastmatch/*.c _fastmatch/*.so $(TS)/node_modules $(TS)/dist

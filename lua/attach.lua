@@ -7,15 +7,15 @@
 -- {"ok", state, mode, queued_at, previous worker, previous conn, match}; "" for absent values.
 -- A queued player in resume grace is taken out of grace: it is matchable again.
 local p = KEYS[1]
-local mode = redis.call('HGET', p, 'mode') or ''
+local cur = redis.call('HMGET', p, 'mode', 'state', 'queued_at', 'worker', 'conn', 'match')
+local mode = cur[1] or ''
 if mode ~= ARGV[4] then
   return {'retry', mode}
 end
-local cur = redis.call('HMGET', p, 'state', 'queued_at', 'worker', 'conn', 'match')
-local state = cur[1] or 'idle'
+local state = cur[2] or 'idle'
 redis.call('HSET', p, 'state', state, 'worker', ARGV[2], 'conn', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 if mode ~= '' and state == 'queued' then
   redis.call('ZREM', KEYS[5], ARGV[1])
 end
-return {'ok', state, mode, cur[2] or '', cur[3] or '', cur[4] or '', cur[5] or ''}
+return {'ok', state, mode, cur[3] or '', cur[4] or '', cur[5] or '', cur[6] or ''}

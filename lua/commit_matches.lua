@@ -4,10 +4,9 @@
 -- ARGV[1] lease token "<holder>|<epoch>"  ARGV[2] mode  ARGV[3] ready timeout ms
 -- ARGV[4] delivery channel prefix (keys.DELIVERY_PREFIX)
 -- ARGV[5] number of matches, then for each match: id, player count n, teams JSON, n players
--- Every player of a committed match is sent `start_loading` on its worker's channel.
+-- The workers holding the players of each committed match hear a "loading" notice.
 -- Returns {"fenced"} when the caller does not hold this exact lease (nothing changes), else
--- {"ok", {committed ids}, {skipped ids}, {poisoned players}, {routes}, deadline_ms} where routes
--- is a flat list player, worker, conn, match id for every player of every committed match.
+-- {"ok", {committed ids}, {skipped ids}, {poisoned players}, deadline_ms}.
 -- A match commits only if every player is still queued here and not in grace; players of a
 -- skipped match stay queued. A queued entry whose player record is not queued in this mode is
 -- poison and is removed. Retrying after a timeout is safe: an existing match id is not redone.
@@ -15,27 +14,16 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {'fenced'}
 end
 --#include clock
+--#include notify
 local now = now_ms()
 local deadline = now + tonumber(ARGV[3])
 local mode = ARGV[2]
+local mode_json = cjson.encode(mode)
 local epoch = string.match(ARGV[1], '|(%d+)$')
-local committed, skipped, poisoned, routes = {}, {}, {}, {}
+local committed, skipped, poisoned = {}, {}, {}
 local ai, ki = 6, 6
-
---#include notify
-
-local function add_routes(id, players, pkeys, message)
-  for j = 1, #players do
-    local owner = redis.call('HMGET', pkeys[j], 'worker', 'conn')
-    routes[#routes + 1] = players[j]
-    routes[#routes + 1] = owner[1] or ''
-    routes[#routes + 1] = owner[2] or ''
-    routes[#routes + 1] = id
-    if message then
-      notify(owner[1], owner[2], players[j], message)
-    end
-  end
-end
+-- Usually nobody is in resume grace: then no player needs the check.
+local graced = redis.call('ZCARD', KEYS[4]) > 0
 
 for _ = 1, tonumber(ARGV[5]) do
   local id, n, teams = ARGV[ai], tonumber(ARGV[ai + 1]), ARGV[ai + 2]
@@ -50,15 +38,15 @@ for _ = 1, tonumber(ARGV[5]) do
   if redis.call('EXISTS', mkey) == 1 then
     -- A retry: the first run committed it and told the players already.
     committed[#committed + 1] = id
-    add_routes(id, players, pkeys, nil)
   else
-    local ok = true
+    local ok, owners = true, {}
     for j = 1, n do
       local p = players[j]
-      if not redis.call('ZSCORE', KEYS[2], p) or redis.call('ZSCORE', KEYS[4], p) then
+      if not redis.call('ZSCORE', KEYS[2], p) or (graced and redis.call('ZSCORE', KEYS[4], p)) then
         ok = false
       else
-        local st = redis.call('HMGET', pkeys[j], 'state', 'mode')
+        local st = redis.call('HMGET', pkeys[j], 'state', 'mode', 'worker', 'conn')
+        owners[j] = st
         if st[1] ~= 'queued' or st[2] ~= mode then
           redis.call('ZREM', KEYS[2], p)
           redis.call('HDEL', KEYS[3], p)
@@ -68,27 +56,29 @@ for _ = 1, tonumber(ARGV[5]) do
       end
     end
     if ok then
+      local tickets = redis.call('HMGET', KEYS[3], unpack(players))
       local fields = {'status', 'loading', 'mode', mode, 'deadline', deadline, 'created', now,
                       'epoch', epoch, 'teams', teams, 'players', table.concat(players, ','),
                       'size', n, 'ready', 0}
+      local by_worker = {}
       for j = 1, n do
-        local p = players[j]
-        fields[#fields + 1] = 't:' .. p
-        fields[#fields + 1] = redis.call('HGET', KEYS[3], p) or ''
-        redis.call('ZREM', KEYS[2], p)
-        redis.call('HDEL', KEYS[3], p)
+        fields[#fields + 1] = 't:' .. players[j]
+        fields[#fields + 1] = tickets[j] or ''
         redis.call('HSET', pkeys[j], 'state', 'loading', 'match', id)
+        recipient(by_worker, owners[j][3], owners[j][4],
+                  '[' .. cjson.encode(players[j]) .. ',' .. cjson.encode(owners[j][4] or '') .. ']')
       end
+      redis.call('ZREM', KEYS[2], unpack(players))
+      redis.call('HDEL', KEYS[3], unpack(players))
       redis.call('HSET', mkey, unpack(fields))
       redis.call('ZADD', KEYS[5], deadline, id)
       committed[#committed + 1] = id
-      add_routes(id, players, pkeys, '{"type":"start_loading","loading_session_id":' .. cjson.encode(id)
-        .. ',"game_mode":' .. cjson.encode(mode) .. ',"teams":' .. teams .. ',"deadline_ms":'
-        .. deadline .. '}')
+      post('{"e":"loading","mode":' .. mode_json .. ',"match":' .. cjson.encode(id) .. ',"teams":'
+        .. teams .. ',"deadline":' .. deadline, by_worker)
     else
       skipped[#skipped + 1] = id
     end
   end
 end
 flush(ARGV[4])
-return {'ok', committed, skipped, poisoned, routes, tostring(deadline)}
+return {'ok', committed, skipped, poisoned, tostring(deadline)}

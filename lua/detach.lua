@@ -1,8 +1,12 @@
 -- detach: a connection is gone (closed, or its worker died).
--- KEYS[1] player hash   KEYS[2] the detaching worker's player set   KEYS[3..5] queue, tickets,
---         grace of the expected mode (absent when none)
+-- KEYS[1] player hash   KEYS[2] the detaching worker's player set   KEYS[3..6] queue, tickets,
+--         grace, left of the expected mode (absent when none)
 -- ARGV[1] player id  ARGV[2] worker id  ARGV[3] connection id, or "" for any connection of this
 --         worker (used when reaping a dead worker)  ARGV[4] expected mode  ARGV[5] resume grace ms
+-- ARGV[6] "cancel", or "abort" when the worker is shutting down (nobody is at fault)
+-- ARGV[7] ms after which the mode's leader cancels the match if the caller has not
+-- A player leaving a ready check is recorded in the mode's `left` ZSET in this same script, so
+-- the cancel that must follow has an owner even if the caller dies right after.
 -- Returns {"retry", mode} on a mode mismatch, {"stale"} when another connection owns the player
 -- (nothing changes), else {"removed"} (idle: record deleted), {"grace", deadline_ms} (queued:
 -- ticket kept but not matchable until it resumes or the deadline passes), {"loading", match id, mode}
@@ -31,6 +35,7 @@ if state == 'queued' then
   return {'grace', tostring(deadline)}
 elseif state == 'loading' then
   redis.call('HDEL', p, 'worker', 'conn')
+  redis.call('ZADD', KEYS[6], now_ms() + tonumber(ARGV[7]), (cur[5] or '') .. '|' .. ARGV[1] .. '|' .. ARGV[6])
   return {'loading', cur[5] or '', mode}
 end
 redis.call('DEL', p)

@@ -1,18 +1,20 @@
 -- finish_match: every way a match ends, in one script so exactly one outcome wins
 -- (DESIGN invariant 4; seeds plan 3: a status field checked first, never a delete under a race).
 -- KEYS[1] match  KEYS[2] loading ZSET  KEYS[3] queue  KEYS[4] tickets  KEYS[5] grace
---      then the player hash of each player, then the penalty ZSET of each player (same order)
+--      then the player hash of each player, then the penalty ZSET of each player (same order),
+--      then the mode's `left` ZSET (keys.left: leavers waiting for their cancel)
 -- ARGV[1] action: "cancel" | "abort" | "expire" | "fail" | "assign"
 -- ARGV[2] match id  ARGV[3] players, comma-separated, as the caller read them
 -- ARGV[4] resume grace ms  ARGV[5] penalty window ms  ARGV[6] finished-record ttl ms
 -- ARGV[7] cancel: the leaving player; fail: the reason; assign: server address
 -- ARGV[8] assign: server session id  ARGV[9] delivery channel prefix (keys.DELIVERY_PREFIX)
--- Each player is told its outcome on its worker's channel: requeued, dequeued{removed} (the
--- leaver), error{loading_timeout}, or match_found.
+-- The workers holding the players hear an "ended" notice with each player's outcome:
+-- requeued, removed (the leaver: dequeued{removed}), timed_out (error{loading_timeout}), or
+-- matched (match_found).
 -- Returns {"retry"} when ARGV[3] is not the match's player list (re-read, call again)
 --       | {"absent"} | {"not_due"} | {"final", status} (already ended: nothing changes)
---       | {"done", status, reason, routes...} with routes in fives:
---         player, worker, conn, what ("requeued" | "removed" | "timed_out" | "matched"), queued_at
+--       | {"done", status, reason, player1, what1, player2, what2, ...}
+--         what: "requeued" | "removed" | "timed_out" | "matched"
 -- Transitions: cancel: loading|allocating -> cancelled (the leaver removed with a penalty,
 -- the others requeued, player_left; nothing happens if the leaver has reconnected meanwhile); abort (the leaver's worker is shutting down, not the
 -- player's doing): loading|allocating -> cancelled, everyone requeued, server_shutdown; expire: loading past deadline -> timed_out (ready players
@@ -20,7 +22,15 @@
 -- failed (all requeued, allocation_failed); fail: allocating -> failed (all requeued, reason);
 -- assign: allocating -> assigned (every player's matchmaking state cleared).
 local m = KEYS[1]
+local action = ARGV[1]
+-- A cancel (or abort) settles the leaver's record in `left`, whatever the match's fate.
+local function settled()
+  if action == 'cancel' or action == 'abort' then
+    redis.call('ZREM', KEYS[#KEYS], ARGV[2] .. '|' .. ARGV[7] .. '|' .. action)
+  end
+end
 if redis.call('EXISTS', m) == 0 then
+  settled()
   return {'absent'}
 end
 local info = redis.call('HMGET', m, 'status', 'deadline', 'players', 'mode')
@@ -28,12 +38,12 @@ local status, deadline, player_csv, mode = info[1], tonumber(info[2]), info[3], 
 if player_csv ~= ARGV[3] then
   return {'retry'}
 end
-local action = ARGV[1]
 --#include clock
 local now = now_ms()
 local new_status, reason
 if status ~= 'loading' and status ~= 'allocating' then
   redis.call('ZREM', KEYS[2], ARGV[2])
+  settled()
   return {'final', status}
 elseif action == 'cancel' then
   new_status, reason = 'cancelled', 'player_left'
@@ -65,22 +75,6 @@ end
 
 --#include notify
 
-local mode_json = cjson.encode(mode)
-local function message(what, queued_at)
-  if what == 'requeued' then
-    return '{"type":"requeued","game_mode":' .. mode_json .. ',"reason":' .. cjson.encode(reason)
-      .. ',"queued_at_ms":' .. queued_at .. '}'
-  elseif what == 'removed' then
-    return '{"type":"dequeued","game_mode":' .. mode_json .. ',"reason":"removed"}'
-  elseif what == 'timed_out' then
-    return '{"type":"error","code":"loading_timeout","message":"the ready check ended before '
-      .. 'this client loaded; removed from matchmaking"}'
-  end
-  return '{"type":"match_found","loading_session_id":' .. cjson.encode(ARGV[2]) .. ',"game_mode":'
-    .. mode_json .. ',"server_address":' .. cjson.encode(ARGV[7]) .. ',"server_session_id":'
-    .. cjson.encode(ARGV[8]) .. ',"teams":' .. redis.call('HGET', m, 'teams') .. '}'
-end
-
 local players = {}
 for p in string.gmatch(player_csv, '[^,]+') do
   players[#players + 1] = p
@@ -91,49 +85,54 @@ if action == 'cancel' then
   -- it has not left after all, and the ready check goes on.
   for j = 1, n do
     if players[j] == ARGV[7] and redis.call('HEXISTS', KEYS[5 + j], 'conn') == 1 then
+      settled()
       return {'final', status}
     end
   end
 end
 local out = {'done', new_status, reason}
+-- Each player's record, read once: match, queued_at, conn, worker.
+local recs = {}
+for j = 1, n do
+  recs[j] = redis.call('HMGET', KEYS[5 + j], 'match', 'queued_at', 'conn', 'worker')
+end
+local by_worker = {}
 
-local function route(j, what, queued_at)
-  local owner = redis.call('HMGET', KEYS[5 + j], 'worker', 'conn')
+local function tell(j, what, queued_at)
   out[#out + 1] = players[j]
-  out[#out + 1] = owner[1] or ''
-  out[#out + 1] = owner[2] or ''
   out[#out + 1] = what
-  out[#out + 1] = queued_at or ''
-  notify(owner[1], owner[2], players[j], message(what, queued_at))
+  local conn = recs[j][3]
+  if conn then
+    recipient(by_worker, recs[j][4], conn, '[' .. cjson.encode(players[j]) .. ',' .. cjson.encode(conn)
+      .. ',"' .. what .. '",' .. (queued_at or '0') .. ']')
+  end
 end
 
 -- Back into the queue with the original queued_at: the player keeps its place.
 local function requeue(j)
-  local p, pkey = players[j], KEYS[5 + j]
-  local cur = redis.call('HMGET', pkey, 'match', 'queued_at', 'conn')
-  if cur[1] ~= ARGV[2] then
+  local p, pkey, rec = players[j], KEYS[5 + j], recs[j]
+  if rec[1] ~= ARGV[2] then
     return
   end
-  redis.call('ZADD', KEYS[3], cur[2], p)
+  redis.call('ZADD', KEYS[3], rec[2], p)
   redis.call('HSET', KEYS[4], p, redis.call('HGET', m, 't:' .. p))
   redis.call('HSET', pkey, 'state', 'queued')
   redis.call('HDEL', pkey, 'match')
-  if not cur[3] then
+  if not rec[3] then
     -- Disconnected meanwhile: the usual resume grace applies.
     redis.call('ZADD', KEYS[5], now + tonumber(ARGV[4]), p)
   end
-  route(j, 'requeued', cur[2])
+  tell(j, 'requeued', rec[2])
 end
 
 -- Out of matchmaking: idle while connected, forgotten otherwise.
 local function clear(j, what)
-  local pkey = KEYS[5 + j]
-  local cur = redis.call('HMGET', pkey, 'match', 'conn')
-  if cur[1] ~= ARGV[2] then
+  local pkey, rec = KEYS[5 + j], recs[j]
+  if rec[1] ~= ARGV[2] then
     return
   end
-  route(j, what, '')
-  if cur[2] then
+  tell(j, what)
+  if rec[3] then
     redis.call('HSET', pkey, 'state', 'idle')
     redis.call('HDEL', pkey, 'mode', 'match', 'queued_at')
   else
@@ -162,12 +161,20 @@ for j = 1, n do
   end
 end
 
-redis.call('HSET', m, 'status', new_status, 'reason', reason, 'ended', now)
-if action == 'assign' then
-  redis.call('HSET', m, 'server_address', ARGV[7], 'server_session_id', ARGV[8])
+local head = '{"e":"ended","mode":' .. cjson.encode(mode) .. ',"match":' .. cjson.encode(ARGV[2])
+  .. ',"status":"' .. new_status .. '","reason":' .. cjson.encode(reason)
+if action ~= 'assign' then
+  redis.call('HSET', m, 'status', new_status, 'reason', reason, 'ended', now)
+else
+  redis.call('HSET', m, 'status', new_status, 'reason', reason, 'ended', now,
+             'server_address', ARGV[7], 'server_session_id', ARGV[8])
+  head = head .. ',"server":' .. cjson.encode(ARGV[7]) .. ',"session":' .. cjson.encode(ARGV[8])
+    .. ',"teams":' .. redis.call('HGET', m, 'teams')
 end
 redis.call('ZREM', KEYS[2], ARGV[2])
+settled()
 -- The record stays a short while so late answers meet a clear status, then it expires.
 redis.call('PEXPIRE', m, ARGV[6])
+post(head, by_worker)
 flush(ARGV[9])
 return out

@@ -10,34 +10,46 @@
 -- The status is checked before anything else, so a ready racing a cancel or a timeout can never
 -- revive a finished match.
 local m = KEYS[1]
-if redis.call('EXISTS', m) == 0 then
+local p = ARGV[1]
+local info = redis.call('HMGET', m, 'status', 't:' .. p, 'r:' .. p, 'size')
+local status = info[1]
+if not status then
   return {'unknown'}
 end
 if redis.call('HGET', KEYS[3], 'conn') ~= ARGV[3] then
   return {'replaced'}
 end
-local status = redis.call('HGET', m, 'status')
-if redis.call('HEXISTS', m, 't:' .. ARGV[1]) == 0 then
+if not info[2] then
   return {'wrong_session'}
 end
 if status ~= 'loading' then
   return {'final', status}
 end
-if redis.call('HSETNX', m, 'r:' .. ARGV[1], 1) == 1 then
-  redis.call('HINCRBY', m, 'ready', 1)
+local ready
+if info[3] then
+  ready = tonumber(redis.call('HGET', m, 'ready'))  -- said twice: harmless
+else
+  redis.call('HSET', m, 'r:' .. p, 1)
+  ready = redis.call('HINCRBY', m, 'ready', 1)
 end
-local info = redis.call('HMGET', m, 'ready', 'size', 'teams', 'players', 'created')
-if tonumber(info[1]) < tonumber(info[2]) then
-  return {'ready', info[1], info[2]}
+if ready < tonumber(info[4]) then
+  return {'ready', tostring(ready), info[4]}
 end
 --#include clock
 local deadline = now_ms() + tonumber(ARGV[4])
 redis.call('HSET', m, 'status', 'allocating', 'deadline', deadline, 'allocator', ARGV[5],
            'all_ready', deadline - tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[2], deadline, ARGV[2])
-local out = {'allocating', tostring(deadline), info[3], info[5]}
-for p in string.gmatch(info[4], '[^,]+') do
-  out[#out + 1] = p
-  out[#out + 1] = redis.call('HGET', m, 't:' .. p) or ''
+local rest = redis.call('HMGET', m, 'teams', 'players', 'created')
+local out = {'allocating', tostring(deadline), rest[1], rest[3]}
+local players, fields = {}, {}
+for q in string.gmatch(rest[2], '[^,]+') do
+  players[#players + 1] = q
+  fields[#fields + 1] = 't:' .. q
+end
+local tickets = redis.call('HMGET', m, unpack(fields))
+for j = 1, #players do
+  out[#out + 1] = players[j]
+  out[#out + 1] = tickets[j] or ''
 end
 return out

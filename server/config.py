@@ -10,6 +10,7 @@ as TOML values when they parse (numbers, booleans, arrays) and kept as strings o
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -41,7 +42,11 @@ class ServerConfig(_Base, frozen=True):
     connect_rate_per_ip: float = 20.0  # new connections per second per client IP (per worker)
     connect_burst_per_ip: float = 50.0
     rate_limit_strikes: int = 3  # refused messages tolerated before close 4008
-    drain_timeout_s: float = 10.0  # SIGTERM: everything finishes within this
+    # SIGTERM: /ready turns 503 and players are still served for drain_delay_s (balancers'
+    # health checks take the host out), then clients are closed with 1001; drain_timeout_s
+    # bounds the whole of it, delay included (then the supervisor kills the worker).
+    drain_delay_s: float = 5.0
+    drain_timeout_s: float = 15.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     resume_grace_ms: int = 10_000
@@ -54,6 +59,14 @@ class ServerConfig(_Base, frozen=True):
     max_connections: int = 50_000  # open client connections per worker
     overload_retry_after_s: int = 1  # the Retry-After header of those 503s
     backlog: int = 4096  # listen() queue; the kernel caps it at net.core.somaxconn
+    # TLS (wss://): PEM files read at each worker's start (SIGHUP picks up a renewed one).
+    tls_cert_file: str = ""  # the certificate, then its intermediates; empty: plain ws://
+    tls_key_file: str = ""  # its private key, unencrypted; empty: the key is in tls_cert_file
+    # PROXY protocol v1/v2 (README "Behind a load balancer"): every connection must start with
+    # a header, from a peer in proxy_trusted, within proxy_header_timeout_s.
+    proxy_protocol: bool = False
+    proxy_trusted: tuple[str, ...] = ()  # the balancers' addresses, as CIDRs
+    proxy_header_timeout_s: float = 5.0
 
 
 class AuthConfig(_Base, frozen=True):
@@ -69,8 +82,11 @@ class RedisConfig(_Base, frozen=True):
     # Calls awaiting replies per worker (all on one pipelined connection); past it, calls fail
     # at once with `unavailable` without counting against Redis in the breaker.
     max_inflight: int = 10_000
+    # Calls issued within this window leave Redis-bound in one write (0: per loop iteration).
+    pipeline_window_ms: float = 2.0
     breaker_threshold: int = 5  # consecutive failures that open the circuit
-    breaker_cooldown_s: float = 60.0  # open this long, then one probe decides
+    breaker_cooldown_s: float = 60.0  # the longest wait between recovery probes while open
+    breaker_probe_s: float = 0.25  # the first recovery probe this long after opening, then x2
     reconnect_base_s: float = 0.1
     reconnect_max_s: float = 5.0
 
@@ -210,6 +226,25 @@ def _check_server(s: ServerConfig) -> None:
         _fail("server.max_loop_lag_ms", "and server.overload_retry_after_s must be >= 0")
     if min(s.max_pending_handshakes, s.max_connections, s.backlog) < 1:
         _fail("server.max_connections", "and max_pending_handshakes and backlog must be >= 1")
+    if not 0 <= s.drain_delay_s < s.drain_timeout_s:
+        _fail("server.drain_delay_s", "must be >= 0 and less than server.drain_timeout_s, "
+              "which bounds the whole drain (the delay included)")
+    _check_edge(s)
+
+
+def _check_edge(s: ServerConfig) -> None:
+    if s.tls_key_file and not s.tls_cert_file:
+        _fail("server.tls_key_file", "needs server.tls_cert_file")
+    for cidr in s.proxy_trusted:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as exc:
+            _fail("server.proxy_trusted", f"entry {cidr!r} is not an address or CIDR ({exc})")
+    if s.proxy_protocol and not s.proxy_trusted:
+        _fail("server.proxy_trusted", "must list the balancers' addresses when "
+              "server.proxy_protocol is true")
+    if s.proxy_header_timeout_s <= 0:
+        _fail("server.proxy_header_timeout_s", "must be > 0")
 
 
 def _check_storage(config: Config) -> None:
@@ -218,10 +253,13 @@ def _check_storage(config: Config) -> None:
         _fail("redis.operation_timeout_s", "must be > 0")
     if r.max_inflight < 1:
         _fail("redis.max_inflight", "must be >= 1")
+    if not 0 <= r.pipeline_window_ms <= 50:
+        _fail("redis.pipeline_window_ms", "must be between 0 and 50")
     if config.metrics.flush_interval_s <= 0:
         _fail("metrics.flush_interval_s", "must be > 0")
-    if r.breaker_threshold < 1 or r.breaker_cooldown_s < 0:
-        _fail("redis.breaker_threshold", "must be >= 1 (and redis.breaker_cooldown_s >= 0)")
+    if r.breaker_threshold < 1 or r.breaker_cooldown_s <= 0 or r.breaker_probe_s <= 0:
+        _fail("redis.breaker_threshold", "must be >= 1 (and redis.breaker_cooldown_s, "
+              "redis.breaker_probe_s > 0)")
     a = config.auth
     if a.algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
         _fail("auth.algorithm", "must be one of HS256, HS384, HS512, RS256, ES256")

@@ -91,9 +91,19 @@ REDIS_TIMEOUTS: Final = Counter(
 BREAKER_STATE: Final = Gauge(
     "fastmatch_redis_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
     multiprocess_mode="livemax")
+REDIS_WRITES: Final = Counter(
+    "fastmatch_redis_writes", "Writes to Redis (round trips: pipelined calls share one)")
+WS_FRAMES: Final = Counter(
+    "fastmatch_ws_frames", "WebSocket frames, by direction (in, out)", ["direction"])
 HANDSHAKES_REFUSED: Final = Counter(
     "fastmatch_handshakes_refused", "New WebSocket handshakes refused at once (HTTP 503) instead "
     "of served, by reason (loop_lag, inflight, max_connections, draining)", ["reason"])
+PROXY_REJECTED: Final = Counter(
+    "fastmatch_proxy_rejected", "Connections closed before a valid PROXY protocol header, by reason "
+    "(untrusted, missing, malformed, truncated, timeout)", ["reason"])
+TLS_FAILED: Final = Counter(
+    "fastmatch_tls_failed", "TLS connections closed on a TLS error (e.g. a plain ws:// client, "
+    "no shared cipher, a corrupt record)")
 LOOP_LAG: Final = Gauge(
     "fastmatch_event_loop_lag_seconds", "How late the worker's event loop ran a timer (recent max)",
     multiprocess_mode="livemax")

@@ -1,4 +1,7 @@
-"""Client-side helpers for tests: tokens, connections, reading JSON frames with a deadline."""
+"""Client-side helpers for tests: tokens, connections, reading JSON frames with a deadline.
+
+Tests that play the protocol as a client would use fastmatch's own client (``player``,
+``next_of``); tests that must send raw or malformed frames use websockets directly."""
 
 from __future__ import annotations
 
@@ -6,16 +9,18 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from server import client as fm
 from server.config import DEV_SECRET
 from server.protocol.auth import mint_token
 from server.store import keys
 
 # Every wait in the tests scales from this one constant (slow CI machines can raise it).
 TIMEOUT: Final = float(os.environ.get("FASTMATCH_TEST_TIMEOUT", "5"))
+M = TypeVar("M", bound=fm.ServerMessage)
 
 
 def token(player: str, mmr: float | None = None, ttl_s: int = 600, **kw: Any) -> str:
@@ -28,6 +33,21 @@ async def open_client(port: int, player: str, mmr: float | None = None) -> Clien
         additional_headers={"Authorization": f"Bearer {token(player, mmr)}"},
         open_timeout=TIMEOUT,
     )
+
+
+async def player(port: int, name: str, mmr: float | None = None, **options: Any) -> fm.Client:
+    """A connected player on fastmatch's own client (typed messages; requests raise errors)."""
+    return await fm.connect(f"ws://127.0.0.1:{port}/ws", token(name, mmr), open_timeout_s=TIMEOUT,
+                            **options)
+
+
+async def next_of(client: fm.Client, kind: type[M], timeout: float = TIMEOUT) -> M:
+    """The next message of one type from the client's stream, skipping the others."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await client.recv()
+            if isinstance(message, kind):
+                return message
 
 
 async def recv(ws: ClientConnection, timeout: float = TIMEOUT) -> dict[str, Any]:

@@ -1,22 +1,35 @@
--- Shared by the scripts that tell players about state changes; spliced in by the loader
--- (server/store/scripts.py) where a script says `--#include notify`.
--- Notifications are published here, inside the script, so every player hears about state
--- changes in exactly the order Redis made them (a second publisher could overtake).
+-- Facts about players' matchmaking, published from inside the state-changing scripts so every
+-- player hears them in exactly the order Redis made the changes (a second publisher could
+-- overtake). Spliced in by the loader (server/store/scripts.py) where a script says
+-- `--#include notify`. One message per worker per script call; server/protocol/notices.py
+-- turns the facts into client messages: the wire format lives there, not here.
 local outbox = {}
-local function notify(worker, conn, player, message)
+-- Collect one recipient of an event; a player with no connection hears nothing (its state is
+-- in Redis and its welcome shows it when it comes back).
+local function recipient(by_worker, worker, conn, entry)
   if not worker or worker == '' or not conn or conn == '' then
     return
   end
-  local items = outbox[worker]
-  if not items then
-    items = {}
-    outbox[worker] = items
+  local entries = by_worker[worker]
+  if not entries then
+    entries = {}
+    by_worker[worker] = entries
   end
-  items[#items + 1] = '{"player":' .. cjson.encode(player) .. ',"conn":' .. cjson.encode(conn)
-    .. ',"message":' .. message .. '}'
+  entries[#entries + 1] = entry
+end
+-- An event (`head` is its JSON object without the closing brace) for each worker's recipients.
+local function post(head, by_worker)
+  for worker, entries in pairs(by_worker) do
+    local events = outbox[worker]
+    if not events then
+      events = {}
+      outbox[worker] = events
+    end
+    events[#events + 1] = head .. ',"to":[' .. table.concat(entries, ',') .. ']}'
+  end
 end
 local function flush(prefix)
-  for worker, items in pairs(outbox) do
-    redis.call('PUBLISH', prefix .. worker, '{"kind":"deliver","items":[' .. table.concat(items, ',') .. ']}')
+  for worker, events in pairs(outbox) do
+    redis.call('PUBLISH', prefix .. worker, '{"kind":"notices","events":[' .. table.concat(events, ',') .. ']}')
   end
 end

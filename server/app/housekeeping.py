@@ -87,5 +87,8 @@ class Housekeeper:
         for player in players:
             result = await self.store.detach(player, "", worker_id)
             if result.outcome == "loading" and result.match_id:
-                await self.events.left_loading(result.mode, result.match_id, player, shutdown=False)
+                try:
+                    await self.events.left_loading(result.mode, result.match_id, player, shutdown=False)
+                except StoreError as exc:  # recorded by the detach: the mode's leader cancels it
+                    log.warning("match %s of %s left to its leader: %s", result.match_id, player, exc)
         await self.store.forget_worker(worker_id)

@@ -43,4 +43,11 @@ class Sweeper:
         for match_id in await self.loading.due(self.mode):
             result = await self.outcomes.finish(self.mode, match_id, "expire")
             ended += result.outcome == "done"
+        # Leavers whose own worker did not get to cancel their match (issue 13).
+        for match_id, player, action in await self.loading.left_due(self.mode):
+            result = await self.outcomes.finish(self.mode, match_id, action, player)
+            if result.outcome == "done":
+                log.warning("%s match %s: cancelled for %s, who left its ready check, on behalf "
+                            "of a worker that could not", self.mode, match_id, player)
+                ended += 1
         return ended

@@ -23,6 +23,7 @@ from server.store.matches import MatchStore
 
 log = logging.getLogger(__name__)
 _tick_failed = Throttled(log, "TryMatch failed")
+_lease_failed = Throttled(log, "lease call failed")
 
 
 class Matchmaker:
@@ -72,12 +73,12 @@ class Matchmaker:
                 await self._step()
             except StoreError as exc:
                 raise_if_cancelling()
-                log.warning("%s: lease call failed: %s", self.name, exc)
+                _lease_failed("%s: %s", self.name, exc)
             except Exception:  # task boundary: keep competing for the lease
                 raise_if_cancelling()
                 log.exception("%s: lease loop error", self.name)
             if not self.lease.holds():
-                self._stop_ticking()
+                await self._stop_ticking()
             await asyncio.sleep(interval)
 
     async def _step(self) -> None:
@@ -88,18 +89,20 @@ class Matchmaker:
         if await self.lease.acquire():
             assert self.lease.token is not None
             log.info("%s: leading with epoch %d", self.name, self.lease.epoch)
-            self._start_ticking(self.lease.token)
+            await self._start_ticking(self.lease.token)
 
-    def _start_ticking(self, token: str) -> None:
-        self._stop_ticking()
+    async def _start_ticking(self, token: str) -> None:
+        await self._stop_ticking()
         metrics.LEADER.labels(self.name).set(1)
         self._leading.set()
         self._ticker = asyncio.create_task(self._tick_loop(token), name=f"trymatch:{self.name}")
 
-    def _stop_ticking(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
+    async def _stop_ticking(self) -> None:
+        """Stop the ticker and wait for it: a tick of the old epoch never overlaps the new."""
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
             self._leading.clear()
             metrics.LEADER.labels(self.name).set(0)
             metrics.QUEUE_SIZE.labels(self.name).set(0)

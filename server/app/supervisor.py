@@ -2,8 +2,11 @@
 
 Workers are started with ``spawn`` (no inherited event loop or sockets) and each binds the
 public port with SO_REUSEPORT. Signal handlers only record the signal; the main loop acts:
-SIGTERM/SIGINT drain everything within the drain timeout, SIGHUP restarts the workers one by one,
-each replacement listening before its predecessor drains, so the port always has a listener.
+SIGTERM/SIGINT drain everything within the drain timeout (passed on to the workers: SIGTERM
+first takes the host out of the balancer's rotation for the drain delay, SIGINT drains at once),
+SIGHUP restarts the workers one by one, each replacement listening before its predecessor
+drains, so the port always has a listener. TLS files are checked before any worker starts, and
+again before a rolling restart, which is how a renewed certificate goes live.
 A worker that dies is restarted with backoff; a worker that dies before it is ready (a bad
 port, a config it cannot use) stops the supervisor instead of restart-looping.
 """
@@ -29,7 +32,9 @@ from server.app.gameserver import Behaviour, run_gameserver
 from server.app.metrics_http import MetricsServer
 from server.app.worker import run_worker
 from server.config import DEV_SECRET, Config
+from server.errors import ConfigError
 from server.store.embedded import EmbeddedRedis
+from server.transport.tls import load_context
 
 log = logging.getLogger(__name__)
 _ctx: Final = mp.get_context("spawn")
@@ -70,10 +75,12 @@ class Supervisor:
         self.gameserver: SpawnProcess | None = None
         self.metrics: MetricsServer | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._stop_signal = signal.SIGTERM  # what the workers get at shutdown: the one we got
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> int:
+        self.check_files()  # before anything starts: a bad file is a ConfigError naming its key
         if self.config.auth.algorithm.startswith("HS") and self.config.auth.secret == DEV_SECRET:
             log.warning("*** using the PUBLIC development auth secret: anyone can mint tokens. "
                         "Set auth.secret (FASTMATCH_AUTH__SECRET) before exposing this server ***")
@@ -93,6 +100,12 @@ class Supervisor:
             return 1
         finally:
             self._shutdown()
+
+    def check_files(self) -> None:
+        """Read the TLS files the workers will read, so a bad one stops us with its key named."""
+        server = self.config.server
+        if server.tls_cert_file:
+            load_context(server.tls_cert_file, server.tls_key_file)
 
     def _start_services(self) -> None:
         if not self.url:
@@ -129,6 +142,7 @@ class Supervisor:
                 self._rolling_restart()
                 continue
             log.info("received %s: draining", signal.Signals(signum).name)
+            self._stop_signal = signal.Signals(signum)
             return 0
 
     # -- workers ----------------------------------------------------------------------------
@@ -174,6 +188,11 @@ class Supervisor:
 
     def _rolling_restart(self) -> None:
         log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
+        try:
+            self.check_files()
+        except ConfigError as exc:
+            log.error("rolling restart refused, old workers kept: %s", exc)
+            return
         for i, slot in enumerate(self.slots):
             old = slot.process
             replacement = Slot(slot.index, failures=slot.failures)
@@ -185,14 +204,16 @@ class Supervisor:
                 return
             self.slots[i] = replacement
             if old is not None:
-                self._stop([old])
+                # SIGINT: no drain delay; the host stays in rotation, and a 503 from /ready
+                # while the old worker still shares the port could take it out.
+                self._stop([old], signal.SIGINT)
         log.info("rolling restart done")
 
-    def _stop(self, processes: list[SpawnProcess]) -> None:
-        """SIGTERM (graceful drain), then SIGKILL what outlives the drain timeout."""
+    def _stop(self, processes: list[SpawnProcess], sig: int = signal.SIGTERM) -> None:
+        """``sig`` (a graceful drain), then SIGKILL what outlives the drain timeout."""
         for process in processes:
             if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, sig)
         deadline = time.monotonic() + self.config.server.drain_timeout_s + 2.0
         for process in processes:
             process.join(max(deadline - time.monotonic(), 0.0))
@@ -221,7 +242,7 @@ class Supervisor:
             multiprocess.mark_process_dead(process.pid, self.multiproc_dir)  # type: ignore[no-untyped-call]
 
     def _shutdown(self) -> None:
-        self._stop([s.process for s in self.slots if s.process is not None])
+        self._stop([s.process for s in self.slots if s.process is not None], self._stop_signal)
         if self.gameserver is not None:
             self._stop([self.gameserver])
         if self.metrics is not None:

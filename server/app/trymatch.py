@@ -51,15 +51,17 @@ class TryMatch:
     async def commit(self, token: str, plans: Sequence[MatchPlan], started: float) -> int:
         budget_s = self.config.tick_budget_ms / 1000
         by_id = {p.match_id: p for p in plans}
-        committed = 0
+        committed = tried = 0
         for batch in _batches(plans, self.config.commit_batch_players):
             if not self.lease.holds(token):
-                log.warning("%s: lease lost mid-tick; %d matches left uncommitted", self.name, len(plans))
+                log.warning("%s: lease lost mid-tick; %d of %d matches left uncommitted",
+                            self.name, len(plans) - tried, len(plans))
                 break
             if time.monotonic() - started > budget_s:
-                log.warning("%s: tick budget of %.0f ms spent; rest waits for the next tick",
-                            self.name, budget_s * 1000)
+                log.warning("%s: tick budget of %.0f ms spent; %d of %d matches wait for the next "
+                            "tick", self.name, budget_s * 1000, len(plans) - tried, len(plans))
                 break
+            tried += len(batch)
             result = await self._commit_batch(token, batch)
             if result.fenced:
                 metrics.inc(metrics.COMMITS_FENCED, self.name)
@@ -98,8 +100,7 @@ class TryMatch:
         """DESIGN P1: an undecodable ticket is removed and counted; it never blocks the rest.
         The script tells a connected owner (`dequeued{removed}`)."""
         for player in players:
-            removal = await self.matches.remove_ticket(self.name, player)
-            if removal.removed:
+            if await self.matches.remove_ticket(self.name, player):
                 metrics.inc(metrics.POISONED, self.name)
                 log.warning("%s: removed undecodable ticket of %s", self.name, player)
 

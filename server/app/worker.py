@@ -9,7 +9,7 @@ import os
 import secrets
 import signal
 import socket
-from typing import Protocol
+from typing import Final, Protocol
 
 from server import logthrottle, metrics
 from server.app.handoff import Allocator
@@ -27,8 +27,11 @@ from server.store.matches import LoadingStore, MatchStore
 from server.store.players import PlayerStore
 from server.transport.frontend import FrontEnd
 from server.transport.subscriber import Subscriber
+from server.transport.wsproto import WebSocketProtocol
 
 log = logging.getLogger(__name__)
+_COUNTED: Final = ((metrics.REDIS_WRITES, ()), (metrics.WS_FRAMES, ("in",)),
+                   (metrics.WS_FRAMES, ("out",)))
 
 
 def new_worker_id() -> str:
@@ -42,8 +45,10 @@ class Worker:
         self.client = RedisClient(
             redis_url, config.redis.operation_timeout_s,
             breaker_threshold=config.redis.breaker_threshold,
-            breaker_cooldown_s=config.redis.breaker_cooldown_s, observer=RedisMetrics(),
+            breaker_cooldown_s=config.redis.breaker_cooldown_s,
+            breaker_probe_s=config.redis.breaker_probe_s, observer=RedisMetrics(),
             max_inflight=config.redis.max_inflight,
+            pipeline_window_s=config.redis.pipeline_window_ms / 1000,
         )
         grace_ms = config.server.resume_grace_ms
         self.store = PlayerStore(self.client, self.worker_id, grace_ms, config.penalty)
@@ -80,6 +85,7 @@ class Worker:
         self._closed = asyncio.Event()
         self._closing = False
         self._flusher: asyncio.Task[None] | None = None
+        self._counted = (0, WebSocketProtocol.frames_in, WebSocketProtocol.frames_out)
 
     async def start(self, port: int | None = None, sock: socket.socket | None = None) -> None:
         server = self.config.server
@@ -119,7 +125,7 @@ class Worker:
                 self._flusher.cancel()
                 await asyncio.gather(self._flusher, return_exceptions=True)
         finally:
-            metrics.flush()
+            self.flush_counters()
             self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -129,8 +135,31 @@ class Worker:
         """The player's path counts in memory (server/metrics.py); /metrics sees it from here."""
         while True:
             await asyncio.sleep(self.config.metrics.flush_interval_s)
-            metrics.flush()
+            self.flush_counters()
             logthrottle.flush_due()
+
+    def flush_counters(self) -> None:
+        """Per-process counters kept as plain integers on the hot path, into Prometheus."""
+        seen = self._counted
+        now = (self.client.writes, WebSocketProtocol.frames_in, WebSocketProtocol.frames_out)
+        for (metric, labels), before, after in zip(_COUNTED, seen, now, strict=True):
+            if after > before:
+                metrics.inc(metric, *labels, amount=after - before)
+        self._counted = now
+        metrics.flush()
+
+
+async def _leave(worker: Worker, delay_s: float, now: asyncio.Event) -> None:
+    """Balancers first: /ready answers 503 while players, new ones too, are still served, so
+    health checks take this host out before its players are closed (README "Behind a load
+    balancer"). SIGINT cuts the delay short."""
+    if now.is_set() or delay_s <= 0:
+        return
+    worker.front.leaving = True
+    log.info("worker %s leaving: /ready answers 503; serving %.1fs more before draining",
+             worker.worker_id, delay_s)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(now.wait(), delay_s)
 
 
 class _Ready(Protocol):
@@ -154,11 +183,17 @@ def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None 
 
 async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
     worker = Worker(config, redis_url)
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # SIGTERM: leave the balancer's rotation, then drain
+    now = asyncio.Event()  # SIGINT (Ctrl-C, a rolling restart): drain at once
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # The supervisor's terminal Ctrl-C reaches us too; it decides, we only follow SIGTERM.
+
+    def drain_now() -> None:
+        stop.set()
+        now.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, drain_now)
+    # A SIGHUP sent to the whole group reaches us too; restarts are the supervisor's to decide.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     try:
         await worker.start()
@@ -172,9 +207,12 @@ async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
         with contextlib.suppress(OSError):
             ready.send_bytes(b"1")
     await stop.wait()
-    log.info("worker %s draining (at most %.0fs)", worker.worker_id, config.server.drain_timeout_s)
+    # drain_timeout_s bounds everything from the signal on, the delay included.
+    deadline = loop.time() + config.server.drain_timeout_s
+    await _leave(worker, config.server.drain_delay_s, now)
+    log.info("worker %s draining (at most %.1fs)", worker.worker_id, deadline - loop.time())
     try:
-        async with asyncio.timeout(config.server.drain_timeout_s):
+        async with asyncio.timeout_at(deadline):
             await worker.close()
     except TimeoutError:
         # Whatever is stuck must not keep the process alive: Redis state left behind is

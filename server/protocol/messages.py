@@ -18,20 +18,28 @@ class _Client(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
 
 
 class Enqueue(_Client, tag="enqueue", frozen=True):
+    """Join the queue of a configured game mode; answered with `enqueued` or `error`."""
+
     game_mode: ShortStr
     request_id: RequestId | None = None
 
 
 class Dequeue(_Client, tag="dequeue", frozen=True):
+    """Leave the queue; answered with `dequeued` or `error`."""
+
     request_id: RequestId | None = None
 
 
 class LoadingComplete(_Client, tag="loading_complete", frozen=True):
+    """The ready-check answer. No direct answer on success: `match_found` or `requeued` follows."""
+
     loading_session_id: ShortStr
     request_id: RequestId | None = None
 
 
 class Status(_Client, tag="status", frozen=True):
+    """Ask for `queue_status`."""
+
     request_id: RequestId | None = None
 
 
@@ -43,6 +51,8 @@ class _Server(msgspec.Struct, tag_field="type", frozen=True, kw_only=True, omit_
 
 
 class Welcome(_Server, tag="welcome", frozen=True):
+    """First message on every connection; shows the state resumed after a reconnect."""
+
     player_id: str
     state: StateName
     protocol: int  # always sent (PROTOCOL 3), hence no default for omit_defaults to drop
@@ -53,18 +63,25 @@ class Welcome(_Server, tag="welcome", frozen=True):
 
 
 class Enqueued(_Server, tag="enqueued", frozen=True):
+    """The player entered the queue (also sent late, without request_id, after a timed-out enqueue
+    that took effect)."""
+
     game_mode: str
     queued_at_ms: int
     request_id: str | None = None
 
 
 class Dequeued(_Server, tag="dequeued", frozen=True):
+    """The player left the queue: on request, or removed by the server (`reason: removed`)."""
+
     game_mode: str
     reason: Literal["requested", "removed"]
     request_id: str | None = None
 
 
 class StartLoading(_Server, tag="start_loading", frozen=True):
+    """A match was formed: load, then send `loading_complete` before `deadline_ms`."""
+
     loading_session_id: str
     game_mode: str
     teams: list[list[str]]
@@ -72,6 +89,8 @@ class StartLoading(_Server, tag="start_loading", frozen=True):
 
 
 class MatchFound(_Server, tag="match_found", frozen=True):
+    """Every player is ready and a game server accepted the match: connect there."""
+
     loading_session_id: str
     game_mode: str
     server_address: str
@@ -85,12 +104,16 @@ RequeueReason = Literal[
 
 
 class Requeued(_Server, tag="requeued", frozen=True):
+    """The match fell through, not by this player's fault: back in the queue, same place."""
+
     game_mode: str
     reason: RequeueReason
     queued_at_ms: int
 
 
 class QueueStatus(_Server, tag="queue_status", frozen=True):
+    """The answer to `status`."""
+
     state: StateName
     waited_ms: int
     queue_size: int
@@ -100,8 +123,18 @@ class QueueStatus(_Server, tag="queue_status", frozen=True):
     request_id: str | None = None
 
 
+ErrorCode = Annotated[str, msgspec.Meta(
+    description="invalid_message, unsupported_game_mode, already_in_queue, not_in_queue, "
+                "wrong_session_id, invalid_state, loading_timeout, player_blocked, rate_limited, "
+                "unavailable, internal_error; clients treat an unknown code like internal_error",
+    examples=["already_in_queue"],
+)]
+
+
 class Error(_Server, tag="error", frozen=True):
-    code: str
+    """A request failed, or the player was removed (`loading_timeout`)."""
+
+    code: ErrorCode
     message: str
     request_id: str | None = None
     retry_after_ms: int | None = None

@@ -1,22 +1,33 @@
-"""One simulated player: a behaviour from the mix, played over a real WebSocket."""
+"""One simulated player: a behaviour from the mix, played with fastmatch's own client."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import redis.asyncio as aioredis
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.protocol.auth import mint_token
+from server.client import (
+    Client,
+    Dequeue,
+    Dequeued,
+    Enqueue,
+    Enqueued,
+    Error,
+    FastmatchClientError,
+    MatchFound,
+    ServerMessage,
+    StartLoading,
+    Welcome,
+    connect,
+)
 from server.sim.checker import SequenceChecker, SessionSeen
+from server.sim.tokens import TokenMinter
 from server.store import keys
 
 BEHAVIOURS: Final = (
@@ -48,6 +59,7 @@ class SimSettings:
     rating_mean: float = 1500.0
     rating_sd: float = 200.0
     redis_url: str = ""  # the server's Redis, to tell a legitimate outcome from a lost ticket
+    resume_grace_s: float = 10.0  # the server's; drop_resume must come back within it
 
 
 @dataclass
@@ -69,9 +81,10 @@ class PlayerResult:
 
 
 class _Play:
-    def __init__(self, settings: SimSettings, player: str, behaviour: str, rng: random.Random,
-                 t0: float) -> None:
+    def __init__(self, settings: SimSettings, tokens: TokenMinter, player: str, behaviour: str,
+                 rng: random.Random, t0: float) -> None:
         self.s = settings
+        self.tokens = tokens
         self.player = player
         self.behaviour = behaviour
         self.rng = rng
@@ -79,51 +92,43 @@ class _Play:
         self.rating = round(rng.gauss(settings.rating_mean, settings.rating_sd))
         self.result = PlayerResult(player, behaviour, arrived=time.monotonic() - t0)
         self.check = SequenceChecker(player)
-        self.deadline = time.monotonic() + settings.lifetime_s
-        self.queued_at: int | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    async def open(self) -> ClientConnection:
-        token = mint_token(self.s.secret, self.player, self.rating, ttl_s=3600)
-        ws = await connect(f"{self.s.url}?token={token}", compression=None, open_timeout=10,
-                           ping_interval=None, max_queue=64)
+    async def open(self, auto_ready: bool, reconnect: bool = False) -> Client:
+        # Only drop_resume reconnects: any other drop is the server's doing and must show.
+        client = await connect(self.s.url, self.tokens.mint(self.player, self.rating),
+                               auto_ready=auto_ready, reconnect=reconnect,
+                               resume_grace_s=self.s.resume_grace_s)
         self.check.connected()
-        return ws
+        return client
 
-    async def send(self, ws: ClientConnection, msg: dict[str, Any] | str) -> None:
-        await ws.send(msg if isinstance(msg, str) else json.dumps(msg))
-        self.result.sent += 1
-
-    async def recv(self, ws: ClientConnection) -> dict[str, Any]:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        async with asyncio.timeout(remaining):
-            msg: dict[str, Any] = json.loads(await ws.recv())
+    async def recv(self, client: Client) -> ServerMessage:
+        msg = await client.recv()
         self.result.received += 1
         self.check.received(msg)
-        if msg.get("type") == "error":
-            self.result.errors[msg.get("code", "?")] += 1
+        if isinstance(msg, Error):
+            self.result.errors[msg.code] += 1
         return msg
 
-    async def until(self, ws: ClientConnection, *types: str) -> dict[str, Any]:
+    async def until(self, client: Client, *types: type[ServerMessage]) -> ServerMessage:
         while True:
-            msg = await self.recv(ws)
-            if msg.get("type") in types:
+            msg = await self.recv(client)
+            if type(msg) in types:
                 return msg
 
-    async def enqueue(self, ws: ClientConnection) -> None:
+    def enqueue(self, client: Client) -> None:
         self.result.t_enqueue = self.now()
-        await self.send(ws, {"type": "enqueue", "game_mode": self.s.mode})
+        client.send(Enqueue(game_mode=self.s.mode))
 
     async def run(self) -> PlayerResult:
         try:
-            await getattr(self, f"_{self.behaviour}")()
+            async with asyncio.timeout(self.s.lifetime_s):  # one timer for the whole player
+                await getattr(self, f"_{self.behaviour}")()
         except TimeoutError:
             self.result.outcome = "unfinished"
-        except (OSError, InvalidStatus, ConnectionClosed) as exc:
+        except (OSError, FastmatchClientError) as exc:
             self.result.outcome = f"connection_failed:{type(exc).__name__}"
         self.result.violations = self.check.violations
         self.result.sessions = self.check.sessions
@@ -131,126 +136,127 @@ class _Play:
 
     # -- behaviours ---------------------------------------------------------------------------
 
-    async def _normal(self, ws: ClientConnection | None = None) -> None:
-        ws = ws or await self._connect_and_enqueue()
+    async def _normal(self, client: Client | None = None) -> None:
+        client = client or await self._connect_and_enqueue(auto_ready=True)
         try:
-            await self._lifecycle(ws)
+            await self._lifecycle(client)
         finally:
-            await self._close(ws)
+            await self._close(client)
 
-    async def _connect_and_enqueue(self) -> ClientConnection:
-        ws = await self.open()
-        await self.until(ws, "welcome")
-        await self.enqueue(ws)
-        return ws
+    async def _connect_and_enqueue(self, auto_ready: bool, reconnect: bool = False) -> Client:
+        client = await self.open(auto_ready, reconnect)
+        await self.until(client, Welcome)
+        self.enqueue(client)
+        return client
 
-    async def _lifecycle(self, ws: ClientConnection, load_delay: float = 0.0, load: bool = True) -> None:
+    async def _lifecycle(self, client: Client, load_delay: float = 0.0, load: bool = True) -> None:
         """From queued to an outcome: answer every start_loading, follow requeues."""
         while True:
-            msg = await self.until(ws, "start_loading", "match_found", "error", "dequeued")
-            kind = msg["type"]
-            if kind == "start_loading":
+            msg = await self.until(client, StartLoading, MatchFound, Error, Dequeued)
+            if isinstance(msg, StartLoading):
                 self.result.t_start_loading = self.result.t_start_loading or self.now()
-                if load:
+                if load and not client.auto_ready:  # else the client answered already
                     if load_delay:
                         await asyncio.sleep(load_delay)
-                    await self.send(ws, {"type": "loading_complete",
-                                         "loading_session_id": msg["loading_session_id"]})
-            elif kind == "match_found":
+                    client.loading_complete(msg.loading_session_id)
+            elif type(msg) is MatchFound:
                 self.result.t_match_found = self.now()
                 self.result.outcome = "matched"
                 return
-            elif kind == "dequeued" or msg.get("code") == "loading_timeout":
-                self.result.outcome = "removed" if kind == "dequeued" else "loading_timeout"
+            elif type(msg) is Dequeued or (isinstance(msg, Error) and msg.code == "loading_timeout"):
+                self.result.outcome = "removed" if type(msg) is Dequeued else "loading_timeout"
                 return
 
-    async def _close(self, ws: ClientConnection) -> None:
+    async def _close(self, client: Client) -> None:
         self.check.left()
+        self.result.sent = client.messages_sent
         with contextlib.suppress(Exception):
-            await ws.close()
+            await client.close()
 
     async def _quit_before_match(self) -> None:
-        ws = await self._connect_and_enqueue()
+        client = await self._connect_and_enqueue(auto_ready=False)
         try:
-            await self.until(ws, "enqueued")
+            await self.until(client, Enqueued)
             await asyncio.sleep(self.rng.uniform(0, 0.05))
-            await self.send(ws, {"type": "dequeue"})
-            msg = await self.until(ws, "dequeued", "error")
-            self.result.outcome = "quit" if msg["type"] == "dequeued" else "quit_late"
+            client.send(Dequeue())
+            msg = await self.until(client, Dequeued, Error)
+            self.result.outcome = "quit" if type(msg) is Dequeued else "quit_late"
         finally:
-            await self._close(ws)
+            await self._close(client)
 
     async def _quit_during_loading(self) -> None:
-        ws = await self._connect_and_enqueue()
+        client = await self._connect_and_enqueue(auto_ready=False)
         try:
-            await self.until(ws, "start_loading")
+            await self.until(client, StartLoading)
             self.result.t_start_loading = self.now()
             self.result.outcome = "quit_loading"
         finally:
-            await self._close(ws)
+            await self._close(client)
 
     async def _slow_loader(self) -> None:
-        ws = await self._connect_and_enqueue()
+        client = await self._connect_and_enqueue(auto_ready=False)
         try:
-            await self._lifecycle(ws, load_delay=self.s.slow_load_s)
+            await self._lifecycle(client, load_delay=self.s.slow_load_s)
         finally:
-            await self._close(ws)
+            await self._close(client)
 
     async def _afk(self) -> None:
-        ws = await self._connect_and_enqueue()
+        client = await self._connect_and_enqueue(auto_ready=False)
         try:
-            await self._lifecycle(ws, load=False)
+            await self._lifecycle(client, load=False)
         finally:
-            await self._close(ws)
+            await self._close(client)
 
     async def _invalid(self) -> None:
-        ws = await self.open()
-        await self.until(ws, "welcome")
-        for frame in ("not json", json.dumps({"type": "warp"})):
-            await self.send(ws, frame)
-            err = await self.until(ws, "error")
-            if err.get("code") != "invalid_message":
+        client = await self.open(auto_ready=True)
+        await self.until(client, Welcome)
+        for frame in ("not json", '{"type": "warp"}'):
+            client.send(frame)
+            err = await self.until(client, Error)
+            if not isinstance(err, Error) or err.code != "invalid_message":
                 self.check.violations.append(f"{self.player}: bad frame answered {err}")
-        await self.enqueue(ws)
-        await self._normal(ws)
+        self.enqueue(client)
+        await self._normal(client)
 
     async def _double_enqueue(self) -> None:
-        ws = await self.open()
-        await self.until(ws, "welcome")
-        await self.enqueue(ws)
-        await self.send(ws, {"type": "enqueue", "game_mode": self.s.mode})
-        first = await self.until(ws, "enqueued", "error")
-        second = await self.until(ws, "enqueued", "error")
-        if (first["type"], second.get("code")) != ("enqueued", "already_in_queue"):
+        client = await self.open(auto_ready=True)
+        await self.until(client, Welcome)
+        self.enqueue(client)
+        client.send(Enqueue(game_mode=self.s.mode))  # leaves before the first is answered
+        first = await self.until(client, Enqueued, Error)
+        second = await self.until(client, Enqueued, Error)
+        if type(first) is not Enqueued or not isinstance(second, Error) or second.code != "already_in_queue":
             self.check.violations.append(f"{self.player}: double enqueue answered {first}, {second}")
-        await self._normal(ws)
+        await self._normal(client)
 
     async def _drop_resume(self) -> None:
-        ws = await self._connect_and_enqueue()
-        queued = await self.until(ws, "enqueued")
-        with contextlib.suppress(Exception):
-            await ws.close()
-        # Whatever the server sent before it saw the close still counts: if a start_loading was
-        # among it, this player walked out of a ready check and the match was cancelled.
-        with contextlib.suppress(ConnectionClosed, TimeoutError):
-            while True:
-                await self.recv(ws)
+        """Lose the connection while queued; the client resumes it within the grace."""
+        client = await self._connect_and_enqueue(auto_ready=False, reconnect=True)
+        queued = await self.until(client, Enqueued)
+        assert isinstance(queued, Enqueued)
+        client.drop()
+        # Whatever the server sent before the drop still counts: if a start_loading was among
+        # it, this player walked out of a ready check and the match was cancelled. The resumed
+        # connection starts with its welcome.
+        while type(msg := await client.recv()) is not Welcome:
+            self.result.received += 1
+            self.check.received(msg)
+        self.result.received += 1
         walked_out = self.check.state == "loading"
         self.check.left()
-        ws = await self.open()
-        welcome = await self.until(ws, "welcome")
-        if welcome.get("state") == "queued" and welcome.get("queued_at_ms") != queued["queued_at_ms"]:
+        self.check.connected()
+        self.check.received(msg)
+        assert isinstance(msg, Welcome)
+        if msg.state == "queued" and msg.queued_at_ms != queued.queued_at_ms:
             self.check.violations.append(f"{self.player}: resumed with a different queued_at")
-        if welcome.get("state") == "idle":
+        if msg.state == "idle":
             # Matched in the instant it dropped: its start_loading never arrived and leaving
             # cancelled the match. Redis' penalty record says so; a lost ticket leaves none.
             if not walked_out and not await _walked_out_of_ready_check(self.s.redis_url, self.player):
                 self.check.violations.append(f"{self.player}: resume within the grace found no ticket")
-            await self.enqueue(ws)
-        elif welcome.get("state") == "loading":  # matched while away: answer the ready check
-            await self.send(ws, {"type": "loading_complete",
-                                 "loading_session_id": welcome["loading_session_id"]})
-        await self._normal(ws)
+            self.enqueue(client)
+        client.auto_ready = True  # answers a ready check the welcome resumed into, and any later
+        await self._normal(client)
 
 
 _redis: dict[str, aioredis.Redis] = {}
@@ -265,6 +271,6 @@ async def _walked_out_of_ready_check(redis_url: str, player: str) -> bool:
     return bool(await client.zcard(keys.penalty(player)))
 
 
-async def play(settings: SimSettings, player: str, behaviour: str, rng: random.Random,
-               t0: float) -> PlayerResult:
-    return await _Play(settings, player, behaviour, rng, t0).run()
+async def play(settings: SimSettings, tokens: TokenMinter, player: str, behaviour: str,
+               rng: random.Random, t0: float) -> PlayerResult:
+    return await _Play(settings, tokens, player, behaviour, rng, t0).run()

@@ -42,7 +42,8 @@ def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
                    f"Python {platform.python_version()}",
         "config": {"rate": r.config.rate, "duration_s": r.config.duration_s, "ramp_s": r.config.ramp_s,
-                   "mix": r.config.mix, "mode": r.config.settings.mode},
+                   "mix": r.config.mix, "mode": r.config.settings.mode,
+                   "arrival_tick_ms": r.config.arrival_tick_s * 1000},
         "players": len(r.players),
         "lifecycle_per_s": round(rate, 1),
         "ceiling_lifecycle_per_s": round(ceiling, 1) if ceiling else None,
@@ -53,6 +54,9 @@ def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
         "behaviours": dict(Counter(p.behaviour for p in r.players).most_common()),
         "errors": dict(errors.most_common()),
         "messages_per_s": round((sent + received) / r.elapsed_s, 1) if r.elapsed_s else 0,
+        # user + system CPU of the client processes per matched player, steady window
+        "client_cpu_ms_per_lifecycle": round(1000 * r.client_cpu_s / r.client_lifecycles, 3)
+        if r.client_lifecycles else None,
         "workers": workers,
         "redis_commands_per_s_mean": round(sum(v for _, v in r.redis_ops) / len(r.redis_ops), 1)
         if r.redis_ops else None,
@@ -94,6 +98,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         q = summary[key]
         table.add_row(f"{label} p50/p95/p99 ms", f"{q[50]} / {q[95]} / {q[99]}")
     table.add_row("messages/s (both ways)", str(summary["messages_per_s"]))
+    table.add_row("client CPU per lifecycle (ms)", str(summary["client_cpu_ms_per_lifecycle"]))
     table.add_row("redis commands/s (mean)", str(summary["redis_commands_per_s_mean"]))
     for name, w in summary["workers"].items():
         table.add_row(f"{name} cpu mean / rss peak", f"{w['cpu_percent_mean']}% / {w['rss_mb_peak']} MB")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ import redis.asyncio as aioredis
 from server.sim.checker import cross_check
 from server.sim.player import PlayerResult, SimSettings, play
 from server.sim.stats import Sampler
+from server.sim.tokens import TokenMinter
 from server.store import keys
 
 
@@ -29,6 +32,7 @@ class RunConfig:
     leftover_wait_s: float = 20.0  # resume grace + ready/allocation deadlines + record TTL
     check_leftovers: bool = True
     sample: bool = True  # sample server CPU/memory and Redis (one process of a --procs run)
+    arrival_tick_s: float = 0.1  # arrivals due within a tick start together (the match tick)
 
 
 @dataclass
@@ -41,6 +45,10 @@ class RunResult:
     redis_ops: list[tuple[float, float]] = field(default_factory=list)  # (t, commands/s)
     violations: list[str] = field(default_factory=list)
     leftover_keys: list[str] = field(default_factory=list)
+    # The load generator's own CPU (user + system, this process) over the steady window, and
+    # the lifecycles completed in it: what one simulated player costs the client side.
+    client_cpu_s: float = 0.0
+    client_lifecycles: int = 0
 
 
 Progress = Callable[[RunResult, int, float], None]
@@ -53,6 +61,8 @@ async def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     admin = aioredis.Redis.from_url(cfg.redis_url, decode_responses=True)
     t0 = time.monotonic()
     tasks: set[asyncio.Task[PlayerResult]] = set()
+    tokens = TokenMinter(cfg.settings.secret)
+    steady_from, cpu_at_steady = cfg.duration_s * 0.1, -1.0
     sampling = asyncio.create_task(_sample(admin, result, t0) if cfg.sample else _idle())
 
     def finished(task: asyncio.Task[PlayerResult]) -> None:
@@ -66,20 +76,31 @@ async def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
             due = int(_arrived(cfg, elapsed))
             while spawned < due:
                 behaviour = rng.choices(names, weights)[0]
-                task = asyncio.create_task(play(cfg.settings, f"sim{cfg.seed}-{spawned}", behaviour,
-                                                random.Random(rng.random()), t0))
+                task = asyncio.create_task(play(cfg.settings, tokens, f"sim{cfg.seed}-{spawned}",
+                                                behaviour, random.Random(rng.random()), t0))
                 task.add_done_callback(finished)
                 tasks.add(task)
                 spawned += 1
             if progress is not None:
                 progress(result, len(tasks), elapsed)
-            await asyncio.sleep(0.005)
+            if cpu_at_steady < 0 and elapsed >= steady_from:
+                steady_from, cpu_at_steady = elapsed, _cpu_s()
+            # Sleep until the next arrival is due, but release arrivals at most once a tick:
+            # on a VM each wake-up of an idle process costs ~0.1 ms of CPU, and players that
+            # arrive together share the wake-ups of their handshakes and answers.
+            await asyncio.sleep(min(max(_due_at(cfg, spawned + 1) - elapsed, cfg.arrival_tick_s), 0.25))
         result.arrivals_s = time.monotonic() - t0
+        if cpu_at_steady >= 0:
+            result.client_cpu_s = _cpu_s() - cpu_at_steady
         while tasks:  # every player ends by itself within its lifetime
             if progress is not None:
                 progress(result, len(tasks), time.monotonic() - t0)
             await asyncio.wait(tasks, timeout=0.5)
         result.elapsed_s = time.monotonic() - t0
+        if cpu_at_steady >= 0:
+            result.client_lifecycles = sum(
+                1 for p in result.players
+                if p.t_match_found is not None and steady_from <= p.t_match_found <= result.arrivals_s)
     finally:
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -109,7 +130,14 @@ def merge(parts: list[RunResult]) -> RunResult:
         merged.players.extend(part.players)
         merged.elapsed_s = max(merged.elapsed_s, part.elapsed_s)
         merged.arrivals_s = max(merged.arrivals_s, part.arrivals_s)
+        merged.client_cpu_s += part.client_cpu_s
+        merged.client_lifecycles += part.client_lifecycles
     return merged
+
+
+def _cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 async def _idle() -> None:
@@ -123,6 +151,17 @@ def _arrived(cfg: RunConfig, t: float) -> float:
     if t < cfg.ramp_s:
         return cfg.rate * t * t / (2 * cfg.ramp_s)
     return cfg.rate * (cfg.ramp_s / 2 + (t - cfg.ramp_s))
+
+
+def _due_at(cfg: RunConfig, n: int) -> float:
+    """When the n-th player is due: the inverse of :func:`_arrived`."""
+    if cfg.rate <= 0:
+        return cfg.duration_s
+    if cfg.ramp_s <= 0:
+        return n / cfg.rate
+    if n < cfg.rate * cfg.ramp_s / 2:
+        return math.sqrt(2 * cfg.ramp_s * n / cfg.rate)
+    return cfg.ramp_s + n / cfg.rate - cfg.ramp_s / 2
 
 
 async def _sample(admin: aioredis.Redis, result: RunResult, t0: float) -> None:

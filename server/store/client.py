@@ -63,8 +63,9 @@ class Script:
 class RedisClient:
     def __init__(
         self, url: str, operation_timeout_s: float = 2.0, *, breaker_threshold: int = 5,
-        breaker_cooldown_s: float = 60.0, observer: CallObserver | None = None,
-        max_inflight: int = 10_000,
+        breaker_cooldown_s: float = 60.0, breaker_probe_s: float = 0.25,
+        observer: CallObserver | None = None,
+        max_inflight: int = 10_000, pipeline_window_s: float = 0.0,
     ) -> None:
         self.url = url
         self.address = Address.from_url(url)
@@ -72,7 +73,11 @@ class RedisClient:
         # Past this many calls awaiting replies, new calls fail at once: local back-pressure
         # that must not trip the breaker as if Redis had failed.
         self.max_inflight = max_inflight
-        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
+        # Calls wait this long for company before their write leaves (0: the end of the loop
+        # iteration): each write wakes Redis, the most expensive thing a call does here.
+        self.pipeline_window_s = pipeline_window_s
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s, breaker_probe_s)
+        self._prober: asyncio.Task[None] | None = None
         self.observer: CallObserver = observer or _NoObserver()
         self._scripts = {
             name: Script(name, hashlib.sha1(src.encode()).hexdigest(), src)  # the SHA Redis knows it by
@@ -85,6 +90,8 @@ class RedisClient:
         # plus one period before its connection is dropped.
         self._period = min(max(operation_timeout_s / 8, 0.01), 0.25)
         self._closed = False
+        self.calls = 0
+        self._past_writes = 0  # of connections that are gone
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -103,6 +110,11 @@ class RedisClient:
             return []
         return await self._call(op, [pack(*c) for c in commands])  # type: ignore[no-any-return]
 
+    @property
+    def writes(self) -> int:
+        """Writes to Redis so far (round trips: calls of one pipeline window share one)."""
+        return self._past_writes + (self._conn.writes if self._conn is not None else 0)
+
     def script_names(self) -> dict[str, str]:
         """SHA -> script name, to read SLOWLOG and MONITOR output."""
         return {script.sha: name for name, script in self._scripts.items()}
@@ -112,6 +124,7 @@ class RedisClient:
         started = loop.time()
         breaker = self.breaker
         before = breaker.state
+        self.calls += 1
         if not breaker.allow(started):
             self.observer.call_done(op, 0.0, "refused")
             retry_ms = max(int(breaker.retry_after_s(started) * 1000), 100)
@@ -131,33 +144,32 @@ class RedisClient:
                 raise error
             outcome = "ok"
             return reply
-        except (RespConnectionError, OSError) as exc:
-            outcome = "timeout" if isinstance(exc, RespTimeout | TimeoutError) else "unavailable"
+        except (RespConnectionError, OSError, _NotSent) as exc:
+            sent = not isinstance(exc, _NotSent)
+            cause = exc.__cause__ if isinstance(exc, _NotSent) else exc
+            outcome = "timeout" if isinstance(cause, RespTimeout | TimeoutError) else "unavailable"
             breaker.failure(loop.time())
             retry_ms = max(int(breaker.retry_after_s(loop.time()) * 1000), 1000)
-            what = f"timed out after {self.timeout:g}s" if outcome == "timeout" else f"failed: {exc}"
-            raise StoreUnavailable(f"redis {op} {what}", retry_after_ms=retry_ms) from exc
+            what = f"timed out after {self.timeout:g}s" if outcome == "timeout" else f"failed: {cause}"
+            raise StoreUnavailable(f"redis {op} {what}", retry_after_ms=retry_ms,
+                                   maybe_ran=sent) from cause
         except _Overloaded as exc:
-            breaker.abandon()
             outcome = "overloaded"
             raise StoreUnavailable(f"redis {op}: {exc}") from None
-        except StoreError:
-            raise
-        except BaseException:  # cancelled: no verdict on Redis either way
-            breaker.abandon()
-            raise
         finally:
             self.observer.call_done(op, loop.time() - started, outcome)
             if breaker.state is not before:
-                log.warning("redis circuit breaker %s -> %s", before.name, breaker.state.name)
-                self.observer.breaker_changed(breaker.state)
+                self._breaker_moved(before)
 
     async def _exchange(
         self, op: str, packed: bytes | list[bytes], script: Script | None, started: float
     ) -> Reply:
         conn = self._conn
         if conn is None or conn.broken:
-            conn = await self._connected(started)
+            try:
+                conn = await self._connected(started)
+            except (RespConnectionError, OSError) as exc:
+                raise _NotSent from exc
         if conn.in_flight >= self.max_inflight:
             raise _Overloaded(f"{self.max_inflight} calls already in flight")
         if isinstance(packed, list):
@@ -174,6 +186,46 @@ class RedisClient:
             future = conn.send(packed)
             reply = await future
         return reply
+
+    # -- the breaker's recovery probe --------------------------------------------------------------
+
+    def _breaker_moved(self, before: BreakerState) -> None:
+        state = self.breaker.state
+        log.warning("redis circuit breaker %s -> %s", before.name, state.name)
+        self.observer.breaker_changed(state)
+        if state is not BreakerState.CLOSED and (self._prober is None or self._prober.done()):
+            self._prober = asyncio.get_running_loop().create_task(self._probe(), name="redis-probe")
+
+    async def _probe(self) -> None:
+        """While the breaker is open: PING on a connection of its own, at the breaker's
+        backoff, until Redis answers; then close the breaker (no user call needed)."""
+        loop = asyncio.get_running_loop()
+        breaker = self.breaker
+        opened, probes = loop.time(), 0
+        while breaker.state is not BreakerState.CLOSED and not self._closed:
+            await asyncio.sleep(max(breaker.next_probe_at - loop.time(), 0.0))
+            if not breaker.probe_due(loop.time()):
+                continue
+            probes += 1
+            if await self._ping_alone():
+                breaker.success()
+                log.warning("redis circuit breaker OPEN -> CLOSED: redis answered after %.1fs "
+                            "(%d probes)", loop.time() - opened, probes)
+                self.observer.breaker_changed(breaker.state)
+                return
+            breaker.probe_failed(loop.time())
+
+    async def _ping_alone(self) -> bool:
+        conn: RespProtocol | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = await open_connection(self.address)
+                return bool(await conn.send(pack("PING")) == b"PONG")
+        except (OSError, RespConnectionError, TimeoutError):
+            return False
+        finally:
+            if conn is not None:
+                conn.close()
 
     # -- the connection ---------------------------------------------------------------------------
 
@@ -192,10 +244,12 @@ class RedisClient:
             raise RespTimeout(f"connecting took over {self.timeout:g}s") from exc
 
     async def _open(self) -> RespProtocol:
-        conn = await open_connection(self.address)
+        conn = await open_connection(self.address, window_s=self.pipeline_window_s)
         if self._closed:
             conn.close()
             raise RespConnectionError("redis client is closed")
+        if self._conn is not None:
+            self._past_writes += self._conn.writes
         self._conn = conn
         return conn
 
@@ -220,6 +274,9 @@ class RedisClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -229,6 +286,10 @@ class RedisClient:
         if conn is not None:
             conn.close()
             await conn.closed
+
+
+class _NotSent(Exception):
+    """The call never left: no connection to Redis could be opened."""
 
 
 class _Overloaded(Exception):

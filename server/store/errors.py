@@ -8,11 +8,15 @@ class StoreError(FastmatchError):
 
 
 class StoreUnavailable(StoreError):
-    """Redis is unreachable, timed out, or the circuit is open: retry later."""
+    """Redis is unreachable, timed out, or the circuit is open: retry later.
 
-    def __init__(self, message: str, retry_after_ms: int = 1000) -> None:
+    ``maybe_ran``: the call left for Redis and no answer came (a timeout, a connection lost
+    in flight): Redis may have run it, so whoever made it owns settling the outcome."""
+
+    def __init__(self, message: str, retry_after_ms: int = 1000, maybe_ran: bool = False) -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+        self.maybe_ran = maybe_ran
 
 
 class ProtocolViolation(StoreError):

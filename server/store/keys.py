@@ -71,6 +71,14 @@ def loading(mode: str) -> str:
     return f"{{mm:{mode}}}:loading"
 
 
+def left(mode: str) -> str:
+    """ZSET ``<match id>|<player>|<cancel or abort>`` -> when the mode's leader settles it:
+    a player left a ready check and the match must be cancelled. The detaching worker cancels
+    at once; this record makes the leader's sweeper finish the job if that worker could not
+    (Redis refused, or it died between the two steps)."""
+    return f"{{mm:{mode}}}:left"
+
+
 def mode_keys(mode: str) -> list[str]:
     return [queue(mode), tickets(mode), grace(mode)]
 

@@ -42,28 +42,12 @@ class PlannedMatch:
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    player: str
-    worker: str
-    conn: str
-    match_id: str
-
-
-@dataclass(frozen=True, slots=True)
 class CommitResult:
     fenced: bool
     committed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     poisoned: list[str] = field(default_factory=list)
-    routes: list[Route] = field(default_factory=list)
     deadline_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Removal:
-    removed: bool
-    worker: str = ""
-    conn: str = ""
 
 
 def lease_token(holder: str, epoch: int) -> str:
@@ -135,34 +119,27 @@ class MatchStore:
         reply = await self.client.script("commit_matches", script_keys, args)
         return _commit_result(reply)
 
-    async def remove_ticket(self, mode: str, player: str) -> Removal:
+    async def remove_ticket(self, mode: str, player: str) -> bool:
+        """True when the ticket was there and is now gone (its owner is told)."""
         raw = await self.client.script(
             "remove_ticket", [keys.player(player), *keys.mode_keys(mode)],
             [player, mode, keys.DELIVERY_PREFIX]
         )
-        reply = as_list(raw, "remove_ticket")
-        if reply[0] == "removed" and len(reply) == 3:
-            return Removal(True, reply[1], reply[2])
-        return Removal(False)
+        return as_list(raw, "remove_ticket")[0] == "removed"
 
 
 def _commit_result(reply: object) -> CommitResult:
     if isinstance(reply, list) and reply and as_str(reply[0]) == "fenced":
         return CommitResult(fenced=True)
-    if not (isinstance(reply, list) and len(reply) == 6 and as_str(reply[0]) == "ok"
-            and all(isinstance(part, list) for part in reply[1:5])):
+    if not (isinstance(reply, list) and len(reply) == 5 and as_str(reply[0]) == "ok"
+            and all(isinstance(part, list) for part in reply[1:4])):
         raise ProtocolViolation(f"commit_matches replied {reply!r:.200}")
-    flat = [as_str(x) for x in reply[4]]
-    if len(flat) % 4:
-        raise ProtocolViolation("commit_matches routes are not in fours")
-    routes = [Route(*flat[i:i + 4]) for i in range(0, len(flat), 4)]
     return CommitResult(
         fenced=False,
         committed=[as_str(x) for x in reply[1]],
         skipped=[as_str(x) for x in reply[2]],
         poisoned=[as_str(x) for x in reply[3]],
-        routes=routes,
-        deadline_ms=to_int(reply[5]),
+        deadline_ms=to_int(reply[4]),
     )
 
 
@@ -179,10 +156,7 @@ class ReadyResult:
 @dataclass(frozen=True, slots=True)
 class PlayerOutcome:
     player: str
-    worker: str
-    conn: str
     what: Literal["requeued", "removed", "timed_out", "matched"]
-    queued_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +222,8 @@ class LoadingStore:
             names, known = [p for p in known if p], None
             csv = ",".join(names)
             script_keys = [match_key, keys.loading(mode), *keys.mode_keys(mode),
-                           *(keys.player(p) for p in names), *(keys.penalty(p) for p in names)]
+                           *(keys.player(p) for p in names), *(keys.penalty(p) for p in names),
+                           keys.left(mode)]
             raw = await self.client.script(
                 "finish_match", script_keys,
                 [action, match_id, csv, *self._finish_args, arg, arg2, keys.DELIVERY_PREFIX]
@@ -261,6 +236,14 @@ class LoadingStore:
     async def due(self, mode: str, limit: int = 200) -> list[str]:
         return await due(self.client, keys.loading(mode), limit)
 
+    async def left_due(self, mode: str, limit: int = 200) -> list[tuple[str, str, FinishAction]]:
+        """(match, player, "cancel" | "abort") of leavers whose cancel is overdue."""
+        out: list[tuple[str, str, FinishAction]] = []
+        for member in await due(self.client, keys.left(mode), limit):
+            match_id, player, kind = [*member.rsplit("|", 2), "", ""][:3]
+            out.append((match_id, player, "abort" if kind == "abort" else "cancel"))
+        return out
+
 
 def _finish_result(raw: object) -> FinishResult | None:
     if not isinstance(raw, list) or not raw:
@@ -272,13 +255,12 @@ def _finish_result(raw: object) -> FinishResult | None:
         return FinishResult(head)  # type: ignore[arg-type]
     if head == "final" and len(raw) == 2:
         return FinishResult("final", status=as_str(raw[1]))
-    if head == "done" and len(raw) >= 3 and (len(raw) - 3) % 5 == 0:
+    if head == "done" and len(raw) >= 3 and (len(raw) - 3) % 2 == 0:
         outcomes = []
-        for i in range(3, len(raw), 5):
-            player, worker, conn, what, queued_at = (as_str(x) for x in raw[i:i + 5])
+        for i in range(3, len(raw), 2):
+            player, what = as_str(raw[i]), as_str(raw[i + 1])
             if what not in _WHAT:
                 raise ProtocolViolation(f"finish_match: unknown outcome {what!r}")
-            outcomes.append(PlayerOutcome(player, worker, conn, what,  # type: ignore[arg-type]
-                                          to_int(queued_at) if queued_at else 0))
+            outcomes.append(PlayerOutcome(player, what))  # type: ignore[arg-type]
         return FinishResult("done", status=as_str(raw[1]), reason=as_str(raw[2]), players=outcomes)
     raise ProtocolViolation(f"finish_match replied {raw!r:.200}")

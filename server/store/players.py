@@ -18,6 +18,9 @@ from server.store.errors import ProtocolViolation, StoreError
 PlayerStateName = Literal["idle", "queued", "loading"]
 _STATES: Final[frozenset[str]] = frozenset({"idle", "queued", "loading"})
 _MODE_RETRIES: Final = 4
+# A ready check's leaver is cancelled by the detaching worker at once; the mode's leader takes
+# over (DESIGN: every step repairable) only if that has not happened this long after.
+LEFT_SETTLE_MS: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +90,18 @@ class PlayerStore:
         return Attached(state, previous_worker=reply[4], previous_conn=reply[5])
 
     async def detach(
-        self, player: str, conn: str, worker_id: str | None = None, mode_guess: str = ""
+        self, player: str, conn: str, worker_id: str | None = None, mode_guess: str = "",
+        shutdown: bool = False,
     ) -> DetachResult:
-        """Release ``conn`` (or, with ``conn == ""``, any connection of ``worker_id``)."""
+        """Release ``conn`` (or, with ``conn == ""``, any connection of ``worker_id``). A player
+        leaving a ready check is also recorded for the mode's leader, who cancels the match
+        (as ``abort`` with ``shutdown``) unless the caller does it first."""
         wid = worker_id or self.worker_id
+        kind = "abort" if shutdown else "cancel"
         reply = await self._with_mode(
             "detach", player, [keys.player(player), keys.worker_players(wid)],
-            lambda mode: [player, wid, conn, mode, self.grace_ms], mode_guess,
+            lambda mode: [player, wid, conn, mode, self.grace_ms, kind, LEFT_SETTLE_MS], mode_guess,
+            lambda mode: [*keys.mode_keys(mode), keys.left(mode)],
         )
         match reply[0]:
             case "grace":
@@ -187,6 +195,7 @@ class PlayerStore:
     async def _with_mode(
         self, name: str, player: str, fixed_keys: list[str],
         args: Callable[[str], list[str | int | float]], mode_guess: str,
+        mode_keys: Callable[[str], list[str]] = keys.mode_keys,
     ) -> list[str]:
         """Run a script that also needs the keys of the player's current mode.
 
@@ -196,8 +205,8 @@ class PlayerStore:
         """
         mode = mode_guess
         for _ in range(_MODE_RETRIES):
-            mode_keys = keys.mode_keys(mode) if mode else []
-            reply = as_list(await self.client.script(name, fixed_keys + mode_keys, args(mode)), name)
+            extra = mode_keys(mode) if mode else []
+            reply = as_list(await self.client.script(name, fixed_keys + extra, args(mode)), name)
             if reply[0] != "retry":
                 return reply
             mode = reply[1] if len(reply) > 1 else ""

@@ -82,7 +82,7 @@ def pack(*args: str | bytes | int | float) -> bytes:
 
 
 class RespProtocol(asyncio.Protocol):
-    def __init__(self, on_push: OnPush | None = None) -> None:
+    def __init__(self, on_push: OnPush | None = None, window_s: float = 0.0) -> None:
         self._reader = hiredis.Reader()
         # (future, time sent): replies arrive in order, so the oldest call is the first one.
         self._waiters: deque[tuple[asyncio.Future[Reply], float]] = deque()
@@ -93,6 +93,8 @@ class RespProtocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.on_push = on_push
         self.broken = False  # set once the connection can carry no more calls
+        self.writes = 0  # round trips: every write carries whatever calls were queued
+        self._window_s = window_s
         self._abort_exc: RespConnectionError | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -149,12 +151,16 @@ class RespProtocol(asyncio.Protocol):
         self._out.append(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            if self._window_s:
+                self._loop.call_later(self._window_s, self._flush)
+            else:
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._transport is not None and not self.broken and self._out:
             self._transport.write(b"".join(self._out))
+            self.writes += 1
         self._out.clear()
 
     @property
@@ -184,15 +190,17 @@ class RespProtocol(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-async def open_connection(address: Address, on_push: OnPush | None = None) -> RespProtocol:
+async def open_connection(
+    address: Address, on_push: OnPush | None = None, window_s: float = 0.0
+) -> RespProtocol:
     """Connect, authenticate and select the database. Raises OSError/RespConnectionError;
     the caller bounds it with its timeout."""
     loop = asyncio.get_running_loop()
     if address.path:
-        _, protocol = await loop.create_unix_connection(lambda: RespProtocol(on_push), address.path)
+        _, protocol = await loop.create_unix_connection(lambda: RespProtocol(on_push, window_s), address.path)
     else:
         _, protocol = await loop.create_connection(
-            lambda: RespProtocol(on_push), address.host, address.port, ssl=address.tls)
+            lambda: RespProtocol(on_push, window_s), address.host, address.port, ssl=address.tls)
     try:
         for command in address.handshake():
             reply = await protocol.send(pack(*command))

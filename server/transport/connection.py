@@ -114,6 +114,10 @@ class ClientConnection(WebSocketProtocol):
         try:
             result = await front.store.attach(self.identity.player_id, self.conn_id)
         except StoreError as exc:
+            if isinstance(exc, StoreUnavailable) and exc.maybe_ran:
+                # Redis may have recorded this connection as the player's after all; nothing
+                # else would ever release that record (issue 13): settle it once Redis answers.
+                front.pending_detach.add((self.identity.player_id, self.conn_id))
             self._attach_failed(exc)
             return
         finally:

@@ -1,4 +1,9 @@
-"""Messages between workers over each worker's delivery channel (DESIGN "Routing and delivery")."""
+"""Messages on each worker's delivery channel (DESIGN "Routing and delivery").
+
+Two senders: another worker (``Replace``: close a connection a newer one replaced) and the Lua
+scripts (``Notices``: facts about this worker's players, turned into client messages by
+``server/protocol/notices.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import Final
 
 import msgspec
 
-from server.protocol.messages import ServerMessage
+from server.protocol.notices import Notice
 
 
 class _Envelope(msgspec.Struct, tag_field="kind", frozen=True, kw_only=True):
@@ -20,19 +25,13 @@ class Replace(_Envelope, tag="replace", frozen=True):
     conn: str
 
 
-class Item(msgspec.Struct, frozen=True, kw_only=True):
-    player: str
-    conn: str
-    message: ServerMessage
+class Notices(_Envelope, tag="notices", frozen=True):
+    """What the scripts changed for connections this worker holds, in Redis' order."""
+
+    events: list[Notice]
 
 
-class Deliver(_Envelope, tag="deliver", frozen=True):
-    """Server messages for connections this worker holds; each changes that session's state."""
-
-    items: list[Item]
-
-
-Envelope = Replace | Deliver
+Envelope = Replace | Notices
 
 _decoder: Final = msgspec.json.Decoder(Envelope)
 _encoder: Final = msgspec.json.Encoder()

@@ -9,6 +9,7 @@ deliveries from Redis, and releases players when their connection ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import itertools
 import logging
@@ -24,6 +25,7 @@ from websockets.http11 import Request, Response
 from server import metrics
 from server.config import ModeConfig, ServerConfig
 from server.logthrottle import Throttled
+from server.protocol import notices
 from server.protocol.auth import AuthError, TokenVerifier
 from server.protocol.messages import Error
 from server.protocol.ratelimit import KeyedBuckets
@@ -35,6 +37,8 @@ from server.store.players import Attached, PlayerStore
 from server.transport import envelope, fdlimit
 from server.transport.connection import ClientConnection, MatchEvents
 from server.transport.overload import LoopLag
+from server.transport.proxyproto import ProxyPolicy
+from server.transport.tls import load_context
 from server.transport.wsproto import WsLimits
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ WS_PATHS: Final = frozenset({"/ws", "/ws/"})
 _refusing = Throttled(log, "refusing connections, storage unavailable")
 _shedding = Throttled(log, "refusing handshakes (HTTP 503), worker busy", level=logging.INFO)
 _deferred = Throttled(log, "detach deferred to housekeeping, storage unavailable")
+_cancel_deferred = Throttled(log, "cancel of a ready check left to the mode's leader")
 _unnotified = Throttled(log, "could not tell another worker of a replaced connection")
 _crashed = Throttled(log, "connection task failed", level=logging.ERROR)
 
@@ -61,14 +66,19 @@ class FrontEnd:
         self.verifier = verifier
         self.worker_id = worker_id
         self.ready = False  # set by the worker from its Redis heartbeat
+        # SIGTERM: /ready answers 503 so balancers take the host out, while players (new ones
+        # too) are still served for server.drain_delay_s; then `close` drains.
+        self.leaving = False
         self.draining = False
         self.connections: dict[str, ClientConnection] = {}
         self.pending_detach: set[tuple[str, str]] = set()
         self.limits = Limits(config.bad_message_budget, config.message_rate, config.message_burst,
                              config.rate_limit_strikes)
+        proxy = ProxyPolicy(config.proxy_trusted, config.proxy_header_timeout_s) \
+            if config.proxy_protocol else None
         self.ws_limits = WsLimits(max_size=config.max_message_bytes,
                                   ping_interval_s=config.ping_interval_s,
-                                  ping_timeout_s=config.ping_timeout_s)
+                                  ping_timeout_s=config.ping_timeout_s, proxy=proxy)
         self.lag = LoopLag(config.max_loop_lag_ms / 1000)
         self.caps = fdlimit.caps_for(config.max_connections, config.max_pending_handshakes)
         self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
@@ -82,6 +92,10 @@ class FrontEnd:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        if self.config.tls_cert_file:
+            # Read now, at each worker's start: a rolling restart serves a renewed certificate.
+            tls = load_context(self.config.tls_cert_file, self.config.tls_key_file)
+            self.ws_limits = dataclasses.replace(self.ws_limits, tls=tls)
         loop = asyncio.get_running_loop()
         options: dict[str, Any] = {"sock": sock} if sock is not None else {
             "host": host, "port": port, "reuse_port": True,
@@ -148,10 +162,10 @@ class FrontEnd:
         if url.path == "/health":
             return self.refusal(client, 200, "ok")
         if url.path == "/ready":
-            if self.ready and not self.draining:
+            if self.ready and not self.draining and not self.leaving:
                 return self.refusal(client, 200, "ready")
             return self.refusal(client, 503, "not ready: " + (
-                "draining" if self.draining else "storage unavailable"))
+                "draining" if self.draining or self.leaving else "storage unavailable"))
         if url.path not in WS_PATHS:
             return self.refusal(client, 404, "not found")
         refused = self._shed()
@@ -224,14 +238,20 @@ class FrontEnd:
     async def detach(self, player: str, conn_id: str, mode_guess: str = "") -> None:
         """Release the player in Redis; if Redis is down, housekeeping retries it later."""
         try:
-            result = await self.store.detach(player, conn_id, mode_guess=mode_guess)
-            self.pending_detach.discard((player, conn_id))
-            if result.outcome == "loading" and result.match_id:
-                # PROTOCOL 4: leaving during the ready check cancels the match for everyone.
-                await self.events.left_loading(result.mode, result.match_id, player, self.draining)
+            result = await self.store.detach(player, conn_id, mode_guess=mode_guess,
+                                             shutdown=self.draining)
         except StoreError as exc:
             _deferred("%s: %s", player, exc)
             self.pending_detach.add((player, conn_id))
+            return
+        self.pending_detach.discard((player, conn_id))
+        if result.outcome == "loading" and result.match_id:
+            # PROTOCOL 4: leaving during the ready check cancels the match for everyone. If
+            # this fails, the detach recorded the leaver and the mode's leader cancels it.
+            try:
+                await self.events.left_loading(result.mode, result.match_id, player, self.draining)
+            except StoreError as exc:
+                _cancel_deferred("match %s (%s left): %s", result.match_id, player, exc)
 
     async def replace_previous(self, player: str, attached: Attached, conn_id: str) -> None:
         """PROTOCOL 1: the new connection wins; the old one, wherever it is, is closed with 4009."""
@@ -264,13 +284,15 @@ class FrontEnd:
         match message:
             case envelope.Replace(conn=conn):
                 self._close_replaced(conn)
-            case envelope.Deliver(items=items):
-                for item in items:
-                    client = self.connections.get(item.conn)
-                    # A connection replaced since the sender looked is skipped: the new one
-                    # learned the same state from its welcome.
-                    if client is not None and client.player_id == item.player:
-                        client.deliver(item.message)
+            case envelope.Notices(events=events):
+                connections = self.connections
+                for event in events:
+                    for player, conn, server_message in notices.messages(event):
+                        client = connections.get(conn)
+                        # A connection replaced since the script looked is skipped: the new
+                        # one learned the same state from its welcome.
+                        if client is not None and client.identity.player_id == player:
+                            client.deliver(server_message)
 
     async def resync(self) -> None:
         """After (re)subscribing: close connections replaced while we could not hear about it."""

@@ -15,9 +15,11 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 
 from server.aio import raise_if_cancelling
+from server.logthrottle import Throttled
 from server.store.resp import Address, Reply, RespConnectionError, RespProtocol, open_connection, pack
 
 log = logging.getLogger(__name__)
+_resync_failed = Throttled(log, "resync after subscribe failed")
 
 OnMessage = Callable[[bytes], None]
 OnSubscribed = Callable[[], Awaitable[None]]
@@ -99,7 +101,12 @@ class Subscriber:
                 conn.write(pack("SUBSCRIBE", *self.handlers))
                 await self._all_confirmed
             await self._subscribed()
-            await self._listen(conn)
+            resync = asyncio.get_running_loop().create_task(self._resync(), name="resync")
+            try:
+                await self._listen(conn)
+            finally:
+                resync.cancel()  # a new subscription runs its own
+                await asyncio.gather(resync, return_exceptions=True)
         finally:
             self.connected = False
             conn.close()
@@ -110,11 +117,24 @@ class Subscriber:
             self.generation += 1
             self._changed.notify_all()
         log.info("delivery subscriber on %s (generation %d)", self.channel, self.generation)
-        try:
-            await self._on_subscribed()
-        except Exception:
-            # A failed resync is retried at the next reconnect; listening matters more.
-            log.warning("resync after subscribe failed", exc_info=True)
+
+    async def _resync(self) -> None:
+        """What was missed while deaf is caught up after every (re)subscription, retried until
+        it succeeds: right after a Redis restart the store may still refuse (issue 17: a resync
+        dropped on the first refusal left players untold for good)."""
+        attempt = 0
+        while True:
+            try:
+                await self._on_subscribed()
+                if attempt:
+                    log.info("resync after subscribe done (attempt %d)", attempt + 1)
+                return
+            except Exception as exc:  # task boundary: retried, never dropped
+                raise_if_cancelling()
+                attempt += 1
+                delay = random.uniform(self._base, min(self._max, self._base * 2 ** min(attempt, 16)))
+                _resync_failed("attempt %d, next in %.2fs: %s", attempt, delay, exc)
+                await asyncio.sleep(delay)
 
     async def _listen(self, conn: RespProtocol) -> None:
         """Messages are dispatched by ``_on_push`` as they arrive; this only watches the line:

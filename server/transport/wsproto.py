@@ -9,6 +9,10 @@ the handshake request, each complete message, and the end of the connection.
 Requests are handled one at a time, in order (PROTOCOL 2): while the subclass ``hold``s the
 connection (a request in flight), messages wait in a short queue; past ``MAX_QUEUED`` reading
 pauses, so a flooding client is slowed by TCP instead of filling memory.
+
+At the edge (README "Behind a load balancer"), bytes may pass two layers before websockets, in
+the order they arrive on the wire: a PROXY protocol header (once, from a trusted balancer; its
+address becomes ``peer``), then TLS. Without them the only cost is one flag test per read.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections import deque
 from dataclasses import dataclass
 from typing import Final, cast
@@ -25,10 +30,14 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from server import metrics
 from server.logthrottle import Throttled
+from server.transport import proxyproto
+from server.transport.tls import TlsStream
 
 log = logging.getLogger(__name__)
 _crashed = Throttled(log, "connection handler failed", level=logging.ERROR)
+_tls_failed = Throttled(log, "TLS connections failed", level=logging.INFO)
 CLOSE_INTERNAL: Final = 1011
 CLOSE_INVALID_DATA: Final = 1007
 MAX_QUEUED: Final = 64
@@ -39,14 +48,22 @@ _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 
 @dataclass(frozen=True, slots=True)
 class WsLimits:
+    """What every connection of one listener shares."""
+
     max_size: int = 4096
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
-    open_timeout_s: float = 10.0  # TCP accepted -> handshake request complete
+    open_timeout_s: float = 10.0  # PROXY header read (TCP accepted) -> handshake request complete
     close_timeout_s: float = 5.0  # close frame sent -> the peer closes TCP
+    tls: ssl.SSLContext | None = None  # wss://
+    proxy: proxyproto.ProxyPolicy | None = None  # a PROXY header opens every connection
 
 
 class WebSocketProtocol(asyncio.Protocol):
+    # Frames of every connection of this process, both ways (cost accounting, metrics).
+    frames_in = 0
+    frames_out = 0
+
     def __init__(self, limits: WsLimits) -> None:
         self.limits = limits
         self.ws = ServerProtocol(max_size=limits.max_size)
@@ -62,6 +79,11 @@ class WebSocketProtocol(asyncio.Protocol):
         self._last_recv = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._ping_at = 0.0  # when the unanswered keepalive ping left (0: none out)
+        self._responding = False  # the handshake response is among the writes to flush
+        # The edge layers (module docstring): set up in connection_made when configured.
+        self._edge = False  # bytes go through _from_edge before websockets
+        self._header: bytearray | None = None  # the PROXY header so far, until it is read
+        self._tls: TlsStream | None = None
 
     # -- hooks for subclasses -------------------------------------------------------------------
 
@@ -84,15 +106,34 @@ class WebSocketProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "?"
         self._last_recv = self._loop.time()
-        self._set_timer(self.limits.open_timeout_s, self._open_timed_out)
+        limits = self.limits
+        if limits.tls is not None:
+            self._tls = TlsStream(limits.tls)
+            self._edge = True
+        proxy = limits.proxy
+        if proxy is not None:
+            self._header = bytearray()
+            self._edge = True
+            if not proxy.trusts(self.peer):
+                # Only a balancer may name the client: anyone else could pick their address.
+                self._reject_header("untrusted", "not in server.proxy_trusted")
+                return
+            self._set_timer(proxy.timeout_s, self._header_timed_out)
+            return
+        self._set_timer(limits.open_timeout_s, self._open_timed_out)
 
     def data_received(self, data: bytes) -> None:
         self._last_recv = self._loop.time()
+        if self._edge:
+            data = self._from_edge(data)
+            if not data:
+                return
         ws = self.ws
         ws.receive_data(data)
         try:
             for event in ws.events_received():
                 if isinstance(event, Frame):
+                    WebSocketProtocol.frames_in += 1
                     self._on_frame(event)
                 elif isinstance(event, Request):
                     self.handle_request(event)
@@ -105,6 +146,10 @@ class WebSocketProtocol(asyncio.Protocol):
         self.flush()
 
     def eof_received(self) -> bool:
+        if self._header is not None:
+            if self._header:  # an empty connection is a port probe, not a broken header
+                self._reject_header("truncated", f"ended after {len(self._header)} bytes of a header")
+            return False
         self.ws.receive_eof()
         self.ws.events_received()
         self.flush()
@@ -131,7 +176,12 @@ class WebSocketProtocol(asyncio.Protocol):
         ``flush=False`` lets the first messages leave in the same write."""
         if self.lost or self.ws.state is not State.CONNECTING:
             return
+        if self._header is not None and self.transport is not None:
+            # Closed before the balancer named the client: nothing to answer yet.
+            self.transport.close()
+            return
         self.ws.send_response(response)
+        self._responding = True
         if response.status_code == 101:
             self._set_timer(self.limits.ping_interval_s, self._keepalive)
         if flush:
@@ -150,10 +200,17 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def flush(self) -> None:
         writes = self.ws.data_to_send()
+        if writes:
+            # Counted before TLS turns them into records; websockets' SEND_EOF (b"", the
+            # server closes TCP now) and the handshake response are not frames.
+            WebSocketProtocol.frames_out += len(writes) - (not writes[-1]) - self._responding
+            self._responding = False
+        if self._tls is not None:
+            writes = self._tls.send(writes)
         transport = self.transport
         if not writes or transport is None or self.lost:
             return
-        eof = not writes[-1]  # websockets' SEND_EOF: the server closes TCP now
+        eof = not writes[-1]
         transport.write(b"".join(writes))
         if eof:
             transport.close()
@@ -177,6 +234,75 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._paused and len(self._queue) < MAX_QUEUED // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
+
+    # -- the edge: PROXY header, TLS --------------------------------------------------------------
+
+    def _from_edge(self, data: bytes) -> bytes:
+        """What of ``data`` is for websockets: past the PROXY header (read once), decrypted."""
+        if self._header is not None:
+            data = self._read_header(data)
+            if self._header is not None:
+                return b""  # incomplete, or refused
+            if self._tls is None:
+                self._edge = False  # the header was all: from now on bytes go straight through
+                return data
+        tls = self._tls
+        if tls is None:
+            return data
+        try:
+            data = tls.receive(data)
+        except ssl.SSLError as exc:
+            self._tls_broken(exc)
+            return b""
+        if not data:
+            self.flush()  # the handshake's answer
+        return data
+
+    def _read_header(self, data: bytes) -> bytes:
+        """Buffer the PROXY header; once complete, return the bytes after it."""
+        header = self._header
+        transport = self.transport
+        if header is None or transport is None or transport.is_closing():
+            return b""
+        header += data
+        try:
+            parsed = proxyproto.parse(header)
+        except proxyproto.ProxyHeaderError as exc:
+            self._reject_header(exc.reason, str(exc))
+            return b""
+        if parsed is None:
+            return b""  # incomplete, and within the size bound (parse enforces it)
+        self._header = None
+        if parsed.client is not None:
+            self.peer = parsed.client
+        self._set_timer(self.limits.open_timeout_s, self._open_timed_out)
+        return bytes(header[parsed.size:])
+
+    def _reject_header(self, reason: str, detail: str) -> None:
+        """Close without a word (it is not a client of ours); count and log it once."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._cancel_timer()
+        if self.limits.proxy is not None:
+            self.limits.proxy.rejected(self.peer, reason, detail)
+        transport.close()
+
+    def _header_timed_out(self) -> None:
+        self._timer = None
+        if self._header is not None and not self.lost:
+            self._reject_header("timeout", "no complete header in time")
+
+    def _tls_broken(self, exc: ssl.SSLError) -> None:
+        """Not TLS, or TLS gone wrong: send the alert, if any, and close."""
+        metrics.inc(metrics.TLS_FAILED)
+        _tls_failed("from %s: %s", self.peer, exc.reason or exc)
+        self._cancel_timer()
+        transport = self.transport
+        if self._tls is not None and transport is not None and not self.lost:
+            for alert in self._tls.send([]):
+                transport.write(alert)
+            transport.close()
 
     # -- internals --------------------------------------------------------------------------------
 

@@ -239,3 +239,24 @@ async def test_draining_worker_requeues_its_loading_matches_without_blame(
     assert welcome["state"] == "queued" and welcome["queued_at_ms"] == original["d"]
     await ws.close()
     await on_staying["s"].close()
+
+
+async def test_a_leaver_whose_worker_never_cancelled_is_cancelled_by_the_leader(
+    worker: Worker, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    """Issue 13: the detach of a player in a ready check succeeded but the cancel that must
+    follow never ran (its worker died between the two, or Redis refused the second): the
+    detach recorded the leaver, so the mode's leader cancels the match on its behalf."""
+    await start_game_server()
+    clients = await queued(worker.front.port, "1v1", ("stays", 1500), ("vanished", 1500))
+    await matched(clients)
+    conn = next(c.conn_id for c in worker.front.connections.values() if c.player_id == "vanished")
+    # Exactly what the dying worker got done: the detach, and not the cancel.
+    detached = await worker.store.detach("vanished", conn, mode_guess="1v1")
+    assert detached.outcome == "loading"
+    back = await recv(clients["stays"], TIMEOUT * 2)
+    assert back == {"type": "requeued", "game_mode": "1v1", "reason": "player_left",
+                    "queued_at_ms": QUEUED_AT["stays"]}
+    assert await admin.zcard(keys.penalty("vanished")) == 1  # the leaver's dodge counts
+    assert await admin.zcard(keys.left("1v1")) == 0  # settled
+    await leave_and_check_clean(clients, admin)

@@ -7,12 +7,22 @@ import asyncio
 import signal
 import time
 
+import redis.asyncio as aioredis
+
+from server.store import keys
 from server.store.breaker import BreakerState
 from server.store.embedded import EmbeddedRedis
 from tests.app.served import http_get
 from tests.app.test_matchmaking import start_loading
 from tests.conftest import WorkerFactory, make_config
-from tests.helpers import TIMEOUT, connect_player, recv, request, retry_while_unavailable
+from tests.helpers import (
+    TIMEOUT,
+    closed_code,
+    connect_player,
+    recv,
+    request,
+    retry_while_unavailable,
+)
 
 FAULTY = {"redis.operation_timeout_s": 0.5, "redis.breaker_threshold": 3,
           "redis.breaker_cooldown_s": 0.5}
@@ -90,3 +100,30 @@ async def _async(value: bool) -> bool:
 
 async def _ready(port: int) -> bool:
     return (await http_get(port, "/ready"))[0] == 200
+
+
+async def test_handshakes_that_time_out_in_attach_leave_no_record(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis
+) -> None:
+    """Issue 13: players connecting while Redis is frozen are refused, but Redis may run their
+    attach once it thaws; those records must not outlive the connections."""
+    w = await start_worker(url=private_redis.url, cfg=make_config(**{
+        **FAULTY, "redis.breaker_threshold": 1000}))  # every attach reaches the frozen Redis
+    admin = aioredis.Redis.from_url(private_redis.url)
+    warm, _ = await connect_player(w.front.port, "warm")  # Redis knows the attach script now
+    await warm.close()
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        refused = await asyncio.gather(*(connect_player(w.front.port, f"thawed{i}") for i in range(8)))
+        for ws, first in refused:
+            assert first["type"] == "error" and first["code"] == "unavailable", first
+            assert await closed_code(ws) == 1011
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    # Redis ran the attaches it had received when it thawed; housekeeping settles them.
+    async with asyncio.timeout(TIMEOUT * 2):
+        while await admin.keys("fm:player:*"):
+            await asyncio.sleep(0.02)
+    assert not await admin.smembers(keys.worker_players(w.worker_id))
+    await admin.aclose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TIMEOUT, recv, request
+from server import client as fm
+from tests.helpers import TIMEOUT, next_of, recv, request
 
 FASTMATCH = str(Path(sys.executable).with_name("fastmatch"))
 
@@ -77,22 +77,20 @@ async def test_serve_token_client_flow_and_clean_shutdown(
         status = await request(ws, {"type": "status"})
         assert status["type"] == "queue_status" and status["queue_size"] == 1
         assert (await request(ws, {"type": "dequeue"}))["type"] == "dequeued"
-    # The whole lifecycle against the dev config's own reference game server.
+    # The whole lifecycle against the dev config's own reference game server, with the project's
+    # client as a game would use it: answer the ready check once loaded.
     opponent = subprocess.run([FASTMATCH, "token", "--player", "rival", "--mmr", "1610"],
                               capture_output=True, text=True, check=True).stdout.strip()
-    async with connect(f"ws://127.0.0.1:{port}/ws?token={tok}") as ws, \
-            connect(f"ws://127.0.0.1:{port}/ws?token={opponent}") as rival:
-        for client in (ws, rival):
-            await recv(client)
-            assert (await request(client, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
-        for client in (ws, rival):
-            loading = await recv(client)
-            assert loading["type"] == "start_loading"
-            await client.send(json.dumps({"type": "loading_complete",
-                                          "loading_session_id": loading["loading_session_id"]}))
-        for client in (ws, rival):
-            found = await recv(client)
-            assert found["type"] == "match_found" and found["server_address"]
+    url = f"ws://127.0.0.1:{port}/ws"
+    async with fm.connect(url, tok, token_in_query=True) as me, fm.connect(url, opponent) as rival:
+        for client in (me, rival):
+            assert (await client.enqueue("1v1")).game_mode == "1v1"
+        for client in (me, rival):
+            loading = await next_of(client, fm.StartLoading)
+            client.loading_complete(loading.loading_session_id)
+        for client in (me, rival):
+            found = await next_of(client, fm.MatchFound)
+            assert found.server_address and found.loading_session_id == loading.loading_session_id
     redis_pids = _redis_children(proc.pid)
     assert len(redis_pids) == 1, "serve should run exactly one embedded redis-server"
     proc.send_signal(signal.SIGTERM)

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+from server.protocol.messages import (
+    Enqueued,
+    MatchFound,
+    Requeued,
+    ServerMessage,
+    StartLoading,
+    Welcome,
+)
 from server.sim.checker import SequenceChecker, SessionSeen, cross_check
 from server.sim.player import parse_mix
 
-WELCOME = {"type": "welcome", "state": "idle"}
-START = {"type": "start_loading", "loading_session_id": "s1", "teams": [["a"], ["b"]]}
+WELCOME = Welcome(player_id="a", state="idle", protocol=1)
+ENQUEUED = Enqueued(game_mode="1v1", queued_at_ms=1)
+REQUEUED = Requeued(game_mode="1v1", reason="player_left", queued_at_ms=1)
 
 
-def run(*messages: dict) -> SequenceChecker:  # type: ignore[type-arg]
+def start(session: str = "s1", teams: tuple[str, str] = ("a", "b")) -> StartLoading:
+    return StartLoading(loading_session_id=session, game_mode="1v1",
+                        teams=[[teams[0]], [teams[1]]], deadline_ms=1)
+
+
+def found(session: str = "s1") -> MatchFound:
+    return MatchFound(loading_session_id=session, game_mode="1v1", server_address="gs:1",
+                      server_session_id="x", teams=[["a"], ["b"]])
+
+
+def run(*messages: ServerMessage) -> SequenceChecker:
     check = SequenceChecker("a")
     check.connected()
     for msg in messages:
@@ -18,25 +37,22 @@ def run(*messages: dict) -> SequenceChecker:  # type: ignore[type-arg]
 
 
 def test_a_valid_lifecycle_has_no_violation() -> None:
-    again = {**START, "loading_session_id": "s2"}
-    check = run(WELCOME, {"type": "enqueued"}, START, {"type": "requeued"}, again,
-                {"type": "match_found", "loading_session_id": "s2"})
+    check = run(WELCOME, ENQUEUED, start(), REQUEUED, start("s2"), found("s2"))
     assert check.violations == []
     assert [(s.session, s.outcome) for s in check.sessions] == [("s1", "requeued"), ("s2", "match_found")]
 
 
 def test_out_of_order_messages_are_violations() -> None:
-    assert run({"type": "enqueued"}).violations  # no welcome first
-    assert run(WELCOME, START).violations  # start_loading while idle
-    assert run(WELCOME, {"type": "enqueued"}, {"type": "match_found"}).violations  # not loading
-    assert run(WELCOME, {"type": "enqueued"}, START,
-               {"type": "match_found", "loading_session_id": "other"}).violations
-    assert run(WELCOME, {"type": "enqueued"}, {**START, "teams": [["x"], ["y"]]}).violations
+    assert run(ENQUEUED).violations  # no welcome first
+    assert run(WELCOME, start()).violations  # start_loading while idle
+    assert run(WELCOME, ENQUEUED, found()).violations  # not loading
+    assert run(WELCOME, ENQUEUED, start(), found("other")).violations
+    assert run(WELCOME, ENQUEUED, start(teams=("x", "y"))).violations
+    assert run(WELCOME, WELCOME).violations  # a second welcome on one connection
 
 
 def test_matched_twice_is_a_violation() -> None:
-    found = {"type": "match_found", "loading_session_id": "s1"}
-    check = run(WELCOME, {"type": "enqueued"}, START, found, {"type": "enqueued"}, START, found)
+    check = run(WELCOME, ENQUEUED, start(), found(), ENQUEUED, start(), found())
     assert any("matched twice" in v for v in check.violations)
 
 

@@ -8,10 +8,14 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
+from server.protocol import notices
+from server.protocol.messages import StartLoading
 from server.store import keys
 from server.store.client import RedisClient
 from server.store.matches import MatchStore, PlannedMatch, lease_token
 from server.store.players import PlayerStore
+from server.transport import envelope
+from tests.helpers import TIMEOUT
 
 
 @pytest.fixture
@@ -72,6 +76,8 @@ async def test_commit_skips_a_match_whose_player_left_and_commits_the_rest(
     token = lease_token("L", grant.epoch)
     plans = [PlannedMatch("1.1.0", [["a"], ["b"]]), PlannedMatch("1.1.1", [["c"], ["d"]])]
     assert (await store.dequeue("a", "a-c")).outcome == "ok"  # between snapshot and commit
+    listener = admin.pubsub()
+    await listener.subscribe(keys.worker_channel("w1"))
     result = await m.commit("1v1", token, 10_000, plans)
     assert result.committed == ["1.1.1"] and result.skipped == ["1.1.0"]
     assert await admin.zrange(keys.queue("1v1"), 0, -1) == ["b"]  # b stays queued, place kept
@@ -80,14 +86,30 @@ async def test_commit_skips_a_match_whose_player_left_and_commits_the_rest(
     assert match["t:c"].startswith("1500.0|")
     assert await admin.hget(keys.player("c"), "state") == "loading"
     assert await admin.hget(keys.player("c"), "match") == "1.1.1"
-    assert {r.player for r in result.routes} == {"c", "d"}
-    assert all(r.worker == "w1" and r.conn == f"{r.player}-c" for r in result.routes)
     assert await admin.zscore(keys.loading("1v1"), "1.1.1") == result.deadline_ms
+    # The worker holding both players hears one fact, which becomes their start_loading.
+    notice = envelope.decode((await next_message(listener))["data"].encode())
+    assert isinstance(notice, envelope.Notices) and len(notice.events) == 1
+    told = list(notices.messages(notice.events[0]))
+    assert sorted((player, conn) for player, conn, _ in told) == [("c", "c-c"), ("d", "d-c")]
+    assert all(msg == StartLoading(loading_session_id="1.1.1", game_mode="1v1", teams=[["c"], ["d"]],
+                                   deadline_ms=result.deadline_ms) for _, _, msg in told)
 
     again = await m.commit("1v1", token, 10_000, plans)  # a retry after a lost reply
     assert again.committed == ["1.1.1"] and again.skipped == ["1.1.0"]
     assert await admin.hget(keys.player("c"), "match") == "1.1.1"
     assert await admin.zrange(keys.queue("1v1"), 0, -1) == ["b"]
+    with pytest.raises(TimeoutError):  # the players were told once, not again
+        await next_message(listener, 0.2)
+    await listener.aclose()
+
+
+async def next_message(listener: aioredis.client.PubSub, timeout: float = TIMEOUT) -> dict[str, str]:
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await listener.get_message(ignore_subscribe_messages=True, timeout=timeout)
+            if message is not None:
+                return message  # type: ignore[no-any-return]
 
 
 async def test_commit_removes_entries_whose_owner_is_gone(client: RedisClient, admin: aioredis.Redis) -> None:

@@ -117,21 +117,28 @@ async def test_every_call_is_bounded_by_the_operation_timeout(private_redis: Emb
     await client.close()
 
 
-async def test_a_cancelled_probe_does_not_wedge_the_breaker(private_redis: EmbeddedRedis) -> None:
-    client = RedisClient(private_redis.url, operation_timeout_s=5, breaker_threshold=1,
-                         breaker_cooldown_s=0)
-    client.breaker.failure(0)  # open; with no cooldown the next call is the half-open probe
+async def test_the_breaker_closes_as_soon_as_redis_answers_without_user_traffic(
+    private_redis: EmbeddedRedis,
+) -> None:
+    """Issue 17: a breaker opened by an outage closes by its own probe once Redis is back,
+    not after the whole cooldown, and not only when a user call happens to come by."""
+    client = RedisClient(private_redis.url, operation_timeout_s=0.3, breaker_threshold=1,
+                         breaker_cooldown_s=60, breaker_probe_s=0.05)
+    assert await client.command("PING") == b"PONG"
     assert private_redis.process is not None
     private_redis.process.send_signal(signal.SIGSTOP)
     try:
-        probe = asyncio.create_task(client.command("PING"))
-        async with asyncio.timeout(TIMEOUT):  # the probe is out, waiting on the frozen Redis
-            while client.breaker.state is not BreakerState.HALF_OPEN:
-                await asyncio.sleep(0)
-        probe.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await probe
+        with pytest.raises(StoreUnavailable, match="timed out"):
+            await client.command("PING")
+        assert client.breaker.state is not BreakerState.CLOSED
+        with pytest.raises(StoreUnavailable, match="circuit open"):
+            await client.command("PING")  # refused at once while Redis is frozen
     finally:
         private_redis.process.send_signal(signal.SIGCONT)
-    assert await client.command("PING") == b"PONG"  # not refused: a new probe ran
+    # No call is made meanwhile: the probe alone closes it, well inside the 60 s cooldown
+    # (probes back off from 0.05 s, doubling, while Redis stays frozen).
+    async with asyncio.timeout(TIMEOUT):
+        while client.breaker.state is not BreakerState.CLOSED:
+            await asyncio.sleep(0.01)
+    assert await client.command("PING") == b"PONG"
     await client.close()

@@ -1,0 +1,125 @@
+"""`make bench BASE=<commit>`: the same load on a reference commit and on this checkout, side by side.
+
+The reference is checked out in a git worktree under `.bench/` and its Cython extension built
+in place; both trees run with this checkout's interpreter, Redis binary and load generator.
+Runs alternate (base, new, base, new, ...) so that a machine that drifts during the sitting
+drifts for both, and the ratios are printed with every figure. `--find-rate` also looks for
+each tree's sustainable rate (>= 99% of players matched, p99 enqueue -> start_loading under
+250 ms, no violation) in short steps and holds the best one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.lifecycle import GROUPS, ROOT, Result, measure
+
+
+def worktree(ref: str) -> Path:
+    sha = subprocess.check_output(["git", "rev-parse", "--short=12", ref], cwd=ROOT, text=True).strip()
+    path = ROOT / ".bench" / sha
+    if not (path / "server").is_dir():
+        path.parent.mkdir(exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), sha],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    if not list((path / "_fastmatch").glob("kernel*.so")):
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=path, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return path
+
+
+def sustainable(s: dict[str, Any]) -> bool:
+    p99 = (s["start_loading_ms"] or {}).get("99") or (s["start_loading_ms"] or {}).get(99)
+    return (s["violations"] == 0 and s["matched_share"] >= 0.99 and p99 is not None and p99 < 250)
+
+
+def find_rate(tree: Path, label: str, steps: list[float], step_s: float, hold_s: float) -> dict[str, Any]:
+    best, tried = None, []
+    for rate in steps:
+        s = measure(tree, rate, step_s, label=label).summary()
+        ok = sustainable(s)
+        tried.append({**s, "sustainable": ok})
+        print(f"  {label} step {rate:5.0f}/s -> {s['lifecycles_per_s']}/s, p99 start_loading "
+              f"{(s['start_loading_ms'] or {}).get('99')} ms, matched {s['matched_share']:.1%} "
+              f"-> {'ok' if ok else 'not sustainable'}", flush=True)
+        if not ok:
+            break
+        best = rate
+    held = measure(tree, best, hold_s, label=label).summary() if best else None
+    if held:
+        held["sustainable"] = sustainable(held)
+    return {"steps": tried, "best": best, "held": held}
+
+
+def _row(name: str, base: float, new: float) -> str:
+    ratio = f"{new / base:6.2f}x" if base else "     -"
+    return f"  {name:34} {base:10.3f} {new:10.3f} {ratio}"
+
+
+def print_pair(base: dict[str, Any], new: dict[str, Any]) -> None:
+    print(f"  {'':34} {'base':>10} {'new':>10}  new/base")
+    print(_row("lifecycles/s in the window", base["lifecycles_per_s"], new["lifecycles_per_s"]))
+    for g in (*GROUPS, "gameserver_per_match"):
+        print(_row(f"{g} CPU ms per lifecycle", base["cpu_ms_per_lifecycle"][g],
+                   new["cpu_ms_per_lifecycle"][g]))
+    print(_row("redis commands per lifecycle", base["redis_commands_per_lifecycle"],
+               new["redis_commands_per_lifecycle"]))
+    for key in ("matched_share", "violations", "unfinished"):
+        print(_row(key, float(base[key] or 0), float(new[key] or 0)))
+    p = ("start_loading_ms", "99")
+    print(_row("p99 enqueue->start_loading ms", float(base[p[0]][p[1]] or 0), float(new[p[0]][p[1]] or 0)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="reference commit (e.g. ff79587)")
+    parser.add_argument("--rate", type=float, default=300, help="lifecycles/s offered to both")
+    parser.add_argument("--seconds", type=float, default=60, help="measured window per run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating base/new pairs")
+    parser.add_argument("--find-rate", action="store_true", help="also find each sustainable rate")
+    parser.add_argument("--steps", default="200,300,400,500,600,700,800,900,1000,1100,1200,1400")
+    parser.add_argument("--step-seconds", type=float, default=15)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-compare.json")
+    args = parser.parse_args()
+    base_tree = worktree(args.base)
+    out: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"Python {platform.python_version()}",
+        "base": args.base, "new": subprocess.check_output(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, text=True).strip(),
+        "rate": args.rate, "seconds": args.seconds, "rounds": [],
+    }
+    args.out.parent.mkdir(exist_ok=True)
+    print(f"fastmatch bench compare {out['date']} on {out['machine']}: base {args.base} vs {out['new']}, "
+          f"{args.rate:.0f} lifecycles/s offered, {args.seconds:.0f} s windows", flush=True)
+    for i in range(args.rounds):
+        pair = []
+        for label, tree in (("base", base_tree), ("new", ROOT)):
+            result: Result = measure(tree, args.rate, args.seconds, label=label)
+            pair.append(result.summary())
+        print(f"round {i + 1}:")
+        print_pair(*pair)
+        out["rounds"].append(pair)
+        args.out.write_text(json.dumps(out, indent=2))
+    if args.find_rate:
+        steps = [float(x) for x in args.steps.split(",")]
+        for label, tree in (("base", base_tree), ("new", ROOT)):
+            print(f"sustainable rate, {label}:", flush=True)
+            out[f"rate_{label}"] = find_rate(tree, label, steps, args.step_seconds, args.seconds)
+            args.out.write_text(json.dumps(out, indent=2))
+        b, n = out["rate_base"]["best"], out["rate_new"]["best"]
+        print(f"sustainable: base {b}/s, new {n}/s" + (f" ({n / b:.2f}x)" if b and n else ""))
+    print(f"report: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

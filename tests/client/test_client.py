@@ -1,0 +1,261 @@
+"""The Python client (server/client) against real workers, a real Redis and the reference game
+server: the lifecycle, resumes, close codes, and every error code as its own exception."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.app.worker import Worker
+from server.client import (
+    AlreadyInQueue,
+    Client,
+    CloseCode,
+    ConnectionClosed,
+    Enqueued,
+    Error,
+    InternalError,
+    InvalidMessage,
+    InvalidState,
+    LoadingTimeout,
+    MatchFound,
+    NotFound,
+    NotInQueue,
+    PlayerBlocked,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+    SessionReplaced,
+    StartLoading,
+    Unauthorized,
+    Unavailable,
+    UnsupportedGameMode,
+    Welcome,
+    WrongSessionId,
+    connect,
+    error_for,
+)
+from server.store import keys
+from tests import helpers
+from tests.conftest import GameServerFactory, WorkerFactory, make_config
+from tests.helpers import TIMEOUT, next_of, token
+
+
+def url(worker: Worker, path: str = "/ws") -> str:
+    return f"ws://127.0.0.1:{worker.front.port}{path}"
+
+
+async def next_error(client: Client) -> ServerError:
+    """The next error that answers no request of ours (those were raised by the request)."""
+    while True:
+        message = await next_of(client, Error)
+        if message.request_id is None:
+            return error_for(message)
+
+
+@contextlib.asynccontextmanager
+async def player(worker: Worker, name: str, mmr: float = 1500, **options: bool) -> AsyncIterator[Client]:
+    client = await helpers.player(worker.front.port, name, mmr, **options)
+    async with client:
+        yield client
+
+
+# -- the lifecycle ---------------------------------------------------------------------------------
+
+async def test_two_players_matched_through_match_found(
+    worker: Worker, start_game_server: GameServerFactory
+) -> None:
+    await start_game_server()
+    async with player(worker, "ann", auto_ready=True) as ann, player(worker, "ben", auto_ready=True) as ben:
+        assert ann.welcome is not None and ann.welcome.state == "idle" and ann.player_id == "ann"
+        queued = await ann.enqueue("1v1")
+        assert isinstance(queued, Enqueued) and queued.request_id and ann.state == "queued"
+        await ben.enqueue("1v1")
+        seen: dict[str, list[str]] = {}
+        found: dict[str, MatchFound] = {}
+        for client in (ann, ben):
+            kinds = seen.setdefault(client.player_id, [])
+            async with asyncio.timeout(TIMEOUT):
+                async for message in client:
+                    kinds.append(type(message).__name__)
+                    if isinstance(message, MatchFound):
+                        found[client.player_id] = message
+                        break
+        # The stream holds every message in order, answers to requests included.
+        assert seen["ann"] == ["Welcome", "Enqueued", "StartLoading", "MatchFound"]
+        assert found["ann"].loading_session_id == found["ben"].loading_session_id
+        assert found["ann"].server_address.endswith(":7777")
+        assert sorted(p for team in found["ann"].teams for p in team) == ["ann", "ben"]
+        assert ann.state == "idle" and ann.messages_sent == 2  # enqueue + automatic loading_complete
+    assert ann.close_code == CloseCode.NORMAL
+
+
+async def test_ready_when_the_caller_says_so(worker: Worker, start_game_server: GameServerFactory) -> None:
+    await start_game_server()
+    async with player(worker, "cat") as cat, player(worker, "dan", auto_ready=True) as dan:
+        await cat.enqueue("1v1")
+        await dan.enqueue("1v1")
+        start = await next_of(cat, StartLoading)
+        assert isinstance(start, StartLoading) and cat.loading_session_id == start.loading_session_id
+        cat.auto_ready = True  # answers the ready check running now
+        found = await next_of(cat, MatchFound)
+        assert isinstance(found, MatchFound) and found.loading_session_id == start.loading_session_id
+        assert isinstance(await next_of(dan, MatchFound), MatchFound)
+
+
+async def test_token_in_the_query_string(worker: Worker) -> None:
+    async with connect(url(worker), token("q1"), token_in_query=True) as client:
+        assert client.player_id == "q1"
+        assert (await client.status()).state == "idle"
+
+
+async def test_iteration_ends_after_close(worker: Worker) -> None:
+    client = await connect(url(worker), token("closer"))
+    await client.close()
+    await client.close()  # safe twice
+    assert [m async for m in client] == [client.welcome]  # what arrived is still read, then the end
+    with pytest.raises(ConnectionClosed):
+        await client.status()
+
+
+# -- resume and close codes --------------------------------------------------------------------------
+
+async def test_resume_after_a_dropped_connection(worker: Worker, admin: aioredis.Redis) -> None:
+    async with player(worker, "gina") as client:
+        queued = await client.enqueue("1v1")
+        await next_of(client, Enqueued)
+        client.drop()  # no closing handshake: the server sees the socket die
+        welcome = await next_of(client, Welcome)
+        assert isinstance(welcome, Welcome) and welcome.state == "queued"
+        assert welcome.queued_at_ms == queued.queued_at_ms  # the same place in the queue
+        assert await admin.zscore(keys.queue("1v1"), "gina") == queued.queued_at_ms
+        assert (await client.status()).state == "queued"
+
+
+async def test_a_second_connection_replaces_the_first_with_4009(worker: Worker) -> None:
+    async with player(worker, "hal") as old:
+        await old.enqueue("5v5")
+        async with player(worker, "hal") as new:
+            assert new.welcome is not None and new.welcome.state == "queued"
+            with pytest.raises(SessionReplaced) as replaced:
+                await next_of(old, MatchFound)  # never: the stream ends with the close
+            assert replaced.value.code == CloseCode.SESSION_REPLACED == old.close_code
+            assert not old.connected  # 4009 is not resumed: the other connection has the state
+
+
+async def test_bad_message_budget_closes_with_1008(worker: Worker) -> None:
+    async with player(worker, "spam") as client:
+        for _ in range(4):  # the test budget is 3
+            client.send("{{{")
+        with pytest.raises(ConnectionClosed) as closed:
+            await next_of(client, MatchFound)
+        assert closed.value.code == CloseCode.POLICY
+
+
+# -- the handshake's HTTP refusals ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["", "not-a-jwt"])
+async def test_bad_token_is_unauthorized(worker: Worker, bad: str) -> None:
+    with pytest.raises(Unauthorized) as refused:
+        await connect(url(worker), bad)
+    assert refused.value.status == 401
+
+
+async def test_wrong_path_is_not_found(worker: Worker) -> None:
+    with pytest.raises(NotFound):
+        await connect(url(worker, "/nope"), token("p"))
+
+
+async def test_503_carries_retry_after() -> None:
+    """A load shedder's refusal (docs/protocol.md "Handshake"), from a small real HTTP server."""
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: 5\r\n"
+                     b"Connection: close\r\n\r\nbusy\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ServiceUnavailable) as refused:
+            await connect(f"ws://127.0.0.1:{port}/ws", token("p"), open_timeout_s=TIMEOUT)
+        assert refused.value.status == 503 and refused.value.retry_after_s == 2.0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# -- every error code, as its own exception ---------------------------------------------------------------
+
+async def test_request_errors_raise_their_exception(worker: Worker) -> None:
+    async with player(worker, "eve") as client:
+        with pytest.raises(UnsupportedGameMode) as unsupported:
+            await client.enqueue("chess", request_id="x")
+        assert unsupported.value.request_id == "x" and unsupported.value.code == "unsupported_game_mode"
+        with pytest.raises(NotInQueue):
+            await client.dequeue()
+        client.loading_complete("m1")  # no ready check running: the error arrives as a message
+        assert isinstance(await next_error(client), InvalidState)
+        client.send('{"type": "teleport"}')
+        assert isinstance(await next_error(client), InvalidMessage)
+        await client.enqueue("1v1")
+        with pytest.raises(AlreadyInQueue):
+            await client.enqueue("5v5")
+
+
+async def test_loading_errors_timeout_and_block(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory
+) -> None:
+    await start_game_server()
+    w = await start_worker(cfg=make_config(**{"matching.ready_timeout_ms": 400, "penalty.threshold": 1}))
+    async with player(w, "afk") as afk, player(w, "ok", auto_ready=True) as ok:
+        await afk.enqueue("1v1")
+        await ok.enqueue("1v1")
+        await next_of(afk, StartLoading)
+        with pytest.raises(InvalidState):
+            await afk.dequeue()  # a match is loading: it cannot be left
+        afk.loading_complete("not-this-one")
+        assert isinstance(await next_error(afk), WrongSessionId)
+        assert isinstance(await next_error(afk), LoadingTimeout)  # never answered in time
+        assert afk.state == "idle"
+        with pytest.raises(PlayerBlocked) as blocked:
+            await afk.enqueue("1v1")
+        assert blocked.value.retry_after_ms is not None and blocked.value.retry_after_ms > 0
+
+
+async def test_flood_is_rate_limited_then_closed_4008(start_worker: WorkerFactory) -> None:
+    w = await start_worker(cfg=make_config(**{"server.message_rate": 2, "server.message_burst": 2,
+                                             "server.rate_limit_strikes": 1}))
+    async with player(w, "flood") as client:
+        answers = await asyncio.gather(*(client.status() for _ in range(6)), return_exceptions=True)
+        limited = [a for a in answers if isinstance(a, RateLimited)]
+        assert limited and all(e.retry_after_ms for e in limited)
+        with pytest.raises(ConnectionClosed) as closed:
+            await next_of(client, MatchFound)
+        assert closed.value.code == CloseCode.RATE_LIMITED
+
+
+async def test_unavailable_storage(start_worker: WorkerFactory, private_redis) -> None:  # type: ignore[no-untyped-def]
+    w = await start_worker(url=private_redis.url)
+    async with player(w, "liam") as client:
+        private_redis.process.send_signal(19)  # SIGSTOP: Redis hangs
+        try:
+            with pytest.raises(Unavailable) as unavailable:
+                await client.enqueue("1v1")
+            assert unavailable.value.retry_after_ms and unavailable.value.retry_after_ms > 0
+            with pytest.raises(Unavailable):  # refused at connect: error, then close 1011
+                await connect(url(w), token("mia"), reconnect=False)
+        finally:
+            private_redis.process.send_signal(18)  # SIGCONT
+
+
+async def test_internal_error_at_connect(worker: Worker, admin: aioredis.Redis) -> None:
+    await admin.set(keys.player("broken"), "not a hash")  # the attach script fails on it
+    with pytest.raises(InternalError):
+        await connect(url(worker), token("broken"))
+    await admin.delete(keys.player("broken"))

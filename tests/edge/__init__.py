@@ -1,0 +1,1 @@
+"""The production edge: PROXY protocol, TLS, balancer drain, HAProxy in front (issue 12)."""
