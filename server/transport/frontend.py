@@ -110,7 +110,8 @@ class FrontEnd:
             # descriptor each until their open timeout, without limit.
             metrics.inc(metrics.HANDSHAKES_REFUSED, "max_connections")
             _shedding("max_connections (%d sockets held, new ones closed at once)", len(self._all))
-            return _Refused(self.config.overload_retry_after_s)
+            plain = self.ws_limits.tls is None and self.ws_limits.proxy is None
+            return _Refused(self.config.overload_retry_after_s if plain else None)
         client = ClientConnection(self)
         self._all.add(client)
         return client
@@ -319,17 +320,19 @@ class FrontEnd:
 
 class _Refused(asyncio.Protocol):
     """A socket past the worker's ceiling: a 503 before its request is even read, then closed
-    (best effort: a client whose request is already on its way may see a reset instead)."""
+    (best effort: a client whose request is already on its way may see a reset instead). With
+    TLS or the PROXY protocol the first bytes are not HTTP's: closed without a word."""
 
-    def __init__(self, retry_after_s: int) -> None:
+    def __init__(self, retry_after_s: int | None) -> None:
         self.retry_after_s = retry_after_s
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        body = b"server busy (max_connections); retry later\n"
-        cast(asyncio.Transport, transport).write(
-            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nConnection: close\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
-            % (self.retry_after_s, len(body), body))
+        if self.retry_after_s is not None:
+            body = b"server busy (max_connections); retry later\n"
+            cast(asyncio.Transport, transport).write(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nConnection: close\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+                % (self.retry_after_s, len(body), body))
         transport.close()
 
 
