@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck check bench build clean ts schema
+.PHONY: serve test lint typecheck check bench build clean ts schema fuzz
 
 # The TypeScript client (clients/typescript): tsc from the npm registry, pinned by the lockfile.
 TS     := clients/typescript
@@ -34,6 +34,12 @@ check: lint typecheck
 
 test: check ts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The protocol fuzzer's release run (README "Protocol fuzzer"): FUZZ_EXAMPLES examples per
+# session state (default 2,000), four times as many upgrade requests; `make test` runs 50.
+fuzz: $(STAMP)
+	FASTMATCH_FUZZ=release $(BIN)/python -m pytest tests/transport/test_fuzz.py --timeout=0 \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 $(TS)/node_modules/.installed: $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci --no-audit --no-fund

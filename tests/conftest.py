@@ -29,6 +29,9 @@ FAST: dict[str, Any] = {
     "server.heartbeat_interval_s": 0.1,
     "server.heartbeat_ttl_s": 0.6,
     "server.bad_message_budget": 3,
+    # Within any machine's descriptor limit (`ulimit -n` 1024 and up): the default 50,000 is
+    # shrunk to fit, with a warning, where the limit is lower (server/transport/fdlimit.py).
+    "server.max_connections": 500,
     "redis.operation_timeout_s": 0.5,
     "redis.breaker_cooldown_s": 0.3,
     "redis.reconnect_base_s": 0.02,

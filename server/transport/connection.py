@@ -52,6 +52,11 @@ class MatchEvents(Protocol):
 log = logging.getLogger(__name__)
 _UNAVAILABLE_MSG: Final = "matchmaking storage is unavailable; retry later"
 _failed = Throttled(log, "requests failed, storage unavailable")
+# Redis answered with an error (e.g. OOM, a script error): the reply says it all, a traceback
+# adds nothing, and every request of every client would repeat it.
+_refused = Throttled(log, "requests failed, storage error", level=logging.ERROR)
+# Any client with a valid token can reconnect in a loop; each reconnect replaces a connection.
+_replaced = Throttled(log, "sessions replaced by a newer connection", level=logging.INFO)
 
 
 class ClientConnection(WebSocketProtocol):
@@ -154,6 +159,8 @@ class ClientConnection(WebSocketProtocol):
             return  # frames after the session closed are dropped while the close completes
         effects = session.receive(data, self._loop.time())
         metrics.inc(metrics.MESSAGES_IN, session.last_type)
+        if session.last_type == "rate_limited":
+            metrics.inc(metrics.RATE_LIMITED, "message")
         self._apply(effects)
 
     def deliver(self, message: ServerMessage) -> None:
@@ -170,7 +177,7 @@ class ClientConnection(WebSocketProtocol):
     def replaced(self) -> None:
         """Another connection of this player won (PROTOCOL 1): close 4009."""
         if self.session is not None and not self.lost:
-            self.log.info("session replaced by a newer connection")
+            _replaced("player %s, connection %s", self.identity.player_id, self.conn_id)
             self._apply(self.session.replaced())
             self.flush()
 
@@ -206,8 +213,6 @@ class ClientConnection(WebSocketProtocol):
         metrics.inc(metrics.MESSAGES_OUT, tag)
         if type(message) is ErrorMessage:
             metrics.inc(metrics.ERRORS_SENT, message.code)
-            if message.code == "rate_limited":
-                metrics.inc(metrics.RATE_LIMITED, "message")
         self.send_message(codec.encode(message))
 
     async def _request(self, request: Request, rest: list[Effect]) -> None:
@@ -229,8 +234,8 @@ class ClientConnection(WebSocketProtocol):
             if exc.maybe_ran:
                 self.front.reconcile(self)
             return Failed("unavailable", _UNAVAILABLE_MSG, exc.retry_after_ms)
-        except StoreError:
-            self.log.exception("request failed")
+        except StoreError as exc:
+            _refused("%s (player %s)", exc, self.identity.player_id)
             return Failed("internal_error", "internal error")
 
     async def _call(self, request: Request) -> Result:

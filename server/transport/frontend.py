@@ -15,7 +15,7 @@ import itertools
 import logging
 import socket
 from collections.abc import Coroutine, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -34,7 +34,7 @@ from server.store import keys
 from server.store.errors import StoreError
 from server.store.matches import LoadingStore
 from server.store.players import Attached, PlayerStore
-from server.transport import envelope
+from server.transport import envelope, fdlimit
 from server.transport.connection import ClientConnection, MatchEvents
 from server.transport.overload import LoopLag
 from server.transport.proxyproto import ProxyPolicy
@@ -81,6 +81,7 @@ class FrontEnd:
                                   ping_interval_s=config.ping_interval_s,
                                   ping_timeout_s=config.ping_timeout_s, proxy=proxy)
         self.lag = LoopLag(config.max_loop_lag_ms / 1000)
+        self.caps = fdlimit.caps_for(config.max_connections, config.max_pending_handshakes)
         self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
         self._per_ip = KeyedBuckets(config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._ids = itertools.count(1)
@@ -106,7 +107,14 @@ class FrontEnd:
             self._accepted, backlog=self.config.backlog, **options)
         self.lag.start()
 
-    def _accepted(self) -> ClientConnection:
+    def _accepted(self) -> asyncio.Protocol:
+        if len(self._all) >= self.caps.sockets:
+            # Connections that never finish their request (slowloris) would otherwise hold a
+            # descriptor each until their open timeout, without limit.
+            metrics.inc(metrics.HANDSHAKES_REFUSED, "max_connections")
+            _shedding("max_connections (%d sockets held, new ones closed at once)", len(self._all))
+            plain = self.ws_limits.tls is None and self.ws_limits.proxy is None
+            return _Refused(self.config.overload_retry_after_s if plain else None)
         client = ClientConnection(self)
         self._all.add(client)
         return client
@@ -154,7 +162,10 @@ class FrontEnd:
     def admit(self, client: ClientConnection, request: Request) -> Response | None:
         """The answer to a handshake request, or None to go on with the WebSocket upgrade
         (the client's identity and connection id are then set)."""
-        url = urlsplit(request.path)
+        try:
+            url = urlsplit(request.path)
+        except ValueError:  # e.g. "//[x": an authority that is not a valid IPv6 literal
+            return self.refusal(client, 400, "bad request target")
         if url.path not in WS_PATHS:
             return self._operator(client, url.path)
         refused = self._shed()
@@ -196,7 +207,7 @@ class FrontEnd:
             return "loop_lag"
         if self.handshakes >= self.config.max_pending_handshakes:
             return "inflight"
-        if len(self.connections) >= self.config.max_connections:
+        if len(self.connections) >= self.caps.connections:
             return "max_connections"
         return ""
 
@@ -337,6 +348,24 @@ class FrontEnd:
         session = client.session
         if session is not None and session.game_mode and result.player.state == "idle":
             client.deliver_effects(session.removed(session.game_mode))
+
+
+class _Refused(asyncio.Protocol):
+    """A socket past the worker's ceiling: a 503 before its request is even read, then closed
+    (best effort: a client whose request is already on its way may see a reset instead). With
+    TLS or the PROXY protocol the first bytes are not HTTP's: closed without a word."""
+
+    def __init__(self, retry_after_s: int | None) -> None:
+        self.retry_after_s = retry_after_s
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.retry_after_s is not None:
+            body = b"server busy (max_connections); retry later\n"
+            cast(asyncio.Transport, transport).write(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nConnection: close\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+                % (self.retry_after_s, len(body), body))
+        transport.close()
 
 
 def _token(headers: Headers, query: str) -> str | None:

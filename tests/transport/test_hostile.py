@@ -1,0 +1,272 @@
+"""Hostile clients against a real worker (issue 18): inputs that once cost a traceback, and the
+log and file-descriptor bounds that hold under abuse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+from websockets.exceptions import InvalidStatus
+
+from server import metrics
+from server.app.worker import Worker
+from server.store.embedded import EmbeddedRedis
+from tests.conftest import WorkerFactory, make_config
+from tests.helpers import TIMEOUT, closed_code, connect_player, open_client, recv, request, send
+from tests.transport.rawws import RawClient
+
+
+def counted(name: str, **labels: str) -> float:
+    """A counter of this process's registry, with what workers tallied in memory added."""
+    metrics.flush()
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# The loggers of what a client's bytes go through (the rest log the worker's own lifecycle).
+CLIENT_PATH = frozenset({"server.transport.wsproto", "server.transport.connection",
+                         "server.transport.frontend", "server.transport.proxyproto"})
+
+
+def complaints(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Log records no client may cause: warnings and worse, and any traceback."""
+    return [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records
+            if r.levelno >= logging.WARNING or r.exc_info]
+
+
+# -- deep nesting (the issue's report) --------------------------------------------------------------
+
+def _nested_enqueue(depth: int) -> str:
+    return '{"type":"enqueue","game_mode":"1v1","x":' + "[" * depth + "]" * depth + "}"
+
+
+async def test_deep_nesting_in_an_ignored_field_is_invalid_message(
+    start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1,900 levels in a field that would be ignored: `invalid_message` counted against the
+    budget (PROTOCOL 5), not 1011 and a traceback; the worker keeps serving."""
+    caplog.set_level(logging.INFO)
+    budget = 3
+    w = await start_worker(cfg=make_config(**{"server.max_message_bytes": 16_384,
+                                             "server.bad_message_budget": budget}))
+    port = w.front.port
+    frame = _nested_enqueue(1_900)
+    assert len(frame) < 4096  # under even the default size limit
+    invalid_before = counted("fastmatch_messages_received_total", type="invalid")
+    ws, _ = await connect_player(port, "nester")
+    for _ in range(budget):
+        await ws.send(frame)
+        err = await recv(ws)
+        assert err["type"] == "error" and err["code"] == "invalid_message"
+    # The connection is still open and the player untouched by the bad input.
+    assert (await request(ws, {"type": "status"}))["state"] == "idle"
+    await ws.send(_nested_enqueue(8_000))  # one past the budget
+    assert (await recv(ws))["code"] == "invalid_message"
+    assert await closed_code(ws) == 1008
+    assert counted("fastmatch_messages_received_total", type="invalid") - invalid_before == budget + 1
+    again, welcome = await connect_player(port, "nester")
+    assert welcome["type"] == "welcome"
+    assert (await request(again, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    await again.close()
+    assert complaints(caplog) == []
+
+
+# -- the HTTP request (PROTOCOL 1) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["//[x/ws", "//[::1/ws?token=x", "http://[/ws"])
+async def test_unparsable_request_target_gets_400_not_a_traceback(
+    worker: Worker, caplog: pytest.LogCaptureFixture, target: str
+) -> None:
+    """urlsplit raises ValueError on an authority like "[x": that is the client's error."""
+    caplog.set_level(logging.INFO)
+    client = await RawClient.connect(worker.front.port, "target", path=target)
+    response = await client.handshake()
+    client.close()
+    assert response is not None and response.status_code == 400
+    ws, welcome = await connect_player(worker.front.port, "after-target")
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    assert complaints(caplog) == []
+
+
+
+# -- logs an attacker cannot flood (issue 18) ---------------------------------------------------------
+
+def lines_of(caplog: pytest.LogCaptureFixture, kind: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(kind)]
+
+
+async def test_reconnect_loop_is_one_log_line_per_interval(
+    worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client with a valid token reconnecting in a loop replaces its connection each time
+    (PROTOCOL 1, close 4009): one INFO line per interval, not one per reconnect."""
+    caplog.set_level(logging.INFO)
+    port = worker.front.port
+    previous, _ = await connect_player(port, "looper")
+    for _ in range(50):
+        current, welcome = await connect_player(port, "looper")
+        assert welcome["type"] == "welcome"
+        assert await closed_code(previous) == 4009
+        previous = current
+    await previous.close()
+    assert len(lines_of(caplog, "sessions replaced by a newer connection")) <= 1
+    assert complaints(caplog) == []
+
+
+async def test_storage_errors_are_one_line_per_interval_and_no_traceback(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis refusing a command (here an ACL denies ZADD, which every enqueue needs: the queue
+    is a sorted set; OOM or MISCONF look the same) fails every enqueue with internal_error: one
+    ERROR line per interval with the count and an example, not a traceback per request."""
+    caplog.set_level(logging.INFO)
+    w = await start_worker(url=private_redis.url)
+    clients = [(await connect_player(w.front.port, f"denied{i}"))[0] for i in range(10)]
+    admin = aioredis.Redis.from_url(private_redis.url)
+    await admin.acl_setuser("default", enabled=True, nopass=True, commands=["-zadd"])
+    errors_before = counted("fastmatch_errors_sent_total", code="internal_error")
+    try:
+        for _ in range(20):
+            for ws in clients:
+                answer = await request(ws, {"type": "enqueue", "game_mode": "1v1"})
+                assert answer["type"] == "error" and answer["code"] == "internal_error", answer
+    finally:
+        await admin.acl_setuser("default", enabled=True, nopass=True, commands=["+@all"])
+        await admin.aclose()
+    assert counted("fastmatch_errors_sent_total", code="internal_error") - errors_before == 200
+    refused = lines_of(caplog, "requests failed, storage error")
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR
+    assert "no permissions to run the 'zadd' command" in refused[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
+    assert (await request(clients[0], {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    for ws in clients:
+        await ws.close()
+
+
+async def test_floods_are_counted_not_logged(
+    start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Message floods (rate_limited, then 4008) and connection floods from one address
+    (rate_limited at the welcome, then 4008): metrics count each, the log shows none."""
+    caplog.set_level(logging.INFO)
+    w = await start_worker(cfg=make_config(**{
+        "server.message_rate": 5, "server.message_burst": 5, "server.rate_limit_strikes": 2,
+        "server.connect_rate_per_ip": 1, "server.connect_burst_per_ip": 5}))
+    port = w.front.port
+    messages_before = counted("fastmatch_rate_limited_total", kind="message")
+    connections_before = counted("fastmatch_rate_limited_total", kind="connection")
+    for i in range(5):  # the connection burst
+        ws, _ = await connect_player(port, f"flood{i}")
+        for _ in range(20):
+            await send(ws, {"type": "status"})
+        assert await closed_code(ws) == 4008
+    for i in range(20):  # past the connection burst: each refused at its welcome
+        ws, first = await connect_player(port, f"again{i}")
+        assert first["code"] == "rate_limited"
+        assert await closed_code(ws) == 4008
+    assert counted("fastmatch_rate_limited_total", kind="message") - messages_before == 5 * 3
+    assert counted("fastmatch_rate_limited_total", kind="connection") - connections_before == 20
+    assert [r.getMessage() for r in caplog.records if r.name in CLIENT_PATH] == []
+    assert complaints(caplog) == []
+
+
+# -- the connection cap (server.max_connections) -------------------------------------------------------
+
+async def _refused_status(port: int, player: str) -> tuple[int, str | None]:
+    """The HTTP status of a handshake the worker should refuse, and its Retry-After."""
+    try:
+        ws = await open_client(port, player)
+    except InvalidStatus as exc:
+        return exc.response.status_code, exc.response.headers.get("Retry-After")
+    await ws.close()
+    return 101, None
+
+
+async def test_past_max_connections_handshakes_get_503_at_once(start_worker: WorkerFactory) -> None:
+    w = await start_worker(cfg=make_config(**{"server.max_connections": 5}))
+    port = w.front.port
+    players = [(await connect_player(port, f"seated{i}"))[0] for i in range(5)]
+    refused_before = counted("fastmatch_handshakes_refused_total", reason="max_connections")
+    started = time.monotonic()
+    answers = await asyncio.gather(*(_refused_status(port, f"late{i}") for i in range(30)))
+    assert answers == [(503, "1")] * 30
+    assert time.monotonic() - started < TIMEOUT / 2  # at once: not after a queue or a timeout
+    assert counted("fastmatch_handshakes_refused_total", reason="max_connections") - refused_before == 30
+    for ws in players:  # the players already connected keep their service
+        assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    await players.pop().close()
+    async with asyncio.timeout(TIMEOUT):  # the worker sees the connection end, then has room
+        while len(w.front.connections) >= 5:
+            await asyncio.sleep(0.01)
+    nextone, welcome = await connect_player(port, "seated-next")
+    assert welcome["type"] == "welcome"
+    for ws in [*players, nextone]:
+        await ws.close()
+
+
+async def _half_request(port: int) -> socket.socket:
+    """A client that starts its request and never finishes it (slowloris)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return sock
+
+
+async def _answer(sock: socket.socket, wait: float) -> bytes | None:
+    """Everything the server sent until it closed; None if it is still silent after ``wait``."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    try:
+        async with asyncio.timeout(wait):
+            while chunk := await loop.sock_recv(sock, 4096):
+                data += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass  # closed with our request unread: what it sent before is in ``data``
+    return data
+
+
+def _descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_half_sent_requests_cannot_exhaust_descriptors(start_worker: WorkerFactory) -> None:
+    """Sockets that never finish their HTTP request count against the worker's ceiling
+    (max_connections + max_pending_handshakes): past it they are answered 503 and closed at
+    once, instead of each holding a descriptor for the open timeout."""
+    w = await start_worker(cfg=make_config(**{"server.max_connections": 5,
+                                             "server.max_pending_handshakes": 5}))
+    port = w.front.port
+    players = [(await connect_player(port, f"kept{i}"))[0] for i in range(5)]
+    refused_before = counted("fastmatch_handshakes_refused_total", reason="max_connections")
+    descriptors = _descriptors()
+    slow = [await _half_request(port) for _ in range(100)]
+    answers = await asyncio.gather(*(_answer(sock, wait=TIMEOUT / 2.5) for sock in slow))
+    held = [a for a in answers if a is None]
+    assert len(held) == 5  # the ceiling's room for handshakes in progress
+    assert all(a.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in a for a in answers if a is not None)
+    # This process holds both ends: our 100 sockets, the worker's 5 held ones (and a few
+    # refused ones still closing), not 100 more.
+    assert _descriptors() - descriptors <= 100 + 5 + 10
+    assert counted("fastmatch_handshakes_refused_total", reason="max_connections") - refused_before == 95
+    for ws in players:
+        assert (await request(ws, {"type": "status"}))["state"] == "idle"
+    for sock in slow:
+        sock.close()
+    await players.pop().close()
+    async with asyncio.timeout(TIMEOUT):
+        while len(w.front.connections) >= 5:
+            await asyncio.sleep(0.01)
+    nextone, welcome = await connect_player(port, "kept-next")
+    assert welcome["type"] == "welcome"
+    for ws in [*players, nextone]:
+        await ws.close()
