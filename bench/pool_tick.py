@@ -8,7 +8,9 @@ from typing import Any
 
 from server.app.lease import Lease
 from server.app.trymatch import TryMatch
-from server.config import load_config
+from server.config import RedisConfig, load_config
+from server.matching import tickets
+from server.matching.tickets import Ticket
 from server.store import keys
 from server.store.client import RedisClient
 from server.store.embedded import EmbeddedRedis
@@ -30,14 +32,14 @@ async def fill(client: RedisClient, size: int, seed: int = 3) -> None:
             pipe.hset(keys.player(player), mapping={"state": "queued", "mode": MODE,
                       "queued_at": queued, "worker": "bench", "conn": f"c{i}"})
             pipe.zadd(keys.queue(MODE), {player: queued})
-            pipe.hset(keys.tickets(MODE), player, f"{float(round(rng.gauss(1500, 300)))!r}|{queued}|{{}}")
+            pipe.hset(keys.tickets(MODE), player, tickets.encode(Ticket(round(rng.gauss(1500, 300)), queued)))
         await pipe.execute()
 
 
 async def measure(size: int) -> dict[str, Any]:
     config = load_config(environ={})
     with EmbeddedRedis() as server:
-        client = RedisClient(server.url, operation_timeout_s=10)
+        client = RedisClient(server.url, RedisConfig(operation_timeout_s=10))
         await fill(client, size)
         matches = MatchStore(client)
         lease = Lease(matches, MODE, "bench", 60_000)

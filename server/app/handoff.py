@@ -7,16 +7,16 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Final
 
 import msgspec
 
 from server import metrics
-from server.app.outcomes import Outcomes
 from server.config import GameServerConfig
+from server.matching import tickets
 from server.protocol import gameserver as gs
 from server.protocol.results import ReadyResult
 from server.store.errors import StoreError
+from server.store.matches import LoadingStore
 from server.store.players import PlayerStore
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,10 @@ class HealthMonitor:
 class Allocator:
     """Publishes battle requests and waits for the answer on this worker's reply channel."""
 
-    def __init__(self, store: PlayerStore, outcomes: Outcomes, config: GameServerConfig,
+    def __init__(self, store: PlayerStore, loading: LoadingStore, config: GameServerConfig,
                  reply_channel: str) -> None:
         self.store = store
-        self.outcomes = outcomes
+        self.loading = loading
         self.config = config
         self.reply_channel = reply_channel
         self.health = HealthMonitor(config.misses_before_critical, config.critical_interval_s)
@@ -80,7 +80,7 @@ class Allocator:
     async def _requeue(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         """A handoff that would start while the worker shuts down: nobody would own it."""
         players = [p for team in ready.teams for p in team]
-        await self.outcomes.finish(mode, match_id, "fail", "server_shutdown", players=players)
+        await self.loading.fail(mode, match_id, "server_shutdown", players)
 
     async def allocate(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         metrics.observe(metrics.LOADING_SECONDS, max(
@@ -99,25 +99,25 @@ class Allocator:
                 receivers = await self.store.publish(self.config.request_channel, gs.encode(request))
             except StoreError as exc:
                 log.warning("%s match %s: battle_request not published: %s", mode, match_id, exc)
-                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed", players=players)
+                await self.loading.fail(mode, match_id, "allocation_failed", players)
                 return
             self.health.observe(receivers)
             if receivers == 0:
-                await self.outcomes.finish(mode, match_id, "fail", "no_game_server", players=players)
+                await self.loading.fail(mode, match_id, "no_game_server", players)
                 return
             try:
                 async with asyncio.timeout(self.config.allocation_timeout_ms / 1000):
                     reply = await future
             except TimeoutError:
                 log.warning("%s match %s: no game server answer in time", mode, match_id)
-                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed", players=players)
+                await self.loading.fail(mode, match_id, "allocation_failed", players)
                 return
             if isinstance(reply, gs.BattleAssigned):
-                await self.outcomes.finish(mode, match_id, "assign", reply.server_address,
-                                           reply.server_session_id, players=players)
+                await self.loading.assign(mode, match_id, reply.server_address,
+                                         reply.server_session_id, players)
             else:
                 log.info("%s match %s rejected by game server: %s", mode, match_id, reply.reason)
-                await self.outcomes.finish(mode, match_id, "fail", "allocation_failed", players=players)
+                await self.loading.fail(mode, match_id, "allocation_failed", players)
         finally:
             self._pending.pop(match_id, None)
             self._modes.pop(match_id, None)
@@ -143,19 +143,15 @@ class Allocator:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for match_id, mode in waiting.items():
             try:
-                await self.outcomes.finish(mode, match_id, "fail", "server_shutdown")
+                await self.loading.fail(mode, match_id, "server_shutdown")
             except StoreError as exc:
                 log.warning("match %s left to the sweeper: %s", match_id, exc)
 
 
-_attrs_decoder: Final = msgspec.json.Decoder(dict[str, str | int | float])
-
-
-def _player_info(ticket: bytes) -> gs.PlayerInfo:
-    rating, _, rest = ticket.partition(b"|")
-    attrs_json = rest.partition(b"|")[2]
+def _player_info(raw: bytes) -> gs.PlayerInfo:
+    """The claims the player's token gave it, back from its ticket (PROTOCOL 7 `players`)."""
     try:
-        attrs = _attrs_decoder.decode(attrs_json) if attrs_json else {}
-        return gs.PlayerInfo(mmr=float(rating), attrs=attrs)
-    except (ValueError, msgspec.DecodeError):
+        ticket = tickets.decode(raw)
+    except ValueError:
         return gs.PlayerInfo(mmr=0.0)
+    return gs.PlayerInfo(mmr=ticket.rating, attrs=ticket.attrs)

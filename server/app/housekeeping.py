@@ -14,8 +14,8 @@ from server.aio import raise_if_cancelling
 from server.store import keys
 from server.store.errors import StoreError
 from server.store.players import PlayerStore
-from server.transport.connection import MatchEvents
 from server.transport.frontend import FrontEnd
+from server.transport.services import MatchEvents
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,12 @@ class Housekeeper:
         players = await self.store.worker_members(self.store.worker_id)
         live = self.front.connections
         released = 0
+        front = self.front
         for player, (worker, conn) in zip(players, await self.store.owners(players), strict=True):
-            if worker == self.store.worker_id and conn in live:
-                continue
+            # Looked at now, after the read: a connection lost meanwhile is already releasing.
+            settling = (player, conn) in front.detaching or (player, conn) in front.pending_detach
+            if (worker == self.store.worker_id and conn in live) or settling:
+                continue  # served, or its connection's own detach is on its way
             # Not ours any more (another worker, or no record): detach only drops it from our set.
             if worker == self.store.worker_id:
                 log.warning("audit: %s is recorded on connection %s, which this worker does not "

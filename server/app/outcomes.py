@@ -1,30 +1,21 @@
-"""End a match through finish_match.lua (which tells every player) and record the outcome."""
+"""What every match ending records: metrics and one log line (LoadingStore's EndingObserver)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 from server import metrics
-from server.store.matches import FinishAction, FinishResult, LoadingStore
+from server.store.matches import FinishAction, FinishResult
 
 log = logging.getLogger(__name__)
 
 
-class Outcomes:
-    def __init__(self, loading: LoadingStore) -> None:
-        self.loading = loading
-
-    async def finish(
-        self, mode: str, match_id: str, action: FinishAction, arg: str = "", arg2: str = "",
-        players: Sequence[str] | None = None,
-    ) -> FinishResult:
-        """Apply ``action`` if the match's status still allows it; exactly one ending wins."""
-        result = await self.loading.finish(mode, match_id, action, arg, arg2, players)
+class EndingMetrics:
+    def ended(self, mode: str, match_id: str, action: FinishAction, result: FinishResult) -> None:
         if result.outcome != "done":
             log.debug("%s match %s: %s not applied (%s %s)", mode, match_id, action,
                       result.outcome, result.status)
-            return result
+            return
         reason = result.reason or "none"
         metrics.inc(metrics.MATCHES_ENDED, mode, result.status, reason)
         if result.status == "assigned":
@@ -35,4 +26,3 @@ class Outcomes:
                 metrics.inc(metrics.PLAYERS_REQUEUED, mode, result.reason)
             elif p.what in ("removed", "timed_out"):
                 metrics.inc(metrics.PLAYERS_REMOVED, mode, result.reason)
-        return result

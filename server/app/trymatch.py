@@ -12,7 +12,7 @@ from server.app.lease import Lease
 from server.config import MatchingConfig, ModeConfig
 from server.matching.plan import Candidates, MatchPlan, plan_matches
 from server.store.errors import StoreUnavailable
-from server.store.matches import CommitResult, MatchStore, PlannedMatch
+from server.store.matches import CommitResult, MatchStore
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,12 @@ class TryMatch:
         return committed
 
     async def _commit_batch(self, token: str, batch: Sequence[MatchPlan]) -> CommitResult:
-        planned = [PlannedMatch(p.match_id, p.teams) for p in batch]
         try:
-            return await self.matches.commit(self.name, token, self.config.ready_timeout_ms, planned)
+            return await self.matches.commit(self.name, token, self.config.ready_timeout_ms, batch)
         except StoreUnavailable as exc:
             # The script may have run before the reply was lost: the same ids make a retry safe.
             log.warning("%s: commit failed (%s); retrying once with the same match ids", self.name, exc)
-            return await self.matches.commit(self.name, token, self.config.ready_timeout_ms, planned)
+            return await self.matches.commit(self.name, token, self.config.ready_timeout_ms, batch)
 
     def _record(self, result: CommitResult, by_id: dict[str, MatchPlan]) -> None:
         mode = self.name

@@ -16,7 +16,7 @@ from server.app.handoff import Allocator
 from server.app.housekeeping import Housekeeper
 from server.app.loading import LoadingEvents, Sweeper
 from server.app.matchmaker import Matchmaker
-from server.app.outcomes import Outcomes
+from server.app.outcomes import EndingMetrics
 from server.config import Config
 from server.metrics import RedisMetrics
 from server.protocol.auth import TokenVerifier
@@ -26,6 +26,7 @@ from server.store.errors import StoreError
 from server.store.matches import LoadingStore, MatchStore
 from server.store.players import PlayerStore
 from server.transport.frontend import FrontEnd
+from server.transport.services import Services
 from server.transport.subscriber import Subscriber
 from server.transport.wsproto import WebSocketProtocol
 
@@ -42,35 +43,27 @@ class Worker:
     def __init__(self, config: Config, redis_url: str, worker_id: str | None = None) -> None:
         self.config = config
         self.worker_id = worker_id or new_worker_id()
-        self.client = RedisClient(
-            redis_url, config.redis.operation_timeout_s,
-            breaker_threshold=config.redis.breaker_threshold,
-            breaker_cooldown_s=config.redis.breaker_cooldown_s,
-            breaker_probe_s=config.redis.breaker_probe_s, observer=RedisMetrics(),
-            max_inflight=config.redis.max_inflight,
-            pipeline_window_s=config.redis.pipeline_window_ms / 1000,
-        )
+        self.client = RedisClient(redis_url, config.redis, observer=RedisMetrics())
         grace_ms = config.server.resume_grace_ms
         self.store = PlayerStore(self.client, self.worker_id, grace_ms, config.penalty)
         self.loading = LoadingStore(
             self.client, resume_grace_ms=grace_ms,
             penalty_window_ms=int(config.penalty.window_s * 1000),
-            finished_ttl_ms=config.matching.finished_match_ttl_ms,
+            finished_ttl_ms=config.matching.finished_match_ttl_ms, observer=EndingMetrics(),
         )
-        self.outcomes = Outcomes(self.loading)
-        self.allocator = Allocator(self.store, self.outcomes, config.gameserver,
+        self.allocator = Allocator(self.store, self.loading, config.gameserver,
                                    keys.battle_replies(self.worker_id))
-        self.events = LoadingEvents(self.outcomes, self.allocator)
-        self.front = FrontEnd(
-            config.server, config.modes, self.store, self.loading, self.events,
-            config.gameserver.allocation_timeout_ms, TokenVerifier(config.auth), self.worker_id,
-        )
+        self.events = LoadingEvents(self.loading, self.allocator)
+        self.front = FrontEnd(Services(
+            config=config.server, modes=config.modes, store=self.store, loading=self.loading,
+            events=self.events, verifier=TokenVerifier(config.auth), worker_id=self.worker_id,
+            allocation_timeout_ms=config.gameserver.allocation_timeout_ms,
+        ))
         self.subscriber = Subscriber(
             redis_url,
             {keys.worker_channel(self.worker_id): self.front.on_delivery,
              keys.battle_replies(self.worker_id): self.allocator.on_reply},
-            self.front.resync, timeout_s=config.redis.operation_timeout_s,
-            base_delay_s=config.redis.reconnect_base_s, max_delay_s=config.redis.reconnect_max_s,
+            self.front.resync, config.redis,
         )
         self.housekeeper = Housekeeper(
             self.store, self.front, self.events, config.modes,
@@ -80,7 +73,7 @@ class Worker:
         )
         self.matchmakers = {
             name: Matchmaker(name, mode, config.matching, MatchStore(self.client), self.worker_id,
-                             Sweeper(name, self.loading, self.outcomes))
+                             Sweeper(name, self.loading))
             for name, mode in config.modes.items()
         } if config.matching.enabled else {}
         self._closed = asyncio.Event()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.config import ModeConfig
 from server.matching import kernel
@@ -12,11 +12,17 @@ from server.matching import kernel
 
 @dataclass(frozen=True, slots=True)
 class MatchPlan:
+    """A match the pairing found: what the fenced commit writes, and its quality figures."""
+
     match_id: str
     teams: list[list[str]]
-    spread: float  # max - min rating in the match
-    team_gap: float  # max - min of the teams' rating sums
-    waits_ms: list[int]  # each player's wait at the snapshot
+    spread: float = 0.0  # max - min rating in the match
+    team_gap: float = 0.0  # max - min of the teams' rating sums
+    waits_ms: list[int] = field(default_factory=list)  # each player's wait at the snapshot
+
+    @property
+    def players(self) -> list[str]:
+        return [p for team in self.teams for p in team]
 
 
 @dataclass(frozen=True, slots=True)

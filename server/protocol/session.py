@@ -111,10 +111,10 @@ _VISIBLE: Final[dict[Phase, StateName]] = {
 class Limits:
     """PROTOCOL 5 budgets of one connection."""
 
-    bad_messages: int = 10
-    message_rate: float = 20.0
-    message_burst: float = 40.0
-    rate_strikes: int = 3
+    bad_messages: int
+    message_rate: float
+    message_burst: float
+    rate_strikes: int
 
 
 class Session:

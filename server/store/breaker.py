@@ -24,7 +24,7 @@ class BreakerState(IntEnum):
 
 
 class CircuitBreaker:
-    def __init__(self, threshold: int = 5, cooldown_s: float = 60.0, probe_initial_s: float = 0.25) -> None:
+    def __init__(self, threshold: int, cooldown_s: float, probe_initial_s: float) -> None:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self.probe_initial_s = min(probe_initial_s, cooldown_s) if cooldown_s > 0 else 0.0

@@ -18,6 +18,7 @@ from typing import Final, Protocol
 
 import hiredis
 
+from server.config import RedisConfig
 from server.store.breaker import BreakerState, CircuitBreaker
 from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
 from server.store.resp import (
@@ -62,21 +63,23 @@ class Script:
 
 class RedisClient:
     def __init__(
-        self, url: str, operation_timeout_s: float = 2.0, *, breaker_threshold: int = 5,
-        breaker_cooldown_s: float = 60.0, breaker_probe_s: float = 0.25,
-        observer: CallObserver | None = None,
-        max_inflight: int = 10_000, pipeline_window_s: float = 0.0,
+        self, url: str, config: RedisConfig | None = None, observer: CallObserver | None = None,
     ) -> None:
+        """``config``: the timeouts, breaker and pipelining settings (its defaults when None;
+        ``config.url`` is not used: the caller resolved the URL, e.g. to an embedded Redis)."""
+        config = config or RedisConfig()
+        operation_timeout_s = config.operation_timeout_s
         self.url = url
         self.address = Address.from_url(url)
         self.timeout = operation_timeout_s
         # Past this many calls awaiting replies, new calls fail at once: local back-pressure
         # that must not trip the breaker as if Redis had failed.
-        self.max_inflight = max_inflight
+        self.max_inflight = config.max_inflight
         # Calls wait this long for company before their write leaves (0: the end of the loop
         # iteration): each write wakes Redis, the most expensive thing a call does here.
-        self.pipeline_window_s = pipeline_window_s
-        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s, breaker_probe_s)
+        self.pipeline_window_s = config.pipeline_window_ms / 1000
+        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown_s,
+                                      config.breaker_probe_s)
         self._prober: asyncio.Task[None] | None = None
         self.observer: CallObserver = observer or _NoObserver()
         self._scripts = {

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import msgspec
 
+from server.matching.plan import MatchPlan
 from server.protocol.results import ReadyResult
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
@@ -30,16 +31,6 @@ class Snapshot:
     now_ms: int = 0
     players: list[str] = field(default_factory=list)
     tickets: list[bytes | None] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedMatch:
-    match_id: str
-    teams: list[list[str]]
-
-    @property
-    def players(self) -> list[str]:
-        return [p for team in self.teams for p in team]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +97,7 @@ class MatchStore:
             start += chunk
 
     async def commit(
-        self, mode: str, token: str, ready_timeout_ms: int, matches: Sequence[PlannedMatch]
+        self, mode: str, token: str, ready_timeout_ms: int, matches: Sequence[MatchPlan]
     ) -> CommitResult:
         script_keys = [keys.leader(mode), *keys.mode_keys(mode), keys.loading(mode)]
         args: list[str | int | float] = [token, mode, ready_timeout_ms, keys.DELIVERY_PREFIX,
@@ -163,15 +154,48 @@ _WHAT: Final = frozenset({"requeued", "removed", "timed_out", "matched"})
 _FINISH_RETRIES: Final = 3
 
 
+class EndingObserver(Protocol):
+    """Told of every ending that took effect (metrics, logs); the store knows no Prometheus."""
+
+    def ended(self, mode: str, match_id: str, action: FinishAction, result: FinishResult) -> None:
+        ...
+
+
 class LoadingStore:
-    """Ready checks and match endings (PROTOCOL 4 and 7)."""
+    """Ready checks and match endings (PROTOCOL 4 and 7). Every ending is one typed method
+    over finish_match.lua, where the match's status decides which ending wins."""
 
     def __init__(
         self, client: RedisClient, *, resume_grace_ms: int, penalty_window_ms: int,
-        finished_ttl_ms: int,
+        finished_ttl_ms: int, observer: EndingObserver | None = None,
     ) -> None:
         self.client = client
+        self.observer = observer
         self._finish_args = [resume_grace_ms, penalty_window_ms, finished_ttl_ms]
+
+    async def cancel(self, mode: str, match_id: str, leaver: str, *, shutdown: bool = False) -> FinishResult:
+        """``leaver``'s connection ended during the ready check: the others are requeued
+        (player_left), the leaver removed with a penalty; with ``shutdown`` the server closed
+        it (draining): nobody is at fault, everyone requeued (server_shutdown)."""
+        return await self._finish(mode, match_id, "abort" if shutdown else "cancel", leaver)
+
+    async def expire(self, mode: str, match_id: str) -> FinishResult:
+        """The deadline passed: a ready check times out, a handoff fails (allocation_failed)."""
+        return await self._finish(mode, match_id, "expire")
+
+    async def fail(
+        self, mode: str, match_id: str, reason: str, players: Sequence[str] | None = None
+    ) -> FinishResult:
+        """The handoff failed for ``reason``: everyone is requeued, nobody penalised."""
+        return await self._finish(mode, match_id, "fail", reason, players=players)
+
+    async def assign(
+        self, mode: str, match_id: str, server_address: str, server_session_id: str,
+        players: Sequence[str] | None = None,
+    ) -> FinishResult:
+        """A game server took the match: everyone gets match_found."""
+        return await self._finish(mode, match_id, "assign", server_address, server_session_id,
+                                  players)
 
     async def ready(
         self, mode: str, match_id: str, player: str, conn: str, allocation_timeout_ms: int,
@@ -197,7 +221,7 @@ class LoadingStore:
                                tickets=tickets, created_ms=to_int(raw[3]))
         raise ProtocolViolation(f"ready replied {raw!r:.200}")
 
-    async def finish(
+    async def _finish(
         self, mode: str, match_id: str, action: FinishAction, arg: str = "", arg2: str = "",
         players: Sequence[str] | None = None,
     ) -> FinishResult:
@@ -221,6 +245,8 @@ class LoadingStore:
             )
             result = _finish_result(raw)
             if result is not None:
+                if self.observer is not None:
+                    self.observer.ended(mode, match_id, action, result)
                 return result
         raise StoreError(f"finish_match {match_id}: the player list kept changing")
 

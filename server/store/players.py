@@ -5,12 +5,12 @@ Callers never index raw replies; a reply of an unexpected shape raises ProtocolV
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from server.config import PenaltyConfig
+from server.matching import tickets
 from server.protocol.results import DequeueResult, EnqueueResult, PlayerState, StatusResult
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
@@ -86,10 +86,10 @@ class PlayerStore:
     async def enqueue(
         self, player: str, conn: str, mode: str, rating: float, attrs: Mapping[str, object]
     ) -> EnqueueResult:
-        attrs_json = json.dumps(attrs, separators=(",", ":"), sort_keys=True)
         raw = await self.client.script(
             "enqueue", [keys.player(player), *keys.mode_keys(mode), keys.penalty(player)],
-            [player, conn, mode, repr(float(rating)), attrs_json, *self._penalty_args],
+            [player, conn, mode, tickets.rating_arg(rating), tickets.attrs_arg(attrs),
+             *self._penalty_args],
         )
         reply = as_list(raw, "enqueue")
         match reply:

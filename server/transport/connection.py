@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import http
 import logging
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
@@ -14,7 +15,7 @@ from server.protocol import codec
 from server.protocol.auth import Identity
 from server.protocol.messages import Error as ErrorMessage
 from server.protocol.messages import ServerMessage
-from server.protocol.results import Failed, PlayerState, ReadyResult, Result
+from server.protocol.results import Failed, PlayerState, Result
 from server.protocol.session import (
     CLOSE_INTERNAL,
     CLOSE_RATE_LIMITED,
@@ -35,20 +36,6 @@ if TYPE_CHECKING:
     from server.transport.frontend import FrontEnd
 
 
-class MatchEvents(Protocol):
-    """What the transport reports to the matchmaking services (implemented in server/app)."""
-
-    def all_ready(self, mode: str, match_id: str, ready: ReadyResult) -> None:
-        """Every player of the match is ready: start the game-server handoff (non-blocking)."""
-
-    async def left_loading(self, mode: str, match_id: str, player: str, shutdown: bool) -> None:
-        """A player's connection ended during its ready check: cancel the match. With
-        ``shutdown`` the server closed it (draining): nobody is at fault, everyone requeued."""
-
-    def enqueue_blocked(self, mode: str) -> None:
-        """An enqueue was refused with player_blocked (for metrics)."""
-
-
 log = logging.getLogger(__name__)
 _UNAVAILABLE_MSG: Final = "matchmaking storage is unavailable; retry later"
 _failed = Throttled(log, "requests failed, storage unavailable")
@@ -63,6 +50,7 @@ class ClientConnection(WebSocketProtocol):
     def __init__(self, front: FrontEnd) -> None:
         super().__init__(front.ws_limits)
         self.front = front
+        self.services = front.services
         self.identity = Identity("")
         self.conn_id = ""
         self.session: Session | None = None
@@ -95,7 +83,7 @@ class ClientConnection(WebSocketProtocol):
             return
         self.hold()  # frames that arrive early wait for the welcome
         now = self._loop.time()
-        self.session = Session(self.identity.player_id, self.front.modes, self.front.limits, now)
+        self.session = Session(self.identity.player_id, self.services.modes, self.front.limits, now)
         self.front.register(self)
         flood = self.front.flood_error(self.peer, now)
         if flood is not None:
@@ -112,7 +100,7 @@ class ClientConnection(WebSocketProtocol):
     async def _attach(self) -> None:
         front = self.front
         try:
-            result = await front.store.attach(self.identity.player_id, self.conn_id)
+            result = await self.services.store.attach(self.identity.player_id, self.conn_id)
         except StoreError as exc:
             if isinstance(exc, StoreUnavailable) and exc.maybe_ran:
                 # Redis may have recorded this connection as the player's after all; nothing
@@ -169,9 +157,23 @@ class ClientConnection(WebSocketProtocol):
             self._apply(self.session.deliver(message))
             self.flush()
 
-    def deliver_effects(self, effects: list[Effect]) -> None:
-        if not self.lost:
-            self._apply(effects)
+    @property
+    def open(self) -> bool:
+        """Welcomed (attached) and not closing: a connection Redis should know."""
+        return self.attached and self.session is not None and not self.session.closed
+
+    def reject(self, status: int, text: str) -> Response:
+        """An HTTP answer instead of the upgrade (websockets builds it)."""
+        return self.ws.reject(http.HTTPStatus(status), f"{text}\n")
+
+    async def record_lost(self) -> None:
+        """Redis lost the player's record (a restart without persistence): attach again, and
+        a player who was queued or loading is told its ticket is gone (DESIGN invariant 5)."""
+        self.log.warning("player record lost in Redis; re-attaching as idle")
+        result = await self.services.store.attach(self.identity.player_id, self.conn_id)
+        session = self.session
+        if session is not None and session.game_mode and result.player.state == "idle" and not self.lost:
+            self._apply(session.removed(session.game_mode))
             self.flush()
 
     def replaced(self) -> None:
@@ -191,7 +193,7 @@ class ClientConnection(WebSocketProtocol):
         self.front.unregister(self)
         if self.attached:
             mode = self.session.game_mode if self.session is not None else None
-            self.front.spawn(self.front.detach(self.identity.player_id, self.conn_id, mode or ""))
+            self.front.release(self.identity.player_id, self.conn_id, mode or "")
 
     # -- effects --------------------------------------------------------------------------------
 
@@ -239,24 +241,24 @@ class ClientConnection(WebSocketProtocol):
             return Failed("internal_error", "internal error")
 
     async def _call(self, request: Request) -> Result:
-        front, player, conn = self.front, self.identity.player_id, self.conn_id
+        services, player, conn = self.services, self.identity.player_id, self.conn_id
         mode = (self.session.game_mode if self.session is not None else None) or ""
         match request:
             case RunEnqueue(game_mode=mode):
-                rating = self.identity.rating(mode, front.modes[mode].default_rating)
-                enqueued = await front.store.enqueue(player, conn, mode, rating, self.identity.attrs)
+                rating = self.identity.rating(mode, services.modes[mode].default_rating)
+                enqueued = await services.store.enqueue(player, conn, mode, rating, self.identity.attrs)
                 if enqueued.outcome == "blocked":
-                    front.events.enqueue_blocked(mode)
+                    services.events.enqueue_blocked(mode)
                 return enqueued
             case RunDequeue():
-                return await front.store.dequeue(player, conn, mode)
+                return await services.store.dequeue(player, conn, mode)
             case RunStatus():
-                return await front.store.status(player, mode)
+                return await services.store.status(player, mode)
             case RunReady(loading_session_id=match_id, game_mode=mode):
-                ready = await front.loading.ready(mode, match_id, player, conn,
-                                                  front.allocation_timeout_ms, front.worker_id)
+                ready = await services.loading.ready(mode, match_id, player, conn,
+                                                     services.allocation_timeout_ms, services.worker_id)
                 if ready.outcome == "allocating":  # the last one: hand the match to a game server
-                    front.events.all_ready(mode, match_id, ready)
+                    services.events.all_ready(mode, match_id, ready)
                 return ready
         raise TypeError(f"not a request: {request!r}")
 

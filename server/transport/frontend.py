@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http
 import itertools
 import logging
 import socket
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import Any, Final, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,21 +22,19 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from server import metrics
-from server.config import ModeConfig, ServerConfig
 from server.logthrottle import Throttled
 from server.protocol import notices
-from server.protocol.auth import AuthError, TokenVerifier
+from server.protocol.auth import AuthError
 from server.protocol.messages import Error
 from server.protocol.ratelimit import KeyedBuckets
-from server.protocol.session import Limits
 from server.store import keys
 from server.store.errors import StoreError
-from server.store.matches import LoadingStore
-from server.store.players import Attached, PlayerStore
+from server.store.players import Attached
 from server.transport import envelope, fdlimit
-from server.transport.connection import ClientConnection, MatchEvents
+from server.transport.connection import ClientConnection
 from server.transport.overload import LoopLag
 from server.transport.proxyproto import ProxyPolicy
+from server.transport.services import Services
 from server.transport.tls import load_context
 from server.transport.wsproto import WsLimits
 
@@ -53,19 +50,12 @@ _crashed = Throttled(log, "connection task failed", level=logging.ERROR)
 
 
 class FrontEnd:
-    def __init__(
-        self, config: ServerConfig, modes: Mapping[str, ModeConfig], store: PlayerStore,
-        loading: LoadingStore, events: MatchEvents, allocation_timeout_ms: int,
-        verifier: TokenVerifier, worker_id: str,
-    ) -> None:
-        self.config = config
-        self.modes = modes
-        self.store = store
-        self.loading = loading
-        self.events = events
-        self.allocation_timeout_ms = allocation_timeout_ms
-        self.verifier = verifier
-        self.worker_id = worker_id
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        config = self.config = services.config
+        self.store = services.store
+        self.worker_id = services.worker_id
+        self.limits = services.limits
         self.ready = False  # set by the worker from its Redis heartbeat
         # SIGTERM: /ready answers 503 so balancers take the host out, while players (new ones
         # too) are still served for server.drain_delay_s; then `close` drains.
@@ -73,8 +63,7 @@ class FrontEnd:
         self.draining = False
         self.connections: dict[str, ClientConnection] = {}
         self.pending_detach: set[tuple[str, str]] = set()
-        self.limits = Limits(config.bad_message_budget, config.message_rate, config.message_burst,
-                             config.rate_limit_strikes)
+        self.detaching: set[tuple[str, str]] = set()  # (player, conn) being released right now
         proxy = ProxyPolicy(config.proxy_trusted, config.proxy_header_timeout_s) \
             if config.proxy_protocol else None
         self.ws_limits = WsLimits(max_size=config.max_message_bytes,
@@ -180,7 +169,7 @@ class FrontEnd:
             response.headers["Retry-After"] = str(self.config.overload_retry_after_s)
             return response
         try:
-            identity = self.verifier.verify(_token(request.headers, url.query))
+            identity = self.services.verifier.verify(_token(request.headers, url.query))
         except AuthError as exc:
             response = self.refusal(client, 401, str(exc))
             response.headers["WWW-Authenticate"] = 'Bearer realm="fastmatch"'
@@ -213,7 +202,7 @@ class FrontEnd:
 
     @staticmethod
     def refusal(client: ClientConnection, status: int, text: str) -> Response:
-        return client.ws.reject(http.HTTPStatus(status), f"{text}\n")
+        return client.reject(status, text)
 
     def handshake_started(self) -> None:
         self.handshakes += 1
@@ -268,8 +257,20 @@ class FrontEnd:
         if self.connections.pop(client.conn_id, None) is not None:
             metrics.add(metrics.CONNECTIONS, -1)
 
+    def release(self, player: str, conn_id: str, mode_guess: str = "") -> None:
+        """A connection that had attached is gone: detach it (housekeeping retries on failure)."""
+        self.detaching.add((player, conn_id))
+        self.spawn(self.detach(player, conn_id, mode_guess))
+
     async def detach(self, player: str, conn_id: str, mode_guess: str = "") -> None:
         """Release the player in Redis; if Redis is down, housekeeping retries it later."""
+        self.detaching.add((player, conn_id))
+        try:
+            await self._detach(player, conn_id, mode_guess)
+        finally:
+            self.detaching.discard((player, conn_id))
+
+    async def _detach(self, player: str, conn_id: str, mode_guess: str) -> None:
         try:
             result = await self.store.detach(player, conn_id, mode_guess=mode_guess,
                                              shutdown=self.draining)
@@ -282,7 +283,8 @@ class FrontEnd:
             # PROTOCOL 4: leaving during the ready check cancels the match for everyone. If
             # this fails, the detach recorded the leaver and the mode's leader cancels it.
             try:
-                await self.events.left_loading(result.mode, result.match_id, player, self.draining)
+                await self.services.events.left_loading(result.mode, result.match_id, player,
+                                                        self.draining)
             except StoreError as exc:
                 _cancel_deferred("match %s (%s left): %s", result.match_id, player, exc)
 
@@ -333,21 +335,12 @@ class FrontEnd:
         clients = [c for c in self.connections.values() if c.attached]
         owners = await self.store.owners([c.player_id for c in clients])
         for client, (worker, conn) in zip(clients, owners, strict=True):
-            session = client.session
-            if (worker, conn) == (self.worker_id, client.conn_id) or session is None or session.closed:
+            if (worker, conn) == (self.worker_id, client.conn_id) or not client.open:
                 continue
             if conn:
                 self._close_replaced(client.conn_id)
             else:
-                self.spawn(self._reattach(client))
-
-    async def _reattach(self, client: ClientConnection) -> None:
-        """Redis lost the player's record (restart without persistence): tell the client."""
-        client.log.warning("player record lost in Redis; re-attaching as idle")
-        result = await self.store.attach(client.player_id, client.conn_id)
-        session = client.session
-        if session is not None and session.game_mode and result.player.state == "idle":
-            client.deliver_effects(session.removed(session.game_mode))
+                self.spawn(client.record_lost())
 
 
 class _Refused(asyncio.Protocol):

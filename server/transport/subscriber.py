@@ -15,6 +15,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 
 from server.aio import raise_if_cancelling
+from server.config import RedisConfig
 from server.logthrottle import Throttled
 from server.store.resp import Address, Reply, RespConnectionError, RespProtocol, open_connection, pack
 
@@ -28,18 +29,19 @@ OnSubscribed = Callable[[], Awaitable[None]]
 class Subscriber:
     def __init__(
         self, url: str, handlers: Mapping[str, OnMessage], on_subscribed: OnSubscribed,
-        *, timeout_s: float = 2.0, base_delay_s: float = 0.1, max_delay_s: float = 5.0,
-        ping_interval_s: float = 5.0,
+        config: RedisConfig | None = None, *, ping_interval_s: float = 5.0,
     ) -> None:
+        """``config``: the operation timeout and the reconnect backoff (its defaults when None)."""
+        config = config or RedisConfig()
         self.url = url
         self.address = Address.from_url(url)
         self.handlers = dict(handlers)
         self._by_channel = {name.encode(): handler for name, handler in self.handlers.items()}
         self.channel = next(iter(self.handlers))
         self._on_subscribed = on_subscribed
-        self._timeout = timeout_s
-        self._base = base_delay_s
-        self._max = max_delay_s
+        self._timeout = config.operation_timeout_s
+        self._base = config.reconnect_base_s
+        self._max = config.reconnect_max_s
         self._ping_interval = ping_interval_s
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()

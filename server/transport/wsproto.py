@@ -50,9 +50,9 @@ _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 class WsLimits:
     """What every connection of one listener shares."""
 
-    max_size: int = 4096
-    ping_interval_s: float = 20.0
-    ping_timeout_s: float = 20.0
+    max_size: int  # server.max_message_bytes, server.ping_interval_s, server.ping_timeout_s
+    ping_interval_s: float
+    ping_timeout_s: float
     open_timeout_s: float = 10.0  # PROXY header read (TCP accepted) -> handshake request complete
     close_timeout_s: float = 5.0  # close frame sent -> the peer closes TCP
     tls: ssl.SSLContext | None = None  # wss://

@@ -28,12 +28,16 @@ from server.protocol.session import (
     Session,
 )
 
-MODES = load_config(environ={}).modes
+CONFIG = load_config(environ={})
+MODES = CONFIG.modes
+LIMITS = Limits(CONFIG.server.bad_message_budget, CONFIG.server.message_rate,
+                CONFIG.server.message_burst, CONFIG.server.rate_limit_strikes)
 DOWN = Failed("unavailable", "down", 500)
 
 
 def session(budget: int = 2) -> Session:
-    s = Session("p1", MODES, Limits(bad_messages=budget, message_rate=1000, message_burst=1000))
+    limits = Limits(bad_messages=budget, message_rate=1000, message_burst=1000, rate_strikes=3)
+    s = Session("p1", MODES, limits)
     s.welcome("idle", "", 0)
     return s
 
@@ -48,7 +52,7 @@ def only_error(effects: list) -> str:  # type: ignore[type-arg]
 
 
 def test_welcome_shows_resumed_state() -> None:
-    s = Session("p1", MODES, Limits())
+    s = Session("p1", MODES, LIMITS)
     [effect] = s.welcome("queued", "5v5", 1234)
     assert effect == Send(Welcome(player_id="p1", state="queued", protocol=1, game_mode="5v5",
                                   queued_at_ms=1234))
@@ -135,7 +139,8 @@ def test_window_grows_with_wait_up_to_the_cap() -> None:
 
 
 def test_flood_is_refused_then_closed_4008() -> None:
-    s = Session("p1", MODES, Limits(message_rate=1, message_burst=2, rate_strikes=1), now=0.0)
+    limits = Limits(bad_messages=10, message_rate=1, message_burst=2, rate_strikes=1)
+    s = Session("p1", MODES, limits, now=0.0)
     s.welcome("idle", "", 0)
     status = frame(type="status")
     assert s.receive(status, now=0.0) == [RunStatus(None)]
@@ -187,7 +192,7 @@ def test_a_match_notice_never_overtakes_the_reply_it_follows() -> None:
 def test_nothing_overtakes_the_welcome() -> None:
     from server.protocol.messages import StartLoading
 
-    s = Session("p1", MODES, Limits())
+    s = Session("p1", MODES, LIMITS)
     notice = StartLoading(loading_session_id="1.2.3", game_mode="1v1", teams=[["p1"], ["p2"]],
                           deadline_ms=9)
     assert s.deliver(notice) == []  # attached, matched, but not welcomed yet

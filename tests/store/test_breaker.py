@@ -37,7 +37,7 @@ def test_failed_probes_back_off_to_the_cooldown_and_no_further() -> None:
 
 
 def test_a_success_resets_the_count() -> None:
-    b = CircuitBreaker(threshold=2, cooldown_s=1)
+    b = CircuitBreaker(threshold=2, cooldown_s=1, probe_initial_s=0.25)
     b.failure(0)
     b.success()
     b.failure(0)

@@ -11,9 +11,11 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
+from server.config import RedisConfig
+from server.matching.plan import MatchPlan
 from server.store import keys
 from server.store.client import RedisClient
-from server.store.matches import LoadingStore, MatchStore, PlannedMatch, lease_token
+from server.store.matches import LoadingStore, MatchStore, lease_token
 from server.store.players import PlayerStore
 from tests.helpers import TIMEOUT
 
@@ -23,7 +25,7 @@ MATCH = "1.1.0"
 
 @pytest.fixture
 async def env(redis_url: str) -> tuple[PlayerStore, LoadingStore, MatchStore]:
-    client = RedisClient(redis_url, operation_timeout_s=1.0)
+    client = RedisClient(redis_url, RedisConfig(operation_timeout_s=1.0))
     players = PlayerStore(client, "w1", resume_grace_ms=60_000)
     loading = LoadingStore(client, resume_grace_ms=60_000, penalty_window_ms=60_000,
                            finished_ttl_ms=60_000)
@@ -41,7 +43,7 @@ async def make_match(
         queued_at[p] = (await players.enqueue(p, f"{p}-c", MODE, 1500, {})).queued_at_ms
     grant = await matches.acquire(MODE, "L", 60_000)
     result = await matches.commit(MODE, lease_token("L", grant.epoch), ready_timeout_ms,
-                                  [PlannedMatch(MATCH, [["a"], ["b"]])])
+                                  [MatchPlan(MATCH, [["a"], ["b"]])])
     assert result.committed == [MATCH]
     return queued_at
 
@@ -69,7 +71,7 @@ async def ready(env, player: str):  # type: ignore[no-untyped-def]
 async def leave(env, player: str):  # type: ignore[no-untyped-def]
     detached = await env[0].detach(player, f"{player}-c")
     assert detached.outcome == "loading" and detached.match_id == MATCH
-    return await env[1].finish(MODE, MATCH, "cancel", player)
+    return await env[1].cancel(MODE, MATCH, player)
 
 
 @pytest.mark.parametrize("ready_first", [True, False], ids=["ready-then-cancel", "cancel-then-ready"])
@@ -98,7 +100,7 @@ async def test_ready_vs_timeout(env, admin: aioredis.Redis, expire_first: bool) 
     await wait_due(env[1])
     assert (await ready(env, "a")).outcome == "ready"
     if expire_first:
-        done = await env[1].finish(MODE, MATCH, "expire")
+        done = await env[1].expire(MODE, MATCH)
         assert (await ready(env, "b")).status == "timed_out"
         assert done.status == "timed_out" and {p.player: p.what for p in done.players} == {
             "a": "requeued", "b": "timed_out"}
@@ -108,7 +110,7 @@ async def test_ready_vs_timeout(env, admin: aioredis.Redis, expire_first: bool) 
     else:
         last = await ready(env, "b")
         assert last.outcome == "allocating" and sorted(last.tickets) == ["a", "b"]
-        assert (await env[1].finish(MODE, MATCH, "expire")).outcome == "not_due"
+        assert (await env[1].expire(MODE, MATCH)).outcome == "not_due"
         assert await status(admin) == "allocating"
 
 
@@ -118,14 +120,14 @@ async def test_cancel_vs_timeout(env, admin: aioredis.Redis, cancel_first: bool)
     await wait_due(env[1])
     if cancel_first:
         assert (await leave(env, "a")).status == "cancelled"
-        late = await env[1].finish(MODE, MATCH, "expire")
+        late = await env[1].expire(MODE, MATCH)
         assert late.outcome == "final" and late.status == "cancelled"
         assert await requeued_with_place(admin, "b", queued_at["b"])
     else:
-        assert (await env[1].finish(MODE, MATCH, "expire")).status == "timed_out"
+        assert (await env[1].expire(MODE, MATCH)).status == "timed_out"
         detached = await env[0].detach("a", "a-c")
         assert detached.outcome in ("removed", "stale")  # a is already out of the match
-        late = await env[1].finish(MODE, MATCH, "cancel", "a")
+        late = await env[1].cancel(MODE, MATCH, "a")
         assert late.outcome == "final" and late.status == "timed_out"
         assert await admin.hget(keys.player("b"), "state") == "idle"  # timed out, not requeued
     assert await admin.zscore(keys.loading(MODE), MATCH) is None
@@ -139,16 +141,16 @@ async def test_assignment_vs_timeout(env, admin: aioredis.Redis, assign_first: b
     assert last.outcome == "allocating"
     await wait_due(env[1])
     if assign_first:
-        done = await env[1].finish(MODE, MATCH, "assign", "gs:1", "s-1")
+        done = await env[1].assign(MODE, MATCH, "gs:1", "s-1")
         assert done.status == "assigned" and {p.what for p in done.players} == {"matched"}
-        assert (await env[1].finish(MODE, MATCH, "expire")).status == "assigned"
+        assert (await env[1].expire(MODE, MATCH)).status == "assigned"
         for p in ("a", "b"):
             assert await admin.hget(keys.player(p), "state") == "idle"
         assert await admin.zcard(keys.queue(MODE)) == 0
     else:
-        done = await env[1].finish(MODE, MATCH, "expire")
+        done = await env[1].expire(MODE, MATCH)
         assert done.status == "failed" and done.reason == "allocation_failed"
-        late = await env[1].finish(MODE, MATCH, "assign", "gs:1", "s-1")
+        late = await env[1].assign(MODE, MATCH, "gs:1", "s-1")
         assert late.outcome == "final" and late.status == "failed"
         for p in ("a", "b"):
             assert await requeued_with_place(admin, p, queued_at[p])
@@ -176,7 +178,7 @@ async def test_a_leaver_who_reconnected_before_the_cancel_stays_in_the_match(  #
     assert detached.outcome == "loading"
     back = await players.attach("a", "a-c2")  # reconnected: welcomed as loading
     assert back.player.state == "loading" and back.player.match_id == MATCH
-    late = await loading.finish(MODE, MATCH, "cancel", "a")
+    late = await loading.cancel(MODE, MATCH, "a")
     assert late.outcome == "final" and late.status == "loading"  # the ready check goes on
     assert await admin.zcard(keys.penalty("a")) == 0
     assert (await loading.ready(MODE, MATCH, "a", "a-c2", 60_000, "w1")).outcome == "ready"

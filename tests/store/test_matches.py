@@ -8,11 +8,13 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
+from server.config import RedisConfig
+from server.matching.plan import MatchPlan
 from server.protocol import notices
 from server.protocol.messages import StartLoading
 from server.store import keys
 from server.store.client import RedisClient
-from server.store.matches import MatchStore, PlannedMatch, lease_token
+from server.store.matches import MatchStore, lease_token
 from server.store.players import PlayerStore
 from server.transport import envelope
 from tests.helpers import TIMEOUT
@@ -20,7 +22,7 @@ from tests.helpers import TIMEOUT
 
 @pytest.fixture
 async def client(redis_url: str) -> RedisClient:
-    c = RedisClient(redis_url, operation_timeout_s=1.0)
+    c = RedisClient(redis_url, RedisConfig(operation_timeout_s=1.0))
     yield c  # type: ignore[misc]
     await c.close()
 
@@ -61,7 +63,7 @@ async def test_deposed_leader_cannot_commit(client: RedisClient, admin: aioredis
     await m.acquire("1v1", "old", 60_000)
     await admin.delete(keys.leader("1v1"))
     await m.acquire("1v1", "new", 60_000)
-    result = await m.commit("1v1", lease_token("old", 1), 10_000, [PlannedMatch("1.1.0", [["a"], ["b"]])])
+    result = await m.commit("1v1", lease_token("old", 1), 10_000, [MatchPlan("1.1.0", [["a"], ["b"]])])
     assert result.fenced and not result.committed
     assert await admin.zcard(keys.queue("1v1")) == 2
     assert await admin.exists(keys.match("1v1", "1.1.0")) == 0
@@ -74,7 +76,7 @@ async def test_commit_skips_a_match_whose_player_left_and_commits_the_rest(
     m = MatchStore(client)
     grant = await m.acquire("1v1", "L", 60_000)
     token = lease_token("L", grant.epoch)
-    plans = [PlannedMatch("1.1.0", [["a"], ["b"]]), PlannedMatch("1.1.1", [["c"], ["d"]])]
+    plans = [MatchPlan("1.1.0", [["a"], ["b"]]), MatchPlan("1.1.1", [["c"], ["d"]])]
     assert (await store.dequeue("a", "a-c")).outcome == "ok"  # between snapshot and commit
     listener = admin.pubsub()
     await listener.subscribe(keys.worker_channel("w1"))
@@ -119,7 +121,7 @@ async def test_commit_removes_entries_whose_owner_is_gone(client: RedisClient, a
     m = MatchStore(client)
     grant = await m.acquire("1v1", "L", 60_000)
     result = await m.commit("1v1", lease_token("L", grant.epoch), 10_000,
-                            [PlannedMatch("1.1.0", [["a"], ["ghost"]])])
+                            [MatchPlan("1.1.0", [["a"], ["ghost"]])])
     assert result.poisoned == ["ghost"] and result.skipped == ["1.1.0"]
     assert await admin.zrange(keys.queue("1v1"), 0, -1) == ["a"]
     assert await admin.hget(keys.tickets("1v1"), "ghost") is None

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from server.config import RedisConfig
 from server.store import keys
 from server.store.breaker import BreakerState
 from server.store.client import RedisClient
@@ -20,7 +21,7 @@ from tests.helpers import TIMEOUT
 
 @pytest.fixture
 async def store(redis_url: str) -> PlayerStore:
-    client = RedisClient(redis_url, operation_timeout_s=0.5)
+    client = RedisClient(redis_url, RedisConfig(operation_timeout_s=0.5))
     yield PlayerStore(client, "w1", resume_grace_ms=60_000)  # type: ignore[misc]
     await client.close()
 
@@ -89,7 +90,7 @@ async def test_reaping_a_dead_worker_gives_its_players_the_grace(
 
 
 async def test_scripts_reload_after_redis_restart(private_redis: EmbeddedRedis) -> None:
-    client = RedisClient(private_redis.url, operation_timeout_s=1.0)
+    client = RedisClient(private_redis.url, RedisConfig(operation_timeout_s=1.0))
     store = PlayerStore(client, "w1", resume_grace_ms=1000)
     await store.attach("p", "c1")
     private_redis.restart()  # all data and every loaded script are gone
@@ -102,7 +103,7 @@ async def test_scripts_reload_after_redis_restart(private_redis: EmbeddedRedis) 
 
 
 async def test_every_call_is_bounded_by_the_operation_timeout(private_redis: EmbeddedRedis) -> None:
-    client = RedisClient(private_redis.url, operation_timeout_s=0.3)
+    client = RedisClient(private_redis.url, RedisConfig(operation_timeout_s=0.3))
     store = PlayerStore(client, "w1", resume_grace_ms=1000)
     await store.attach("p", "c1")
     assert private_redis.process is not None
@@ -122,8 +123,8 @@ async def test_the_breaker_closes_as_soon_as_redis_answers_without_user_traffic(
 ) -> None:
     """Issue 17: a breaker opened by an outage closes by its own probe once Redis is back,
     not after the whole cooldown, and not only when a user call happens to come by."""
-    client = RedisClient(private_redis.url, operation_timeout_s=0.3, breaker_threshold=1,
-                         breaker_cooldown_s=60, breaker_probe_s=0.05)
+    client = RedisClient(private_redis.url, RedisConfig(
+        operation_timeout_s=0.3, breaker_threshold=1, breaker_cooldown_s=60, breaker_probe_s=0.05))
     assert await client.command("PING") == b"PONG"
     assert private_redis.process is not None
     private_redis.process.send_signal(signal.SIGSTOP)
