@@ -2,12 +2,15 @@
 -- (DESIGN invariant 4; seeds plan 3: a status field checked first, never a delete under a race).
 -- KEYS[1] match  KEYS[2] loading ZSET  KEYS[3] queue  KEYS[4] tickets  KEYS[5] grace
 --      then the player hash of each player, then the penalty ZSET of each player (same order),
---      then the mode's `left` ZSET (keys.left: leavers waiting for their cancel)
+--      then the mode's `left` ZSET (keys.left: leavers waiting for their cancel), hold and
+--      hold_failures (keys.hold: the leader forms no matches while it exists)
 -- ARGV[1] action: "cancel" | "abort" | "expire" | "fail" | "assign"
 -- ARGV[2] match id  ARGV[3] players, comma-separated, as the caller read them
 -- ARGV[4] resume grace ms  ARGV[5] penalty window ms  ARGV[6] finished-record ttl ms
 -- ARGV[7] cancel: the leaving player; fail: the reason; assign: server address
 -- ARGV[8] assign: server session id  ARGV[9] delivery channel prefix (keys.DELIVERY_PREFIX)
+-- ARGV[10] hold after the first failed handoff (ms; doubles per failure in a row)
+-- ARGV[11] the longest hold (ms)  ARGV[12] the hold when no game server listens (ms)
 -- The workers holding the players hear an "ended" notice with each player's outcome:
 -- requeued, removed (the leaver: dequeued{removed}), timed_out (error{loading_timeout}), or
 -- matched (match_found).
@@ -23,10 +26,11 @@
 -- assign: allocating -> assigned (every player's matchmaking state cleared).
 local m = KEYS[1]
 local action = ARGV[1]
+local left_key, hold_key, fails_key = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 -- A cancel (or abort) settles the leaver's record in `left`, whatever the match's fate.
 local function settled()
   if action == 'cancel' or action == 'abort' then
-    redis.call('ZREM', KEYS[#KEYS], ARGV[2] .. '|' .. ARGV[7] .. '|' .. action)
+    redis.call('ZREM', left_key, ARGV[2] .. '|' .. ARGV[7] .. '|' .. action)
   end
 end
 if redis.call('EXISTS', m) == 0 then
@@ -173,6 +177,21 @@ else
 end
 redis.call('ZREM', KEYS[2], ARGV[2])
 settled()
+-- Issue 16: a failed handoff holds the mode's matching for a while, so its players do not go
+-- through another ready check for the same failure at once; an assignment lifts it.
+if new_status == 'assigned' then
+  redis.call('DEL', fails_key)
+  if redis.call('GET', hold_key) == 'allocation_failed' then
+    redis.call('DEL', hold_key)
+  end
+elseif reason == 'no_game_server' then
+  redis.call('SET', hold_key, 'game_server', 'PX', ARGV[12])
+elseif reason == 'allocation_failed' then
+  local n = redis.call('INCR', fails_key)
+  redis.call('PEXPIRE', fails_key, tonumber(ARGV[11]) * 4)
+  local hold = math.min(tonumber(ARGV[10]) * 2 ^ math.min(n - 1, 20), tonumber(ARGV[11]))
+  redis.call('SET', hold_key, 'allocation_failed', 'PX', math.floor(hold))
+end
 -- The record stays a short while so late answers meet a clear status, then it expires.
 redis.call('PEXPIRE', m, ARGV[6])
 post(head, by_worker)

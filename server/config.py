@@ -115,6 +115,11 @@ class GameServerConfig(_Base, frozen=True):
     embedded: bool = False  # `serve` also runs the reference game server (never in production)
     misses_before_critical: int = 10  # DESIGN P1 health monitor
     critical_interval_s: float = 300.0
+    # Issue 16: no new ready check for a failure that would repeat. After a failed handoff
+    # (rejected, no answer) a mode forms no matches for hold_initial_ms, doubling per failure
+    # in a row up to hold_max_ms; while no game server listens it forms none at all.
+    hold_initial_ms: int = 1000
+    hold_max_ms: int = 30_000
 
 
 class PenaltyConfig(_Base, frozen=True):
@@ -282,6 +287,8 @@ def _check_matching(config: Config) -> None:
     g = config.gameserver
     if g.allocation_timeout_ms < 1 or not g.request_channel:
         _fail("gameserver", "needs allocation_timeout_ms >= 1 and a request_channel")
+    if not 0 <= g.hold_initial_ms <= g.hold_max_ms:
+        _fail("gameserver.hold_initial_ms", "must be >= 0 and at most gameserver.hold_max_ms")
     if config.production and g.embedded:
         _fail("gameserver.embedded", "must be false when production = true")
     pen = config.penalty

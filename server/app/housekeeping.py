@@ -91,12 +91,12 @@ class Housekeeper:
             settling = (player, conn) in front.detaching or (player, conn) in front.pending_detach
             if (worker == self.store.worker_id and conn in live) or settling:
                 continue  # served, or its connection's own detach is on its way
-            # Not ours any more (another worker, or no record): detach only drops it from our set.
-            if worker == self.store.worker_id:
-                log.warning("audit: %s is recorded on connection %s, which this worker does not "
-                            "hold; releasing it", player, conn)
+            # Not ours any more (another worker, no record, or released since the read) makes
+            # the detach "stale": it only drops the player from our set, and says nothing.
+            if await self.front.detach(player, conn) not in ("stale", ""):
+                log.warning("audit: released %s, recorded on connection %s, which this worker "
+                            "does not hold", player, conn)
                 released += 1
-            await self.front.detach(player, conn)
         return released
 
     async def expire_grace(self, mode: str) -> int:

@@ -15,7 +15,7 @@ from server import metrics
 from server.aio import raise_if_cancelling
 from server.app.lease import Lease
 from server.app.loading import Sweeper
-from server.app.trymatch import TryMatch
+from server.app.trymatch import HoldCheck, TryMatch
 from server.config import MatchingConfig, ModeConfig
 from server.logthrottle import Throttled
 from server.store.errors import StoreError
@@ -29,12 +29,12 @@ _lease_failed = Throttled(log, "lease call failed")
 class Matchmaker:
     def __init__(
         self, name: str, mode: ModeConfig, config: MatchingConfig, matches: MatchStore,
-        holder: str, sweeper: Sweeper,
+        holder: str, sweeper: Sweeper, hold: HoldCheck | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.lease = Lease(matches, name, holder, config.lease_ttl_ms)
-        self.trymatch = TryMatch(name, mode, config, matches, self.lease)
+        self.trymatch = TryMatch(name, mode, config, matches, self.lease, hold)
         self.sweeper = sweeper
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None

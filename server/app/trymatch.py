@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from server import metrics
 from server.app.lease import Lease
@@ -17,16 +18,27 @@ from server.store.matches import CommitResult, MatchStore
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class HoldCheck:
+    """Issue 16: form no matches while no game server listens on ``request_channel`` or the
+    back-off after failed handoffs runs."""
+
+    request_channel: str
+    no_server_ms: int
+
+
 class TryMatch:
     def __init__(
         self, name: str, mode: ModeConfig, config: MatchingConfig, matches: MatchStore,
-        lease: Lease,
+        lease: Lease, hold: HoldCheck | None = None,
     ) -> None:
         self.name = name
         self.mode = mode
         self.config = config
         self.matches = matches
         self.lease = lease
+        self.hold = hold
+        self.held = ""  # why this mode forms no matches now ("" when it does)
         self.ticks = 0
 
     async def plan(self) -> tuple[list[MatchPlan], list[str]]:
@@ -44,9 +56,26 @@ class TryMatch:
         try:
             plans, poison = await self.plan()
             await self.remove_poison(poison)
+            # Asked only when a match could form: a quiet mode costs no probe.
+            if not plans or await self._held():
+                return 0
             return await self.commit(token, plans, started)
         finally:
             metrics.observe(metrics.TRY_MATCH_SECONDS, time.monotonic() - started, self.name)
+
+    async def _held(self) -> bool:
+        """Players keep their wait (and are told why by `status`) instead of going through
+        ready checks that cannot end in a match."""
+        if self.hold is None:
+            return False
+        reason = await self.matches.hold(self.name, self.hold.request_channel, self.hold.no_server_ms)
+        if reason != self.held:
+            if reason:
+                log.warning("%s: forming no matches (%s)", self.name, reason)
+            else:
+                log.info("%s: forming matches again (was held: %s)", self.name, self.held)
+            self.held = reason
+        return bool(reason)
 
     async def commit(self, token: str, plans: Sequence[MatchPlan], started: float) -> int:
         budget_s = self.config.tick_budget_ms / 1000

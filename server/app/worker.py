@@ -17,13 +17,14 @@ from server.app.housekeeping import Housekeeper
 from server.app.loading import LoadingEvents, Sweeper
 from server.app.matchmaker import Matchmaker
 from server.app.outcomes import EndingMetrics
+from server.app.trymatch import HoldCheck
 from server.config import Config
 from server.metrics import RedisMetrics
 from server.protocol.auth import TokenVerifier
 from server.store import keys
 from server.store.client import RedisClient
 from server.store.errors import StoreError
-from server.store.matches import LoadingStore, MatchStore
+from server.store.matches import HoldTimes, LoadingStore, MatchStore
 from server.store.players import PlayerStore
 from server.transport.frontend import FrontEnd
 from server.transport.services import Services
@@ -33,6 +34,13 @@ from server.transport.wsproto import WebSocketProtocol
 log = logging.getLogger(__name__)
 _COUNTED: Final = ((metrics.REDIS_WRITES, ()), (metrics.WS_FRAMES, ("in",)),
                    (metrics.WS_FRAMES, ("out",)))
+
+
+def hold_times(config: Config) -> HoldTimes:
+    """Issue 16's holds; the one while no game server listens outlives a few ticks, so one
+    late tick does not lift it, and the leader's next tick refreshes or clears it."""
+    g = config.gameserver
+    return HoldTimes(g.hold_initial_ms, g.hold_max_ms, max(3 * config.matching.tick_ms, 1000))
 
 
 def new_worker_id() -> str:
@@ -49,7 +57,8 @@ class Worker:
         self.loading = LoadingStore(
             self.client, resume_grace_ms=grace_ms,
             penalty_window_ms=int(config.penalty.window_s * 1000),
-            finished_ttl_ms=config.matching.finished_match_ttl_ms, observer=EndingMetrics(),
+            finished_ttl_ms=config.matching.finished_match_ttl_ms, hold=hold_times(config),
+            observer=EndingMetrics(),
         )
         self.allocator = Allocator(self.store, self.loading, config.gameserver,
                                    keys.battle_replies(self.worker_id))
@@ -71,9 +80,10 @@ class Worker:
             heartbeat_ttl_s=config.server.heartbeat_ttl_s,
             audit_interval_s=config.server.audit_interval_s,
         )
+        hold = HoldCheck(config.gameserver.request_channel, hold_times(config).no_server_ms)
         self.matchmakers = {
             name: Matchmaker(name, mode, config.matching, MatchStore(self.client), self.worker_id,
-                             Sweeper(name, self.loading))
+                             Sweeper(name, self.loading), hold)
             for name, mode in config.modes.items()
         } if config.matching.enabled else {}
         self._closed = asyncio.Event()

@@ -121,6 +121,9 @@ class QueueStatus(_Server, tag="queue_status", frozen=True):
     game_mode: str | None = None
     estimated_wait_ms: int | None = None
     request_id: str | None = None
+    # Extension (docs/protocol.md section 11): why the mode forms no matches right now, e.g.
+    # "game_server" while no game server can take one; the player keeps its place and wait.
+    waiting_for: str | None = None
 
 
 ErrorCode = Annotated[str, msgspec.Meta(

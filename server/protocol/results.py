@@ -56,6 +56,7 @@ class StatusResult:
     player: PlayerState
     queue_size: int
     now_ms: int
+    waiting_for: str = ""  # why the player's mode forms no matches now (issue 16), if it does not
 
 
 @dataclass(frozen=True, slots=True)

@@ -316,6 +316,8 @@ class Session:
         return [Send(QueueStatus(
             state=p.state, waited_ms=waited, queue_size=result.queue_size, search_window=window,
             game_mode=p.mode or None, request_id=rid,
+            # Both holds (nobody listens; the back-off after failed handoffs) wait for the same.
+            waiting_for="game_server" if queued and result.waiting_for else None,
         ))]
 
     def deliver(self, message: ServerMessage) -> list[Effect]:

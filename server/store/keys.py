@@ -79,15 +79,27 @@ def left(mode: str) -> str:
     return f"{{mm:{mode}}}:left"
 
 
+def hold(mode: str) -> str:
+    """STRING with a PX ttl: why the mode's leader forms no matches now ("game_server": none
+    listens; "allocation_failed": the back-off after failed handoffs). Read by status."""
+    return f"{{mm:{mode}}}:hold"
+
+
+def hold_failures(mode: str) -> str:
+    """Handoffs failed in a row (the back-off doubles with it); cleared by an assignment."""
+    return f"{{mm:{mode}}}:hold_failures"
+
+
 def mode_keys(mode: str) -> list[str]:
     return [queue(mode), tickets(mode), grace(mode)]
 
 
-_LASTING: Final = (":leader", ":epoch", ":players")
+_LASTING: Final = (":leader", ":epoch", ":players", ":hold", ":hold_failures")
 
 
 def outlives_players(key: str) -> bool:
     """May this key remain once every player has left (DESIGN invariant 6)? The worker registry
-    and per-worker sets while workers run, a live lease, the epoch counter, and penalties, which
-    expire with their window. Anything else left behind is a leak."""
+    and per-worker sets while workers run, a live lease, the epoch counter, a mode's hold and its
+    failure count (both expire by themselves), and penalties, which expire with their window.
+    Anything else left behind is a leak."""
     return key == WORKERS or key.endswith(_LASTING) or key.startswith("fm:penalty:")

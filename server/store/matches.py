@@ -58,6 +58,11 @@ class MatchStore:
             raise ProtocolViolation(f"lease_acquire replied {reply!r}")
         return LeaseGrant(to_int(reply[0]) == 1, to_int(reply[1]))
 
+    async def hold(self, mode: str, request_channel: str, no_server_ms: int) -> str:
+        """Why the mode's leader must form no matches now ("" when it may): nobody listens on
+        the request channel, or handoffs failed lately (issue 16)."""
+        return as_str(await self.client.script("hold", [keys.hold(mode)], [request_channel, no_server_ms]))
+
     async def renew(self, mode: str, token: str, ttl_ms: int) -> bool:
         return to_int(await self.client.script("lease_renew", [keys.leader(mode)], [token, ttl_ms])) == 1
 
@@ -154,6 +159,15 @@ _WHAT: Final = frozenset({"requeued", "removed", "timed_out", "matched"})
 _FINISH_RETRIES: Final = 3
 
 
+@dataclass(frozen=True, slots=True)
+class HoldTimes:
+    """How long a mode's matching holds after failed handoffs (issue 16), in ms."""
+
+    initial_ms: int  # after the first failure in a row; doubles with each one after it
+    max_ms: int
+    no_server_ms: int  # while no game server listens (the leader's tick refreshes it)
+
+
 class EndingObserver(Protocol):
     """Told of every ending that took effect (metrics, logs); the store knows no Prometheus."""
 
@@ -167,11 +181,12 @@ class LoadingStore:
 
     def __init__(
         self, client: RedisClient, *, resume_grace_ms: int, penalty_window_ms: int,
-        finished_ttl_ms: int, observer: EndingObserver | None = None,
+        finished_ttl_ms: int, hold: HoldTimes, observer: EndingObserver | None = None,
     ) -> None:
         self.client = client
         self.observer = observer
         self._finish_args = [resume_grace_ms, penalty_window_ms, finished_ttl_ms]
+        self._hold_args = [hold.initial_ms, hold.max_ms, hold.no_server_ms]
 
     async def cancel(self, mode: str, match_id: str, leaver: str, *, shutdown: bool = False) -> FinishResult:
         """``leaver``'s connection ended during the ready check: the others are requeued
@@ -238,10 +253,11 @@ class LoadingStore:
             csv = ",".join(names)
             script_keys = [match_key, keys.loading(mode), *keys.mode_keys(mode),
                            *(keys.player(p) for p in names), *(keys.penalty(p) for p in names),
-                           keys.left(mode)]
+                           keys.left(mode), keys.hold(mode), keys.hold_failures(mode)]
             raw = await self.client.script(
                 "finish_match", script_keys,
-                [action, match_id, csv, *self._finish_args, arg, arg2, keys.DELIVERY_PREFIX]
+                [action, match_id, csv, *self._finish_args, arg, arg2, keys.DELIVERY_PREFIX,
+                 *self._hold_args]
             )
             result = _finish_result(raw)
             if result is not None:

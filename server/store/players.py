@@ -117,13 +117,15 @@ class PlayerStore:
         raise ProtocolViolation(f"dequeue replied {reply!r}")
 
     async def status(self, player: str, mode_guess: str = "") -> StatusResult:
-        """The player's state, its queue's size and the Redis clock, in one read."""
+        """The player's state, its queue's size, the Redis clock and why its mode holds."""
         reply = await self._with_mode(
-            "status", player, [keys.player(player)], lambda mode: [mode], mode_guess
+            "status", player, [keys.player(player)], lambda mode: [mode], mode_guess,
+            lambda mode: [*keys.mode_keys(mode), keys.hold(mode)],
         )
-        if reply[0] != "ok" or len(reply) < 6:
+        if reply[0] != "ok" or len(reply) < 7:
             raise ProtocolViolation(f"status replied {reply!r}")
-        return StatusResult(_player_state(reply[1], reply[2], reply[3]), to_int(reply[4]), to_int(reply[5]))
+        return StatusResult(_player_state(reply[1], reply[2], reply[3]), to_int(reply[4]),
+                            to_int(reply[5]), waiting_for=reply[6])
 
     async def heartbeat(self, ttl_ms: int) -> int:
         return to_int(await self.client.script("heartbeat", [keys.WORKERS], [self.worker_id, ttl_ms]))

@@ -260,24 +260,29 @@ class FrontEnd:
     def release(self, player: str, conn_id: str, mode_guess: str = "") -> None:
         """A connection that had attached is gone: detach it (housekeeping retries on failure)."""
         self.detaching.add((player, conn_id))
-        self.spawn(self.detach(player, conn_id, mode_guess))
+        self.spawn(self._release(player, conn_id, mode_guess))
 
-    async def detach(self, player: str, conn_id: str, mode_guess: str = "") -> None:
-        """Release the player in Redis; if Redis is down, housekeeping retries it later."""
+    async def _release(self, player: str, conn_id: str, mode_guess: str) -> None:
+        await self.detach(player, conn_id, mode_guess)
+
+    async def detach(self, player: str, conn_id: str, mode_guess: str = "") -> str:
+        """Release the player in Redis; if Redis is down, housekeeping retries it later.
+        Returns the detach's outcome ("stale": the connection no longer held the player;
+        "" when deferred)."""
         self.detaching.add((player, conn_id))
         try:
-            await self._detach(player, conn_id, mode_guess)
+            return await self._detach(player, conn_id, mode_guess)
         finally:
             self.detaching.discard((player, conn_id))
 
-    async def _detach(self, player: str, conn_id: str, mode_guess: str) -> None:
+    async def _detach(self, player: str, conn_id: str, mode_guess: str) -> str:
         try:
             result = await self.store.detach(player, conn_id, mode_guess=mode_guess,
                                              shutdown=self.draining)
         except StoreError as exc:
             _deferred("%s: %s", player, exc)
             self.pending_detach.add((player, conn_id))
-            return
+            return ""
         self.pending_detach.discard((player, conn_id))
         if result.outcome == "loading" and result.match_id:
             # PROTOCOL 4: leaving during the ready check cancels the match for everyone. If
@@ -287,6 +292,7 @@ class FrontEnd:
                                                         self.draining)
             except StoreError as exc:
                 _cancel_deferred("match %s (%s left): %s", result.match_id, player, exc)
+        return result.outcome
 
     async def replace_previous(self, player: str, attached: Attached, conn_id: str) -> None:
         """PROTOCOL 1: the new connection wins; the old one, wherever it is, is closed with 4009."""

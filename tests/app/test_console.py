@@ -89,9 +89,9 @@ async def test_state_shows_queues_workers_leaders_and_then_the_match(
     assert sum(w["connections"] for w in current["workers"]) == current["connections"] == 3
     assert all(w["breaker"] == "closed" and w["heartbeat_in_ms"] > 0 for w in current["workers"])
     assert current["redis_error"] is None and current["breaker"] == "closed"
-    # No game server in this test; the health monitor has seen no request yet.
+    # The embedded reference game server listens; the health monitor has seen no request yet.
     assert current["game_servers"] == {
-        "channel": "battle:request", "listening": 0, "available": True, "misses_total": 0}
+        "channel": "battle:request", "listening": 1, "available": True, "misses_total": 0}
 
     pair = [(await connect_player(served.port, f"m{i}", 99_000))[0] for i in range(2)]
     for ws in pair:

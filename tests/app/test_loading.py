@@ -124,16 +124,27 @@ async def _all_ready_then(w: Worker, admin: aioredis.Redis) -> dict[str, dict[st
     return answers
 
 
-async def test_no_game_server(start_worker: WorkerFactory, admin: aioredis.Redis) -> None:
-    w = await start_worker(cfg=make_config(**{"matching.enabled": True}))
+async def test_no_game_server_between_the_match_and_its_handoff(
+    worker: Worker, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    """The fleet is gone when the ready check completes: no_game_server, everyone requeued,
+    the health monitor counts the miss, and the mode holds (issue 16) instead of cycling."""
+    game = await start_game_server()
+    clients = await queued(worker.front.port, "1v1", ("one", 1500), ("two", 1500))
+    loads = await matched(clients)
+    await game.close()  # nobody listens any more
     metrics.flush()  # the worker counts in memory until its next flush
     misses = REGISTRY.get_sample_value("fastmatch_game_server_misses_total") or 0
-    answers = await _all_ready_then(w, admin)
-    assert {a["reason"] for a in answers.values()} == {"no_game_server"}
+    await ready_all(clients, loads["one"]["loading_session_id"])
+    for player, ws in clients.items():
+        assert await recv(ws) == {"type": "requeued", "game_mode": "1v1",
+                                  "reason": "no_game_server", "queued_at_ms": QUEUED_AT[player]}
     metrics.flush()
     assert (REGISTRY.get_sample_value("fastmatch_game_server_misses_total") or 0) == misses + 1
     assert REGISTRY.get_sample_value("fastmatch_game_server_available") == 0
-    assert w.allocator.health.consecutive >= 1
+    status = await request(clients["one"], {"type": "status"})
+    assert status["state"] == "queued" and status["waiting_for"] == "game_server"
+    await leave_and_check_clean(clients, admin)
 
 
 async def test_game_server_rejects(
@@ -189,8 +200,10 @@ async def test_wrong_session_id(worker: Worker, start_game_server: GameServerFac
 
 
 async def test_dodging_ready_checks_blocks_enqueue(
-    start_worker: WorkerFactory, admin: aioredis.Redis
+    start_worker: WorkerFactory, start_game_server: GameServerFactory,
+    admin: aioredis.Redis
 ) -> None:
+    await start_game_server()
     w = await start_worker(cfg=make_config(**{"matching.ready_timeout_ms": 100, "penalty.threshold": 2,
                                              "penalty.block_s": 60}))
     dodger, _ = await queued_one(w, "dodger")
@@ -216,9 +229,11 @@ async def queued_one(w: Worker, player: str) -> tuple[ClientConnection, Any]:
 
 
 async def test_draining_worker_requeues_its_loading_matches_without_blame(
-    start_worker: WorkerFactory, admin: aioredis.Redis
+    start_worker: WorkerFactory, start_game_server: GameServerFactory,
+    admin: aioredis.Redis
 ) -> None:
     """SIGTERM path: a player's connection is closed by the server, not by the player."""
+    await start_game_server()
     draining = await start_worker(cfg=make_config(**{"matching.enabled": False}))
     staying = await start_worker()
     on_draining = await queued(draining.front.port, "1v1", ("d", 1500))
@@ -263,10 +278,11 @@ async def test_a_leaver_whose_worker_never_cancelled_is_cancelled_by_the_leader(
 
 
 async def test_a_handoff_that_would_start_during_the_drain_is_requeued_at_once(
-    worker: Worker, admin: aioredis.Redis
+    worker: Worker, start_game_server: GameServerFactory, admin: aioredis.Redis
 ) -> None:
     """Issue 13: a ready check that completes while the worker drains must not start a
     handoff nobody owns; its players are requeued (server_shutdown, nobody at fault)."""
+    await start_game_server()
     clients = await queued(worker.front.port, "1v1", ("xa", 1500), ("xb", 1500))
     session = (await matched(clients))["xa"]["loading_session_id"]
     conns = {c.player_id: c.conn_id for c in worker.front.connections.values()}

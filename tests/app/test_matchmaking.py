@@ -9,6 +9,7 @@ import signal
 import time
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection
@@ -19,8 +20,15 @@ from server.app.trymatch import TryMatch
 from server.app.worker import Worker, run_worker
 from server.store import keys
 from server.store.matches import MatchStore
-from tests.conftest import WorkerFactory, make_config
+from tests.conftest import GameServerFactory, WorkerFactory, make_config
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request
+
+
+@pytest.fixture(autouse=True)
+async def game_server(start_game_server: GameServerFactory) -> None:
+    """A fleet listens: with none, a mode forms no matches at all (issue 16)."""
+    await start_game_server()
+
 
 # Each player's `queued_at_ms` from its `enqueued` answer (the queue entry may already be
 # gone by the time a test could read it: the leader commits within a tick).

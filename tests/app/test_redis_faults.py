@@ -9,6 +9,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from server.app.gameserver import ReferenceGameServer
 from server.store import keys
 from server.store.breaker import BreakerState
 from server.store.embedded import EmbeddedRedis
@@ -34,8 +35,12 @@ async def wait_for(check, timeout: float = TIMEOUT) -> None:  # type: ignore[no-
             await asyncio.sleep(0.02)
 
 
-async def matched_pair(port: int, prefix: str) -> None:
-    """Two fresh players with equal ratings reach start_loading: matching works end to end."""
+async def matched_pair(port: int, prefix: str, redis_url: str) -> None:
+    """Two fresh players with equal ratings reach start_loading: matching works end to end
+    (with a game server listening: without one a mode forms no matches, issue 16)."""
+    game = ReferenceGameServer(redis_url)
+    async with asyncio.timeout(TIMEOUT * 2):
+        await game.start()
     clients = [(await connect_player(port, f"{prefix}{i}", 7777))[0] for i in range(2)]
     for ws in clients:
         answer = await retry_while_unavailable(ws, {"type": "enqueue", "game_mode": "1v1"})
@@ -44,6 +49,7 @@ async def matched_pair(port: int, prefix: str) -> None:
         await start_loading(ws, TIMEOUT * 2)
     for ws in clients:
         await ws.close()
+    await game.close()
 
 
 async def test_frozen_redis_opens_the_breaker_and_the_worker_stays_responsive(
@@ -72,7 +78,7 @@ async def test_frozen_redis_opens_the_breaker_and_the_worker_stays_responsive(
         private_redis.process.send_signal(signal.SIGCONT)
     await wait_for(lambda: _ready(w.front.port))
     assert (await retry_while_unavailable(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
-    await matched_pair(w.front.port, "after-freeze")
+    await matched_pair(w.front.port, "after-freeze", private_redis.url)
     await ws.close()
 
 
@@ -90,7 +96,8 @@ async def test_redis_restart_loses_everything_and_service_resumes(
     assert w.subscriber.generation > generation
     assert (await retry_while_unavailable(ws, {"type": "status"}))["state"] == "idle"
     await wait_for(lambda: _ready(w.front.port))
-    await matched_pair(w.front.port, "after-restart")  # scripts reloaded, lease re-acquired
+    # Scripts reloaded, lease re-acquired: matching works again.
+    await matched_pair(w.front.port, "after-restart", private_redis.url)
     await ws.close()
 
 

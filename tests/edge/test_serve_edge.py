@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -158,6 +159,38 @@ async def test_sighup_serves_a_renewed_certificate_and_refuses_a_broken_one(
     assert before.close_code == 1001
     assert time.monotonic() - started < 20
     await after.close()
+
+
+async def test_a_restart_that_fails_is_tried_again_and_the_service_stays_up(
+    tmp_path: Path, serve: ServeFactory, admin: aioredis.Redis,
+) -> None:
+    """Issue 13: after a worker dies, its replacement cannot start (its certificate file was
+    broken meanwhile; each worker reads it at start): the supervisor keeps serving with the
+    other worker and tries again with backoff instead of stopping; once the file is good
+    again, a later try succeeds."""
+    cert = make_cert(tmp_path, "server")
+    good = cert.cert_file.read_bytes()
+    trusted = Cert(tmp_path / "trusted.crt", cert.key_file, cert.der)  # what clients trust
+    trusted.cert_file.write_bytes(good)
+    served = serve(workers=2, **tls_env(cert))
+    pids = await wait_workers(admin, 2)
+    victim = next(iter(pids.values()))
+    cert.cert_file.write_text("not a certificate\n")
+    tries_before = served.output().count("next try in")
+    os.kill(victim, signal.SIGKILL)
+    async with asyncio.timeout(TIMEOUT * 4):  # a log line in a file: nothing else to wait on
+        while served.output().count("failed to start again") < 2:
+            await asyncio.sleep(0.05)
+    assert served.output().count("next try in") > tries_before
+    assert served.proc is not None and served.proc.poll() is None  # still up ...
+    during = await wss(served.port, "during", trusted)  # ... and serving, with the other worker
+    assert (await recv(during))["type"] == "welcome"
+    await during.close()
+    cert.cert_file.write_bytes(good)
+    await wait_workers(admin, 2, exclude={victim})  # a later try succeeds ...
+    async with asyncio.timeout(TIMEOUT):  # ... and the supervisor saw it (its next loop turn)
+        while "restarted" not in served.output():
+            await asyncio.sleep(0.05)
 
 
 # -- SIGTERM: out of rotation first, then the drain -----------------------------------------------

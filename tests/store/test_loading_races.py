@@ -15,7 +15,7 @@ from server.config import RedisConfig
 from server.matching.plan import MatchPlan
 from server.store import keys
 from server.store.client import RedisClient
-from server.store.matches import LoadingStore, MatchStore, lease_token
+from server.store.matches import HoldTimes, LoadingStore, MatchStore, lease_token
 from server.store.players import PlayerStore
 from tests.helpers import TIMEOUT
 
@@ -28,7 +28,7 @@ async def env(redis_url: str) -> tuple[PlayerStore, LoadingStore, MatchStore]:
     client = RedisClient(redis_url, RedisConfig(operation_timeout_s=1.0))
     players = PlayerStore(client, "w1", resume_grace_ms=60_000)
     loading = LoadingStore(client, resume_grace_ms=60_000, penalty_window_ms=60_000,
-                           finished_ttl_ms=60_000)
+                           finished_ttl_ms=60_000, hold=HoldTimes(1000, 30_000, 1000))
     yield players, loading, MatchStore(client)  # type: ignore[misc]
     await client.close()
 

@@ -98,6 +98,7 @@ export interface QueueStatus {
   game_mode?: string | null;
   estimated_wait_ms?: number | null;
   request_id?: string | null;
+  waiting_for?: string | null;
 }
 
 /** A request failed, or the player was removed (`loading_timeout`). */
