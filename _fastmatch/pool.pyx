@@ -2,26 +2,30 @@
 """The leader's in-memory pool of one mode, compiled (twin: server/matching/pool_py.py, which
 states the semantics; typed front: server/matching/pool.py).
 
-Layout: parallel arrays in queue order ``(queued_at, player)`` -- players (a list), ratings,
-queued_at and a grace flag -- plus ``player -> queued_at`` to find a player's position by
-bisection. A batch of changes is resolved against the current arrays first (removals and
-grace flips by position, additions collected per player, last one wins), then merged in one
-pass: the additions, sorted by queue order (k log k), are placed by bisection and everything
-is copied once into new arrays (n + k). New arrays, not edits in place, so a view handed out
-earlier (``view``) stays valid while the caller pairs it.
+Layout: parallel arrays in queue order ``(queued_at, player)`` -- slot, queued_at, rating,
+grace flag -- where a slot is a player's index in ``names``, plus ``player -> queued_at`` to
+find a player's position by bisection. ``names`` only grows between compactions (a departed
+player's slot keeps its name until then), so a tick copies plain numbers and never touches
+the 100k player objects: building a fresh list of them cost more than the rest of a batch.
+
+A batch of changes is resolved against the current arrays first (removals and grace flips by
+position, additions collected per player, the last change wins), then merged in one pass: the
+additions, sorted by queue order (k log k), are placed by bisection and the arrays are copied
+once, in runs, into new ones (n + k). New arrays rather than edits in place, and slots that
+are not reused before a compaction (which builds a new ``names``), so a view handed out
+earlier stays valid while the caller pairs it.
 
 Why queue order and not rating order: queue order is what defines a candidate's position, and
 with it every tie-break of the pairing; kept in it, the matchable entries *are* the arrays a
 full re-read decodes to, and the pairing kernel (its wait-order check finds them already in
 order, its radix sort makes the rating order) runs unchanged. Keeping a rating order as well
-would save that sort (about 2 ms of a 100k tick) but needs a second merge per batch and a
+would save that sort (about 1 ms of a 100k tick) but needs a second merge per batch and a
 second pairing entry point for both implementations.
 """
 
 from cpython.array cimport array, clone
-from cpython.list cimport PyList_New, PyList_SET_ITEM
-from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_Compare
+from libc.string cimport memcpy
 
 from _fastmatch.kernel import decode_tickets
 
@@ -36,51 +40,85 @@ cdef enum:
     GRACE_ON = 2
     GRACE_OFF = 3
 
+# Compact ``names`` once it holds more than twice the live entries and this many more: at
+# least n additions apart, so O(1) per addition; small, so small pools (tests) compact often.
+cdef Py_ssize_t _SLACK = 8
+
+
+cdef struct Columns:
+    long long* slot
+    long long* queued
+    double* rating
+    signed char* grace
+
+
+cdef inline Columns _columns(array slots, array queued, array ratings, array grace) noexcept:
+    cdef Columns c
+    c.slot = slots.data.as_longlongs
+    c.queued = queued.data.as_longlongs
+    c.rating = ratings.data.as_doubles
+    c.grace = grace.data.as_schars
+    return c
+
+
+cdef inline void _copy(Columns dst, Py_ssize_t w, Columns src, Py_ssize_t r,
+                       Py_ssize_t count) noexcept:
+    memcpy(dst.slot + w, src.slot + r, count * sizeof(long long))
+    memcpy(dst.queued + w, src.queued + r, count * sizeof(long long))
+    memcpy(dst.rating + w, src.rating + r, count * sizeof(double))
+    memcpy(dst.grace + w, src.grace + r, count)
+
 
 cdef class PoolCore:
-    cdef list _players      # queue order, grace included
-    cdef array _ratings     # d, parallel to _players
-    cdef array _queued      # q, parallel to _players
-    cdef array _grace       # b, 1 = in resume grace (not matchable)
+    cdef list _names        # slot -> player; only grows between compactions
+    cdef array _slots       # q, queue order (grace included)
+    cdef array _queued      # q, parallel to _slots
+    cdef array _ratings     # d, parallel to _slots
+    cdef array _grace       # b, parallel to _slots: 1 = in resume grace (not matchable)
     cdef dict _at           # player -> queued_at (int), to find its position
     cdef Py_ssize_t _graced
     cdef object _sum        # exact sum of queued_at (a Python int: no overflow)
     cdef tuple _view
 
     def __cinit__(self):
-        self._reset()
-
-    cdef int _reset(self) except -1:
-        self._players = []
-        self._ratings = clone(_DOUBLES, 0, False)
-        self._queued = clone(_INT64, 0, False)
-        self._grace = clone(_FLAGS, 0, False)
+        self._install([], clone(_INT64, 0, False), clone(_INT64, 0, False),
+                      clone(_DOUBLES, 0, False), clone(_FLAGS, 0, True))
         self._at = {}
         self._graced = 0
         self._sum = 0
+
+    cdef int _install(self, list names, array slots, array queued, array ratings,
+                      array grace) except -1:
+        """Take new arrays: the previous ones stay as they were for views handed out."""
+        self._names = names
+        self._slots = slots
+        self._queued = queued
+        self._ratings = ratings
+        self._grace = grace
         self._view = None
         return 0
+
+    cdef Py_ssize_t _find(self, object player, long long q) except -1:
+        """bisect_left of (q, player) in queue order."""
+        cdef Py_ssize_t lo = 0, hi = len(self._slots), mid
+        cdef const long long* queued = self._queued.data.as_longlongs
+        cdef const long long* slots = self._slots.data.as_longlongs
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if queued[mid] < q or (queued[mid] == q
+                                   and PyUnicode_Compare(self._names[slots[mid]], player) < 0):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     cdef Py_ssize_t _locate(self, object player, long long q) except -1:
         """The position of a resident player; checked, so a broken invariant raises instead of
         corrupting memory."""
         cdef Py_ssize_t pos = self._find(player, q)
-        if pos >= len(self._players) or self._players[pos] != player:
+        if pos >= len(self._slots) or self._names[self._slots.data.as_longlongs[pos]] != player:
             raise RuntimeError(f"pool index lost {player!r}")
         return pos
-
-    cdef Py_ssize_t _find(self, object player, long long q) except -1:
-        """bisect_left of (q, player) in queue order."""
-        cdef Py_ssize_t lo = 0, hi = len(self._players), mid
-        cdef const long long* queued = self._queued.data.as_longlongs
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if queued[mid] < q or (queued[mid] == q
-                                   and PyUnicode_Compare(self._players[mid], player) < 0):
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
 
     def load(self, players, tickets, grace=()):
         """Replace the pool by a snapshot; returns the poison players (see the twin)."""
@@ -94,6 +132,8 @@ cdef class PoolCore:
                 raise TypeError(f"player ids are str: {p!r}")
         index, ratings, queued, bad = decode_tickets(list(tickets))
         cdef array idx = index, rat = ratings, que = queued
+        cdef const long long* ix = idx.data.as_longlongs
+        cdef const long long* qs = que.data.as_longlongs
         cdef dict last = {}
         for i in range(m):
             last[names[i]] = i
@@ -103,11 +143,8 @@ cdef class PoolCore:
         if len(last) == m:
             keep = list(range(len(idx)))
         else:
-            keep = [c for c in range(len(idx)) if last[names[idx.data.as_longlongs[c]]]
-                    == idx.data.as_longlongs[c]]
+            keep = [c for c in range(len(idx)) if last[names[ix[c]]] == ix[c]]
         n = len(keep)
-        cdef const long long* ix = idx.data.as_longlongs
-        cdef const long long* qs = que.data.as_longlongs
         cdef bint in_order = True
         cdef Py_ssize_t a, b
         for i in range(1, n):
@@ -119,31 +156,28 @@ cdef class PoolCore:
                 break
         if not in_order:
             keep.sort(key=lambda e: (que[e], names[idx[e]]))
-        self._reset()
-        cdef list out = PyList_New(n)
-        cdef array new_r = clone(_DOUBLES, n, False)
+        cdef list kept = [None] * n
+        cdef array slots = clone(_INT64, n, False)
         cdef array new_q = clone(_INT64, n, False)
-        cdef array new_g = clone(_FLAGS, n, True)
+        cdef array new_r = clone(_DOUBLES, n, False)
         cdef dict at = {}
         for w in range(n):
             c = keep[w]
             p = names[ix[c]]
-            Py_INCREF(p)
-            PyList_SET_ITEM(out, w, p)
-            new_r.data.as_doubles[w] = rat.data.as_doubles[c]
+            kept[w] = p
+            slots.data.as_longlongs[w] = w
             new_q.data.as_longlongs[w] = qs[c]
+            new_r.data.as_doubles[w] = rat.data.as_doubles[c]
             at[p] = qs[c]
-        self._players = out
-        self._ratings = new_r
-        self._queued = new_q
-        self._grace = new_g
+        self._install(kept, slots, new_q, new_r, clone(_FLAGS, n, True))
         self._at = at
+        self._graced = 0
         self._sum = sum(new_q)
         for p in grace:
             self._set_grace(p, 1)
         return poison
 
-    cdef int _set_grace(self, object player, char flag) except -1:
+    cdef int _set_grace(self, object player, signed char flag) except -1:
         cdef object q = self._at.get(player)
         cdef Py_ssize_t pos
         if q is None:
@@ -152,6 +186,7 @@ cdef class PoolCore:
         if self._grace.data.as_schars[pos] != flag:
             self._grace.data.as_schars[pos] = flag
             self._graced += 1 if flag else -1
+            self._view = None
         return 0
 
     cdef int _drop(self, object player, list drops) except -1:
@@ -216,94 +251,110 @@ cdef class PoolCore:
                     self._set_grace(p, 1 if op == GRACE_ON else 0)
         if drops or pending:
             self._merge(drops, pending)
-        self._view = None
+            if len(self._names) > 2 * len(self._slots) + _SLACK:
+                self._compact()
         return list(poison)
 
     cdef int _merge(self, list drops, dict pending) except -1:
         cdef list adds = sorted([(e[0], p, e[1], e[2]) for p, e in pending.items()])
         drops.sort()
-        cdef Py_ssize_t n = len(self._players), nd = len(drops), na = len(adds)
-        cdef Py_ssize_t size = n - nd + na, i, a = 0, d = 0, w = 0
+        cdef Py_ssize_t n = len(self._slots), nd = len(drops), na = len(adds)
+        cdef Py_ssize_t size = n - nd + na, i, nxt, a = 0, d = 0, r = 0, w = 0
         cdef array at = clone(_INT64, na, False)
         cdef tuple add
         for i in range(na):
             add = adds[i]
             at.data.as_longlongs[i] = self._find(add[1], add[0])
         cdef array dropped = array("q", drops)
-        cdef list old = self._players
-        cdef list out = PyList_New(size)
-        cdef array new_r = clone(_DOUBLES, size, False)
-        cdef array new_q = clone(_INT64, size, False)
-        cdef array new_g = clone(_FLAGS, size, False)
-        cdef const double* r = self._ratings.data.as_doubles
-        cdef const long long* q = self._queued.data.as_longlongs
-        cdef const signed char* g = self._grace.data.as_schars
-        cdef object p
-        for i in range(n + 1):
-            while a < na and at.data.as_longlongs[a] == i:
+        cdef array slots = clone(_INT64, size, False)
+        cdef array queued = clone(_INT64, size, False)
+        cdef array ratings = clone(_DOUBLES, size, False)
+        cdef array grace = clone(_FLAGS, size, False)
+        cdef Columns src = _columns(self._slots, self._queued, self._ratings, self._grace)
+        cdef Columns dst = _columns(slots, queued, ratings, grace)
+        cdef list names = self._names
+        cdef const long long* ins = at.data.as_longlongs
+        cdef const long long* out = dropped.data.as_longlongs
+        while True:
+            # Copy the run up to the next insertion or removal, then do those.
+            nxt = n
+            if a < na and ins[a] < nxt:
+                nxt = ins[a]
+            if d < nd and out[d] < nxt:
+                nxt = out[d]
+            if nxt < r:
+                raise RuntimeError("pool merge lost its place")
+            _copy(dst, w, src, r, nxt - r)
+            w += nxt - r
+            r = nxt
+            while a < na and ins[a] == r:
                 add = adds[a]
-                p = add[1]
-                Py_INCREF(p)
-                PyList_SET_ITEM(out, w, p)
-                new_q.data.as_longlongs[w] = add[0]
-                new_r.data.as_doubles[w] = add[2]
-                new_g.data.as_schars[w] = add[3]
-                self._at[p] = add[0]
+                dst.slot[w] = len(names)
+                dst.queued[w] = add[0]
+                dst.rating[w] = add[2]
+                dst.grace[w] = add[3]
+                names.append(add[1])
+                self._at[add[1]] = add[0]
                 self._sum += add[0]
                 self._graced += add[3]
                 a += 1
                 w += 1
-            if i == n:
-                break
-            if d < nd and dropped.data.as_longlongs[d] == i:
+            if d < nd and out[d] == r:
                 d += 1
-                continue
-            p = old[i]
-            Py_INCREF(p)
-            PyList_SET_ITEM(out, w, p)
-            new_r.data.as_doubles[w] = r[i]
-            new_q.data.as_longlongs[w] = q[i]
-            new_g.data.as_schars[w] = g[i]
-            w += 1
+                r += 1
+            elif r == n:
+                break
         if w != size or a != na or d != nd:
             raise RuntimeError("pool merge lost its place")
-        self._players = out
-        self._ratings = new_r
-        self._queued = new_q
-        self._grace = new_g
+        self._install(names, slots, queued, ratings, grace)
+        return 0
+
+    cdef int _compact(self) except -1:
+        """A new ``names`` holding the live players only, in queue order (slot = position)."""
+        cdef Py_ssize_t n = len(self._slots), i
+        cdef const long long* old = self._slots.data.as_longlongs
+        cdef list names = [None] * n
+        cdef array slots = clone(_INT64, n, False)
+        for i in range(n):
+            names[i] = self._names[old[i]]
+            slots.data.as_longlongs[i] = i
+        self._install(names, slots, self._queued, self._ratings, self._grace)
         return 0
 
     def view(self):
-        """(players, index, ratings, queued): every entry in queue order, the positions of the
-        matchable ones and their ratings and queued_at. Shared with the pool until its next
-        change (never edited in place afterwards): read only."""
-        cdef Py_ssize_t n = len(self._players), m = n - self._graced, i, w = 0
+        """(players, index, ratings, queued): ``players[index[c]]`` is the c-th matchable
+        entry in queue order, with ``ratings[c]`` and ``queued[c]``. ``players`` holds
+        departed players too (slots not yet compacted away). Shared with the pool, never
+        edited in place afterwards: read only, and valid after later changes."""
+        cdef Py_ssize_t n = len(self._slots), m = n - self._graced, i, w = 0
         cdef array index, ratings, queued
-        cdef const signed char* g
+        cdef Columns src
         if self._view is None:
-            index = clone(_INT64, m, False)
             if self._graced == 0:
-                for i in range(n):
-                    index.data.as_longlongs[i] = i
-                ratings = self._ratings
-                queued = self._queued
-            else:
-                ratings = clone(_DOUBLES, m, False)
-                queued = clone(_INT64, m, False)
-                g = self._grace.data.as_schars
-                for i in range(n):
-                    if not g[i]:
-                        if w == m:
-                            raise RuntimeError("pool grace count is off")
-                        index.data.as_longlongs[w] = i
-                        ratings.data.as_doubles[w] = self._ratings.data.as_doubles[i]
-                        queued.data.as_longlongs[w] = self._queued.data.as_longlongs[i]
-                        w += 1
-            self._view = (self._players, index, ratings, queued)
+                self._view = (self._names, self._slots, self._ratings, self._queued)
+                return self._view
+            index = clone(_INT64, m, False)
+            ratings = clone(_DOUBLES, m, False)
+            queued = clone(_INT64, m, False)
+            src = _columns(self._slots, self._queued, self._ratings, self._grace)
+            for i in range(n):
+                if not src.grace[i]:
+                    if w == m:
+                        raise RuntimeError("pool grace count is off")
+                    index.data.as_longlongs[w] = src.slot[i]
+                    ratings.data.as_doubles[w] = src.rating[i]
+                    queued.data.as_longlongs[w] = src.queued[i]
+                    w += 1
+            self._view = (self._names, index, ratings, queued)
         return self._view
 
+    def queue(self):
+        """Every player in queue order, grace included (for checks; O(n))."""
+        cdef const long long* slots = self._slots.data.as_longlongs
+        return [self._names[slots[i]] for i in range(len(self._slots))]
+
     def __len__(self):
-        return len(self._players)
+        return len(self._slots)
 
     @property
     def graced(self):

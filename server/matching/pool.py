@@ -51,10 +51,15 @@ class Pool:
         return self._core.apply(changes)
 
     def candidates(self) -> Candidates:
-        """The matchable players in queue order; ``players`` is every entry (grace included)
-        and ``index`` picks the matchable ones. Read only; valid after later changes too."""
+        """The matchable players in queue order: ``players[index[c]]`` with ``ratings[c]``
+        and ``queued[c]`` (``players`` may hold others: only ``index`` picks). Read only;
+        shared with the pool, and still valid after later changes."""
         players, index, ratings, queued = self._core.view()
         return Candidates(players, index, ratings, queued, [])
+
+    def queue(self) -> list[str]:
+        """Every player in queue order, grace included (for checks and tests: O(n))."""
+        return self._core.queue()
 
     def __len__(self) -> int:
         """Every entry, grace included (ZCARD of the queue)."""

@@ -85,8 +85,9 @@ class PoolCore:
         return list(poison)
 
     def view(self) -> View:
-        """(players, index, ratings, queued): ``players`` is every entry in queue order,
-        ``index`` the positions of the matchable ones, whose ratings and queued_at follow."""
+        """(players, index, ratings, queued): ``players[index[c]]`` is the c-th matchable
+        entry in queue order, with ``ratings[c]`` and ``queued[c]``. Here ``players`` is every
+        entry in queue order; the compiled pool's holds departed players too."""
         if self._view is None:
             players = [p for _, p in self._order]
             index: array[int] = array("q")
@@ -100,6 +101,10 @@ class PoolCore:
                     queued.append(q)
             self._view = (players, index, ratings, queued)
         return self._view
+
+    def queue(self) -> list[str]:
+        """Every player in queue order, grace included (for checks; O(n))."""
+        return [p for _, p in self._order]
 
     def __len__(self) -> int:
         return len(self._entries)

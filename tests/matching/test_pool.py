@@ -120,8 +120,10 @@ def same_candidates(a: Candidates, b: Candidates) -> None:
 
 
 def view(pool: Pool) -> tuple[object, ...]:
+    """Everything the pool holds: every entry in queue order, the candidates, the check."""
     c = pool.candidates()
-    return list(c.players), list(c.index), c.ratings.tobytes(), list(c.queued), pool.check()
+    return (pool.queue(), [c.players[i] for i in c.index], c.ratings.tobytes(), list(c.queued),
+            pool.check(), pool.matchable)
 
 
 @dataclass
@@ -349,10 +351,15 @@ def test_poison_is_reported_and_not_added(impl: str) -> None:
 def test_a_view_handed_out_stays_valid(impl: str) -> None:
     pool = loaded(impl, ("a", 1.0, NOW - 2), ("b", 2.0, NOW - 1))
     before = pool.candidates()
-    copy = (list(before.players), list(before.index), list(before.ratings), list(before.queued))
     pool.apply([Removed("a"), Added("c", ticket(3.0, NOW)), GraceOn("b")])
-    assert (list(before.players), list(before.index), list(before.ratings), list(before.queued)) == copy
-    assert matchable(pool) == ["c"]
+    middle = pool.candidates()
+    for i in range(50):  # enough to compact the compiled pool's slots
+        pool.apply([Added(f"x{i}", ticket(4.0, NOW + i))])
+        pool.apply([Removed(f"x{i}")])
+    assert matchable(pool) == ["c"] and pool.queue() == ["b", "c"]
+    assert [before.players[i] for i in before.index] == ["a", "b"]
+    assert list(before.ratings) == [1.0, 2.0] and list(before.queued) == [NOW - 2, NOW - 1]
+    assert [middle.players[i] for i in middle.index] == ["c"] and list(middle.ratings) == [3.0]
 
 
 @cores
