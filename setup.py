@@ -40,7 +40,7 @@ def extensions() -> list:  # type: ignore[type-arg]
         print("WARNING: Cython not available; using the pure-Python twin", file=sys.stderr)
         return []
     return cythonize(
-        ["_fastmatch/kernel.pyx"],
+        ["_fastmatch/kernel.pyx", "_fastmatch/pool.pyx"],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

@@ -1,7 +1,8 @@
 """Pick the compiled kernel when it is built, else the pure-Python twin (aiohttp's pattern).
 
-``FASTMATCH_NO_EXTENSIONS=1`` at build time leaves the extension unbuilt; ``use_python()``
-forces the twin at run time (tests and benchmarks compare both).
+``FASTMATCH_NO_EXTENSIONS=1`` at build time leaves the extension unbuilt; tests and benchmarks
+compare both (``implementations``, ``pool_cores``). Two kernels: the pairing kernel
+(``kernel_py``) and the leader's pool of candidates (``pool_py``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Final
 
-from server.matching import kernel_py
+from server.matching import kernel_py, pool_py
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,17 @@ except ImportError:  # not built: no compiler, or FASTMATCH_NO_EXTENSIONS=1
     compiled_kernel = None
     log.warning("_fastmatch extension not available; using the pure-Python twin")
 
+compiled_pool: type[pool_py.PoolCore] | None
+try:
+    from _fastmatch.pool import PoolCore as _CompiledPool
+
+    compiled_pool = _CompiledPool
+except ImportError:
+    compiled_pool = None
+
 active: ModuleType = compiled_kernel or python_kernel
 decode_tickets: Callable[[list[bytes | None]], kernel_py.Decoded] = active.decode_tickets
+PoolCore: type[pool_py.PoolCore] = compiled_pool or pool_py.PoolCore
 
 
 def implementations() -> dict[str, ModuleType]:
@@ -34,4 +44,12 @@ def implementations() -> dict[str, ModuleType]:
     found = {"python": python_kernel}
     if compiled_kernel is not None:
         found["cython"] = compiled_kernel
+    return found
+
+
+def pool_cores() -> dict[str, type[pool_py.PoolCore]]:
+    """Every pool implementation available here, by name (for tests and benchmarks)."""
+    found = {"python": pool_py.PoolCore}
+    if compiled_pool is not None:
+        found["cython"] = compiled_pool
     return found
