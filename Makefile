@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 TS     := clients/typescript
 TS_SRC := $(wildcard $(TS)/src/*.ts $(TS)/test/*.ts $(TS)/scripts/*.mjs docs/schema/*.json) $(TS)/tsconfig.json
 
-$(STAMP): pyproject.toml setup.py _fastmatch/kernel.pyx
+$(STAMP): pyproject.toml setup.py $(wildcard _fastmatch/*.pyx)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench.lifecycle import GROUPS, ROOT, Result, measure
+from server.osutil import machine
 
 
 def worktree(ref: str) -> Path:
@@ -92,8 +91,7 @@ def main() -> None:
     base_tree = worktree(args.base)
     out: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"Python {platform.python_version()}",
+        "machine": machine(),
         "base": args.base, "new": subprocess.check_output(
             ["git", "describe", "--always", "--dirty"], cwd=ROOT, text=True).strip(),
         "rate": args.rate, "seconds": args.seconds, "rounds": [],

@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 from typing import Any
 
 import pytest
+
+from server.osutil import machine
 
 # Filled by the benchmarks: (mode, size, impl) -> best seconds.
 RESULTS: dict[tuple[str, int, str], float] = {}
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def pytest_report_header() -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"fastmatch bench on {platform.node()}: {_cpu()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, {now}")
+    return f"fastmatch bench on {machine()}, {now}"
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

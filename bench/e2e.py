@@ -16,7 +16,6 @@ import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from server.config import load_config
+from server.osutil import machine
 from server.protocol.auth import mint_token
 from server.sim import report
 from server.sim.echo import ceiling_in_process
@@ -180,8 +180,7 @@ def main() -> None:
     report_path = Path("reports/bench-e2e.json")
     out: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"Python {platform.python_version()}",
+        "machine": machine(),
     }
     def save() -> None:  # after every part: a later failure loses nothing measured
         report_path.write_text(json.dumps(out, indent=2, default=str))

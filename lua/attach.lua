@@ -1,6 +1,6 @@
 -- attach: a connection claims a player (PROTOCOL 1 "One connection per player").
--- KEYS[1] player hash   KEYS[2] this worker's player set   KEYS[3..5] queue, tickets, grace of
---         the mode the caller believes the player is in (absent when it believes none)
+-- KEYS[1] player hash   KEYS[2] this worker's player set   KEYS[3..6] queue, tickets, grace,
+--         changes of the mode the caller believes the player is in (absent when it believes none)
 -- ARGV[1] player id  ARGV[2] worker id  ARGV[3] connection id  ARGV[4] expected mode ("" = none)
 -- Returns {"retry", mode} when the player's mode is not the expected one (caller re-reads and
 -- retries with the right keys), else
@@ -15,7 +15,8 @@ end
 local state = cur[2] or 'idle'
 redis.call('HSET', p, 'state', state, 'worker', ARGV[2], 'conn', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
-if mode ~= '' and state == 'queued' then
-  redis.call('ZREM', KEYS[5], ARGV[1])
+--#include changes
+if mode ~= '' and state == 'queued' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
+  changed(KEYS[6], 'u', ARGV[1])  -- resumed within the grace: matchable again
 end
 return {'ok', state, mode, cur[3] or '', cur[4] or '', cur[5] or '', cur[6] or ''}

@@ -1,10 +1,11 @@
 -- commit_matches: the fenced TryMatch commit of a batch of matches (DESIGN invariants 2 and 3).
--- KEYS[1] leader  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace  KEYS[5] loading
+-- KEYS[1] leader  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace  KEYS[5] changes  KEYS[6] loading
 --         then for each match: its match key, then one player key per player
 -- ARGV[1] lease token "<holder>|<epoch>"  ARGV[2] mode  ARGV[3] ready timeout ms
 -- ARGV[4] delivery channel prefix (keys.DELIVERY_PREFIX)
 -- ARGV[5] number of matches, then for each match: id, player count n, teams JSON, n players
 -- The workers holding the players of each committed match hear a "loading" notice.
+-- Each committed match is one `m` entry of the changes stream; each poison entry an `r`.
 -- Returns {"fenced"} when the caller does not hold this exact lease (nothing changes), else
 -- {"ok", {committed ids}, {skipped ids}, {poisoned players}, deadline_ms}.
 -- A match commits only if every player is still queued here and not in grace; players of a
@@ -15,13 +16,14 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 --#include clock
 --#include notify
+--#include changes
 local now = now_ms()
 local deadline = now + tonumber(ARGV[3])
 local mode = ARGV[2]
 local mode_json = cjson.encode(mode)
 local epoch = string.match(ARGV[1], '|(%d+)$')
 local committed, skipped, poisoned = {}, {}, {}
-local ai, ki = 6, 6
+local ai, ki = 6, 7
 -- Usually nobody is in resume grace: then no player needs the check.
 local graced = redis.call('ZCARD', KEYS[4]) > 0
 
@@ -50,6 +52,8 @@ for _ = 1, tonumber(ARGV[5]) do
         if st[1] ~= 'queued' or st[2] ~= mode then
           redis.call('ZREM', KEYS[2], p)
           redis.call('HDEL', KEYS[3], p)
+          redis.call('ZREM', KEYS[4], p)
+          changed(KEYS[5], 'r', p)
           poisoned[#poisoned + 1] = p
           ok = false
         end
@@ -57,8 +61,9 @@ for _ = 1, tonumber(ARGV[5]) do
     end
     if ok then
       local tickets = redis.call('HMGET', KEYS[3], unpack(players))
+      local csv = table.concat(players, ',')
       local fields = {'status', 'loading', 'mode', mode, 'deadline', deadline, 'created', now,
-                      'epoch', epoch, 'teams', teams, 'players', table.concat(players, ','),
+                      'epoch', epoch, 'teams', teams, 'players', csv,
                       'size', n, 'ready', 0}
       local by_worker = {}
       for j = 1, n do
@@ -70,8 +75,9 @@ for _ = 1, tonumber(ARGV[5]) do
       end
       redis.call('ZREM', KEYS[2], unpack(players))
       redis.call('HDEL', KEYS[3], unpack(players))
+      changed(KEYS[5], 'm', csv)
       redis.call('HSET', mkey, unpack(fields))
-      redis.call('ZADD', KEYS[5], deadline, id)
+      redis.call('ZADD', KEYS[6], deadline, id)
       committed[#committed + 1] = id
       post('{"e":"loading","mode":' .. mode_json .. ',"match":' .. cjson.encode(id) .. ',"teams":'
         .. teams .. ',"deadline":' .. deadline, by_worker)

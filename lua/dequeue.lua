@@ -1,5 +1,6 @@
 -- dequeue: a player asks to leave its queue.
--- KEYS[1] player hash  KEYS[2..4] queue, tickets, grace of the expected mode (absent when none)
+-- KEYS[1] player hash  KEYS[2..5] queue, tickets, grace, changes of the expected mode (absent
+-- when none)
 -- ARGV[1] player id  ARGV[2] connection id  ARGV[3] expected mode ("" = none)
 -- Returns {"ok", mode} | {"replaced"} | {"retry", mode} | {"not_in_queue"} | {"invalid_state", state}
 local p = KEYS[1]
@@ -17,9 +18,11 @@ if state == 'idle' then
 elseif state ~= 'queued' then
   return {'invalid_state', state}
 end
+--#include changes
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
+changed(KEYS[5], 'r', ARGV[1])
 redis.call('HSET', p, 'state', 'idle')
 redis.call('HDEL', p, 'mode', 'queued_at')
 return {'ok', mode}

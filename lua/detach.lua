@@ -1,6 +1,6 @@
 -- detach: a connection is gone (closed, or its worker died).
--- KEYS[1] player hash   KEYS[2] the detaching worker's player set   KEYS[3..6] queue, tickets,
---         grace, left of the expected mode (absent when none)
+-- KEYS[1] player hash   KEYS[2] the detaching worker's player set   KEYS[3..7] queue, tickets,
+--         grace, changes, left of the expected mode (absent when none)
 -- ARGV[1] player id  ARGV[2] worker id  ARGV[3] connection id, or "" for any connection of this
 --         worker (used when reaping a dead worker)  ARGV[4] expected mode  ARGV[5] resume grace ms
 -- ARGV[6] "cancel", or "abort" when the worker is shutting down (nobody is at fault)
@@ -12,6 +12,7 @@
 -- ticket kept but not matchable until it resumes or the deadline passes), {"loading", match id, mode}
 -- (the caller cancels that match: PROTOCOL 4, disconnect while loading).
 --#include clock
+--#include changes
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode', 'match')
 local owner_worker, owner_conn = cur[1] or '', cur[2] or ''
@@ -31,11 +32,13 @@ local state = cur[3] or 'idle'
 if state == 'queued' then
   local deadline = now_ms() + tonumber(ARGV[5])
   redis.call('HDEL', p, 'worker', 'conn')
-  redis.call('ZADD', KEYS[5], deadline, ARGV[1])
+  if redis.call('ZADD', KEYS[5], deadline, ARGV[1]) == 1 then
+    changed(KEYS[6], 'g', ARGV[1])  -- not matchable while its grace runs
+  end
   return {'grace', tostring(deadline)}
 elseif state == 'loading' then
   redis.call('HDEL', p, 'worker', 'conn')
-  redis.call('ZADD', KEYS[6], now_ms() + tonumber(ARGV[7]), (cur[5] or '') .. '|' .. ARGV[1] .. '|' .. ARGV[6])
+  redis.call('ZADD', KEYS[7], now_ms() + tonumber(ARGV[7]), (cur[5] or '') .. '|' .. ARGV[1] .. '|' .. ARGV[6])
   return {'loading', cur[5] or '', mode}
 end
 redis.call('DEL', p)

@@ -1,6 +1,7 @@
 -- finish_match: every way a match ends, in one script so exactly one outcome wins
 -- (DESIGN invariant 4; seeds plan 3: a status field checked first, never a delete under a race).
 -- KEYS[1] match  KEYS[2] loading ZSET  KEYS[3] queue  KEYS[4] tickets  KEYS[5] grace
+--      KEYS[6] changes (a requeued player is an `a` entry, and a `g` when disconnected)
 --      then the player hash of each player, then the penalty ZSET of each player (same order),
 --      then the mode's `left` ZSET (keys.left: leavers waiting for their cancel), hold and
 --      hold_failures (keys.hold: the leader forms no matches while it exists)
@@ -78,6 +79,7 @@ end
 
 
 --#include notify
+--#include changes
 
 local players = {}
 for p in string.gmatch(player_csv, '[^,]+') do
@@ -88,7 +90,7 @@ if action == 'cancel' then
   -- The leaver reconnected before this ran (its new connection was welcomed as loading):
   -- it has not left after all, and the ready check goes on.
   for j = 1, n do
-    if players[j] == ARGV[7] and redis.call('HEXISTS', KEYS[5 + j], 'conn') == 1 then
+    if players[j] == ARGV[7] and redis.call('HEXISTS', KEYS[6 + j], 'conn') == 1 then
       settled()
       return {'final', status}
     end
@@ -98,7 +100,7 @@ local out = {'done', new_status, reason}
 -- Each player's record, read once: match, queued_at, conn, worker.
 local recs = {}
 for j = 1, n do
-  recs[j] = redis.call('HMGET', KEYS[5 + j], 'match', 'queued_at', 'conn', 'worker')
+  recs[j] = redis.call('HMGET', KEYS[6 + j], 'match', 'queued_at', 'conn', 'worker')
 end
 local by_worker = {}
 
@@ -114,24 +116,27 @@ end
 
 -- Back into the queue with the original queued_at: the player keeps its place.
 local function requeue(j)
-  local p, pkey, rec = players[j], KEYS[5 + j], recs[j]
+  local p, pkey, rec = players[j], KEYS[6 + j], recs[j]
   if rec[1] ~= ARGV[2] then
     return
   end
+  local ticket = redis.call('HGET', m, 't:' .. p)
   redis.call('ZADD', KEYS[3], rec[2], p)
-  redis.call('HSET', KEYS[4], p, redis.call('HGET', m, 't:' .. p))
+  redis.call('HSET', KEYS[4], p, ticket)
   redis.call('HSET', pkey, 'state', 'queued')
   redis.call('HDEL', pkey, 'match')
+  changed(KEYS[6], 'a', p, ticket)
   if not rec[3] then
     -- Disconnected meanwhile: the usual resume grace applies.
     redis.call('ZADD', KEYS[5], now + tonumber(ARGV[4]), p)
+    changed(KEYS[6], 'g', p)
   end
   tell(j, 'requeued', rec[2])
 end
 
 -- Out of matchmaking: idle while connected, forgotten otherwise.
 local function clear(j, what)
-  local pkey, rec = KEYS[5 + j], recs[j]
+  local pkey, rec = KEYS[6 + j], recs[j]
   if rec[1] ~= ARGV[2] then
     return
   end
@@ -146,7 +151,7 @@ end
 
 -- A dodge: counts toward `player_blocked` (the earlier server's blacklist).
 local function penalise(j)
-  local key = KEYS[5 + n + j]
+  local key = KEYS[6 + n + j]
   redis.call('ZADD', key, now, ARGV[2])
   redis.call('PEXPIRE', key, ARGV[5])
 end

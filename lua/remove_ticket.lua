@@ -1,5 +1,6 @@
 -- remove_ticket: take a poison candidate (undecodable ticket) out of a mode's queue.
--- KEYS[1] player hash  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace   ARGV[1] player  ARGV[2] mode
+-- KEYS[1] player hash  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace  KEYS[5] changes
+-- ARGV[1] player  ARGV[2] mode
 -- ARGV[3] delivery channel prefix (keys.DELIVERY_PREFIX)
 -- Returns {"removed"}, or {"absent"}. A connected owner's worker hears a "removed" notice
 -- (dequeued{removed}), from here so it stays in order with the other notices.
@@ -7,9 +8,11 @@ if not redis.call('ZSCORE', KEYS[2], ARGV[1]) and redis.call('HEXISTS', KEYS[3],
   return {'absent'}
 end
 --#include notify
+--#include changes
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
+changed(KEYS[5], 'r', ARGV[1])
 local cur = redis.call('HMGET', KEYS[1], 'state', 'mode', 'worker', 'conn')
 if cur[1] == 'queued' and cur[2] == ARGV[2] then
   if cur[4] then

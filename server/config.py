@@ -102,8 +102,9 @@ class MatchingConfig(_Base, frozen=True):
     enabled: bool = True  # false: this process serves clients but never runs for a lease
     tick_ms: int = 100  # TryMatch period per mode
     lease_ttl_ms: int = 3000  # leader lease; renewed every third of it
-    tick_budget_ms: int = 800  # a tick stops committing past this (well inside the lease)
-    snapshot_chunk: int = 2000  # queue entries read per Redis call (bounds each call's cost)
+    tick_budget_ms: int = 800  # a tick stops committing this long after it began (< the lease)
+    snapshot_chunk: int = 1000  # queue entries per Redis read of a full load (bounds each call)
+    changes_chunk: int = 1000  # changes-stream entries per Redis read (bounds each call)
     commit_batch_players: int = 100  # players per fenced commit script (~1-3 ms of Redis each)
     ready_timeout_ms: int = 15_000  # ready-check deadline after start_loading
     finished_match_ttl_ms: int = 30_000  # an ended match's record stays this long, then expires
@@ -278,8 +279,8 @@ def _check_storage(config: Config) -> None:
 
 def _check_matching(config: Config) -> None:
     m = config.matching
-    if m.tick_ms < 1 or m.snapshot_chunk < 1 or m.commit_batch_players < 1:
-        _fail("matching", "tick_ms, snapshot_chunk and commit_batch_players must be >= 1")
+    if min(m.tick_ms, m.snapshot_chunk, m.changes_chunk, m.commit_batch_players) < 1:
+        _fail("matching", "tick_ms, snapshot_chunk, changes_chunk and commit_batch_players must be >= 1")
     if not 0 < m.tick_budget_ms * 2 <= m.lease_ttl_ms:
         _fail("matching.tick_budget_ms", "must be > 0 and at most half of matching.lease_ttl_ms")
     if m.ready_timeout_ms < 1 or m.finished_match_ttl_ms < 1:

@@ -45,6 +45,9 @@ COMMITS_FENCED: Final = Counter(
 QUEUE_SIZE: Final = Gauge(
     "fastmatch_queue_size", "Matchable candidates seen by the leader's last tick", ["mode"],
     multiprocess_mode="livemax")
+POOL_LOADS: Final = Counter(
+    "fastmatch_pool_loads", "Full reads of a queue by its leader's pool (a new leader, or a "
+    "pool that disagreed with the queue)", ["mode"])
 LEADER: Final = Gauge(
     "fastmatch_leader", "1 while this process holds the mode's matchmaking lease", ["mode"],
     multiprocess_mode="livesum")

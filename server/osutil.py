@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import signal
 import sys
 from typing import Final
@@ -22,3 +23,15 @@ def exit_if_orphaned() -> None:
     """The parent may have died before ``die_with_parent`` took effect: then we are init's."""
     if os.getppid() == 1:
         sys.exit(1)
+
+
+def machine() -> str:
+    """What a benchmark ran on, for its report: host, CPU model and count, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"

@@ -1,4 +1,4 @@
-"""The ``fastmatch`` command: ``serve`` and ``token``."""
+"""The ``fastmatch`` command: ``serve``, ``token``, ``gameserver``, ``sim`` and ``bench-tick``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,22 @@ def cmd_gameserver(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_tick(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from server.app.benchtick import TickBench, run_bench
+
+    config = _load(args)
+    if args.mode not in config.modes:
+        raise ConfigError(f"--mode {args.mode!r} is not a configured mode ({', '.join(config.modes)})")
+    if args.players < 2 or not 0 <= args.churn <= 1 or args.ticks < 1:
+        raise ConfigError("bench-tick needs --players >= 2, --churn in [0, 1] and --ticks >= 1")
+    bench = TickBench(args.players, args.churn, args.mode, args.ticks, args.matchable)
+    print(json.dumps(asyncio.run(run_bench(config, bench))), flush=True)
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from server.sim.cli import main as sim_main
 
@@ -88,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     game.add_argument("--reject-rate", type=float, default=0.0, help="share of requests to reject")
     game.add_argument("--silent", action="store_true", help="never answer")
     game.set_defaults(func=cmd_gameserver)
+    bench = sub.add_parser("bench-tick", help="one mode's TryMatch tick on a big pool (private Redis)")
+    bench.add_argument("--players", type=int, default=100_000, help="waiting players")
+    bench.add_argument("--churn", type=float, default=0.01,
+                       help="share of the pool joining or leaving per tick")
+    bench.add_argument("--mode", default="1v1", help="configured game mode")
+    bench.add_argument("--ticks", type=int, default=50, help="measured ticks")
+    bench.add_argument("--matchable", action="store_true",
+                       help="everyone matchable: time to commit the whole pool")
+    bench.set_defaults(func=cmd_bench_tick)
     from server.sim.cli import add_arguments as sim_arguments
 
     sim = sub.add_parser("sim", help="simulated players over real WebSockets (load, SLO gate)")

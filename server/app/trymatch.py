@@ -1,21 +1,36 @@
-"""One TryMatch tick for one mode: snapshot, decode, pair, fenced commit (which tells the
-players, from inside the script so notices keep Redis' order)."""
+"""One TryMatch tick for one mode: bring the pool up to date, pair, fenced commit (which tells
+the players, from inside the script so notices keep Redis' order).
+
+The pool (issue 10) is the mode's queue held in memory: loaded once by a full snapshot, then
+kept up to date with the changes stream the scripts append to, so a tick costs what changed,
+not a re-read of the whole queue. A pool that disagrees with the queue's size, or whose stream
+position is gone, is loaded again. A stale pool can only cost a skipped commit (the commit
+re-checks every player), never a wrong match."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from server import metrics
 from server.app.lease import Lease
 from server.config import MatchingConfig, ModeConfig
-from server.matching.plan import Candidates, MatchPlan, plan_matches
-from server.store.errors import StoreUnavailable
-from server.store.matches import CommitResult, MatchStore
+from server.logthrottle import Throttled
+from server.matching.changes import Added, Removed
+from server.matching.plan import MatchPlan, plan_matches
+from server.matching.pool import Pool
+from server.store.errors import StoreError, StoreUnavailable
+from server.store.matches import ChangeBatch, CommitResult, MatchStore
 
 log = logging.getLogger(__name__)
+_disagrees = Throttled(log, "pool disagreements")
+# Commit scripts in flight at once: enough that Redis never waits for the leader to prepare
+# the next batch, few enough that a fenced leader wastes little (each is re-checked anyway).
+_COMMITS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +55,88 @@ class TryMatch:
         self.hold = hold
         self.held = ""  # why this mode forms no matches now ("" when it does)
         self.ticks = 0
+        # Kept across leadership terms: the changes since `position` bring it up to date
+        # whoever ticked meanwhile (or it is loaded again when they are trimmed away).
+        self.pool: Pool | None = None
+        self.position = ""
+        # Queued players whose ticket does not decode (not in the pool), until their removal
+        # comes through the stream: the queue's size counts them.
+        self.poison: dict[str, None] = {}
+        self.loads = 0
 
-    async def plan(self) -> tuple[list[MatchPlan], list[str]]:
-        """Snapshot and pair: the matches to commit, and the poison candidates seen."""
-        snap = await self.matches.snapshot(self.name, self.config.snapshot_chunk)
-        metrics.QUEUE_SIZE.labels(self.name).set(len(snap.players))
-        cands = Candidates.decode(snap.players, snap.tickets)
+    async def plan(self) -> tuple[Sequence[MatchPlan], list[str]]:
+        """Bring the pool up to date and pair: the matches to commit, and the poison seen."""
+        now_ms = await self.sync()
+        assert self.pool is not None
+        metrics.QUEUE_SIZE.labels(self.name).set(self.pool.matchable)
         self.ticks += 1
         prefix = f"{self.lease.epoch}.{self.ticks}"
-        return plan_matches(cands, self.mode, snap.now_ms, prefix), cands.poison
+        return plan_matches(self.pool.candidates(), self.mode, now_ms, prefix), list(self.poison)
+
+    async def sync(self) -> int:
+        """Apply every change since the pool's position, loading the queue instead when there
+        is no pool yet, its position is gone from the stream, or it disagrees with the queue's
+        size. Returns the Redis clock."""
+        if self.pool is None:
+            return await self.load()
+        sizes = await self._follow()
+        if sizes is None:
+            log.warning("%s: the pool's stream position is gone; loading the queue again", self.name)
+            return await self.load()
+        if not self._agrees(sizes):
+            _disagrees("%s: the pool holds %d players (%d in grace, %d poison), the queue %d "
+                       "(%d in grace); loading it again", self.name, len(self.pool),
+                       self.pool.check().graced, len(self.poison), sizes.queue_size, sizes.graced)
+            return await self.load()
+        return sizes.now_ms
+
+    async def load(self) -> int:
+        """A full read of the queue, then the changes made while it ran."""
+        started = time.monotonic()
+        self.pool = None  # until the load completes, nothing half-read is used
+        snap = await self.matches.snapshot(self.name, self.config.snapshot_chunk)
+        pool = Pool()
+        self.poison = dict.fromkeys(pool.load(snap.players, snap.tickets, snap.grace))
+        self.position = snap.position
+        self.pool = pool
+        self.loads += 1
+        metrics.inc(metrics.POOL_LOADS, self.name)
+        sizes = await self._follow()
+        if sizes is None:
+            self.pool = None
+            raise StoreError(f"{self.name}: the changes stream lost its position during a load")
+        if not self._agrees(sizes):
+            # Something changed the queue without telling the stream (a script that does not
+            # append, or a hand edit): matching goes on with what was read; commits re-check.
+            _disagrees("%s: the queue changed outside the scripts during a load", self.name)
+        log.info("%s: loaded %d queued players in %.0f ms", self.name, len(pool),
+                 (time.monotonic() - started) * 1000)
+        return sizes.now_ms
+
+    async def _follow(self) -> ChangeBatch | None:
+        """Apply the changes after the position until the stream has no more; the last read
+        (with the queue's sizes after it), or None when the position is gone."""
+        assert self.pool is not None
+        while True:
+            batch = await self.matches.changes(self.name, self.position, self.config.changes_chunk)
+            if batch is None:
+                return None
+            found = self.pool.apply(batch.changes)
+            for change in batch.changes:
+                if isinstance(change, Added | Removed):
+                    self.poison.pop(change.player, None)
+            self.poison.update(dict.fromkeys(found))
+            self.position = batch.position
+            if batch.complete:
+                return batch
+
+    def _agrees(self, sizes: ChangeBatch) -> bool:
+        assert self.pool is not None
+        check = self.pool.check()
+        if check.size + len(self.poison) != sizes.queue_size:
+            return False
+        # Poison players are not in the pool, so the ones in grace are not counted there.
+        return check.graced == sizes.graced or (bool(self.poison) and check.graced < sizes.graced)
 
     async def run(self, token: str) -> int:
         """One tick under ``token``'s lease; returns the number of matches committed."""
@@ -59,7 +147,8 @@ class TryMatch:
             # Asked only when a match could form: a quiet mode costs no probe.
             if not plans or await self._held():
                 return 0
-            return await self.commit(token, plans, started)
+            # The budget is the commit's: a long load (a new leader) still commits after it.
+            return await self.commit(token, plans, time.monotonic())
         finally:
             metrics.observe(metrics.TRY_MATCH_SECONDS, time.monotonic() - started, self.name)
 
@@ -78,28 +167,48 @@ class TryMatch:
         return bool(reason)
 
     async def commit(self, token: str, plans: Sequence[MatchPlan], started: float) -> int:
+        """Commit in fenced batches, a few in flight at once (Redis runs one while the next is
+        prepared and sent), until done, fenced, the lease is gone or the budget is spent."""
         budget_s = self.config.tick_budget_ms / 1000
-        by_id = {p.match_id: p for p in plans}
         committed = tried = 0
-        for batch in _batches(plans, self.config.commit_batch_players):
-            if not self.lease.holds(token):
-                log.warning("%s: lease lost mid-tick; %d of %d matches left uncommitted",
-                            self.name, len(plans) - tried, len(plans))
-                break
-            if time.monotonic() - started > budget_s:
-                log.warning("%s: tick budget of %.0f ms spent; %d of %d matches wait for the next "
-                            "tick", self.name, budget_s * 1000, len(plans) - tried, len(plans))
-                break
-            tried += len(batch)
-            result = await self._commit_batch(token, batch)
-            if result.fenced:
+        fenced = False
+        in_flight: deque[tuple[Sequence[MatchPlan], asyncio.Task[CommitResult]]] = deque()
+        try:
+            for batch in _batches(plans, self.config.commit_batch_players):
+                if fenced or not self.lease.holds(token):
+                    log.warning("%s: lease lost mid-tick; %d of %d matches left uncommitted",
+                                self.name, len(plans) - tried, len(plans))
+                    break
+                if time.monotonic() - started > budget_s:
+                    log.warning("%s: tick budget of %.0f ms spent; %d of %d matches wait for the "
+                                "next tick", self.name, budget_s * 1000, len(plans) - tried, len(plans))
+                    break
+                tried += len(batch)
+                in_flight.append((batch, asyncio.create_task(self._commit_batch(token, batch))))
+                if len(in_flight) >= _COMMITS_IN_FLIGHT:
+                    done, fenced = await self._settle(in_flight.popleft(), fenced)
+                    committed += done
+            while in_flight:
+                done, fenced = await self._settle(in_flight.popleft(), fenced)
+                committed += done
+        finally:
+            for _, task in in_flight:  # cancelled mid-tick: the ids make a later retry safe
+                task.cancel()
+        return committed
+
+    async def _settle(
+        self, sent: tuple[Sequence[MatchPlan], asyncio.Task[CommitResult]], fenced: bool,
+    ) -> tuple[int, bool]:
+        batch, task = sent
+        result = await task
+        if result.fenced:
+            if not fenced:
                 metrics.inc(metrics.COMMITS_FENCED, self.name)
                 self.lease.lose()
                 log.warning("%s: commit fenced: this worker is no longer the leader", self.name)
-                break
-            committed += len(result.committed)
-            self._record(result, by_id)
-        return committed
+            return 0, True
+        self._record(result, {plan.match_id: plan for plan in batch})
+        return len(result.committed), fenced
 
     async def _commit_batch(self, token: str, batch: Sequence[MatchPlan]) -> CommitResult:
         try:

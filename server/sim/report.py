@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from server.osutil import machine
 from server.sim.runner import RunResult
 
 
@@ -39,8 +38,7 @@ def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
                for name, peak in sorted(r.sampler.peak_rss_mb.items())}
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"Python {platform.python_version()}",
+        "machine": machine(),
         "config": {"rate": r.config.rate, "duration_s": r.config.duration_s, "ramp_s": r.config.ramp_s,
                    "mix": r.config.mix, "mode": r.config.settings.mode,
                    "arrival_tick_ms": r.config.arrival_tick_s * 1000},

@@ -90,16 +90,33 @@ def hold_failures(mode: str) -> str:
     return f"{{mm:{mode}}}:hold_failures"
 
 
+def changes(mode: str) -> str:
+    """STREAM of every change of the mode's queue (issue 10), appended by the scripts that make
+    them, trimmed to about CHANGES_KEPT entries: what the mode's leader applies to the pool it
+    keeps in memory instead of re-reading the queue every tick. Fields: ``o`` the change
+    (``a`` added, with ``t`` its ticket; ``r`` removed; ``g`` resume grace began; ``u`` it
+    ended, the player is matchable again; ``m`` matched, ``p`` holding every player of the
+    match, comma-separated), ``p`` the player."""
+    return f"{{mm:{mode}}}:changes"
+
+
+CHANGES_KEPT: Final = 100_000
+
+
 def mode_keys(mode: str) -> list[str]:
-    return [queue(mode), tickets(mode), grace(mode)]
+    """What every script touching a mode's queue declares, in this order: queue, tickets,
+    grace, changes."""
+    return [queue(mode), tickets(mode), grace(mode), changes(mode)]
 
 
-_LASTING: Final = (":leader", ":epoch", ":players", ":hold", ":hold_failures")
+_LASTING: Final = (":leader", ":epoch", ":players", ":hold", ":hold_failures", ":changes")
 
 
 def outlives_players(key: str) -> bool:
     """May this key remain once every player has left (DESIGN invariant 6)? The worker registry
     and per-worker sets while workers run, a live lease, the epoch counter, a mode's hold and its
-    failure count (both expire by themselves), and penalties, which expire with their window.
+    failure count (both expire by themselves), its changes stream (a log of what happened,
+    trimmed to CHANGES_KEPT entries, not a record of anyone), and penalties, which expire with
+    their window.
     Anything else left behind is a leak."""
     return key == WORKERS or key.endswith(_LASTING) or key.startswith("fm:penalty:")

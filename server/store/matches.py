@@ -9,6 +9,7 @@ from typing import Final, Literal, Protocol
 
 import msgspec
 
+from server.matching.changes import Added, Change, GraceOff, GraceOn, Removed
 from server.matching.plan import MatchPlan
 from server.protocol.results import ReadyResult
 from server.store import keys
@@ -24,13 +25,30 @@ class LeaseGrant:
 
 
 @dataclass(slots=True)
-class Snapshot:
-    """Matchable candidates in queue order: player ids and their raw tickets (b"" when a
-    queued player has no ticket: the decoder reports it as poison)."""
+class PoolSnapshot:
+    """A full read of a mode's queue in queue order (grace included, with its tickets; b""
+    for a queued player without one: poison), and the changes stream's position before it:
+    every change after ``position``, applied on top, brings the pool up to date."""
 
     now_ms: int = 0
+    position: str = ""
     players: list[str] = field(default_factory=list)
     tickets: list[bytes | None] = field(default_factory=list)
+    grace: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    """Changes of a mode's queue after a position, in order. ``position`` is the last one's
+    id (the one asked from when none). When ``complete`` (the stream had no more), the queue
+    held ``queue_size`` players, ``graced`` of them in resume grace, right after the last."""
+
+    now_ms: int
+    position: str
+    changes: list[Change]
+    queue_size: int
+    graced: int
+    complete: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,37 +87,62 @@ class MatchStore:
     async def release(self, mode: str, token: str) -> bool:
         return to_int(await self.client.script("lease_release", [keys.leader(mode)], [token])) == 1
 
-    async def snapshot(self, mode: str, chunk: int) -> Snapshot:
-        """Read the queue in chunks so no single call holds Redis for long (DESIGN targets).
-
-        The chunks are not one atomic view; the commit re-checks everything it relies on.
-        """
-        snap = Snapshot()
-        seen: set[str] = set()
-        start = 0
-        script_keys = [keys.queue(mode), keys.tickets(mode), keys.grace(mode)]
-        while True:
-            reply = await self.client.script("snapshot", script_keys, [start, chunk])
-            if not isinstance(reply, list) or len(reply) < 2 or len(reply) % 2:
+    async def snapshot(self, mode: str, chunk: int) -> PoolSnapshot:
+        """Read the whole queue for the leader's pool, ``chunk`` entries per call so no call
+        holds Redis for long (issue 10: none over 5 ms). The chunks are not one atomic view:
+        the changes after the position recorded by the first one make up the difference."""
+        snap = PoolSnapshot()
+        script_keys = [*keys.mode_keys(mode)]
+        bound = "-inf"
+        while bound:
+            reply = await self.client.script("snapshot", script_keys, [bound, chunk])
+            if not isinstance(reply, list) or len(reply) < 3 or len(reply) % 3:
                 raise ProtocolViolation(f"snapshot replied {reply!r:.200}")
-            if not snap.now_ms:
-                snap.now_ms = to_int(reply[0])
-            scanned = to_int(reply[1])
-            # Whole-list slicing: this loop runs over every queued player every tick.
-            names = [p.decode() if isinstance(p, bytes) else str(p) for p in reply[2::2]]
-            raw = reply[3::2]
-            if seen.isdisjoint(names):
-                snap.players.extend(names)
-                snap.tickets.extend(raw)
-            else:  # entries shift between chunks when other players leave meanwhile
-                for name, ticket in zip(names, raw, strict=True):
-                    if name not in seen:
-                        snap.players.append(name)
-                        snap.tickets.append(ticket)
-            seen.update(names)
-            if scanned < chunk:
-                return snap
-            start += chunk
+            if not snap.position:
+                snap.now_ms, snap.position = to_int(reply[0]), as_str(reply[1])
+            bound = as_str(reply[2])
+            # Whole-list slicing: a load walks every queued player.
+            names = [p.decode() if isinstance(p, bytes) else str(p) for p in reply[3::3]]
+            snap.players.extend(names)
+            snap.tickets.extend(reply[4::3])
+            snap.grace.extend(n for n, g in zip(names, reply[5::3], strict=True) if g)
+        if not snap.position:
+            raise ProtocolViolation("snapshot gave no stream position")
+        return snap
+
+    async def changes(self, mode: str, position: str, limit: int) -> ChangeBatch | None:
+        """The queue's changes after ``position`` (at most ``limit`` stream entries), or None
+        when that position is gone from the stream: only a new snapshot is safe then."""
+        reply = await self.client.script(
+            "changes", [keys.changes(mode), keys.queue(mode), keys.grace(mode)], [position, limit])
+        if isinstance(reply, list) and len(reply) == 1 and as_str(reply[0]) == "reload":
+            return None
+        if not (isinstance(reply, list) and len(reply) >= 4 and len(reply) % 4 == 0
+                and as_str(reply[0]) == "ok"):
+            raise ProtocolViolation(f"changes replied {reply!r:.200}")
+        out: list[Change] = []
+        for i in range(4, len(reply), 4):
+            op, player = as_str(reply[i + 1]), as_str(reply[i + 2])
+            if op == "a":
+                ticket = reply[i + 3]
+                out.append(Added(player, ticket if isinstance(ticket, bytes) else None))
+            elif op == "r":
+                out.append(Removed(player))
+            elif op == "m":
+                out.extend(Removed(p) for p in player.split(",") if p)
+            elif op == "g":
+                out.append(GraceOn(player))
+            elif op == "u":
+                out.append(GraceOff(player))
+            elif op != "s":  # "s": the marker a snapshot of an empty stream leaves
+                raise ProtocolViolation(f"changes: unknown change {op!r}")
+        entries = (len(reply) - 4) // 4
+        return ChangeBatch(
+            now_ms=to_int(reply[1]),
+            position=as_str(reply[-4]) if entries else position,
+            changes=out, queue_size=to_int(reply[2]), graced=to_int(reply[3]),
+            complete=entries < limit,
+        )
 
     async def commit(
         self, mode: str, token: str, ready_timeout_ms: int, matches: Sequence[MatchPlan]

@@ -130,6 +130,9 @@ class RespProtocol(asyncio.Protocol):
             waiter = self._waiters.popleft()[0]
             if not waiter.done():
                 waiter.set_exception(error)
+                # Marked as seen: a caller cancelled just as this lands never awaits it, and
+                # the failure is already reported to every caller that does.
+                waiter.exception()
         if not self.closed.done():
             self.closed.set_result(None)
 

@@ -127,13 +127,13 @@ async def test_commit_removes_entries_whose_owner_is_gone(client: RedisClient, a
     assert await admin.hget(keys.tickets("1v1"), "ghost") is None
 
 
-async def test_snapshot_reads_in_chunks_in_queue_order_without_graced_players(
+async def test_snapshot_reads_in_chunks_in_queue_order_marking_graced_players(
     client: RedisClient,
 ) -> None:
     players = [f"p{i:02}" for i in range(10)]
     store = await queue_players(client, "5v5", *players)
-    await store.detach("p03", "p03-c")  # disconnected: in grace, not matchable
+    await store.detach("p03", "p03-c")  # disconnected: in grace, kept but not matchable
     snap = await MatchStore(client).snapshot("5v5", chunk=3)
-    assert snap.players == [p for p in players if p != "p03"]
+    assert snap.players == players and snap.grace == ["p03"]
     assert all(t is not None and t.startswith(b"1500.0|") for t in snap.tickets)
-    assert snap.now_ms > 0
+    assert snap.now_ms > 0 and snap.position
