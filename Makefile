@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck check bench build clean ts schema fuzz
+.PHONY: serve test test-stress lint typecheck check bench build clean ts schema fuzz
 
 # The TypeScript client (clients/typescript): tsc from the npm registry, pinned by the lockfile.
 TS     := clients/typescript
@@ -34,6 +34,11 @@ check: lint typecheck
 
 test: check ts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The suite on a contended machine (README "Development"): three rounds, each with a CPU hog on
+# one core, then on every core; prints each failure with its test id. About half an hour.
+test-stress: check ts
+	$(BIN)/python -m tests.stress --rounds $(or $(ROUNDS),3) $(PYTEST_ARGS)
 
 # The protocol fuzzer's release run (README "Protocol fuzzer"): FUZZ_EXAMPLES examples per
 # session state (default 2,000), four times as many upgrade requests; `make test` runs 50.
