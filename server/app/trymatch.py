@@ -4,6 +4,7 @@ players, from inside the script so notices keep Redis' order)."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ class TryMatch:
         self.hold = hold
         self.held = ""  # why this mode forms no matches now ("" when it does)
         self.ticks = 0
+        # Epochs start again at 1 when Redis loses its data: the tag keeps match ids unique
+        # (a client's loading_session_id, a game server's match_id) across such a restart.
+        self.tag = secrets.token_hex(3)
 
     async def plan(self) -> tuple[list[MatchPlan], list[str]]:
         """Snapshot and pair: the matches to commit, and the poison candidates seen."""
@@ -47,7 +51,7 @@ class TryMatch:
         metrics.QUEUE_SIZE.labels(self.name).set(len(snap.players))
         cands = Candidates.decode(snap.players, snap.tickets)
         self.ticks += 1
-        prefix = f"{self.lease.epoch}.{self.ticks}"
+        prefix = f"{self.lease.epoch}.{self.tag}.{self.ticks}"
         return plan_matches(cands, self.mode, snap.now_ms, prefix), cands.poison
 
     async def run(self, token: str) -> int:
