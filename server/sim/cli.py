@@ -75,10 +75,10 @@ def main(args: argparse.Namespace, config: Config) -> int:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     ceiling = _ceiling(args.procs) if args.ceiling else None
     if args.serve:
-        from server.sim.launch import served
+        from server.sim.launch import started
 
         log = Path(tempfile.gettempdir()) / f"fastmatch-sim-serve-{os.getpid()}.log"
-        with served(args.workers, {}, log) as server:
+        with started(args.workers, {}, log) as server:
             result = _loop(_run(args, config, mix, server.url, server.redis.url, faults, server))
     else:
         if not args.redis_url:

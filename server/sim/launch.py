@@ -133,7 +133,7 @@ def _running(pid: int) -> bool:
 
 
 @contextmanager
-def served(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Iterator[Server]:
+def started(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Iterator[Server]:
     """A freshly started server; everything is stopped afterwards."""
     with EmbeddedRedis() as store, log_path.open("wb") as log:
         server = Server(workers, extra_env, store, log)
@@ -142,3 +142,10 @@ def served(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Iterat
             yield server
         finally:
             server.stop()
+
+
+@contextmanager
+def served(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Iterator[tuple[str, str]]:
+    """Yield (ws url, redis url) of a freshly started server; stop everything afterwards."""
+    with started(workers, extra_env, log_path) as server:
+        yield server.url, server.redis.url
