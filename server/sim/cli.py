@@ -32,6 +32,7 @@ DEFAULT_MIX = ("normal=70,quit_before_match=5,quit_during_loading=3,slow_loader=
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="server WebSocket URL")
     p.add_argument("--redis-url", help="the server's Redis (stats and leftover checks)")
+    p.add_argument("--ca-file", default="", help="wss:// URLs: trust this CA (PEM file)")
     p.add_argument("--serve", action="store_true", help="start a private Redis + fastmatch serve")
     p.add_argument("--workers", type=int, default=2, help="with --serve: worker processes")
     p.add_argument("--rate", type=float, default=200.0, help="arriving players per second")
@@ -138,7 +139,7 @@ def _config(args: argparse.Namespace, config: Config, mix: dict[str, float], url
     grace = config.server.resume_grace_ms / 1000
     settings = SimSettings(url=url, secret=config.auth.secret, mode=args.mode,
                            lifetime_s=args.lifetime, rating_sd=args.rating_sd, redis_url=redis_url,
-                           resume_grace_s=grace,
+                           resume_grace_s=grace, ca_file=args.ca_file,
                            outcome_bound_s=(config.matching.ready_timeout_ms
                                             + config.gameserver.allocation_timeout_ms) / 1000 + 5)
     final_batch = args.final_batch if args.final_batch is not None else 20 if faults else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from ssl import SSLContext
 
 import msgspec
 
@@ -33,9 +34,9 @@ class ObservedClient(Client):
     ``asked:<what>`` (the player closed or cut it on purpose); the player adds its own."""
 
     def __init__(self, url: str, mint: Callable[[], str], clock: Clock, *, auto_ready: bool,
-                 resume_grace_s: float) -> None:
+                 resume_grace_s: float, ssl: SSLContext | None = None) -> None:
         super().__init__(url, self._token, auto_ready=auto_ready, reconnect=True,
-                         resume_grace_s=resume_grace_s)
+                         resume_grace_s=resume_grace_s, ssl=ssl)
         self._mint = mint
         self._clock = clock
         self.events: list[tuple[float, str]] = []
