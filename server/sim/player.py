@@ -114,22 +114,25 @@ class _Play(Playing):
         self.result.outcome = "quit_loading"
 
     async def _invalid(self) -> None:
-        client = await self.open(auto_ready=True)
+        await self.open(auto_ready=True)
         for frame in ("not json", '{"type": "warp"}'):
-            client.send(frame)
-            while not isinstance(err := await self.next(), Error):
+            if not self.send(frame, frame):
+                break
+            while not isinstance(answer := await self.next(), Error | Welcome):
                 pass
-            if err.code != "invalid_message":
-                self.check.violations.append(f"{self.player}: bad frame answered {err}")
+            if type(answer) is Welcome:
+                break  # resumed: the answer went with the old connection
+            if isinstance(answer, Error) and answer.code != "invalid_message":
+                self.check.violations.append(f"{self.player}: bad frame answered {answer}")
         self.wants_queue = True
         self.enqueue()
         await self._lifecycle()
 
     async def _double_enqueue(self) -> None:
-        client = await self.open(auto_ready=True)
+        await self.open(auto_ready=True)
         self.wants_queue = True
         self.enqueue()
-        client.send(Enqueue(game_mode=self.s.mode))  # leaves before the first is answered
+        self.send(Enqueue(game_mode=self.s.mode), "enqueue (again, before the first is answered)")
         answers: list[ServerMessage] = []
         while len(answers) < 2:
             msg = await self.next()

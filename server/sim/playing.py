@@ -39,6 +39,7 @@ from server.client import (
     Welcome,
     retry,
 )
+from server.protocol.messages import ClientMessage
 from server.sim.checker import SequenceChecker, SessionSeen
 from server.sim.facts import Facts
 from server.sim.simclient import ObservedClient
@@ -219,23 +220,26 @@ class Playing:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def sent(self, what: str) -> None:
+    def send(self, message: ClientMessage | str, what: str) -> bool:
+        """Send unless the connection is down (then the welcome after the resume says where
+        things stand, and the player acts on that)."""
+        assert self.client is not None
+        if not self.client.connected:
+            return False
         self.trail.append((self.now(), ">", what))
+        self.client.send(message)
+        return True
 
     def enqueue(self) -> None:
-        assert self.client is not None
-        self.sent("enqueue")
-        self.since = self.now()
-        self.result.t_enqueue = self.result.t_enqueue or self.since
-        self.check.sent("enqueue")
-        self.client.send(Enqueue(game_mode=self.s.mode))
+        if self.send(Enqueue(game_mode=self.s.mode), "enqueue"):
+            self.since = self.now()
+            self.result.t_enqueue = self.result.t_enqueue or self.since
+            self.check.sent("enqueue")
 
     def dequeue(self) -> None:
-        assert self.client is not None
         self.wants_queue = False
-        self.sent("dequeue")
-        self.check.sent("dequeue")
-        self.client.send(Dequeue())
+        if self.send(Dequeue(), "dequeue"):
+            self.check.sent("dequeue")
 
     async def step(self) -> ServerMessage | None:
         """One message (None when a retry came due), and what any player does about it: queue
@@ -271,8 +275,8 @@ class Playing:
         elif state == "loading" and self.loads and self.check.sessions:
             # The client answers a ready check once; an answer refused by storage trouble is sent
             # again, as an application would after `unavailable`.
-            self.sent("loading_complete (again)")
-            self.client.send(LoadingComplete(loading_session_id=self.check.sessions[-1].session))
+            self.send(LoadingComplete(loading_session_id=self.check.sessions[-1].session),
+                      "loading_complete (again)")
 
     # -- a whole player ---------------------------------------------------------------------------
 
