@@ -210,10 +210,12 @@ class SequenceChecker:
             if self.state == "idle" and asked:  # an earlier, ambiguous enqueue did run
                 self.state, self.queued_at = "queued", None
         elif code == "not_in_queue":
+            ran = "dequeue" in self.ambiguous  # an earlier dequeue refused `unavailable` did run
             self.pending.discard("dequeue")
             self.ambiguous.discard("dequeue")
             if self.state == "queued":
-                self.vanished = "not_in_queue while queued"
+                if not ran:
+                    self.vanished = "not_in_queue while queued"
                 self.state, self.queued_at = "idle", None
         elif code in ("player_blocked", "unsupported_game_mode"):
             self.pending.discard("enqueue")

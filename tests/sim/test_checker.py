@@ -164,6 +164,13 @@ def test_removals_are_told_and_unasked_dequeues_are_not() -> None:
     not_queued.sent("dequeue")
     not_queued.received(Error(code="not_in_queue", message="x"))
     assert not_queued.vanished and not_queued.state == "idle"
+    # A dequeue refused `unavailable` that ran all the same: the one sent again finds no ticket.
+    ran = run(WELCOME, ENQUEUED)
+    ran.sent("dequeue")
+    ran.received(Error(code="unavailable", message="x", retry_after_ms=1000))
+    ran.sent("dequeue")
+    ran.received(Error(code="not_in_queue", message="x"))
+    assert ran.vanished == "" and ran.violations == [] and ran.state == "idle"
 
 
 def test_requeued_keeps_the_original_place() -> None:
