@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -55,6 +56,9 @@ class TryMatch:
         self.hold = hold
         self.held = ""  # why this mode forms no matches now ("" when it does)
         self.ticks = 0
+        # Epochs start again at 1 when Redis loses its data: the tag keeps match ids unique
+        # (a client's loading_session_id, a game server's match_id) across such a restart.
+        self.tag = secrets.token_hex(3)
         # Kept across leadership terms: the changes since `position` bring it up to date
         # whoever ticked meanwhile (or it is loaded again when they are trimmed away).
         self.pool: Pool | None = None
@@ -70,7 +74,7 @@ class TryMatch:
         assert self.pool is not None
         metrics.QUEUE_SIZE.labels(self.name).set(self.pool.matchable)
         self.ticks += 1
-        prefix = f"{self.lease.epoch}.{self.ticks}"
+        prefix = f"{self.lease.epoch}.{self.tag}.{self.ticks}"
         return plan_matches(self.pool.candidates(), self.mode, now_ms, prefix), list(self.poison)
 
     async def sync(self) -> int:

@@ -1,8 +1,16 @@
 """Invariant checks on what simulated players heard (PROTOCOL 4, DESIGN invariants 1, 4, 5).
 
 Per player: the received sequence (typed messages, as the client decoded them) must follow the
-client-visible lifecycle. Across players: everyone of a loading session heard the same teams and
-a consistent outcome, and no player was matched twice.
+client-visible lifecycle, across the reconnects of a connection that ended unexpectedly. Across
+players: everyone of a loading session heard the same teams and a consistent outcome, and no
+player was matched twice.
+
+A reconnect is checked against what the player knew before it: a queued player resumes with its
+own ``queued_at_ms``, a loading one with its session (or learns it ended while it was away). A
+ticket that is gone without the player being told (no ``dequeued``, no ``error``) is recorded in
+:attr:`SequenceChecker.vanished` for the player to explain (a Redis restart that lost data, a
+ready check it walked out of, a resume grace that ran out) or to report as a violation: the
+checker itself cannot see those facts.
 """
 
 from __future__ import annotations
@@ -24,12 +32,19 @@ from server.protocol.messages import (
     Welcome,
 )
 
+# Ends of a session that say nothing about the match itself: this player went away.
+ABSENT: Final = frozenset({"left", "dropped"})
+# Errors after which a request may or may not have run (docs/protocol.md "Storage trouble").
+_AMBIGUOUS: Final = frozenset({"unavailable", "internal_error"})
+
 
 @dataclass
 class SessionSeen:
     session: str
-    teams: str  # canonical form, to compare across players
-    outcome: str = ""  # match_found | requeued | loading_timeout | left (this player quit)
+    teams: str  # canonical form, to compare across players; "" when resumed into it
+    # match_found | requeued | loading_timeout | removed (told) | left (this player quit) |
+    # dropped (its connection ended unexpectedly; it learned the end only from a welcome)
+    outcome: str = ""
 
 
 @dataclass
@@ -37,13 +52,23 @@ class SequenceChecker:
     """Feed every message a player receives, in order; collects violations."""
 
     player: str
-    state: str = "connecting"
+    state: str = "connecting"  # connecting | welcome | idle | queued | loading
+    queued_at: int | None = None  # of the current ticket, when known
     sessions: list[SessionSeen] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     matched: int = 0
+    # Requests sent and not answered yet, and those answered by an error after which they may
+    # have run all the same: either may show up as a state change nobody announced.
+    pending: set[str] = field(default_factory=set)
+    ambiguous: set[str] = field(default_factory=set)
+    vanished: str = ""  # the ticket is gone and nobody said so: the player explains or flags it
 
     def connected(self) -> None:
         self.state = "welcome"
+
+    def sent(self, request: str) -> None:
+        """The player sent ``enqueue`` or ``dequeue``."""
+        self.pending.add(request)
 
     def received(self, msg: ServerMessage) -> None:
         if self.state == "welcome":
@@ -51,11 +76,42 @@ class SequenceChecker:
                 self._bad(f"first message {_tag(msg)}, not welcome")
                 self.state = "idle"
                 return
-            self.state = msg.state
-            if self.state == "loading":  # resumed into a ready check; teams not repeated
-                self.sessions.append(SessionSeen(msg.loading_session_id or "", teams=""))
+            self._take_welcome(msg)
             return
         _HANDLERS[type(msg)](self, msg)
+
+    def resumed(self, welcome: Welcome) -> None:
+        """The first message of a connection made after the previous one ended unexpectedly."""
+        before, current = self.state, self.sessions[-1] if self.sessions else None
+        # A request in flight when the connection ended may or may not have run.
+        self.ambiguous |= self.pending
+        self.pending.clear()
+        same = welcome.state == "loading" and current is not None \
+            and current.session == welcome.loading_session_id and before == "loading"
+        if before == "loading" and current is not None and not current.outcome and not same:
+            current.outcome = "dropped"
+        if welcome.state != "idle" and before == "idle" and "enqueue" not in self.ambiguous:
+            self._bad(f"resumed {welcome.state} without having asked to queue")
+        if welcome.state == "queued" and before in ("queued", "loading") and self.queued_at \
+                and welcome.queued_at_ms != self.queued_at:
+            self._bad(f"resumed with queued_at {welcome.queued_at_ms}, was {self.queued_at}")
+        if welcome.state == "idle" and before == "queued" and "dequeue" not in self.ambiguous:
+            self.vanished = "resumed idle while queued"
+        if same:
+            self.state = "loading"
+            self.ambiguous.clear()
+            return
+        keep = self.queued_at if before in ("queued", "loading") else None
+        self._take_welcome(welcome)
+        if welcome.state == "loading":
+            self.queued_at = keep
+
+    def _take_welcome(self, msg: Welcome) -> None:
+        self.state = msg.state
+        self.ambiguous.clear()
+        self.queued_at = msg.queued_at_ms if msg.state == "queued" else None
+        if msg.state == "loading":  # resumed into a ready check; teams not repeated
+            self.sessions.append(SessionSeen(msg.loading_session_id or "", teams=""))
 
     def left(self) -> None:
         """This player closed its connection (by its behaviour)."""
@@ -70,24 +126,48 @@ class SequenceChecker:
         return True
 
     def _on_enqueued(self, msg: ServerMessage) -> None:
+        assert isinstance(msg, Enqueued)
+        self.pending.discard("enqueue")
+        self.ambiguous.discard("enqueue")
         if self._expect("idle", what="enqueued"):
-            self.state = "queued"
+            self.state, self.queued_at = "queued", msg.queued_at_ms
 
     def _on_dequeued(self, msg: ServerMessage) -> None:
+        assert isinstance(msg, Dequeued)
+        asked = "dequeue" in self.pending or "dequeue" in self.ambiguous
+        self.pending.discard("dequeue")
+        self.ambiguous.discard("dequeue")
+        if msg.reason == "removed":  # told: the server took the ticket (or the ready check)
+            if self._expect("queued", "loading", what="dequeued{removed}"):
+                self._end_current("removed")
+                self.state, self.queued_at = "idle", None
+            return
         if self._expect("queued", what="dequeued"):
-            self.state = "idle"
+            if not asked:
+                # What a worker sends when Redis no longer has a ticket it thought was there.
+                self.vanished = "dequeued{requested} that was never asked for"
+            self.state, self.queued_at = "idle", None
 
     def _on_start_loading(self, msg: ServerMessage) -> None:
         assert isinstance(msg, StartLoading)
-        if self._expect("queued", what="start_loading"):
+        # An enqueue answered `unavailable` may have run: its `enqueued` may never come.
+        states = ("queued", "idle") if "enqueue" in self.ambiguous else ("queued",)
+        if self._expect(*states, what="start_loading"):
             self.state = "loading"
+            self.ambiguous.discard("enqueue")
             teams = "|".join(",".join(sorted(t)) for t in msg.teams)
             if not any(self.player in team for team in msg.teams):
                 self._bad("start_loading for a match this player is not in")
             self.sessions.append(SessionSeen(msg.loading_session_id, teams))
 
     def _end_session(self, msg: ServerMessage, outcome: str, next_state: str) -> None:
-        if not self._expect("loading", what=outcome) or not self.sessions:
+        if self.state != "loading":
+            never = " (no start_loading: a ready check it was never told of)" \
+                if self.state == "queued" else ""
+            self._bad(f"{outcome} while {self.state}{never}")
+            self.state = next_state  # what the server says now: check on from there
+            return
+        if not self.sessions:
             return
         current = self.sessions[-1]
         sid = msg.loading_session_id if type(msg) is MatchFound else None
@@ -96,19 +176,49 @@ class SequenceChecker:
         current.outcome = outcome
         self.state = next_state
 
+    def _end_current(self, outcome: str) -> None:
+        if self.state == "loading" and self.sessions and not self.sessions[-1].outcome:
+            self.sessions[-1].outcome = outcome
+
     def _on_match_found(self, msg: ServerMessage) -> None:
         self._end_session(msg, "match_found", "idle")
+        self.queued_at = None
         self.matched += 1
         if self.matched > 1:
             self._bad("matched twice")
 
     def _on_requeued(self, msg: ServerMessage) -> None:
+        assert isinstance(msg, Requeued)
+        if self.queued_at and msg.queued_at_ms != self.queued_at:
+            self._bad(f"requeued with queued_at {msg.queued_at_ms}, was {self.queued_at}")
         self._end_session(msg, "requeued", "queued")
+        self.queued_at = msg.queued_at_ms
 
     def _on_error(self, msg: ServerMessage) -> None:
         assert isinstance(msg, Error)
-        if msg.code == "loading_timeout":
+        code = msg.code
+        if code == "loading_timeout":
             self._end_session(msg, "loading_timeout", "idle")
+            self.queued_at = None
+        elif code in _AMBIGUOUS:
+            self.ambiguous |= self.pending
+            self.pending.clear()
+        elif code == "already_in_queue":
+            asked = "enqueue" in self.pending or "enqueue" in self.ambiguous
+            self.pending.discard("enqueue")
+            self.ambiguous.discard("enqueue")
+            if self.state == "idle" and asked:  # an earlier, ambiguous enqueue did run
+                self.state, self.queued_at = "queued", None
+        elif code == "not_in_queue":
+            ran = "dequeue" in self.ambiguous  # an earlier dequeue refused `unavailable` did run
+            self.pending.discard("dequeue")
+            self.ambiguous.discard("dequeue")
+            if self.state == "queued":
+                if not ran:
+                    self.vanished = "not_in_queue while queued"
+                self.state, self.queued_at = "idle", None
+        elif code in ("player_blocked", "unsupported_game_mode"):
+            self.pending.discard("enqueue")
 
     def _on_queue_status(self, msg: ServerMessage) -> None:
         pass
@@ -133,16 +243,42 @@ _HANDLERS: Final[dict[type, Callable[[SequenceChecker, ServerMessage], None]]] =
 
 
 def cross_check(players: Iterable[tuple[str, list[SessionSeen]]]) -> list[str]:
-    """All players of a session saw the same teams and no contradictory outcome."""
+    """All players of a session saw the same teams and no contradictory outcome, and nobody
+    was in two matches that were found (unless it missed the first, disconnected)."""
     by_session: dict[str, list[tuple[str, SessionSeen]]] = defaultdict(list)
+    own: dict[tuple[str, str], str] = {}
     for player, sessions in players:
         for seen in sessions:
             by_session[seen.session].append((player, seen))
+            own[player, seen.session] = seen.outcome
     problems = []
+    found_in: dict[str, list[str]] = defaultdict(list)
     for session, entries in by_session.items():
         if len({s.teams for _, s in entries if s.teams}) > 1:
             problems.append(f"session {session}: players saw different teams")
-        outcomes = {s.outcome for _, s in entries if s.outcome and s.outcome != "left"}
+        outcomes = {s.outcome for _, s in entries if s.outcome and s.outcome not in ABSENT}
         if "match_found" in outcomes and len(outcomes) > 1:
             problems.append(f"session {session}: some players matched, others {sorted(outcomes)}")
+        teams = next((s.teams for _, s in entries if s.teams), "")
+        if "match_found" in outcomes:
+            for member in filter(None, teams.replace("|", ",").split(",")):
+                found_in[member].append(session)
+    for member, found in found_in.items():
+        counted = [s for s in found if own.get((member, s)) not in ABSENT]
+        if len(counted) > 1:
+            problems.append(f"{member}: in {len(counted)} matches found: {', '.join(sorted(counted))}")
     return problems
+
+
+def missed_matches(players: Iterable[tuple[str, list[SessionSeen]]]) -> int:
+    """Matches found for a player whose connection had ended: it learned only from its next
+    welcome that it was no longer loading (no message can reach a player that is away)."""
+    found = set()
+    absent = []
+    for _, sessions in players:
+        for seen in sessions:
+            if seen.outcome == "match_found":
+                found.add(seen.session)
+            elif seen.outcome == "dropped":
+                absent.append(seen.session)
+    return sum(1 for session in absent if session in found)

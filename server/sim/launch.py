@@ -1,7 +1,12 @@
-"""`fastmatch sim --serve`: a private Redis and `fastmatch serve` to run against, then stop both."""
+"""`fastmatch sim --serve`: a private Redis and `fastmatch serve` to run against, then stop both.
+
+The :class:`Server` handle is also what ``--faults`` acts on: its workers, its Redis (frozen,
+restarted empty), its supervisor (killed, then started again as a service manager would).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,7 +16,11 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
+import redis
+
+from server.store import keys
 from server.store.embedded import EmbeddedRedis
 
 
@@ -21,41 +30,122 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Server:
+    """A running `fastmatch serve` (one supervisor, its workers) and the Redis it uses."""
+
+    def __init__(self, workers: int, extra_env: Mapping[str, str], redis_server: EmbeddedRedis,
+                 log: IO[bytes]) -> None:
+        self.port = _free_port()
+        self.redis = redis_server
+        self.log = log
+        self.workers = workers
+        self.env = {**os.environ, "FASTMATCH_REDIS__URL": redis_server.url,
+                    "FASTMATCH_SERVER__PORT": str(self.port), "FASTMATCH_SERVER__HOST": "127.0.0.1",
+                    "FASTMATCH_METRICS__PORT": "0", "FASTMATCH_GAMESERVER__EMBEDDED": "true",
+                    # Every simulated player comes from 127.0.0.1: the per-address limit would
+                    # measure itself, not the server.
+                    "FASTMATCH_SERVER__CONNECT_RATE_PER_IP": "1000000",
+                    "FASTMATCH_SERVER__CONNECT_BURST_PER_IP": "1000000", **extra_env}
+        self.supervisor = self._spawn()
+        self._known_workers: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        fastmatch = str(Path(sys.executable).with_name("fastmatch"))
+        return subprocess.Popen([fastmatch, "serve", "--workers", str(self.workers)], env=self.env,
+                                stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_listening(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.supervisor.poll() is not None:
+                raise RuntimeError(f"fastmatch serve exited with {self.supervisor.returncode} at start")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)  # a child process is starting: nothing to wait on but its port
+        raise RuntimeError("fastmatch serve did not start listening")
+
+    # -- what faults act on -------------------------------------------------------------------------
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's live workers: its children that are in the Redis registry (ids are
+        ``<host>-<pid>-<hex>``); the last list read if Redis does not answer (frozen)."""
+        children = _children(self.supervisor.pid)
+        try:
+            client = redis.Redis.from_url(self.redis.url, socket_timeout=0.5, decode_responses=True)
+            with contextlib.closing(client):
+                registered = {int(str(w).rsplit("-", 2)[1]) for w in client.zrange(keys.WORKERS, 0, -1)}
+            self._known_workers = sorted(registered & set(children))
+        except (redis.RedisError, OSError, ValueError, IndexError):
+            pass
+        return [pid for pid in self._known_workers if pid in children]
+
+    def signal_redis(self, sig: int) -> int:
+        process = self.redis.process
+        if process is None:
+            raise RuntimeError("redis is not running")
+        os.kill(process.pid, sig)
+        return process.pid
+
+    def restart_redis(self) -> tuple[int, int]:
+        """Kill Redis and start it again, empty, on the same socket: (old pid, new pid)."""
+        old = self.redis.process.pid if self.redis.process else 0
+        self.redis.restart()
+        return old, self.redis.process.pid if self.redis.process else 0
+
+    def restart_supervisor(self) -> tuple[int, int]:
+        """SIGKILL the supervisor (its workers are told by the kernel and drain by themselves),
+        then start a new one on the same port at once, as a service manager would."""
+        old = self.supervisor
+        old.kill()
+        old.wait()
+        self.supervisor = self._spawn()
+        return old.pid, self.supervisor.pid
+
+    def stop(self) -> None:
+        self.supervisor.send_signal(signal.SIGTERM)
+        try:
+            self.supervisor.wait(30)
+        except subprocess.TimeoutExpired:
+            self.supervisor.kill()
+            self.supervisor.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """Live children of ``pid`` (a killed worker stays a zombie until the supervisor reaps it)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(k) for k in task.read_text().split()]
+    return [pid for pid in found if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@contextmanager
+def started(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Iterator[Server]:
+    """A freshly started server; everything is stopped afterwards."""
+    with EmbeddedRedis() as store, log_path.open("wb") as log:
+        server = Server(workers, extra_env, store, log)
+        try:
+            server.wait_listening()
+            yield server
+        finally:
+            server.stop()
+
+
 @contextmanager
 def served(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Iterator[tuple[str, str]]:
     """Yield (ws url, redis url) of a freshly started server; stop everything afterwards."""
-    port = _free_port()
-    with EmbeddedRedis() as redis, log_path.open("wb") as log:
-        env = {**os.environ, "FASTMATCH_REDIS__URL": redis.url,
-               "FASTMATCH_SERVER__PORT": str(port), "FASTMATCH_SERVER__HOST": "127.0.0.1",
-               "FASTMATCH_METRICS__PORT": "0", "FASTMATCH_GAMESERVER__EMBEDDED": "true",
-               # Every simulated player comes from 127.0.0.1: the per-address limit would
-               # measure itself, not the server.
-               "FASTMATCH_SERVER__CONNECT_RATE_PER_IP": "1000000",
-               "FASTMATCH_SERVER__CONNECT_BURST_PER_IP": "1000000", **extra_env}
-        fastmatch = str(Path(sys.executable).with_name("fastmatch"))
-        proc = subprocess.Popen([fastmatch, "serve", "--workers", str(workers)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_listening(proc, port)
-            yield f"ws://127.0.0.1:{port}/ws", redis.url
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fastmatch serve exited with {proc.returncode} at start")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)  # a child process is starting: nothing to wait on but its port
-    raise RuntimeError("fastmatch serve did not start listening")
+    with started(workers, extra_env, log_path) as server:
+        yield server.url, server.redis.url

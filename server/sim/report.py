@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from collections import Counter
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from server.osutil import machine
+from server.sim.player import PlayerResult
 from server.sim.runner import RunResult
 
 
@@ -59,9 +61,75 @@ def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
         "redis_commands_per_s_mean": round(sum(v for _, v in r.redis_ops) / len(r.redis_ops), 1)
         if r.redis_ops else None,
         "violations": r.violations[:200],
+        # What led to the first violations: each player's last messages, both ways.
+        "traces": {p.player: p.trail for p in [q for q in r.players if q.trail][:30]},
         "violation_count": len(r.violations),
         "elapsed_s": round(r.elapsed_s, 1),
+        "connections": _connections(r.players),
+        "missed_matches": r.missed_matches,
+        "leftover_keys": r.leftover_keys[:200],
+        "faults": fault_effects(r),
+        "final_batch": dataclasses.asdict(r.final_batch) if r.final_batch else None,
     }
+
+
+def _what(event: str) -> tuple[str, str]:
+    kind, _, detail = event.partition(":")
+    return kind, detail
+
+
+def _connections(players: list[PlayerResult]) -> dict[str, Any]:
+    """What the players' connections went through, over the whole run."""
+    counts: Counter[str] = Counter()
+    for p in players:
+        for _, event in p.events:
+            kind = _what(event)[0]
+            if kind != "asked":  # closes and drops the behaviours asked for
+                counts[event if kind not in ("removed", "unavailable", "internal_error") else kind] += 1
+    return dict(sorted(counts.items()))
+
+
+def fault_effects(r: RunResult) -> list[dict[str, Any]]:
+    """Per applied fault, what players went through from its start until the next fault starts
+    (or the resume grace and a few seconds after it ended): unexpected drops, refused connection
+    attempts by reason, resumes by the state the welcome gave, removals, `unavailable` answers,
+    players who gave up, and the final outcomes of the players touched."""
+    grace = r.config.settings.resume_grace_s
+    starts = [a.started_s for a in r.faults] + [float("inf")]
+    windows = [(a.started_s, min(starts[i + 1], a.ended_s + grace + 5))
+               for i, a in enumerate(r.faults)]
+    out = []
+    for applied, (begin, end) in zip(r.faults, windows, strict=True):
+        counts: Counter[str] = Counter()
+        refused: Counter[str] = Counter()
+        resumed: Counter[str] = Counter()
+        outcomes: Counter[str] = Counter()
+        for p in r.players:
+            touched = False
+            for t, event in p.events:
+                if not begin <= t < end:
+                    continue
+                kind, detail = _what(event)
+                if kind == "refused":
+                    refused[detail] += 1
+                elif kind == "resumed":
+                    resumed[detail] += 1
+                elif kind in ("drop", "gave_up", "removed", "unavailable", "internal_error",
+                              "explained", "dropped"):
+                    counts[event if kind in ("explained", "dropped") else kind] += 1
+                else:
+                    continue
+                touched = True
+            if touched:
+                outcomes[p.outcome] += 1
+        out.append({"fault": str(applied.fault), "started_s": applied.started_s,
+                    "ended_s": applied.ended_s, "did": applied.did,
+                    "window_s": [round(begin, 1), round(end, 1) if end != float("inf") else None],
+                    "drops": counts.pop("drop", 0), "refused": dict(refused.most_common()),
+                    "resumed": dict(resumed.most_common()), **dict(sorted(counts.items())),
+                    "players_touched": sum(outcomes.values()),
+                    "their_outcomes": dict(outcomes.most_common())})
+    return out
 
 
 def _rss_drift(series: list[tuple[float, float]]) -> dict[str, float]:
@@ -105,11 +173,30 @@ def print_summary(summary: dict[str, Any]) -> None:
                           f"{w['rss_mb_early']} -> {w['rss_mb_late']} MB")
     table.add_row("outcomes", ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items()))
     table.add_row("errors by code", ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "-")
+    table.add_row("connections", ", ".join(f"{k} {v}" for k, v in summary["connections"].items()) or "-")
+    if summary["missed_matches"]:
+        table.add_row("matches found while a player was away", str(summary["missed_matches"]))
+    for fault in summary["faults"]:
+        effects = {k: v for k, v in fault.items()
+                   if k not in ("fault", "started_s", "ended_s", "did", "window_s") and v}
+        table.add_row(f"fault {fault['fault']} at {fault['started_s']}s",
+                      f"{fault['did']}\n" + "; ".join(f"{k} {_flat(v)}" for k, v in effects.items()))
+    if summary["final_batch"]:
+        fb = summary["final_batch"]
+        table.add_row("final clean batch", f"{fb['matched']} of {fb['players']} matched")
+    if summary["faults"] or summary["leftover_keys"]:
+        table.add_row("keys left in redis", str(len(summary["leftover_keys"])))
     table.add_row("invariant violations", str(summary["violation_count"]))
     console = Console()
     console.print(table)
     for v in summary["violations"][:20]:
         console.print(f"[red]violation[/red] {v}")
+
+
+def _flat(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {v}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def write_json(summary: dict[str, Any], path: Path) -> None:

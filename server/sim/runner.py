@@ -1,4 +1,5 @@
-"""Drive a run: arrivals at a rate or ramp, live progress, sampling, the invariant checks."""
+"""Drive a run: arrivals at a rate or ramp, faults on schedule, live progress, sampling, the
+invariant checks, and after a run with faults a final clean batch that must complete fully."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis.asyncio as aioredis
 
-from server.sim.checker import cross_check
+from server.sim.checker import cross_check, missed_matches
+from server.sim.facts import Facts
+from server.sim.faults import Applied, Fault, Injector, Target
 from server.sim.player import PlayerResult, SimSettings, play
 from server.sim.stats import Sampler
 from server.sim.tokens import TokenMinter
@@ -33,6 +37,19 @@ class RunConfig:
     check_leftovers: bool = True
     sample: bool = True  # sample server CPU/memory and Redis (one process of a --procs run)
     arrival_tick_s: float = 0.1  # arrivals due within a tick start together (the match tick)
+    prefix: str = "sim"  # player ids are <prefix><seed>-<n>
+    faults: tuple[Fault, ...] = ()  # applied to `target` (a --serve run)
+    final_batch: int = 0  # after the run: this many plain players who must all be matched
+    max_players: int = 0  # stop arrivals at this many (0: no cap)
+
+
+@dataclass
+class FinalBatch:
+    """The clean batch after a run with faults: matching works again, for everyone."""
+
+    players: int
+    matched: int
+    outcomes: dict[str, int]
 
 
 @dataclass
@@ -49,78 +66,128 @@ class RunResult:
     # the lifecycles completed in it: what one simulated player costs the client side.
     client_cpu_s: float = 0.0
     client_lifecycles: int = 0
+    faults: list[Applied] = field(default_factory=list)
+    final_batch: FinalBatch | None = None
+    missed_matches: int = 0  # found for a player while its connection was down (checker.py)
+    crashes: list[str] = field(default_factory=list)  # players whose task raised
 
 
 Progress = Callable[[RunResult, int, float], None]
 
 
-async def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
+async def run(cfg: RunConfig, progress: Progress | None = None,
+              target: Target | None = None) -> RunResult:
     result = RunResult(cfg)
-    rng = random.Random(cfg.seed)
-    names, weights = list(cfg.mix), list(cfg.mix.values())
     admin = aioredis.Redis.from_url(cfg.redis_url, decode_responses=True)
     t0 = time.monotonic()
-    tasks: set[asyncio.Task[PlayerResult]] = set()
-    tokens = TokenMinter(cfg.settings.secret)
-    steady_from, cpu_at_steady = cfg.duration_s * 0.1, -1.0
-    sampling = asyncio.create_task(_sample(admin, result, t0) if cfg.sample else _idle())
-
-    def finished(task: asyncio.Task[PlayerResult]) -> None:
-        tasks.discard(task)
-        if not task.cancelled() and task.exception() is None:
-            result.players.append(task.result())
-
-    spawned = 0
+    facts = Facts(cfg.redis_url, cfg.settings.mode)
+    injector = Injector(list(cfg.faults), target, facts, t0, cfg.seed) if target and cfg.faults else None
+    background = [asyncio.create_task(_sample(admin, result, t0) if cfg.sample else _idle()),
+                  asyncio.create_task(injector.run() if injector else _idle())]
     try:
-        while (elapsed := time.monotonic() - t0) < cfg.duration_s:
-            due = int(_arrived(cfg, elapsed))
-            while spawned < due:
-                behaviour = rng.choices(names, weights)[0]
-                task = asyncio.create_task(play(cfg.settings, tokens, f"sim{cfg.seed}-{spawned}",
-                                                behaviour, random.Random(rng.random()), t0))
-                task.add_done_callback(finished)
-                tasks.add(task)
-                spawned += 1
-            if progress is not None:
-                progress(result, len(tasks), elapsed)
-            if cpu_at_steady < 0 and elapsed >= steady_from:
-                steady_from, cpu_at_steady = elapsed, _cpu_s()
-            # Sleep until the next arrival is due, but release arrivals at most once a tick:
-            # on a VM each wake-up of an idle process costs ~0.1 ms of CPU, and players that
-            # arrive together share the wake-ups of their handshakes and answers.
-            await asyncio.sleep(min(max(_due_at(cfg, spawned + 1) - elapsed, cfg.arrival_tick_s), 0.25))
-        result.arrivals_s = time.monotonic() - t0
-        if cpu_at_steady >= 0:
-            result.client_cpu_s = _cpu_s() - cpu_at_steady
-        while tasks:  # every player ends by itself within its lifetime
-            if progress is not None:
-                progress(result, len(tasks), time.monotonic() - t0)
-            await asyncio.wait(tasks, timeout=0.5)
-        result.elapsed_s = time.monotonic() - t0
-        if cpu_at_steady >= 0:
-            result.client_lifecycles = sum(
-                1 for p in result.players
-                if p.t_match_found is not None and steady_from <= p.t_match_found <= result.arrivals_s)
+        await _play_all(cfg, result, t0, facts, progress)
     finally:
-        sampling.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampling
-    await admin.aclose()
+        for task in background:  # a freeze still on is thawed by its cancellation
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await facts.aclose()
+        await admin.aclose()
+    if injector is not None:
+        applied = {a.fault for a in injector.applied}
+        result.faults = sorted(injector.applied, key=lambda a: a.started_s) + [
+            Applied(f, f.at_s, f.at_s, "not applied: the run ended first")
+            for f in cfg.faults if f not in applied]
     if cfg.check_leftovers:
         await check(result)
     return result
 
 
+async def _play_all(cfg: RunConfig, result: RunResult, t0: float, facts: Facts,
+                    progress: Progress | None) -> None:
+    """Arrivals for ``duration_s``, then until every player has ended by itself."""
+    rng = random.Random(cfg.seed)
+    names, weights = list(cfg.mix), list(cfg.mix.values())
+    tasks: set[asyncio.Task[PlayerResult]] = set()
+    tokens = TokenMinter(cfg.settings.secret)
+    steady_from, cpu_at_steady = cfg.duration_s * 0.1, -1.0
+
+    def finished(task: asyncio.Task[PlayerResult]) -> None:
+        tasks.discard(task)
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:  # a bug in the simulator: it must show
+            result.crashes.append(f"{task.get_name()}: {exc!r}")
+        else:
+            result.players.append(task.result())
+
+    spawned = 0
+    while (elapsed := time.monotonic() - t0) < cfg.duration_s:
+        due = int(_arrived(cfg, elapsed))
+        if cfg.max_players:
+            due = min(due, cfg.max_players)
+        while spawned < due:
+            behaviour = rng.choices(names, weights)[0]
+            name = f"{cfg.prefix}{cfg.seed}-{spawned}"
+            task = asyncio.create_task(play(cfg.settings, tokens, name, behaviour,
+                                            random.Random(rng.random()), t0, facts), name=name)
+            task.add_done_callback(finished)
+            tasks.add(task)
+            spawned += 1
+        if progress is not None:
+            progress(result, len(tasks), elapsed)
+        if cpu_at_steady < 0 and elapsed >= steady_from:
+            steady_from, cpu_at_steady = elapsed, _cpu_s()
+        # Sleep until the next arrival is due, but release arrivals at most once a tick:
+        # on a VM each wake-up of an idle process costs ~0.1 ms of CPU, and players that
+        # arrive together share the wake-ups of their handshakes and answers.
+        await asyncio.sleep(min(max(_due_at(cfg, spawned + 1) - elapsed, cfg.arrival_tick_s), 0.25))
+    result.arrivals_s = time.monotonic() - t0
+    if cpu_at_steady >= 0:
+        result.client_cpu_s = _cpu_s() - cpu_at_steady
+    while tasks:  # every player ends by itself within its lifetime
+        if progress is not None:
+            progress(result, len(tasks), time.monotonic() - t0)
+        await asyncio.wait(tasks, timeout=0.5)
+    result.elapsed_s = time.monotonic() - t0
+    if cpu_at_steady >= 0:
+        result.client_lifecycles = sum(
+            1 for p in result.players
+            if p.t_match_found is not None and steady_from <= p.t_match_found <= result.arrivals_s)
+
+
 async def check(result: RunResult) -> None:
     """Every invariant over the whole run (after merging the processes of a --procs run)."""
     result.violations = [v for p in result.players for v in p.violations]
+    result.violations += [f"simulated player crashed: {c}" for c in result.crashes]
     result.violations += cross_check((p.player, p.sessions) for p in result.players)
+    result.missed_matches = missed_matches((p.player, p.sessions) for p in result.players)
     admin = aioredis.Redis.from_url(result.config.redis_url, decode_responses=True)
     try:
         result.leftover_keys = await _leftovers(admin, result.config.leftover_wait_s)
     finally:
         await admin.aclose()
     result.violations += [f"leftover key {k}" for k in result.leftover_keys]
+    if result.config.final_batch:
+        await _final_batch(result)
+
+
+async def _final_batch(result: RunResult) -> None:
+    """After the faults: a batch of plain players of one rating, all arriving within a second,
+    must all be matched, and leave nothing behind either."""
+    cfg = result.config
+    n = cfg.final_batch
+    settings = replace(cfg.settings, rating_sd=0.0)
+    batch = await run(replace(cfg, settings=settings, rate=2.0 * n, duration_s=1.0, ramp_s=0.0,
+                              mix={"normal": 1.0}, prefix="final", faults=(), final_batch=0,
+                              max_players=n, sample=False))
+    matched = sum(1 for p in batch.players if p.outcome == "matched")
+    outcomes = Counter(p.outcome for p in batch.players)
+    result.final_batch = FinalBatch(len(batch.players), matched, dict(outcomes.most_common()))
+    if matched < n:
+        result.violations.append(f"final batch: {matched} of {n} players matched ({dict(outcomes)})")
+    result.violations += [f"final batch: {v}" for v in batch.violations]
+    result.leftover_keys += batch.leftover_keys
 
 
 def merge(parts: list[RunResult]) -> RunResult:
@@ -132,6 +199,7 @@ def merge(parts: list[RunResult]) -> RunResult:
         merged.arrivals_s = max(merged.arrivals_s, part.arrivals_s)
         merged.client_cpu_s += part.client_cpu_s
         merged.client_lifecycles += part.client_lifecycles
+        merged.crashes.extend(part.crashes)
     return merged
 
 

@@ -171,6 +171,23 @@ async def test_deposed_leader_commits_nothing(start_worker: WorkerFactory, admin
         assert (await request(ws, {"type": "status"}))["state"] == "queued"
 
 
+async def test_match_ids_stay_unique_when_redis_starts_the_epochs_again(
+    start_worker: WorkerFactory,
+) -> None:
+    """A Redis restart that loses its data starts the epoch counter at 1 again, and a fresh
+    leader's ticks at 1: ids made of those alone come back, and a client or game server holding
+    an old loading session id would take the new match for it (seen under
+    `fastmatch sim --faults restart-redis@T`: players of session 1.3.3 saw different teams)."""
+    w = await start_worker(cfg=make_config(**{"matching.enabled": False}))
+    await queued(w.front.port, "1v1", ("a", 1500), ("b", 1500))
+    first, lease = await leader_of(w, "1v1")
+    # The next leader after such a restart: the same epoch number, its own first tick.
+    after = TryMatch("1v1", w.config.modes["1v1"], w.config.matching, MatchStore(w.client), lease)
+    ids = [p.match_id for p in (await first.plan())[0]]
+    again = [p.match_id for p in (await after.plan())[0]]
+    assert len(ids) == len(again) == 1 and ids != again
+
+
 async def test_two_competing_workers_match_every_player_exactly_once(
     start_worker: WorkerFactory, admin: aioredis.Redis
 ) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from server.protocol.messages import (
+    Dequeued,
     Enqueued,
+    Error,
     MatchFound,
     Requeued,
     ServerMessage,
     StartLoading,
     Welcome,
 )
-from server.sim.checker import SequenceChecker, SessionSeen, cross_check
+from server.sim.checker import SequenceChecker, SessionSeen, cross_check, missed_matches
+from server.sim.faults import Fault, parse_faults
 from server.sim.player import parse_mix
 
 WELCOME = Welcome(player_id="a", state="idle", protocol=1)
@@ -72,6 +75,130 @@ def test_mix_parsing() -> None:
     for bad in ("teleport=1", "", "normal=0"):
         try:
             parse_mix(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} accepted")
+
+
+# -- reconnects: a resumed sequence is accepted, anything lost is still flagged ----------------------
+
+def queued(at: int = 1) -> Welcome:
+    return Welcome(player_id="a", state="queued", game_mode="1v1", queued_at_ms=at, protocol=1)
+
+
+def loading(session: str = "s1") -> Welcome:
+    return Welcome(player_id="a", state="loading", game_mode="1v1", loading_session_id=session,
+                   protocol=1)
+
+
+def test_a_queued_player_resumes_with_its_own_place() -> None:
+    check = run(WELCOME, ENQUEUED)
+    check.resumed(queued(1))
+    check.received(start())
+    check.received(found())
+    assert check.violations == [] and check.vanished == ""
+    moved = run(WELCOME, ENQUEUED)
+    moved.resumed(queued(2))
+    assert any("queued_at" in v for v in moved.violations)
+
+
+def test_a_ticket_gone_at_resume_must_be_explained_unless_a_dequeue_was_in_flight() -> None:
+    check = run(WELCOME, ENQUEUED)
+    check.resumed(WELCOME)
+    assert check.vanished  # the player looks for a reason (restart, walk-out, grace) or flags it
+    asked = run(WELCOME, ENQUEUED)
+    asked.sent("dequeue")
+    asked.resumed(WELCOME)
+    assert asked.vanished == "" and asked.violations == []
+
+
+def test_resuming_into_a_queue_or_match_never_asked_for_is_a_violation() -> None:
+    check = run(WELCOME)
+    check.resumed(queued())
+    assert check.violations
+    sent = run(WELCOME)
+    sent.sent("enqueue")  # in flight when the connection ended: it may have run
+    sent.resumed(queued())
+    assert sent.violations == []
+
+
+def test_a_ready_check_cut_by_a_drop_ends_as_dropped_and_may_resume() -> None:
+    check = run(WELCOME, ENQUEUED, start("s1"))
+    check.resumed(loading("s1"))  # same ready check: carries on
+    check.received(found("s1"))
+    assert check.violations == [] and [s.outcome for s in check.sessions] == ["match_found"]
+    gone = run(WELCOME, ENQUEUED, start("s1"))
+    gone.resumed(WELCOME)
+    assert gone.violations == [] and gone.vanished == "" and gone.sessions[0].outcome == "dropped"
+    # The others of s1 were matched; this player missed it while away: counted, not a violation.
+    others = [("b", [SessionSeen("s1", "a|b", "match_found")]), ("a", gone.sessions)]
+    assert cross_check(others) == [] and missed_matches(others) == 1
+    requeued = run(WELCOME, ENQUEUED, start("s1"))
+    requeued.resumed(queued(1))
+    requeued.received(start("s2"))
+    assert requeued.violations == [] and [s.outcome for s in requeued.sessions] == ["dropped", ""]
+
+
+def test_an_enqueue_refused_with_unavailable_may_still_have_run() -> None:
+    ambiguous = run(WELCOME)
+    ambiguous.sent("enqueue")
+    ambiguous.received(Error(code="unavailable", message="x", retry_after_ms=100))
+    ambiguous.received(start())  # its `enqueued` never came: the match notice did
+    assert ambiguous.violations == []
+    retried = run(WELCOME)
+    retried.sent("enqueue")
+    retried.received(Error(code="unavailable", message="x"))
+    retried.sent("enqueue")
+    retried.received(Error(code="already_in_queue", message="x"))
+    retried.received(start())
+    assert retried.violations == []
+    assert run(WELCOME, start()).violations  # no enqueue at all
+
+
+def test_removals_are_told_and_unasked_dequeues_are_not() -> None:
+    removed = run(WELCOME, ENQUEUED, start(), Dequeued(game_mode="1v1", reason="removed"))
+    assert removed.violations == [] and removed.sessions[0].outcome == "removed"
+    unasked = run(WELCOME, ENQUEUED, Dequeued(game_mode="1v1", reason="requested"))
+    assert unasked.vanished
+    not_queued = run(WELCOME, ENQUEUED)
+    not_queued.sent("dequeue")
+    not_queued.received(Error(code="not_in_queue", message="x"))
+    assert not_queued.vanished and not_queued.state == "idle"
+    # A dequeue refused `unavailable` that ran all the same: the one sent again finds no ticket.
+    ran = run(WELCOME, ENQUEUED)
+    ran.sent("dequeue")
+    ran.received(Error(code="unavailable", message="x", retry_after_ms=1000))
+    ran.sent("dequeue")
+    ran.received(Error(code="not_in_queue", message="x"))
+    assert ran.vanished == "" and ran.violations == [] and ran.state == "idle"
+
+
+def test_requeued_keeps_the_original_place() -> None:
+    assert run(WELCOME, ENQUEUED, start(), REQUEUED).violations == []
+    moved = Requeued(game_mode="1v1", reason="player_left", queued_at_ms=7)
+    assert run(WELCOME, ENQUEUED, start(), moved).violations
+
+
+def test_a_player_in_two_matches_found_is_flagged_unless_it_missed_the_first() -> None:
+    twice = [("a", [SessionSeen("s1", "a|b", "requeued"), SessionSeen("s2", "a|c", "match_found")]),
+             ("b", [SessionSeen("s1", "a|b", "match_found")]),
+             ("c", [SessionSeen("s2", "a|c", "match_found")])]
+    problems = cross_check(twice)
+    assert any("a: in 2 matches" in p for p in problems)
+    missed = [("a", [SessionSeen("s1", "a|b", "dropped"), SessionSeen("s2", "a|c", "match_found")]),
+              ("b", [SessionSeen("s1", "a|b", "match_found")]),
+              ("c", [SessionSeen("s2", "a|c", "match_found")])]
+    assert cross_check(missed) == []
+
+
+def test_fault_schedules() -> None:
+    assert [str(f) for f in parse_faults("restart-redis@40, kill-worker@10,freeze-redis@22:3")] == [
+        "kill-worker@10", "freeze-redis@22:3", "restart-redis@40"]
+    assert parse_faults("freeze-redis@1.5:0.5") == [Fault("freeze-redis", 1.5, 0.5)]
+    for bad in ("", "explode@1", "kill-worker", "kill-worker@x", "kill-worker@1:2",
+                "freeze-redis@3", "sigterm-worker@-1"):
+        try:
+            parse_faults(bad)
         except ValueError:
             continue
         raise AssertionError(f"{bad!r} accepted")

@@ -1,0 +1,56 @@
+"""`fastmatch sim --serve --faults`: a short schedule of every fault under load. Players reconnect
+and resume as real clients do; the run ends with zero violations, nothing left in Redis, and a
+final clean batch that is matched in full (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import TIMEOUT
+
+FASTMATCH = str(Path(sys.executable).with_name("fastmatch"))
+SCHEDULE = "kill-worker@2,freeze-redis@4.5:1.5,sigterm-worker@7,restart-redis@9.5"
+# Read by both `serve` and the sim: short deadlines so every failure path plays out in seconds,
+# a resume grace longer than the freeze, and a worker's death noticed within a second.
+FAST = {
+    "FASTMATCH_SERVER__RESUME_GRACE_MS": "3000",
+    "FASTMATCH_SERVER__HEARTBEAT_INTERVAL_S": "0.2",
+    "FASTMATCH_SERVER__HEARTBEAT_TTL_S": "1",
+    "FASTMATCH_SERVER__DRAIN_DELAY_S": "0",
+    "FASTMATCH_SERVER__DRAIN_TIMEOUT_S": "3",
+    "FASTMATCH_MATCHING__READY_TIMEOUT_MS": "2000",
+    "FASTMATCH_MATCHING__FINISHED_MATCH_TTL_MS": "300",
+    "FASTMATCH_GAMESERVER__ALLOCATION_TIMEOUT_MS": "1500",
+    "FASTMATCH_REDIS__OPERATION_TIMEOUT_S": "0.5",  # a freeze of 1.5 s is refused, not waited out
+}
+
+
+def test_a_fault_schedule_leaves_nothing_behind(tmp_path: Path) -> None:
+    report = tmp_path / "sim.json"
+    out = subprocess.run(
+        [FASTMATCH, "sim", "--serve", "--workers", "2", "--rate", "30", "--duration", "11",
+         "--lifetime", "9", "--rating-sd", "400", "--faults", SCHEDULE, "--final-batch", "10",
+         "--no-progress", "--report", str(report), "--plot", str(tmp_path / "sim.png")],
+        capture_output=True, text=True, timeout=TIMEOUT * 30, check=False,
+        env={**os.environ, **FAST},
+    )
+    summary = json.loads(report.read_text())
+    assert out.returncode == 0 and summary["violation_count"] == 0, (
+        out.stdout[-4000:] + out.stderr[-2000:] + json.dumps(summary["traces"], indent=1)[:4000])
+    assert summary["leftover_keys"] == []
+    assert summary["final_batch"] == {"players": 10, "matched": 10, "outcomes": {"matched": 10}}
+    faults = {f["fault"]: f for f in summary["faults"]}
+    assert list(faults) == SCHEDULE.split(",")
+    for fault in faults.values():
+        assert fault["did"] and not fault["did"].startswith(("could not", "not applied")), fault
+    # What each fault did to the players, as a real client lives it.
+    killed, frozen, drained, restarted = faults.values()
+    assert killed["drops"] > 0 and killed["resumed"], killed  # 1006, then back within the grace
+    assert frozen["refused"].get("unavailable", 0) + frozen.get("unavailable", 0) > 0, frozen
+    assert drained["resumed"], drained  # 1001, then resumed on the other worker
+    assert restarted["removed"] > 0 or restarted["resumed"], restarted  # told their ticket is gone
+    assert summary["connections"].get("drop:1001", 0) > 0
