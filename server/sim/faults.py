@@ -23,6 +23,8 @@ from server.sim.facts import Facts
 
 KINDS: Final = {
     "kill-worker": "SIGKILL one worker; its players reconnect, the supervisor restarts it",
+    "kill-leader": "SIGKILL the worker leading the run's mode: another worker takes the lease when "
+                   "it expires, loads the queue into its pool and goes on matching",
     "sigterm-worker": "SIGTERM one worker: it drains (1001) and the supervisor restarts it",
     "freeze-redis": "SIGSTOP Redis for the given seconds, then SIGCONT",
     "restart-redis": "kill Redis and start it empty on the same socket: every record is lost",
@@ -68,6 +70,7 @@ class Target(Protocol):
     """What faults act on (``launch.Server``)."""
 
     def worker_pids(self) -> list[int]: ...
+    def leader(self, mode: str) -> tuple[int, int]: ...
     def signal_redis(self, sig: int) -> int: ...
     def restart_redis(self) -> tuple[int, int]: ...
     def restart_supervisor(self) -> tuple[int, int]: ...
@@ -119,6 +122,10 @@ class Injector:
                 sig = signal.SIGKILL if fault.kind == "kill-worker" else signal.SIGTERM
                 os.kill(pid, sig)
                 return f"{signal.Signals(sig).name} worker pid {pid} (of {len(pids)})"
+            case "kill-leader":
+                pid, epoch = target.leader(self.facts.mode)
+                os.kill(pid, signal.SIGKILL)
+                return f"SIGKILL worker pid {pid}, leader of {self.facts.mode} with epoch {epoch}"
             case "freeze-redis":
                 pid = target.signal_redis(signal.SIGSTOP)
                 try:

@@ -85,6 +85,19 @@ class Server:
             pass
         return [pid for pid in self._known_workers if pid in children]
 
+    def leader(self, mode: str) -> tuple[int, int]:
+        """(pid, epoch) of the worker holding ``mode``'s lease (``<host>-<pid>-<hex>|<epoch>``)."""
+        client = redis.Redis.from_url(self.redis.url, socket_timeout=0.5, decode_responses=True)
+        try:
+            with contextlib.closing(client):
+                lease = client.get(keys.leader(mode))
+        except redis.RedisError as exc:
+            raise RuntimeError(f"cannot read {mode}'s lease: {exc}") from exc
+        if not lease:
+            raise RuntimeError(f"nobody leads {mode}")
+        holder, _, epoch = str(lease).rpartition("|")
+        return int(holder.rsplit("-", 2)[1]), int(epoch)
+
     def signal_redis(self, sig: int) -> int:
         process = self.redis.process
         if process is None:

@@ -61,6 +61,10 @@ class _Play(Playing):
         while True:
             msg = await self.step()
             kind = type(msg)
+            if kind is StartLoading and self.check.sessions:
+                # Which leader's term formed it (``<epoch>.<tag>.<tick>.<n>``): the report
+                # tells when a new term's first match came after a fault.
+                client.note("formed:" + ".".join(self.check.sessions[-1].session.split(".")[:2]))
             if self.check.state == "loading" and (kind is StartLoading or kind is Welcome):
                 self.result.t_start_loading = self.result.t_start_loading or self.now()
                 if self.loads and not client.auto_ready:  # else the client answered already

@@ -84,7 +84,7 @@ def _connections(players: list[PlayerResult]) -> dict[str, Any]:
     for p in players:
         for _, event in p.events:
             kind = _what(event)[0]
-            if kind != "asked":  # closes and drops the behaviours asked for
+            if kind not in ("asked", "formed"):  # closes and drops asked for; matches formed
                 counts[event if kind not in ("removed", "unavailable", "internal_error") else kind] += 1
     return dict(sorted(counts.items()))
 
@@ -98,6 +98,8 @@ def fault_effects(r: RunResult) -> list[dict[str, Any]]:
     starts = [a.started_s for a in r.faults] + [float("inf")]
     windows = [(a.started_s, min(starts[i + 1], a.ended_s + grace + 5))
                for i, a in enumerate(r.faults)]
+    formed = sorted((t, _what(e)[1]) for p in r.players for t, e in p.events
+                    if e.startswith("formed:"))
     out = []
     for applied, (begin, end) in zip(r.faults, windows, strict=True):
         counts: Counter[str] = Counter()
@@ -127,9 +129,18 @@ def fault_effects(r: RunResult) -> list[dict[str, Any]]:
                     "window_s": [round(begin, 1), round(end, 1) if end != float("inf") else None],
                     "drops": counts.pop("drop", 0), "refused": dict(refused.most_common()),
                     "resumed": dict(resumed.most_common()), **dict(sorted(counts.items())),
+                    "new_term_match_after_s": _new_term(formed, begin),
                     "players_touched": sum(outcomes.values()),
                     "their_outcomes": dict(outcomes.most_common())})
     return out
+
+
+def _new_term(formed: list[tuple[float, str]], since: float) -> float | None:
+    """Seconds from ``since`` to the first match formed by a leader term (epoch and tag) not
+    seen before it: how long a fault that cost the lease left the mode without matches."""
+    before = {term for t, term in formed if t < since}
+    return next((round(t - since, 2) for t, term in formed if t >= since and term not in before),
+                None)
 
 
 def _rss_drift(series: list[tuple[float, float]]) -> dict[str, float]:

@@ -54,3 +54,27 @@ def test_a_fault_schedule_leaves_nothing_behind(tmp_path: Path) -> None:
     assert drained["resumed"], drained  # 1001, then resumed on the other worker
     assert restarted["removed"] > 0 or restarted["resumed"], restarted  # told their ticket is gone
     assert summary["connections"].get("drop:1001", 0) > 0
+
+
+def test_killing_the_leader_hands_matching_to_a_new_term(tmp_path: Path) -> None:
+    """Issue 10: the leader dies mid-churn; another worker takes the lease when it lapses, loads
+    the queue into its pool, follows the changes and goes on matching: nobody is matched twice,
+    nothing is left, and matches formed by a new term come after the kill."""
+    report = tmp_path / "sim.json"
+    out = subprocess.run(
+        [FASTMATCH, "sim", "--serve", "--workers", "2", "--rate", "40", "--duration", "10",
+         "--lifetime", "8", "--rating-sd", "400", "--faults", "kill-leader@3",
+         "--final-batch", "10", "--no-progress", "--report", str(report)],
+        capture_output=True, text=True, timeout=TIMEOUT * 30, check=False,
+        env={**os.environ, **FAST},
+    )
+    summary = json.loads(report.read_text())
+    assert out.returncode == 0 and summary["violation_count"] == 0, (
+        out.stdout[-4000:] + out.stderr[-2000:] + json.dumps(summary["traces"], indent=1)[:4000])
+    assert summary["leftover_keys"] == []
+    assert summary["final_batch"] == {"players": 10, "matched": 10, "outcomes": {"matched": 10}}
+    [killed] = summary["faults"]
+    assert killed["did"].startswith("SIGKILL worker pid") and "leader of 1v1" in killed["did"], killed
+    # The lease (3 s) lapses, then the new leader's first tick loads the pool and matches.
+    assert killed["new_term_match_after_s"] is not None, killed
+    assert killed["drops"] > 0, killed  # the dead worker's players were cut and came back
