@@ -2,10 +2,13 @@
 -- KEYS[1] player hash  KEYS[2..5] queue, tickets, grace, changes of the expected mode (absent
 -- when none)
 -- ARGV[1] player id  ARGV[2] connection id  ARGV[3] expected mode ("" = none)
--- Returns {"ok", mode} | {"replaced"} | {"retry", mode} | {"not_in_queue"} | {"invalid_state", state}
+-- Returns {"ok", mode} | {"replaced"} | {"gone"} (no record: the caller re-attaches)
+--       | {"retry", mode} | {"not_in_queue"} | {"invalid_state", state}
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'conn', 'state', 'mode')
-if cur[1] ~= ARGV[2] then
+if not cur[1] then
+  return {'gone'}
+elseif cur[1] ~= ARGV[2] then
   return {'replaced'}
 end
 local mode = cur[3] or ''

@@ -4,12 +4,15 @@
 -- ARGV[1] player id  ARGV[2] connection id  ARGV[3] mode  ARGV[4] rating  ARGV[5] attrs (JSON)
 -- ARGV[6] penalty window ms  ARGV[7] penalty threshold  ARGV[8] block ms
 -- Returns {"ok", queued_at_ms} | {"replaced"} (this connection no longer owns the player)
+--       | {"gone"} (no record: Redis lost it, or a sweep released it; the caller re-attaches)
 --       | {"already", state, mode, queued_at} (already queued or loading, in any mode)
 --       | {"blocked", retry_after_ms} (too many dodged ready checks within the window).
 -- queued_at comes from the Redis clock so every worker and host agrees on wait times.
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'queued_at')
-if cur[1] ~= ARGV[2] then
+if not cur[1] then
+  return {'gone'}
+elseif cur[1] ~= ARGV[2] then
   return {'replaced'}
 end
 local state = cur[2] or 'idle'

@@ -2,7 +2,8 @@
 -- KEYS[1] match  KEYS[2] loading ZSET  KEYS[3] player hash
 -- ARGV[1] player  ARGV[2] match id  ARGV[3] connection id  ARGV[4] allocation timeout ms
 -- ARGV[5] this worker's id (it runs the handoff)
--- Returns {"unknown"} (no such match) | {"replaced"} | {"wrong_session"} (not a member)
+-- Returns {"unknown"} (no such match) | {"replaced"} | {"gone"} (no player record: the caller
+--         re-attaches) | {"wrong_session"} (not a member)
 --       | {"final", status} (the match already ended; that outcome's message is on its way)
 --       | {"ready", ready count, size}
 --       | {"allocating", deadline_ms, teams JSON, created_ms, player1, ticket1, ...} for the last:
@@ -16,7 +17,10 @@ local status = info[1]
 if not status then
   return {'unknown'}
 end
-if redis.call('HGET', KEYS[3], 'conn') ~= ARGV[3] then
+local conn = redis.call('HGET', KEYS[3], 'conn')
+if not conn then
+  return {'gone'}
+elseif conn ~= ARGV[3] then
   return {'replaced'}
 end
 if not info[2] then

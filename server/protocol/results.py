@@ -25,7 +25,7 @@ class PlayerState:
 
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
-    outcome: Literal["ok", "replaced", "already", "blocked"]
+    outcome: Literal["ok", "replaced", "gone", "already", "blocked"]
     queued_at_ms: int = 0
     current: PlayerState | None = None  # with "already": where the player is
     retry_after_ms: int = 0  # with "blocked"
@@ -33,7 +33,7 @@ class EnqueueResult:
 
 @dataclass(frozen=True, slots=True)
 class DequeueResult:
-    outcome: Literal["ok", "replaced", "not_in_queue", "invalid_state"]
+    outcome: Literal["ok", "replaced", "gone", "not_in_queue", "invalid_state"]
     mode: str = ""
 
 
@@ -41,7 +41,7 @@ class DequeueResult:
 class ReadyResult:
     """A player's `loading_complete` recorded; the last of a match also starts the handoff."""
 
-    outcome: Literal["unknown", "replaced", "wrong_session", "final", "ready", "allocating"]
+    outcome: Literal["unknown", "replaced", "gone", "wrong_session", "final", "ready", "allocating"]
     status: str = ""  # with "final": how the match ended
     deadline_ms: int = 0  # with "allocating": the game server must answer by then ...
     teams: list[list[str]] = field(default_factory=list)

@@ -51,6 +51,10 @@ class CircuitBreaker:
         return False
 
     @property
+    def closed(self) -> bool:
+        return self.state is BreakerState.CLOSED
+
+    @property
     def next_probe_at(self) -> float:
         return self._probe_at
 

@@ -126,7 +126,6 @@ class RedisClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         breaker = self.breaker
-        before = breaker.state
         self.calls += 1
         if not breaker.allow(started):
             self.observer.call_done(op, 0.0, "refused")
@@ -138,11 +137,12 @@ class RedisClient:
             replies = reply if isinstance(packed, list) else (reply,)
             error = next(filter(None, (_reply_error(op, r) for r in replies)), None)
             if isinstance(error, StoreUnavailable):  # Redis is loading, busy or read-only
-                breaker.failure(loop.time())
+                self._failed(loop.time())
                 outcome = "unavailable"
                 raise error
             # Redis answered: as far as the breaker goes it is fine, even for a script error.
-            breaker.success()
+            if breaker.state is not BreakerState.CLOSED or breaker.failures:
+                self._answered()
             if error is not None:
                 raise error
             outcome = "ok"
@@ -151,7 +151,7 @@ class RedisClient:
             sent = not isinstance(exc, _NotSent)
             cause = exc.__cause__ if isinstance(exc, _NotSent) else exc
             outcome = "timeout" if isinstance(cause, RespTimeout | TimeoutError) else "unavailable"
-            breaker.failure(loop.time())
+            self._failed(loop.time())
             retry_ms = max(int(breaker.retry_after_s(loop.time()) * 1000), 1000)
             what = f"timed out after {self.timeout:g}s" if outcome == "timeout" else f"failed: {cause}"
             raise StoreUnavailable(f"redis {op} {what}", retry_after_ms=retry_ms,
@@ -161,8 +161,6 @@ class RedisClient:
             raise StoreUnavailable(f"redis {op}: {exc}") from None
         finally:
             self.observer.call_done(op, loop.time() - started, outcome)
-            if breaker.state is not before:
-                self._breaker_moved(before)
 
     async def _exchange(
         self, op: str, packed: bytes | list[bytes], script: Script | None, started: float
@@ -192,6 +190,20 @@ class RedisClient:
 
     # -- the breaker's recovery probe --------------------------------------------------------------
 
+    def _failed(self, now: float) -> None:
+        before = self.breaker.state
+        self.breaker.failure(now)
+        if self.breaker.state is not before:
+            self._breaker_moved(before)
+
+    def _answered(self) -> None:
+        # Compared at the change itself, not from when the call began: the calls in flight when
+        # the breaker opens fail after it and must not each log (and count) the same move.
+        before = self.breaker.state
+        self.breaker.success()
+        if self.breaker.state is not before:
+            self._breaker_moved(before)
+
     def _breaker_moved(self, before: BreakerState) -> None:
         state = self.breaker.state
         log.warning("redis circuit breaker %s -> %s", before.name, state.name)
@@ -211,6 +223,8 @@ class RedisClient:
                 continue
             probes += 1
             if await self._ping_alone():
+                if breaker.closed:
+                    return  # a call's reply closed it meanwhile, and said so
                 breaker.success()
                 log.warning("redis circuit breaker OPEN -> CLOSED: redis answered after %.1fs "
                             "(%d probes)", loop.time() - opened, probes)

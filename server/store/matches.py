@@ -266,7 +266,7 @@ class LoadingStore:
         if not isinstance(raw, list) or not raw:
             raise ProtocolViolation(f"ready replied {raw!r:.200}")
         head = as_str(raw[0])
-        if head in ("unknown", "replaced", "wrong_session"):
+        if head in ("unknown", "replaced", "gone", "wrong_session"):
             return ReadyResult(head)  # type: ignore[arg-type]
         if head == "final" and len(raw) == 2:
             return ReadyResult("final", status=as_str(raw[1]))

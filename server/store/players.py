@@ -95,8 +95,8 @@ class PlayerStore:
         match reply:
             case ["ok", queued_at]:
                 return EnqueueResult("ok", queued_at_ms=to_int(queued_at))
-            case ["replaced"]:
-                return EnqueueResult("replaced")
+            case ["replaced"] | ["gone"]:
+                return EnqueueResult(reply[0])  # type: ignore[arg-type]
             case ["blocked", retry_after]:
                 return EnqueueResult("blocked", retry_after_ms=to_int(retry_after))
             case ["already", state, current_mode, queued_at]:
@@ -110,7 +110,7 @@ class PlayerStore:
         match reply:
             case ["ok", mode]:
                 return DequeueResult("ok", mode)
-            case ["replaced"] | ["not_in_queue"]:
+            case ["replaced"] | ["gone"] | ["not_in_queue"]:
                 return DequeueResult(reply[0])  # type: ignore[arg-type]
             case ["invalid_state", _]:
                 return DequeueResult("invalid_state")

@@ -15,7 +15,14 @@ from server.protocol import codec
 from server.protocol.auth import Identity
 from server.protocol.messages import Error as ErrorMessage
 from server.protocol.messages import ServerMessage
-from server.protocol.results import Failed, PlayerState, Result
+from server.protocol.results import (
+    DequeueResult,
+    EnqueueResult,
+    Failed,
+    PlayerState,
+    ReadyResult,
+    Result,
+)
 from server.protocol.session import (
     CLOSE_INTERNAL,
     CLOSE_RATE_LIMITED,
@@ -38,11 +45,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _UNAVAILABLE_MSG: Final = "matchmaking storage is unavailable; retry later"
+_RECORD_LOST_MSG: Final = "matchmaking storage lost this session's state; retry"
+_RECORD_LOST_RETRY_MS: Final = 250  # the re-attach is one round trip
 _failed = Throttled(log, "requests failed, storage unavailable")
 # Redis answered with an error (e.g. OOM, a script error): the reply says it all, a traceback
 # adds nothing, and every request of every client would repeat it.
 _refused = Throttled(log, "requests failed, storage error", level=logging.ERROR)
 # Any client with a valid token can reconnect in a loop; each reconnect replaces a connection.
+# A Redis restart without its data loses every record at once: one line per interval.
+_record_lost = Throttled(log, "player records lost in Redis; re-attached as idle")
 _replaced = Throttled(log, "sessions replaced by a newer connection", level=logging.INFO)
 
 
@@ -169,8 +180,14 @@ class ClientConnection(WebSocketProtocol):
     async def record_lost(self) -> None:
         """Redis lost the player's record (a restart without persistence): attach again, and
         a player who was queued or loading is told its ticket is gone (DESIGN invariant 5)."""
-        self.log.warning("player record lost in Redis; re-attaching as idle")
-        result = await self.services.store.attach(self.identity.player_id, self.conn_id)
+        _record_lost("player %s, connection %s", self.identity.player_id, self.conn_id)
+        try:
+            result = await self.services.store.attach(self.identity.player_id, self.conn_id)
+        except StoreError as exc:
+            # Redis failed again: the next resync (after it answers) or the client's next
+            # request (answered `gone` again) comes back here.
+            _failed("re-attach after a lost record: %s (player %s)", exc, self.identity.player_id)
+            return
         session = self.session
         if session is not None and session.game_mode and result.player.state == "idle" and not self.lost:
             self._apply(session.removed(session.game_mode))
@@ -230,7 +247,7 @@ class ClientConnection(WebSocketProtocol):
         optimistic phase). A timeout does not say whether Redis ran the script, so that
         outcome is read back once Redis answers (``FrontEnd.reconcile``)."""
         try:
-            return await self._call(request)
+            result = await self._call(request)
         except StoreUnavailable as exc:
             _failed("%s (player %s)", exc, self.identity.player_id)
             if exc.maybe_ran:
@@ -239,6 +256,14 @@ class ClientConnection(WebSocketProtocol):
         except StoreError as exc:
             _refused("%s (player %s)", exc, self.identity.player_id)
             return Failed("internal_error", "internal error")
+        if isinstance(result, EnqueueResult | DequeueResult | ReadyResult) and result.outcome == "gone":
+            # Redis lost the record (a restart without its data) or a sweep released it while
+            # this connection lives: not a newer connection's doing (no 4009). The request did
+            # not happen; the re-attach after this answer tells a queued or loading player
+            # that its ticket is gone, and the client may ask again.
+            self.front.spawn(self.record_lost())
+            return Failed("unavailable", _RECORD_LOST_MSG, _RECORD_LOST_RETRY_MS)
+        return result
 
     async def _call(self, request: Request) -> Result:
         services, player, conn = self.services, self.identity.player_id, self.conn_id

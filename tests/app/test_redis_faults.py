@@ -178,3 +178,29 @@ async def test_a_record_no_connection_holds_is_released_by_the_workers_audit(
     assert (await request(live, {"type": "status"}))["state"] == "idle"  # still served
     await live.close()
     await admin.aclose()
+
+
+async def test_a_request_that_finds_its_record_gone_is_refused_and_the_player_told(
+    start_worker: WorkerFactory, redis_url: str
+) -> None:
+    """Redis lost a queued player's record (a restart without its data, reached before the
+    worker noticed): the next request is not taken for a newer connection's (no 4009). It is
+    refused `unavailable`, the worker re-attaches the connection, the player is told its
+    ticket is gone, and it can queue again."""
+    w = await start_worker()
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    ws, _ = await connect_player(w.front.port, "carol", 1500)
+    assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    await admin.delete(keys.player("carol"))  # what the lost data held for carol
+    await admin.zrem(keys.queue("5v5"), "carol")
+    await admin.hdel(keys.tickets("5v5"), "carol")
+    answer = await request(ws, {"type": "dequeue"})
+    assert answer["type"] == "error" and answer["code"] == "unavailable", answer
+    assert answer["retry_after_ms"] > 0
+    told = await recv(ws)
+    assert told == {"type": "dequeued", "game_mode": "5v5", "reason": "removed"}, told
+    assert await admin.hget(keys.player("carol"), "state") == "idle"  # re-attached
+    assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    assert ws.close_code is None
+    await ws.close()
+    await admin.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 
@@ -142,4 +143,41 @@ async def test_the_breaker_closes_as_soon_as_redis_answers_without_user_traffic(
         while client.breaker.state is not BreakerState.CLOSED:
             await asyncio.sleep(0.01)
     assert await client.command("PING") == b"PONG"
+    await client.close()
+
+
+async def test_calls_in_flight_when_the_breaker_opens_move_it_once(
+    private_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 17: fifty calls waiting on a frozen Redis all fail, and the breaker's move is
+    logged (and counted) once, not once per call that began while it was closed."""
+    moves: list[BreakerState] = []
+
+    class Observer:
+        def call_done(self, op: str, seconds: float, outcome: str) -> None:
+            pass
+
+        def breaker_changed(self, state: BreakerState) -> None:
+            moves.append(state)
+
+    client = RedisClient(private_redis.url, RedisConfig(
+        operation_timeout_s=0.3, breaker_threshold=1, breaker_cooldown_s=60, breaker_probe_s=0.05),
+        Observer())
+    assert await client.command("PING") == b"PONG"
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        with caplog.at_level(logging.WARNING, "server.store.client"):
+            results = await asyncio.gather(*(client.command("PING") for _ in range(50)),
+                                           return_exceptions=True)
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    async with asyncio.timeout(TIMEOUT):
+        while client.breaker.state is not BreakerState.CLOSED:
+            await asyncio.sleep(0.01)
+    opened = [r for r in caplog.records if "CLOSED -> OPEN" in r.getMessage()]
+    assert len(opened) == 1, [r.getMessage() for r in caplog.records]
+    assert moves[0] is BreakerState.OPEN and moves[-1] is BreakerState.CLOSED
+    assert moves.count(BreakerState.OPEN) == 1, moves
     await client.close()
