@@ -62,9 +62,15 @@ schema: $(STAMP)
 	cd $(TS) && node scripts/gen-types.mjs
 
 # Kernel benchmarks (pytest-benchmark), then the end-to-end profile of DESIGN's targets.
+# With BASE=<commit>: instead, the same load on that commit (built in a worktree) and on this
+# checkout, alternating, and the ratios (bench/compare.py; COMPARE_ARGS e.g. --rate 300 --find-rate).
 bench: $(STAMP)
+ifdef BASE
+	$(BIN)/python -m bench.compare --base $(BASE) $(COMPARE_ARGS)
+else
 	$(BIN)/python -m pytest bench --benchmark-only $(PYTEST_ARGS)
 	$(BIN)/python -m bench.e2e $(E2E_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info _fastmatch/*.c _fastmatch/*.so $(TS)/node_modules $(TS)/dist
