@@ -130,6 +130,8 @@ def fault_effects(r: RunResult) -> list[dict[str, Any]]:
                     "drops": counts.pop("drop", 0), "refused": dict(refused.most_common()),
                     "resumed": dict(resumed.most_common()), **dict(sorted(counts.items())),
                     "new_term_match_after_s": _new_term(formed, begin),
+                    "match_after_end_s": next((round(t - applied.ended_s, 2) for t, _ in formed
+                                               if t >= applied.ended_s), None),
                     "players_touched": sum(outcomes.values()),
                     "their_outcomes": dict(outcomes.most_common())})
     return out
