@@ -86,11 +86,19 @@ class Housekeeper:
         live = self.front.connections
         released = 0
         front = self.front
+        held: set[str] | None = None  # players with a live connection here, when needed
         for player, (worker, conn) in zip(players, await self.store.owners(players), strict=True):
             # Looked at now, after the read: a connection lost meanwhile is already releasing.
             settling = (player, conn) in front.detaching or (player, conn) in front.pending_detach
             if (worker == self.store.worker_id and conn in live) or settling:
                 continue  # served, or its connection's own detach is on its way
+            if not conn and held is None:
+                held = {c.player_id for c in live.values()}
+            if not conn and held is not None and player in held:
+                # No record, but a live connection of the player: Redis lost it and that
+                # connection is attaching again. A detach of "any connection of this worker"
+                # (what an empty conn means) could release the record it is writing.
+                continue
             # Not ours any more (another worker, no record, or released since the read) makes
             # the detach "stale": it only drops the player from our set, and says nothing.
             if await self.front.detach(player, conn) not in ("stale", ""):

@@ -24,6 +24,22 @@ class PlayerState:
 
 
 @dataclass(frozen=True, slots=True)
+class MatchView:
+    """A loading session's record as Redis keeps it (while it loads, and
+    ``matching.finished_match_ttl_ms`` after it ended): what a player who missed its notices
+    needs to be told."""
+
+    match_id: str
+    mode: str
+    status: str  # loading | assigned | cancelled | timed_out | failed | aborted
+    reason: str = ""
+    teams: list[list[str]] = field(default_factory=list)
+    deadline_ms: int = 0
+    server_address: str = ""
+    server_session_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class EnqueueResult:
     outcome: Literal["ok", "replaced", "gone", "already", "blocked"]
     queued_at_ms: int = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Final, get_args
 
 from server.config import ModeConfig
 from server.protocol import codec
@@ -28,17 +28,21 @@ from server.protocol.messages import (
     MatchFound,
     QueueStatus,
     Requeued,
+    RequeueReason,
     ServerMessage,
     StartLoading,
     StateName,
     Status,
     Welcome,
 )
+from server.protocol.notices import TIMED_OUT_TEXT
 from server.protocol.ratelimit import TokenBucket
 from server.protocol.results import (
     DequeueResult,
     EnqueueResult,
     Failed,
+    MatchView,
+    PlayerState,
     ReadyResult,
     Result,
     StatusResult,
@@ -51,6 +55,9 @@ CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
 CLOSE_RATE_LIMITED: Final = 4008
 CLOSE_REPLACED: Final = 4009
+
+
+_REQUEUE_REASONS: Final = frozenset(get_args(RequeueReason))
 
 
 class Phase(StrEnum):
@@ -356,6 +363,34 @@ class Session:
             return [Send(Dequeued(game_mode=mode, reason="requested"))]
         return []
 
+    def behind(self, redis: PlayerState) -> bool:
+        """Does Redis show a change this session was not told of (a notice published while
+        the worker's delivery subscriber was down)? Requests in flight settle themselves."""
+        if self.closed or self.phase not in (Phase.IDLE, Phase.QUEUED, Phase.LOADING):
+            return False
+        if self.phase is Phase.LOADING:
+            return redis.state != "loading" or redis.match_id != self.loading_session_id
+        return redis.state == "loading" or (redis.state == "idle" and self.phase is Phase.QUEUED)
+
+    def caught_up(self, redis: PlayerState, views: Mapping[str, MatchView]) -> list[Effect]:
+        """What the player missed, rebuilt from Redis (the player's record and the records of
+        the loading sessions involved, ``views``), delivered in the order it happened: the end
+        of the ready check it was in, then the one it is in now (DESIGN "Routing and
+        delivery": a message lost while a worker was deaf must be recoverable)."""
+        if not self.behind(redis):
+            return []
+        missed: list[ServerMessage] = []
+        now = redis.match_id if redis.state == "loading" else ""
+        if self.phase is Phase.LOADING and self.loading_session_id and self.game_mode:
+            missed.append(_ending(self.game_mode, views.get(self.loading_session_id), redis))
+        elif self.phase is Phase.QUEUED and redis.state == "idle" and self.game_mode:
+            missed.append(Dequeued(game_mode=self.game_mode, reason="removed"))
+        current = views.get(now) if now else None
+        if current is not None and current.status == "loading":
+            missed.append(StartLoading(loading_session_id=now, game_mode=current.mode,
+                                       teams=current.teams, deadline_ms=current.deadline_ms))
+        return [effect for message in missed for effect in self.deliver(message)]
+
     def removed(self, game_mode: str) -> list[Effect]:
         """The player's ticket was removed by the server (e.g. poison, PROTOCOL 3 `dequeued`)."""
         self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
@@ -367,3 +402,20 @@ class Session:
     ) -> list[Effect]:
         return [Send(Error(code=code, message=message, request_id=request_id,
                            retry_after_ms=retry_after_ms))]
+
+
+def _ending(mode: str, ended: MatchView | None, redis: PlayerState) -> ServerMessage:
+    """How the ready check a player missed the end of ended for it, as its record shows; its
+    loading session record gone (its finished TTL passed), Redis' state of the player says
+    requeued or removed."""
+    if redis.state != "idle":  # back in the queue (and maybe in a new ready check already)
+        reason = ended.reason if ended is not None and ended.reason in _REQUEUE_REASONS else "player_left"
+        return Requeued(game_mode=mode, reason=reason,  # type: ignore[arg-type]
+                        queued_at_ms=redis.queued_at_ms)
+    if ended is not None and ended.status == "assigned":
+        return MatchFound(loading_session_id=ended.match_id, game_mode=mode,
+                          server_address=ended.server_address,
+                          server_session_id=ended.server_session_id, teams=ended.teams)
+    if ended is not None and ended.status == "timed_out":
+        return Error(code="loading_timeout", message=TIMED_OUT_TEXT)
+    return Dequeued(game_mode=mode, reason="removed")

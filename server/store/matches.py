@@ -11,7 +11,7 @@ import msgspec
 
 from server.matching.changes import Added, Change, GraceOff, GraceOn, Removed
 from server.matching.plan import MatchPlan
-from server.protocol.results import ReadyResult
+from server.protocol.results import MatchView, ReadyResult
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
 from server.store.errors import ProtocolViolation, StoreError
@@ -230,6 +230,29 @@ class LoadingStore:
         self.observer = observer
         self._finish_args = [resume_grace_ms, penalty_window_ms, finished_ttl_ms]
         self._hold_args = [hold.initial_ms, hold.max_ms, hold.no_server_ms]
+
+    async def views(self, matches: Sequence[tuple[str, str]]) -> dict[str, MatchView]:
+        """The records of these (mode, match id) loading sessions that Redis still has,
+        pipelined, by match id."""
+        if not matches:
+            return {}
+        replies = await self.client.pipeline("match_views", [
+            ("HMGET", keys.match(mode, match_id), "status", "reason", "teams", "deadline",
+             "server_address", "server_session_id") for mode, match_id in matches])
+        out: dict[str, MatchView] = {}
+        for (mode, match_id), reply in zip(matches, replies, strict=True):
+            if not isinstance(reply, list) or len(reply) != 6:
+                raise ProtocolViolation(f"match_views: HMGET replied {reply!r:.100}")
+            status, reason, teams, deadline, address, session = (as_str(x) for x in reply)
+            if not status:
+                continue  # gone (its finished TTL passed, or Redis lost it)
+            try:
+                decoded = msgspec.json.decode(teams, type=list[list[str]]) if teams else []
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ProtocolViolation(f"match {match_id}: teams {teams!r:.100}") from exc
+            out[match_id] = MatchView(match_id, mode, status, reason, decoded,
+                                      to_int(deadline) if deadline else 0, address, session)
+        return out
 
     async def cancel(self, mode: str, match_id: str, leaver: str, *, shutdown: bool = False) -> FinishResult:
         """``leaver``'s connection ended during the ready check: the others are requeued

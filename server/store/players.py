@@ -162,6 +162,21 @@ class PlayerStore:
                 out.append((as_str(reply[0]), as_str(reply[1])))
         return out
 
+    async def records(self, players: list[str], chunk: int = 500) -> list[tuple[str, str, PlayerState]]:
+        """(worker, conn, state) of each player ("", "", idle when Redis has no record),
+        pipelined: who holds it, and where it stands (a resync compares both)."""
+        out: list[tuple[str, str, PlayerState]] = []
+        for start in range(0, len(players), chunk):
+            replies = await self.client.pipeline("records", [
+                ("HMGET", keys.player(p), "worker", "conn", "state", "mode", "queued_at", "match")
+                for p in players[start:start + chunk]])
+            for reply in replies:
+                if not isinstance(reply, list) or len(reply) != 6:
+                    raise ProtocolViolation(f"records: HMGET replied {reply!r:.100}")
+                worker, conn, state, mode, queued_at, match = (as_str(x) for x in reply)
+                out.append((worker, conn, _player_state(state or "idle", mode, queued_at, match)))
+        return out
+
     async def states(self, players: list[str], chunk: int = 500) -> list[PlayerState]:
         """Each player's state, mode and queued_at (idle when Redis has no record), pipelined."""
         out: list[PlayerState] = []

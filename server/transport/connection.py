@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 from websockets.http11 import Request as HttpRequest
@@ -19,6 +20,7 @@ from server.protocol.results import (
     DequeueResult,
     EnqueueResult,
     Failed,
+    MatchView,
     PlayerState,
     ReadyResult,
     Result,
@@ -286,6 +288,23 @@ class ClientConnection(WebSocketProtocol):
                     services.events.all_ready(mode, match_id, ready)
                 return ready
         raise TypeError(f"not a request: {request!r}")
+
+    def behind(self, state: PlayerState) -> bool:
+        return self.session is not None and not self.lost and self.session.behind(state)
+
+    def matches_involved(self, state: PlayerState) -> list[tuple[str, str]]:
+        """(mode, match id) of the ready checks a catch-up must read: ours and Redis' now."""
+        session = self.session
+        refs = [(state.mode, state.match_id)] if state.state == "loading" else []
+        if session is not None and session.loading_session_id and session.game_mode:
+            refs.append((session.game_mode, session.loading_session_id))
+        return refs
+
+    def catch_up(self, state: PlayerState, views: Mapping[str, MatchView]) -> None:
+        """Tell the player what was published while this worker could not hear (resync)."""
+        if self.session is not None and not self.lost:
+            self._apply(self.session.caught_up(state, views))
+            self.flush()
 
     def reconcile(self, state: PlayerState) -> None:
         """Redis' view of the player after a request whose outcome was lost: correct ours

@@ -27,6 +27,7 @@ from server.protocol import notices
 from server.protocol.auth import AuthError
 from server.protocol.messages import Error
 from server.protocol.ratelimit import KeyedBuckets
+from server.protocol.results import PlayerState
 from server.store import keys
 from server.store.errors import StoreError
 from server.store.players import Attached
@@ -336,17 +337,29 @@ class FrontEnd:
                             client.deliver(server_message)
 
     async def resync(self) -> None:
-        """After (re)subscribing: close connections replaced while we could not hear about it."""
+        """After (re)subscribing: whatever was published to this worker while it could not
+        hear is lost, so read every player it holds back from Redis. Close connections
+        replaced meanwhile, re-attach those whose record Redis lost, and tell the rest what
+        they missed (a ready check that began or ended)."""
         # Only connections whose attach finished: one still attaching has no record yet.
         clients = [c for c in self.connections.values() if c.attached]
-        owners = await self.store.owners([c.player_id for c in clients])
-        for client, (worker, conn) in zip(clients, owners, strict=True):
-            if (worker, conn) == (self.worker_id, client.conn_id) or not client.open:
+        records = await self.store.records([c.player_id for c in clients])
+        behind: list[tuple[ClientConnection, PlayerState]] = []
+        for client, (worker, conn, state) in zip(clients, records, strict=True):
+            if not client.open:
                 continue
-            if conn:
+            if (worker, conn) == (self.worker_id, client.conn_id):
+                if client.behind(state):
+                    behind.append((client, state))
+            elif conn:
                 self._close_replaced(client.conn_id)
             else:
                 self.spawn(client.record_lost())
+        if behind:
+            views = await self.services.loading.views(sorted(
+                {ref for client, state in behind for ref in client.matches_involved(state)}))
+            for client, state in behind:
+                client.catch_up(state, views)
 
 
 class _Refused(asyncio.Protocol):

@@ -216,3 +216,42 @@ def test_ready_results_answer_only_errors_and_a_mismatch_is_a_bug() -> None:
     assert s.complete(ready, ReadyResult("replaced")) == [Close(4009, "session_replaced")]
     with pytest.raises(TypeError):
         session().complete(RunStatus(None), ReadyResult("ready"))
+
+
+def test_catching_up_tells_what_was_missed_while_deaf() -> None:
+    """After the worker's subscriber was down, Redis' view of the player is compared with the
+    session's and the missed notices are rebuilt: in the order they happened, and nothing when
+    both agree."""
+    from server.protocol.messages import MatchFound, Requeued, StartLoading
+    from server.protocol.results import MatchView
+
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
+    queued = PlayerState("queued", "1v1", 5)
+    assert not s.behind(queued) and s.caught_up(queued, {}) == []
+    # A ready check began and ended in a requeue, and a second one began, all unheard.
+    first = MatchView("m1", "1v1", "cancelled", "player_left", [["p1"], ["p2"]], 100)
+    second = MatchView("m2", "1v1", "loading", "", [["p1"], ["p3"]], 200)
+    s.deliver(StartLoading(loading_session_id="m1", game_mode="1v1", teams=first.teams,
+                           deadline_ms=100))
+    now = PlayerState("loading", "1v1", 5, "m2")
+    assert s.behind(now)
+    assert s.caught_up(now, {"m1": first, "m2": second}) == [
+        Send(Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)),
+        Send(StartLoading(loading_session_id="m2", game_mode="1v1", teams=second.teams,
+                          deadline_ms=200))]
+    assert s.phase is Phase.LOADING and not s.behind(now)
+    # That one was assigned to a game server while unheard: the match_found it missed.
+    assigned = MatchView("m2", "1v1", "assigned", "", second.teams, 200, "gs:1", "s-1")
+    [found] = s.caught_up(PlayerState("idle"), {"m2": assigned})
+    assert found == Send(MatchFound(loading_session_id="m2", game_mode="1v1",
+                                    server_address="gs:1", server_session_id="s-1",
+                                    teams=second.teams))
+    assert s.phase is Phase.IDLE
+    # Queued, and the ticket gone (removed) while unheard; a record gone too says removed.
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=9))
+    assert s.caught_up(PlayerState("idle"), {}) == [
+        Send(Dequeued(game_mode="1v1", reason="removed"))]
+    assert s.phase is Phase.IDLE and s.caught_up(PlayerState("idle"), {}) == []

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.app.worker import Worker
 from server.store import keys
-from tests.conftest import WorkerFactory, make_config
+from tests.conftest import GameServerFactory, WorkerFactory, make_config
 from tests.helpers import (
     TIMEOUT,
     closed_code,
@@ -257,6 +257,72 @@ async def test_replacement_missed_while_deaf_is_caught_by_resync(
     w1.subscriber.start()
     assert await closed_code(old) == 4009
     await new.close()
+
+
+async def _state_is(admin: aioredis.Redis, player: str, state: str) -> None:
+    async with asyncio.timeout(TIMEOUT * 2):
+        while await admin.hget(keys.player(player), "state") != state:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_ready_check_formed_while_deaf_is_told_after_resync(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    """The match is committed and its start_loading published while the worker has no
+    subscriber (e.g. right after a Redis restart): resync reads the players back and sends
+    the start_loading they missed; the match then completes normally."""
+    await start_game_server()
+    w = await start_worker()
+    await asyncio.wait_for(w.matchmakers["1v1"].wait_leading(), TIMEOUT)
+    a, _ = await connect_player(w.front.port, "nia", 1500)
+    b, _ = await connect_player(w.front.port, "oto", 1500)
+    await w.subscriber.close()
+    for ws in (a, b):
+        assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    for player in ("nia", "oto"):
+        await _state_is(admin, player, "loading")  # formed, and nobody heard of it
+    match = await admin.hget(keys.player("nia"), "match")
+    w.subscriber.start()
+    for ws in (a, b):
+        told = await recv(ws, TIMEOUT * 2)
+        assert told["type"] == "start_loading" and told["loading_session_id"] == match, told
+        assert sorted(p for team in told["teams"] for p in team) == ["nia", "oto"] and told["deadline_ms"] > 0
+        await send(ws, {"type": "loading_complete", "loading_session_id": match})
+    for ws in (a, b):
+        found = await recv(ws, TIMEOUT * 2)
+        assert found["type"] == "match_found" and found["loading_session_id"] == match, found
+        await ws.close()
+
+
+async def test_a_ready_check_that_ended_while_deaf_is_told_after_resync(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    """The ready check times out while the worker has no subscriber: after resync the player
+    who loaded is told `requeued{loading_timeout}` (same queue place), the one who did not
+    `error{loading_timeout}`, as the notices they missed would have said."""
+    await start_game_server()
+    w = await start_worker(cfg=make_config(**{"matching.ready_timeout_ms": 800}))
+    await asyncio.wait_for(w.matchmakers["1v1"].wait_leading(), TIMEOUT)
+    a, _ = await connect_player(w.front.port, "pia", 1500)
+    b, _ = await connect_player(w.front.port, "quo", 1500)
+    queued_at = {}
+    for ws, player in ((a, "pia"), (b, "quo")):
+        queued_at[player] = (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["queued_at_ms"]
+    sid = (await recv(a, TIMEOUT * 2))["loading_session_id"]
+    assert (await recv(b, TIMEOUT * 2))["loading_session_id"] == sid
+    await w.subscriber.close()
+    await send(a, {"type": "loading_complete", "loading_session_id": sid})
+    await _state_is(admin, "pia", "queued")
+    await _state_is(admin, "quo", "idle")
+    w.subscriber.start()
+    assert await recv(a, TIMEOUT * 2) == {"type": "requeued", "game_mode": "1v1",
+                                          "reason": "loading_timeout",
+                                          "queued_at_ms": queued_at["pia"]}
+    told = await recv(b, TIMEOUT * 2)
+    assert told["type"] == "error" and told["code"] == "loading_timeout", told
+    assert (await request(b, {"type": "status"}))["state"] == "idle"
+    for ws in (a, b):
+        await ws.close()
 
 
 # -- storage unavailable ------------------------------------------------------------------------------
