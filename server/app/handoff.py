@@ -6,12 +6,14 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import msgspec
 
 from server import metrics
 from server.config import GameServerConfig
+from server.logthrottle import Throttled
 from server.matching import tickets
 from server.protocol import gameserver as gs
 from server.protocol.results import ReadyResult
@@ -20,6 +22,10 @@ from server.store.matches import LoadingStore
 from server.store.players import PlayerStore
 
 log = logging.getLogger(__name__)
+# Redis down: every handoff in flight fails alike, and its ending cannot be written either; the
+# match keeps its allocation deadline in the loading set, where the mode's leader ends it.
+_unpublished = Throttled(log, "battle requests not published, storage unavailable")
+_unended = Throttled(log, "handoffs not ended, storage unavailable; their deadline ends them")
 
 
 class HealthMonitor:
@@ -73,9 +79,16 @@ class Allocator:
 
     def start(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         work = self._requeue(mode, match_id, ready) if self._closing else self.allocate(mode, match_id, ready)
-        task = asyncio.create_task(work, name=f"allocate:{match_id}")
+        task = asyncio.create_task(self._owned(work, mode, match_id), name=f"allocate:{match_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _owned(work: Coroutine[Any, Any, None], mode: str, match_id: str) -> None:
+        try:
+            await work
+        except StoreError as exc:
+            _unended("%s match %s: %s", mode, match_id, exc)
 
     async def _requeue(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         """A handoff that would start while the worker shuts down: nobody would own it."""
@@ -98,7 +111,7 @@ class Allocator:
             try:
                 receivers = await self.store.publish(self.config.request_channel, gs.encode(request))
             except StoreError as exc:
-                log.warning("%s match %s: battle_request not published: %s", mode, match_id, exc)
+                _unpublished("%s match %s: %s", mode, match_id, exc)
                 await self.loading.fail(mode, match_id, "allocation_failed", players)
                 return
             self.health.observe(receivers)

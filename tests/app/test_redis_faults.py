@@ -4,12 +4,15 @@ clients get `unavailable`, and everything resumes by itself (DESIGN "Failure han
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
 from server.app.gameserver import ReferenceGameServer
+from server.protocol.results import ReadyResult
 from server.store import keys
 from server.store.breaker import BreakerState
 from server.store.embedded import EmbeddedRedis
@@ -207,3 +210,29 @@ async def test_a_request_that_finds_its_record_gone_is_refused_and_the_player_to
     assert ws.close_code is None
     await ws.close()
     await admin.aclose()
+
+
+async def test_a_handoff_that_cannot_reach_redis_ends_quietly(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis freezes as the last player of a match loads: neither the battle_request nor the
+    match's ending can be written. The handoff task logs one aggregated line, no traceback and
+    no 'exception never retrieved'; the match's allocation deadline (in Redis) ends it later."""
+    w = await start_worker(url=private_redis.url, cfg=make_config(**FAULTY))
+    ready = ReadyResult("allocating", deadline_ms=1, teams=[["ann"], ["bob"]],
+                        tickets={"ann": b"1500|1|{}", "bob": b"1500|1|{}"})
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for i in range(5):
+                w.allocator.start("1v1", f"m{i}", ready)
+            async with asyncio.timeout(TIMEOUT * 2):
+                while w.allocator._tasks:  # the handoffs in flight
+                    await asyncio.sleep(0.02)
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("handoffs not ended" in line for line in lines), lines
+    assert not any(r.exc_info or "never retrieved" in r.getMessage() for r in caplog.records), lines
+    assert sum("handoffs not ended" in line for line in lines) <= 2, lines  # one per interval
