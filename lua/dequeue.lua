@@ -6,7 +6,7 @@
 --       | {"retry", mode} | {"not_in_queue"} | {"invalid_state", state}
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'conn', 'state', 'mode')
-if not cur[1] then
+if not cur[1] and not cur[2] then
   return {'gone'}
 elseif cur[1] ~= ARGV[2] then
   return {'replaced'}

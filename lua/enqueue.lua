@@ -10,7 +10,7 @@
 -- queued_at comes from the Redis clock so every worker and host agrees on wait times.
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'queued_at')
-if not cur[1] then
+if not cur[1] and not cur[2] then
   return {'gone'}
 elseif cur[1] ~= ARGV[2] then
   return {'replaced'}

@@ -17,8 +17,9 @@ local status = info[1]
 if not status then
   return {'unknown'}
 end
-local conn = redis.call('HGET', KEYS[3], 'conn')
-if not conn then
+local rec = redis.call('HMGET', KEYS[3], 'conn', 'state')
+local conn = rec[1]
+if not conn and not rec[2] then
   return {'gone'}
 elseif conn ~= ARGV[3] then
   return {'replaced'}

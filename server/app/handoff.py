@@ -17,7 +17,7 @@ from server.logthrottle import Throttled
 from server.matching import tickets
 from server.protocol import gameserver as gs
 from server.protocol.results import ReadyResult
-from server.store.errors import StoreError
+from server.store.errors import StoreError, StoreUnavailable
 from server.store.matches import LoadingStore
 from server.store.players import PlayerStore
 
@@ -87,8 +87,10 @@ class Allocator:
     async def _owned(work: Coroutine[Any, Any, None], mode: str, match_id: str) -> None:
         try:
             await work
-        except StoreError as exc:
+        except StoreUnavailable as exc:
             _unended("%s match %s: %s", mode, match_id, exc)
+        except Exception:  # task boundary: a bug (or a reply not understood), not an outage
+            log.exception("%s match %s: handoff failed; its deadline ends it", mode, match_id)
 
     async def _requeue(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         """A handoff that would start while the worker shuts down: nobody would own it."""

@@ -137,6 +137,7 @@ class Session:
         self.game_mode: str | None = None
         self.queued_at_ms = 0
         self.loading_session_id: str | None = None
+        self.delivered = 0  # server messages followed: a resync's read is stale once it moves
         # Server messages that arrive while one of our requests is in flight wait for its
         # reply: a match notice may overtake the `enqueued` it follows (DESIGN requirement 3).
         self._held: list[ServerMessage] = []
@@ -334,6 +335,9 @@ class Session:
         if self.phase in (Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
             self._held.append(message)
             return []
+        if self._repeats(message):
+            return []
+        self.delivered += 1
         match message:
             case StartLoading(loading_session_id=sid, game_mode=mode):
                 self.phase, self.game_mode, self.loading_session_id = Phase.LOADING, mode, sid
@@ -344,6 +348,18 @@ class Session:
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
                 self.loading_session_id = None
         return [Send(message)]
+
+    def _repeats(self, message: ServerMessage) -> bool:
+        """Says again what the player already knows (a notice that raced the catch-up after a
+        resync, or a removal after the player left the queue itself): dropped, not sent."""
+        match message:
+            case StartLoading(loading_session_id=sid):
+                return self.phase is Phase.LOADING and sid == self.loading_session_id
+            case Requeued():
+                return self.phase is Phase.QUEUED
+            case Dequeued(reason="removed") | MatchFound() | Error(code="loading_timeout"):
+                return self.phase is Phase.IDLE
+        return False
 
     def _release(self) -> list[Effect]:
         held, self._held = self._held, []
@@ -362,6 +378,10 @@ class Session:
             self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
             return [Send(Dequeued(game_mode=mode, reason="requested"))]
         return []
+
+    @property
+    def busy(self) -> bool:
+        return self.phase in (Phase.ENQUEUING, Phase.DEQUEUING)
 
     def behind(self, redis: PlayerState) -> bool:
         """Does Redis show a change this session was not told of (a notice published while
@@ -391,9 +411,17 @@ class Session:
                                        teams=current.teams, deadline_ms=current.deadline_ms))
         return [effect for message in missed for effect in self.deliver(message)]
 
+    def ticket_lost(self) -> list[Effect]:
+        """Redis lost the player's record: a ticket the player holds (queued, or in a ready
+        check) is gone. A request in flight learns it from its own answer instead."""
+        if self.closed or self.phase not in (Phase.QUEUED, Phase.LOADING) or not self.game_mode:
+            return []
+        return self.removed(self.game_mode)
+
     def removed(self, game_mode: str) -> list[Effect]:
         """The player's ticket was removed by the server (e.g. poison, PROTOCOL 3 `dequeued`)."""
         self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+        self.loading_session_id = None
         return [Send(Dequeued(game_mode=game_mode, reason="removed"))]
 
     def _error(
@@ -409,7 +437,8 @@ def _ending(mode: str, ended: MatchView | None, redis: PlayerState) -> ServerMes
     loading session record gone (its finished TTL passed), Redis' state of the player says
     requeued or removed."""
     if redis.state != "idle":  # back in the queue (and maybe in a new ready check already)
-        reason = ended.reason if ended is not None and ended.reason in _REQUEUE_REASONS else "player_left"
+        # Its record gone too (Redis lost it): not the player's doing, the server's.
+        reason = ended.reason if ended is not None and ended.reason in _REQUEUE_REASONS else "server_shutdown"
         return Requeued(game_mode=mode, reason=reason,  # type: ignore[arg-type]
                         queued_at_ms=redis.queued_at_ms)
     if ended is not None and ended.status == "assigned":

@@ -230,6 +230,8 @@ class RedisClient:
                             "(%d probes)", loop.time() - opened, probes)
                 self.observer.breaker_changed(breaker.state)
                 return
+            if breaker.closed:
+                return  # a call's reply closed it while this probe failed: Redis is back
             breaker.probe_failed(loop.time())
 
     async def _ping_alone(self) -> bool:

@@ -51,10 +51,22 @@ class PlayerStore:
 
     async def attach(self, player: str, conn: str) -> Attached:
         # A new connection does not know the player's mode; most connecting players are idle.
+        attached = await self._attach(player, conn, reattach=False)
+        assert attached is not None  # only a re-attach can be refused
+        return attached
+
+    async def reattach(self, player: str, conn: str) -> Attached | None:
+        """Attach ``conn`` again after Redis lost the player's record; None when a record has
+        been written since by another connection (this one was replaced meanwhile)."""
+        return await self._attach(player, conn, reattach=True)
+
+    async def _attach(self, player: str, conn: str, *, reattach: bool) -> Attached | None:
         reply = await self._with_mode(
             "attach", player, [keys.player(player), keys.worker_players(self.worker_id)],
-            lambda mode: [player, self.worker_id, conn, mode], mode_guess="",
+            lambda mode: [player, self.worker_id, conn, mode, int(reattach)], mode_guess="",
         )
+        if reattach and reply == ["replaced"]:
+            return None
         if reply[0] != "ok" or len(reply) < 7:
             raise ProtocolViolation(f"attach replied {reply!r}")
         state = _player_state(reply[1], reply[2], reply[3], reply[6])

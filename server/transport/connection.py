@@ -181,19 +181,24 @@ class ClientConnection(WebSocketProtocol):
 
     async def record_lost(self) -> None:
         """Redis lost the player's record (a restart without persistence): attach again, and
-        a player who was queued or loading is told its ticket is gone (DESIGN invariant 5)."""
+        a player who was queued or loading is told its ticket is gone (DESIGN invariant 5).
+        If another connection wrote a record since, this one was replaced: 4009. A storage
+        failure is raised (the resync that called it runs again)."""
         _record_lost("player %s, connection %s", self.identity.player_id, self.conn_id)
-        try:
-            result = await self.services.store.attach(self.identity.player_id, self.conn_id)
-        except StoreError as exc:
-            # Redis failed again: the next resync (after it answers) or the client's next
-            # request (answered `gone` again) comes back here.
-            _failed("re-attach after a lost record: %s (player %s)", exc, self.identity.player_id)
-            return
-        session = self.session
-        if session is not None and session.game_mode and result.player.state == "idle" and not self.lost:
-            self._apply(session.removed(session.game_mode))
+        attached = await self.services.store.reattach(self.identity.player_id, self.conn_id)
+        if attached is None:
+            self.replaced()
+        elif self.session is not None and not self.lost and attached.player.state == "idle":
+            self._apply(self.session.ticket_lost())
             self.flush()
+
+    async def _record_lost_answered(self) -> None:
+        """record_lost after a request found the record gone: the client has been answered
+        `unavailable` and will ask again (and be answered `gone` again while this fails)."""
+        try:
+            await self.record_lost()
+        except StoreError as exc:
+            _failed("re-attach after a lost record: %s (player %s)", exc, self.identity.player_id)
 
     def replaced(self) -> None:
         """Another connection of this player won (PROTOCOL 1): close 4009."""
@@ -263,7 +268,7 @@ class ClientConnection(WebSocketProtocol):
             # this connection lives: not a newer connection's doing (no 4009). The request did
             # not happen; the re-attach after this answer tells a queued or loading player
             # that its ticket is gone, and the client may ask again.
-            self.front.spawn(self.record_lost())
+            self.front.spawn(self._record_lost_answered())
             return Failed("unavailable", _RECORD_LOST_MSG, _RECORD_LOST_RETRY_MS)
         return result
 
@@ -288,6 +293,15 @@ class ClientConnection(WebSocketProtocol):
                     services.events.all_ready(mode, match_id, ready)
                 return ready
         raise TypeError(f"not a request: {request!r}")
+
+    @property
+    def delivered(self) -> int:
+        return self.session.delivered if self.session is not None else 0
+
+    @property
+    def busy(self) -> bool:
+        """A request of this connection is in flight (its answer settles the state)."""
+        return self.session is not None and self.session.busy
 
     def behind(self, state: PlayerState) -> bool:
         return self.session is not None and not self.lost and self.session.behind(state)

@@ -48,6 +48,7 @@ _deferred = Throttled(log, "detach deferred to housekeeping, storage unavailable
 _cancel_deferred = Throttled(log, "cancel of a ready check left to the mode's leader")
 _unnotified = Throttled(log, "could not tell another worker of a replaced connection")
 _crashed = Throttled(log, "connection task failed", level=logging.ERROR)
+_resync_incomplete = Throttled(log, "resync: connections with a request in flight not caught up")
 
 
 class FrontEnd:
@@ -342,24 +343,45 @@ class FrontEnd:
         replaced meanwhile, re-attach those whose record Redis lost, and tell the rest what
         they missed (a ready check that began or ended)."""
         # Only connections whose attach finished: one still attaching has no record yet.
-        clients = [c for c in self.connections.values() if c.attached]
+        await self._catch_up([c for c in self.connections.values() if c.attached], recheck=True)
+
+    async def _catch_up(self, clients: list[ClientConnection], recheck: bool) -> None:
+        seen = [c.delivered for c in clients]  # a session that moves on meanwhile heard it live
         records = await self.store.records([c.player_id for c in clients])
-        behind: list[tuple[ClientConnection, PlayerState]] = []
-        for client, (worker, conn, state) in zip(clients, records, strict=True):
+        behind: list[tuple[ClientConnection, PlayerState, int]] = []
+        lost: list[ClientConnection] = []
+        busy: list[ClientConnection] = []
+        for client, (worker, conn, state), before in zip(clients, records, seen, strict=True):
             if not client.open:
                 continue
             if (worker, conn) == (self.worker_id, client.conn_id):
-                if client.behind(state):
-                    behind.append((client, state))
-            elif conn:
+                if client.busy:
+                    busy.append(client)  # a request in flight: read it again once it is done
+                elif client.delivered == before and client.behind(state):
+                    behind.append((client, state, before))
+            elif worker or conn:
                 self._close_replaced(client.conn_id)
             else:
-                self.spawn(client.record_lost())
+                lost.append(client)
         if behind:
             views = await self.services.loading.views(sorted(
-                {ref for client, state in behind for ref in client.matches_involved(state)}))
-            for client, state in behind:
-                client.catch_up(state, views)
+                {ref for client, state, _ in behind for ref in client.matches_involved(state)}))
+            for client, state, before in behind:
+                if client.delivered == before:
+                    client.catch_up(state, views)
+        # Raised to the caller (the subscriber's resync runs again) if Redis refuses.
+        await asyncio.gather(*(client.record_lost() for client in lost))
+        if busy and recheck:
+            self.spawn(self._recheck(busy))
+
+    async def _recheck(self, clients: list[ClientConnection]) -> None:
+        """Connections whose request was in flight during the resync: once it has had time
+        to answer, read them back too (a notice lost meanwhile is not on its way)."""
+        await asyncio.sleep(SETTLE_INTERVAL_S)
+        try:
+            await self._catch_up([c for c in clients if c.open], recheck=False)
+        except StoreError as exc:
+            _resync_incomplete("%d connections not read back: %s", len(clients), exc)
 
 
 class _Refused(asyncio.Protocol):

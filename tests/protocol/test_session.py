@@ -255,3 +255,30 @@ def test_catching_up_tells_what_was_missed_while_deaf() -> None:
     assert s.caught_up(PlayerState("idle"), {}) == [
         Send(Dequeued(game_mode="1v1", reason="removed"))]
     assert s.phase is Phase.IDLE and s.caught_up(PlayerState("idle"), {}) == []
+
+
+def test_what_the_player_already_knows_is_not_sent_again() -> None:
+    """A notice that races the catch-up after a resync (or a removal after the player left
+    the queue itself) is dropped, not sent twice; a lost record tells only a player who holds
+    a ticket, never one whose enqueue is still in flight."""
+    from server.protocol.messages import MatchFound, Requeued, StartLoading
+
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    assert s.ticket_lost() == []  # in flight: the enqueue's own answer tells
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
+    start = StartLoading(loading_session_id="m1", game_mode="1v1", teams=[["p1"], ["p2"]],
+                         deadline_ms=9)
+    assert s.deliver(start) == [Send(start)]
+    assert s.deliver(start) == []  # the same ready check again
+    requeued = Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)
+    assert s.deliver(requeued) == [Send(requeued)]
+    assert s.deliver(requeued) == [] and s.phase is Phase.QUEUED
+    [told] = s.ticket_lost()
+    assert told == Send(Dequeued(game_mode="1v1", reason="removed")) and s.phase is Phase.IDLE
+    for late in (Dequeued(game_mode="1v1", reason="removed"),
+                 MatchFound(loading_session_id="m1", game_mode="1v1", server_address="a",
+                            server_session_id="b", teams=[["p1"], ["p2"]]),
+                 Error(code="loading_timeout", message="x")):
+        assert s.deliver(late) == [], late
+    assert s.delivered == 2

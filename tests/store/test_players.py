@@ -181,3 +181,30 @@ async def test_calls_in_flight_when_the_breaker_opens_move_it_once(
     assert moves[0] is BreakerState.OPEN and moves[-1] is BreakerState.CLOSED
     assert moves.count(BreakerState.OPEN) == 1, moves
     await client.close()
+
+
+async def test_a_lost_record_is_told_apart_from_a_replacement(
+    store: PlayerStore, admin: aioredis.Redis
+) -> None:
+    """Scripts answer `gone` only when Redis has no record at all; a record another connection
+    holds, or one detached into its resume grace, is `replaced`. A re-attach after a lost
+    record takes it only while there is none (or it is its own): it never overwrites a
+    record a newer connection wrote meanwhile."""
+    await store.attach("r", "c1")
+    assert (await store.enqueue("r", "c1", "5v5", 1500, {})).outcome == "ok"
+    await admin.delete(keys.player("r"), keys.queue("5v5"), keys.tickets("5v5"))
+    assert (await store.dequeue("r", "c1", "5v5")).outcome == "gone"
+    assert (await store.enqueue("r", "c1", "5v5", 1500, {})).outcome == "gone"
+    again = await store.reattach("r", "c1")
+    assert again is not None and again.player.state == "idle"
+    assert await store.reattach("r", "c1") is not None  # its own record: nothing changes
+    await store.attach("r", "c2")  # a newer connection
+    assert await store.reattach("r", "c1") is None
+    assert await admin.hget(keys.player("r"), "conn") == "c2"
+    assert (await store.enqueue("r", "c2", "5v5", 1500, {})).outcome == "ok"
+    assert (await store.detach("r", "c2")).outcome == "grace"  # queued, no connection now
+    assert (await store.dequeue("r", "c1", "5v5")).outcome == "replaced"
+    assert await store.reattach("r", "c1") is None
+    await store.attach("r", "c3")
+    assert (await store.dequeue("r", "c3", "5v5")).outcome == "ok"
+    await store.detach("r", "c3")
