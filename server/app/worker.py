@@ -79,6 +79,9 @@ class Worker:
             interval_s=config.server.housekeeping_interval_s,
             heartbeat_ttl_s=config.server.heartbeat_ttl_s,
             audit_interval_s=config.server.audit_interval_s,
+            # The longest a live worker takes to notice Redis is back (its breaker's probe
+            # interval) and heartbeat again.
+            reap_hold_s=config.server.heartbeat_ttl_s + config.redis.breaker_cooldown_s,
         )
         hold = HoldCheck(config.gameserver.request_channel, hold_times(config).no_server_ms)
         self.matchmakers = {

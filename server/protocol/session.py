@@ -328,6 +328,8 @@ class Session:
             self._held.append(message)
             return []
         match message:
+            case StartLoading(loading_session_id=sid) if sid == self.loading_session_id:
+                return []  # told already, by a catch-up (``caught_up``) that overtook it
             case StartLoading(loading_session_id=sid, game_mode=mode):
                 self.phase, self.game_mode, self.loading_session_id = Phase.LOADING, mode, sid
             case Requeued(game_mode=mode, queued_at_ms=queued_at):
@@ -355,6 +357,44 @@ class Session:
             self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
             return [Send(Dequeued(game_mode=mode, reason="requested"))]
         return []
+
+    def caught_up(
+        self, state: StateName, game_mode: str, queued_at_ms: int,
+        loading: StartLoading | None = None,
+    ) -> list[Effect]:
+        """After the worker could not hear its delivery channel (its subscriber reconnected,
+        e.g. through a Redis failover), Redis' view is read back (``loading``: the open ready
+        check Redis has the player in) and the client is told what it missed, so it never
+        waits for what no longer exists: a ready check it never heard of, a ticket or a ready
+        check that is gone (a notice lost while deaf, or a write the new primary never
+        received: README "Deployment: Sentinel")."""
+        if self.closed or self.phase in (Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
+            return []  # a request in flight: its reply (or its reconciliation) settles it
+        mode = self.game_mode
+        if state == "loading":
+            return self._missed_check(loading, queued_at_ms)
+        if state == "idle" and self.phase in (Phase.QUEUED, Phase.LOADING) and mode:
+            self.loading_session_id = None
+            return self.removed(mode)  # dequeued{removed}: the ticket is gone
+        if state == "queued" and self.phase is Phase.LOADING and mode:
+            return self._requeued(mode, queued_at_ms)  # the ready check is gone, the ticket is not
+        return self.resync(state, game_mode, queued_at_ms)  # a lost dequeue: a late `enqueued`
+
+    def _missed_check(self, loading: StartLoading | None, queued_at_ms: int) -> list[Effect]:
+        """Redis has the player in the open ready check ``loading`` (None: it ended since)."""
+        if loading is None or self.loading_session_id == loading.loading_session_id:
+            return []
+        if self.phase is Phase.QUEUED:
+            return self.deliver(loading)
+        if self.phase is Phase.LOADING and self.game_mode:  # its last ready check ended unheard
+            return [*self._requeued(self.game_mode, queued_at_ms), *self.deliver(loading)]
+        return []
+
+    def _requeued(self, mode: str, queued_at_ms: int) -> list[Effect]:
+        """A ready check that fell through unheard, by no fault of the player's (PROTOCOL 3
+        `requeued`; `server_shutdown`: the server side failed)."""
+        self.phase, self.queued_at_ms, self.loading_session_id = Phase.QUEUED, queued_at_ms, None
+        return [Send(Requeued(game_mode=mode, reason="server_shutdown", queued_at_ms=queued_at_ms))]
 
     def removed(self, game_mode: str) -> list[Effect]:
         """The player's ticket was removed by the server (e.g. poison, PROTOCOL 3 `dequeued`)."""

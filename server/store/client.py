@@ -26,7 +26,8 @@ from server.store.scripts import read_scripts
 from server.store.sentinel import Locator
 
 log = logging.getLogger(__name__)
-_TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+_TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
+                     "NOREPLICAS")  # a primary under min-replicas-to-write that lost its replicas
 # Replies of a node that is not (or no longer) a writable primary: its connection is dropped.
 _NOT_PRIMARY: Final = ("READONLY", "MASTERDOWN")
 

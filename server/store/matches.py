@@ -11,6 +11,7 @@ import msgspec
 
 from server.matching.changes import Added, Change, GraceOff, GraceOn, Removed
 from server.matching.plan import MatchPlan
+from server.protocol import notices
 from server.protocol.results import ReadyResult
 from server.store import keys
 from server.store.client import RedisClient, as_list, as_str, to_int
@@ -230,6 +231,31 @@ class LoadingStore:
         self.observer = observer
         self._finish_args = [resume_grace_ms, penalty_window_ms, finished_ttl_ms]
         self._hold_args = [hold.initial_ms, hold.max_ms, hold.no_server_ms]
+
+    async def open_checks(self, matches: Sequence[tuple[str, str]]) -> list[notices.Loading | None]:
+        """The ready checks still open among (mode, match id), as the facts their
+        ``start_loading`` is made of (None: ended or gone), pipelined: for a connection that
+        missed the notice while its worker could not hear (``FrontEnd.resync``)."""
+        if not matches:
+            return []
+        replies = await self.client.pipeline("open_checks", [
+            ("HMGET", keys.match(mode, match_id), "status", "deadline", "teams")
+            for mode, match_id in matches])
+        out: list[notices.Loading | None] = []
+        for (mode, match_id), reply in zip(matches, replies, strict=True):
+            if not isinstance(reply, list) or len(reply) != 3:
+                raise ProtocolViolation(f"open_checks: HMGET replied {reply!r:.100}")
+            status, deadline, teams = (as_str(x) for x in reply)
+            if status != "loading":
+                out.append(None)
+                continue
+            try:
+                team_list = msgspec.json.decode(teams, type=list[list[str]])
+            except msgspec.DecodeError as exc:
+                raise ProtocolViolation(f"match {match_id}: teams {teams!r:.100}") from exc
+            out.append(notices.Loading(mode=mode, match=match_id, teams=team_list,
+                                       deadline=to_int(deadline), to=[]))
+        return out
 
     async def cancel(self, mode: str, match_id: str, leaver: str, *, shutdown: bool = False) -> FinishResult:
         """``leaver``'s connection ended during the ready check: the others are requeued

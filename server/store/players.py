@@ -163,17 +163,18 @@ class PlayerStore:
         return out
 
     async def states(self, players: list[str], chunk: int = 500) -> list[PlayerState]:
-        """Each player's state, mode and queued_at (idle when Redis has no record), pipelined."""
+        """Each player's state, mode, queued_at and match (idle when Redis has no record),
+        pipelined."""
         out: list[PlayerState] = []
         for start in range(0, len(players), chunk):
             replies = await self.client.pipeline("states", [
-                ("HMGET", keys.player(p), "state", "mode", "queued_at")
+                ("HMGET", keys.player(p), "state", "mode", "queued_at", "match")
                 for p in players[start:start + chunk]])
             for reply in replies:
-                if not isinstance(reply, list) or len(reply) != 3:
+                if not isinstance(reply, list) or len(reply) != 4:
                     raise ProtocolViolation(f"states: HMGET replied {reply!r:.100}")
-                state, mode, queued_at = (as_str(x) for x in reply)
-                out.append(_player_state(state or "idle", mode, queued_at))
+                state, mode, queued_at, match_id = (as_str(x) for x in reply)
+                out.append(_player_state(state or "idle", mode, queued_at, match_id))
         return out
 
     async def publish(self, channel: str, data: bytes) -> int:

@@ -14,7 +14,7 @@ from server.logthrottle import Throttled
 from server.protocol import codec
 from server.protocol.auth import Identity
 from server.protocol.messages import Error as ErrorMessage
-from server.protocol.messages import ServerMessage
+from server.protocol.messages import ServerMessage, StartLoading
 from server.protocol.results import Failed, PlayerState, Result
 from server.protocol.session import (
     CLOSE_INTERNAL,
@@ -175,6 +175,16 @@ class ClientConnection(WebSocketProtocol):
         if session is not None and session.game_mode and result.player.state == "idle" and not self.lost:
             self._apply(session.removed(session.game_mode))
             self.flush()
+
+    def caught_up(self, state: PlayerState, loading: StartLoading | None) -> bool:
+        """Redis' view after the worker was deaf: tell the client what it missed (DESIGN
+        invariant 5; README "Deployment: Sentinel"). True when there was something to tell."""
+        if self.session is None or self.lost:
+            return False
+        effects = self.session.caught_up(state.state, state.mode, state.queued_at_ms, loading)
+        self._apply(effects)
+        self.flush()
+        return bool(effects)
 
     def replaced(self) -> None:
         """Another connection of this player won (PROTOCOL 1): close 4009."""

@@ -340,13 +340,29 @@ class FrontEnd:
         # Only connections whose attach finished: one still attaching has no record yet.
         clients = [c for c in self.connections.values() if c.attached]
         owners = await self.store.owners([c.player_id for c in clients])
+        held = []
         for client, (worker, conn) in zip(clients, owners, strict=True):
             if (worker, conn) == (self.worker_id, client.conn_id) or not client.open:
+                if client.open:
+                    held.append(client)
                 continue
             if conn:
                 self._close_replaced(client.conn_id)
             else:
                 self.spawn(client.record_lost())
+        # Notices published while the subscriber was away are lost, and a new primary may
+        # lack the old one's last writes (README "Deployment: Sentinel"): each connection
+        # compares its session with Redis' view, and open ready checks are read to be told.
+        states = await self.store.states([c.player_id for c in held])
+        wanted = sorted({(s.mode, s.match_id) for s in states if s.state == "loading" and s.match_id})
+        checks = dict(zip(wanted, await self.services.loading.open_checks(wanted), strict=True))
+        told = 0
+        for client, state in zip(held, states, strict=True):
+            check = checks.get((state.mode, state.match_id))
+            told += client.caught_up(state, notices.start_loading(check) if check is not None else None)
+        if told:
+            log.warning("resync: told %d of %d connections what they missed while this worker "
+                        "could not hear its channel", told, len(held))
 
 
 class _Refused(asyncio.Protocol):

@@ -166,6 +166,36 @@ def test_resync_reports_what_redis_really_did() -> None:
     assert s.resync("idle", "", 0) == []  # agreeing views: nothing to say
 
 
+def test_what_a_deaf_worker_or_a_failover_lost_is_told_after_the_resync() -> None:
+    """README "Deployment: Sentinel": Redis' view wins, and the client hears what it missed."""
+    from server.protocol.messages import Requeued, StartLoading
+
+    def check(n: int) -> StartLoading:
+        return StartLoading(loading_session_id=f"1.a.{n}", game_mode="1v1", teams=[["p1"], ["p2"]],
+                            deadline_ms=9)
+
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
+    [gone] = s.caught_up("idle", "", 0)  # the enqueue was lost
+    assert gone == Send(Dequeued(game_mode="1v1", reason="removed")) and s.phase is Phase.IDLE
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=7))
+    [missed] = s.caught_up("loading", "1v1", 7, check(1))  # its start_loading was published unheard
+    assert missed == Send(check(1)) and s.phase is Phase.LOADING
+    assert s.deliver(check(1)) == []  # the notice itself, overtaken by the catch-up: said once
+    assert s.caught_up("loading", "1v1", 7, check(1)) == []  # agreeing views: nothing to say
+    # Its ready check ended unheard and it is in the next one.
+    assert s.caught_up("loading", "1v1", 7, check(2)) == [
+        Send(Requeued(game_mode="1v1", reason="server_shutdown", queued_at_ms=7)), Send(check(2))]
+    [back] = s.caught_up("queued", "1v1", 7)  # the match was lost, the ticket was not
+    assert back == Send(Requeued(game_mode="1v1", reason="server_shutdown", queued_at_ms=7))
+    assert s.phase is Phase.QUEUED and s.loading_session_id is None
+    assert s.caught_up("queued", "1v1", 7) == []
+    s.receive(frame(type="dequeue"))
+    assert s.caught_up("idle", "", 0) == []  # a request in flight settles it
+
+
 def test_a_match_notice_never_overtakes_the_reply_it_follows() -> None:
     from server.protocol.messages import StartLoading
 

@@ -1,23 +1,33 @@
 """Redis Sentinel (issue 11): the config, the locator, and a real deployment (1 primary, 1
-replica, 3 Sentinels, started once for this module) that the store follows through a failover.
-The failover under simulated load is in tests/app/test_sentinel_failover.py."""
+replica, 3 Sentinels, started once for this module) that the store follows through a failover,
+and `fastmatch serve` on it under simulated load while the primary is killed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from server.config import RedisConfig, load_config
+from server.app.gameserver import ReferenceGameServer
+from server.app.worker import Worker
+from server.config import DEV_SECRET, RedisConfig, load_config
 from server.errors import ConfigError
+from server.sim.cli import DEFAULT_MIX
+from server.sim.player import SimSettings, parse_mix
+from server.sim.runner import RunConfig, run
 from server.store import keys, sentinel
 from server.store.client import RedisClient
 from server.store.errors import StoreUnavailable
 from server.store.players import PlayerStore
 from server.store.resp import RespConnectionError
-from tests.helpers import TIMEOUT
+from tests.app.served import Served, http_get, sample, wait_workers
+from tests.app.test_matchmaking import start_loading
+from tests.conftest import make_config
+from tests.helpers import TIMEOUT, connect_player, eventually, recv, request
 from tests.store.sentinel_topology import SERVICE, SentinelTopology
 
 
@@ -161,6 +171,105 @@ async def test_a_killed_primary_is_followed_to_the_new_one(
         primary.delete(keys.player("sentinel-bob"), keys.worker_players("w-failover"))
 
 
+async def test_players_whose_last_writes_the_failover_lost_are_told(
+    topology: SentinelTopology,
+) -> None:
+    """Writes the replica never received are lost with the primary (asynchronous replication).
+    The replica is cut off while one player's enqueue and the match it made are written, then
+    the primary is killed: after the failover, the player whose enqueue was lost is told
+    `dequeued{removed}`, the one whose match was lost (its ticket was replicated) is told
+    `requeued`, so neither waits for a ready check that no longer exists."""
+    config = make_config()
+    game = ReferenceGameServer(topology.locator)
+    await game.start()
+    worker = Worker(config, topology.locator)
+    await worker.start(port=0)
+    port = worker.front.port
+    old, replica = 0, 0
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await worker.subscriber.wait_subscribed()
+        kept, _ = await connect_player(port, "sentinel-kept", 1500)
+        lost, _ = await connect_player(port, "sentinel-lost", 1500)
+        assert (await request(kept, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+        primary = topology.primary()
+        with topology.node(primary) as node:
+            assert node.execute_command("WAIT", 1, 5000) == 1  # all of that is on the replica
+        replica = next(p for p in topology.nodes if p != primary)
+        # Frozen, then cut off: what the primary writes from now on never reaches the replica
+        # (bytes already sent would still wait in the frozen replica's socket buffer).
+        topology.nodes[replica].send_signal(signal.SIGSTOP)
+        try:
+            with topology.node(primary) as node:
+                assert node.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
+            assert (await request(lost, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+            sessions = [(await start_loading(ws, TIMEOUT * 2))["loading_session_id"] for ws in (kept, lost)]
+            assert sessions[0] == sessions[1]
+            old = topology.kill_primary()
+        finally:
+            topology.nodes[replica].send_signal(signal.SIGCONT)
+        await asyncio.to_thread(topology.wait_failover, old, TIMEOUT * 6)
+        told_kept = await recv(kept, TIMEOUT * 3)
+        assert told_kept["type"] == "requeued", told_kept
+        told_lost = await recv(lost, TIMEOUT * 3)
+        assert told_lost == {"type": "dequeued", "game_mode": "1v1", "reason": "removed"}, told_lost
+        status = await request(kept, {"type": "status"})
+        assert status["state"] == "queued", status
+        await kept.close()
+        await lost.close()
+    finally:
+        await worker.close()
+        await game.close()
+        if old:
+            topology.restore(old)
+
+
+async def test_a_failover_longer_than_the_heartbeat_ttl_reaps_no_live_worker(
+    topology: SentinelTopology,
+) -> None:
+    """Every heartbeat stops while no primary answers, so every deadline in the registry is
+    past when the new one does: a worker must give the others the time to notice and
+    heartbeat again before it reaps anyone, or it would put their players in the resume grace
+    (README "Deployment: Sentinel")."""
+    config = make_config()
+    workers = [Worker(config, topology.locator) for _ in range(2)]
+    admin = sentinel.async_client(topology.locator, decode_responses=True)
+    players, old = [], 0
+    try:
+        for w in workers:
+            await w.start(port=0)
+            async with asyncio.timeout(TIMEOUT):
+                await w.subscriber.wait_subscribed()
+        for i in range(4):
+            ws, _ = await connect_player(workers[i % 2].front.port, f"sentinel-kept{i}", 1000 + 400 * i)
+            assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+            players.append(ws)
+        old = topology.kill_primary()
+        await asyncio.to_thread(topology.wait_failover, old, TIMEOUT * 6)
+        for w in workers:
+            await eventually(lambda w=w: _ready(w), TIMEOUT * 2)  # type: ignore[misc]
+        # Past the hold: a reap would have happened by now.
+        await asyncio.sleep(config.server.heartbeat_ttl_s + config.redis.breaker_cooldown_s + 0.5)
+        for i in range(4):
+            worker = await admin.hget(keys.player(f"sentinel-kept{i}"), "worker")
+            assert worker == workers[i % 2].worker_id, i
+        assert await admin.zcard(keys.grace("1v1")) == 0
+        for ws in players:
+            status = await request(ws, {"type": "status"})
+            assert status["type"] == "queue_status" and status["state"] == "queued", status
+            await ws.close()
+    finally:
+        for w in workers:
+            await w.close()
+        await admin.aclose()
+        if old:
+            topology.restore(old)
+
+
+async def _ready(worker: Worker) -> bool:
+    return worker.front.ready
+
+
 def _closed_port() -> int:
     from tests.store.sentinel_topology import free_port
 
@@ -198,3 +307,84 @@ class _StandInSentinel:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+# -- `fastmatch serve` on the deployment, under simulated load, through a failover -------------------
+
+# Read by `serve`: the deadlines of the sim fault test (tests/sim/test_sim_faults.py), and a
+# breaker whose probes come at least every 2 s, so service resumes within a probe of the
+# failover (README "Deployment: Sentinel").
+SERVE_ENV = {
+    "FASTMATCH_SERVER__RESUME_GRACE_MS": "3000",
+    "FASTMATCH_SERVER__HEARTBEAT_INTERVAL_S": "0.2",
+    "FASTMATCH_SERVER__HEARTBEAT_TTL_S": "1",
+    "FASTMATCH_SERVER__MAX_CONNECTIONS": "5000",
+    "FASTMATCH_SERVER__CONNECT_RATE_PER_IP": "1000000",  # every simulated player is 127.0.0.1
+    "FASTMATCH_SERVER__CONNECT_BURST_PER_IP": "1000000",
+    "FASTMATCH_MATCHING__READY_TIMEOUT_MS": "2000",
+    "FASTMATCH_MATCHING__FINISHED_MATCH_TTL_MS": "300",
+    "FASTMATCH_GAMESERVER__ALLOCATION_TIMEOUT_MS": "1500",
+    "FASTMATCH_REDIS__OPERATION_TIMEOUT_S": "0.5",
+    "FASTMATCH_REDIS__BREAKER_COOLDOWN_S": "2",
+}
+RATE = 150.0  # players arriving per second
+KILL_AT_S = 5.0
+
+
+async def matches_created(served: Served) -> float:
+    status, text = await http_get(served.metrics_port, "/metrics")
+    assert status == 200
+    return sample(text, "fastmatch_matches_created_total", mode="1v1") or 0.0
+
+
+@pytest.mark.slow
+async def test_a_primary_killed_under_load_fails_over_without_a_restart(
+    topology: SentinelTopology,
+) -> None:
+    """~150 players/s with the whole behaviour mix; the primary is SIGKILLed mid-run. Matching
+    resumes within the failover time + 5 s without restarting fastmatch; the checker finds no
+    player matched twice and no player stuck (the sim is not told of the kill: whatever
+    the failover lost, the server must have said so); nothing is left in Redis after the
+    graces, and a final batch is matched in full."""
+    served = Served("", workers=2, **SERVE_ENV, **topology.sentinel_env).start()
+    admin = sentinel.async_client(topology.locator, decode_responses=True)
+    old = 0
+    try:
+        await wait_workers(admin, 2)
+        grace_s = 3.0
+        settings = SimSettings(url=f"ws://127.0.0.1:{served.port}/ws", secret=DEV_SECRET,
+                               lifetime_s=10, rating_sd=400, redis_url=topology.locator,
+                               resume_grace_s=grace_s, outcome_bound_s=2 + 1.5 + 5)
+        cfg = RunConfig(settings=settings, redis_url=topology.locator, rate=RATE, duration_s=12,
+                        mix=parse_mix(DEFAULT_MIX), leftover_wait_s=grace_s + 1 + 0.3 + 10,
+                        final_batch=10)
+        sim = asyncio.create_task(run(cfg))
+        await asyncio.sleep(KILL_AT_S)  # the schedule: the time is the event
+        assert await matches_created(served) > 0, served.output()[-3000:]
+        old = topology.kill_primary()
+        killed = time.monotonic()
+        await asyncio.to_thread(topology.wait_failover, old, TIMEOUT * 6)
+        failover_s = time.monotonic() - killed
+        # Every commit before the kill is counted by now (workers flush every 0.1 s), and none
+        # can land between the kill and the promotion: the next one is matching resumed.
+        before = await matches_created(served)
+        async with asyncio.timeout(failover_s + 5 + TIMEOUT * 2):
+            while await matches_created(served) <= before:
+                await asyncio.sleep(0.05)
+        resumed_s = time.monotonic() - killed
+        result = await sim
+        assert resumed_s <= failover_s + 5, (resumed_s, failover_s)
+        assert result.violations == [], (
+            result.violations[:20], [p.trail for p in result.players if p.violations][:5],
+            served.output()[-4000:])
+        assert result.leftover_keys == []
+        assert result.final_batch is not None
+        assert result.final_batch.matched == result.final_batch.players == 10
+        assert len(result.players) >= RATE * 12 * 0.9
+        assert served.proc is not None and served.proc.poll() is None  # never restarted
+        print(f"failover {failover_s:.1f}s, matching resumed {resumed_s:.1f}s after the kill")
+    finally:
+        served.stop()
+        await admin.aclose()
+        if old:
+            topology.restore(old)
