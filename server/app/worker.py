@@ -72,7 +72,7 @@ class Worker:
             redis_url,
             {keys.worker_channel(self.worker_id): self.front.on_delivery,
              keys.battle_replies(self.worker_id): self.allocator.on_reply},
-            self.front.resync, config.redis,
+            self._resubscribed, config.redis,
         )
         self.housekeeper = Housekeeper(
             self.store, self.front, self.events, config.modes,
@@ -93,6 +93,12 @@ class Worker:
         self._closing = False
         self._flusher: asyncio.Task[None] | None = None
         self._counted = (0, WebSocketProtocol.frames_in, WebSocketProtocol.frames_out)
+
+    async def _resubscribed(self) -> None:
+        """After every (re)subscription: Redis answers again, so the store's breaker need not
+        wait for its next probe before the resync (README "Deployment: Sentinel")."""
+        await self.client.recheck()
+        await self.front.resync()
 
     async def start(self, port: int | None = None, sock: socket.socket | None = None) -> None:
         server = self.config.server

@@ -229,6 +229,18 @@ class RedisClient:
                 return
             breaker.probe_failed(loop.time())
 
+    async def recheck(self) -> None:
+        """Redis answered on another connection (the subscriber just subscribed, e.g. to the
+        primary a failover promoted): while the breaker is open, probe now rather than at its
+        next scheduled probe (up to ``breaker_cooldown_s`` away), so calls resume with it."""
+        breaker = self.breaker
+        if breaker.state is not BreakerState.OPEN or self._closed:
+            return
+        if await self._ping_alone() and not breaker.allow(0.0):  # not closed by the probe meanwhile
+            breaker.success()
+            log.warning("redis circuit breaker OPEN -> CLOSED: redis answered a recheck")
+            self.observer.breaker_changed(breaker.state)
+
     async def _ping_alone(self) -> bool:
         conn: RespProtocol | None = None
         try:

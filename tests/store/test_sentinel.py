@@ -311,9 +311,9 @@ class _StandInSentinel:
 
 # -- `fastmatch serve` on the deployment, under simulated load, through a failover -------------------
 
-# Read by `serve`: the deadlines of the sim fault test (tests/sim/test_sim_faults.py), and a
-# breaker whose probes come at least every 2 s, so service resumes within a probe of the
-# failover (README "Deployment: Sentinel").
+# Read by `serve`: the deadlines of the sim fault test (tests/sim/test_sim_faults.py), and the
+# README's advice for Sentinel (a breaker whose probes come at least every 2 s, so service
+# resumes within a probe of the failover; a subscriber back well within a ready check).
 SERVE_ENV = {
     "FASTMATCH_SERVER__RESUME_GRACE_MS": "3000",
     "FASTMATCH_SERVER__HEARTBEAT_INTERVAL_S": "0.2",
@@ -326,6 +326,9 @@ SERVE_ENV = {
     "FASTMATCH_GAMESERVER__ALLOCATION_TIMEOUT_MS": "1500",
     "FASTMATCH_REDIS__OPERATION_TIMEOUT_S": "0.5",
     "FASTMATCH_REDIS__BREAKER_COOLDOWN_S": "2",
+    # A ready check committed while a worker's subscriber is away reaches its players when it
+    # is back: its reconnect backoff stays well below the ready timeout.
+    "FASTMATCH_REDIS__RECONNECT_MAX_S": "0.5",
 }
 RATE = 150.0  # players arriving per second
 KILL_AT_S = 5.0
