@@ -327,9 +327,10 @@ class Session:
         if self.phase in (Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
             self._held.append(message)
             return []
+        out_of_step = self._out_of_step(message)
+        if out_of_step is not None:
+            return out_of_step
         match message:
-            case StartLoading(loading_session_id=sid) if sid == self.loading_session_id:
-                return []  # told already, by a catch-up (``caught_up``) that overtook it
             case StartLoading(loading_session_id=sid, game_mode=mode):
                 self.phase, self.game_mode, self.loading_session_id = Phase.LOADING, mode, sid
             case Requeued(game_mode=mode, queued_at_ms=queued_at):
@@ -339,6 +340,24 @@ class Session:
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
                 self.loading_session_id = None
         return [Send(message)]
+
+    def _out_of_step(self, message: ServerMessage) -> list[Effect] | None:
+        """What to do instead with a notice out of step with this session (None: it is in
+        step): one restating what a catch-up (``caught_up``) told already is dropped, and one
+        that follows an ending the session never heard (published while its worker was deaf)
+        is preceded or replaced by what the client must know first."""
+        match message:
+            case StartLoading(loading_session_id=sid) if sid == self.loading_session_id:
+                return []
+            case StartLoading() if self.phase is Phase.LOADING and self.game_mode:
+                return [*self._requeued(self.game_mode, self.queued_at_ms), *self.deliver(message)]
+            case Requeued() if self.phase is not Phase.LOADING:
+                return []  # of a ready check this session never heard of, or already told
+            case Dequeued(reason="removed") if self.phase is Phase.IDLE:
+                return []
+            case Error(code="loading_timeout") if self.phase is Phase.QUEUED and self.game_mode:
+                return self.removed(self.game_mode)  # out, for a ready check it never heard of
+        return None
 
     def _release(self) -> list[Effect]:
         held, self._held = self._held, []
@@ -384,10 +403,8 @@ class Session:
         """Redis has the player in the open ready check ``loading`` (None: it ended since)."""
         if loading is None or self.loading_session_id == loading.loading_session_id:
             return []
-        if self.phase is Phase.QUEUED:
+        if self.phase in (Phase.QUEUED, Phase.LOADING):  # LOADING: its last one ended unheard
             return self.deliver(loading)
-        if self.phase is Phase.LOADING and self.game_mode:  # its last ready check ended unheard
-            return [*self._requeued(self.game_mode, queued_at_ms), *self.deliver(loading)]
         return []
 
     def _requeued(self, mode: str, queued_at_ms: int) -> list[Effect]:

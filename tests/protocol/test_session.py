@@ -196,6 +196,33 @@ def test_what_a_deaf_worker_or_a_failover_lost_is_told_after_the_resync() -> Non
     assert s.caught_up("idle", "", 0) == []  # a request in flight settles it
 
 
+def test_notices_out_of_step_after_a_deaf_spell_are_said_once_and_in_order() -> None:
+    """Notices published while the worker could not hear (README "Deployment: Sentinel"):
+    what follows an ending the session never heard makes sense to the client."""
+    from server.protocol.messages import Requeued, StartLoading
+
+    def check(n: int) -> StartLoading:
+        return StartLoading(loading_session_id=f"1.a.{n}", game_mode="1v1", teams=[["p1"], ["p2"]],
+                            deadline_ms=9)
+
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
+    # The ending of a ready check it never heard of: nothing to requeue it from ...
+    assert s.deliver(Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)) == []
+    # ... or out of matchmaking for it: told it is out, without the puzzle.
+    [out] = s.deliver(Error(code="loading_timeout", message="late"))
+    assert out == Send(Dequeued(game_mode="1v1", reason="removed")) and s.phase is Phase.IDLE
+    assert s.deliver(Dequeued(game_mode="1v1", reason="removed")) == []  # told already
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=7))
+    assert s.deliver(check(1)) == [Send(check(1))]
+    # The next ready check while the last one's ending went unheard: requeued first.
+    assert s.deliver(check(2)) == [
+        Send(Requeued(game_mode="1v1", reason="server_shutdown", queued_at_ms=7)), Send(check(2))]
+    assert s.phase is Phase.LOADING and s.loading_session_id == "1.a.2"
+
+
 def test_a_match_notice_never_overtakes_the_reply_it_follows() -> None:
     from server.protocol.messages import StartLoading
 
