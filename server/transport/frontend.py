@@ -346,9 +346,11 @@ class FrontEnd:
                 if client.open:
                     held.append(client)
                 continue
-            if conn:
+            if conn and (worker != self.worker_id or conn in self.connections):
                 self._close_replaced(client.conn_id)
             else:
+                # No record, or one naming a connection of ours that is gone: this one's
+                # attach was lost (a Redis restart, a failover), it was never replaced.
                 self.spawn(client.record_lost())
         # Notices published while the subscriber was away are lost, and a new primary may
         # lack the old one's last writes (README "Deployment: Sentinel"): each connection

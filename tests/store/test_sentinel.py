@@ -27,7 +27,15 @@ from server.store.resp import RespConnectionError
 from tests.app.served import Served, http_get, sample, wait_workers
 from tests.app.test_matchmaking import start_loading
 from tests.conftest import make_config
-from tests.helpers import TIMEOUT, connect_player, eventually, recv, request
+from tests.helpers import (
+    TIMEOUT,
+    closed_code,
+    connect_player,
+    eventually,
+    recv,
+    request,
+    retry_while_unavailable,
+)
 from tests.store.sentinel_topology import SERVICE, SentinelTopology
 
 
@@ -220,6 +228,48 @@ async def test_players_whose_last_writes_the_failover_lost_are_told(
     finally:
         await worker.close()
         await game.close()
+        if old:
+            topology.restore(old)
+
+
+async def test_a_reconnect_whose_attach_the_failover_lost_is_kept(
+    topology: SentinelTopology,
+) -> None:
+    """A player reconnects (the new connection replaces the old one, 4009) just before the
+    primary dies and its attach is lost: Redis names the old connection again. The worker
+    knows that one is gone, so the new one is attached again, not closed as replaced."""
+    worker = Worker(make_config(), topology.locator)
+    await worker.start(port=0)
+    port = worker.front.port
+    old, replica = 0, 0
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await worker.subscriber.wait_subscribed()
+        first, _ = await connect_player(port, "sentinel-again", 1500)
+        assert (await request(first, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+        primary = topology.primary()
+        with topology.node(primary) as node:
+            assert node.execute_command("WAIT", 1, 5000) == 1
+        replica = next(p for p in topology.nodes if p != primary)
+        topology.nodes[replica].send_signal(signal.SIGSTOP)
+        try:
+            with topology.node(primary) as node:
+                assert node.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
+            second, welcome = await connect_player(port, "sentinel-again", 1500)
+            assert welcome["state"] == "queued"
+            assert await closed_code(first) == 4009
+            old = topology.kill_primary()
+        finally:
+            topology.nodes[replica].send_signal(signal.SIGCONT)
+        await asyncio.to_thread(topology.wait_failover, old, TIMEOUT * 6)
+        await eventually(lambda: _ready(worker), TIMEOUT * 2)
+        await worker.subscriber.wait_subscribed(after_generation=1)
+        await worker.front.resync()  # what the resubscription runs, awaited here
+        status = await retry_while_unavailable(second, {"type": "status"})
+        assert status["type"] == "queue_status" and status["state"] == "queued", status
+        await second.close()
+    finally:
+        await worker.close()
         if old:
             topology.restore(old)
 
