@@ -336,7 +336,8 @@ class FrontEnd:
                             client.deliver(server_message)
 
     async def resync(self) -> None:
-        """After (re)subscribing: close connections replaced while we could not hear about it."""
+        """After (re)subscribing: close connections replaced while we could not hear about it,
+        and tell every other connection what it missed meanwhile (``ClientConnection.caught_up``)."""
         # Only connections whose attach finished: one still attaching has no record yet.
         clients = [c for c in self.connections.values() if c.attached]
         owners = await self.store.owners([c.player_id for c in clients])
