@@ -280,9 +280,13 @@ async def test_a_failover_longer_than_the_heartbeat_ttl_reaps_no_live_worker(
     """Every heartbeat stops while no primary answers, so every deadline in the registry is
     past when the new one does: a worker must give the others the time to notice and
     heartbeat again before it reaps anyone, or it would put their players in the resume grace
-    (README "Deployment: Sentinel")."""
-    config = make_config()
-    workers = [Worker(config, topology.locator) for _ in range(2)]
+    (README "Deployment: Sentinel"). The second worker asks a stand-in Sentinel that names the
+    dead primary until half a second after the first worker is back."""
+    config = make_config(**{"redis.breaker_cooldown_s": 2.0})
+    hold_s = config.server.heartbeat_ttl_s + config.redis.breaker_cooldown_s
+    stand_in = await _StandInSentinel.start(topology.primary())
+    workers = [Worker(config, topology.locator),
+               Worker(config, f"redis+sentinel://127.0.0.1:{stand_in.port}/{SERVICE}")]
     admin = sentinel.async_client(topology.locator, decode_responses=True)
     players, old = [], 0
     try:
@@ -295,11 +299,13 @@ async def test_a_failover_longer_than_the_heartbeat_ttl_reaps_no_live_worker(
             assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
             players.append(ws)
         old = topology.kill_primary()
-        await asyncio.to_thread(topology.wait_failover, old, TIMEOUT * 6)
-        for w in workers:
-            await eventually(lambda w=w: _ready(w), TIMEOUT * 2)  # type: ignore[misc]
-        # Past the hold: a reap would have happened by now.
-        await asyncio.sleep(config.server.heartbeat_ttl_s + config.redis.breaker_cooldown_s + 0.5)
+        new = await asyncio.to_thread(topology.wait_failover, old, TIMEOUT * 6)
+        await eventually(lambda: _ready(workers[0]), TIMEOUT * 2)
+        await asyncio.sleep(0.5)  # the first worker reaps, if it does, meanwhile
+        assert not workers[1].front.ready
+        stand_in.named = new
+        await eventually(lambda: _ready(workers[1]), TIMEOUT * 2)
+        await asyncio.sleep(hold_s)  # past the hold: a reap would have happened by now
         for i in range(4):
             worker = await admin.hget(keys.player(f"sentinel-kept{i}"), "worker")
             assert worker == workers[i % 2].worker_id, i
@@ -312,6 +318,7 @@ async def test_a_failover_longer_than_the_heartbeat_ttl_reaps_no_live_worker(
         for w in workers:
             await w.close()
         await admin.aclose()
+        await stand_in.close()
         if old:
             topology.restore(old)
 
