@@ -2,15 +2,18 @@
 -- KEYS[1] player hash   KEYS[2] this worker's player set   KEYS[3..6] queue, tickets, grace,
 --         changes of the mode the caller believes the player is in (absent when it believes none)
 -- ARGV[1] player id  ARGV[2] worker id  ARGV[3] connection id  ARGV[4] expected mode ("" = none)
--- ARGV[5] "1": a re-attach after Redis lost the record, only while there is no record at all
---         (or it is this connection's own): else {"replaced"}, whoever wrote it since.
+-- ARGV[5] "1": a re-attach after Redis lost the record (or the write of this connection's
+--         attach), only while there is no record at all, it is this connection's own, or it
+--         names ARGV[6], a connection of this same worker the caller knows is gone: else
+--         {"replaced"}, whoever wrote it since.
 -- Returns {"retry", mode} when the player's mode is not the expected one (caller re-reads and
 -- retries with the right keys), else
 -- {"ok", state, mode, queued_at, previous worker, previous conn, match}; "" for absent values.
 -- A queued player in resume grace is taken out of grace: it is matchable again.
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'mode', 'state', 'queued_at', 'worker', 'conn', 'match')
-if ARGV[5] == '1' and cur[2] and cur[5] ~= ARGV[3] then
+if ARGV[5] == '1' and cur[2] and cur[5] ~= ARGV[3]
+    and not (cur[5] and cur[5] == ARGV[6] and cur[4] == ARGV[2]) then
   return {'replaced'}
 end
 local mode = cur[1] or ''

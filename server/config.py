@@ -25,6 +25,7 @@ from server.errors import ConfigError
 ENV_PREFIX: Final = "FASTMATCH_"
 DEV_SECRET: Final = "fastmatch-dev-secret-do-not-use-in-production"
 MODE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+SERVICE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -78,7 +79,12 @@ class AuthConfig(_Base, frozen=True):
 
 
 class RedisConfig(_Base, frozen=True):
-    url: str = ""  # empty: start an embedded redis-server
+    url: str = ""  # empty: start an embedded redis-server (unless sentinels are set)
+    # Sentinel (README "Deployment: Sentinel"): "host:port,host:port" and the monitored
+    # service's name; the primary is asked of them at every (re)connect. `url` then only
+    # carries the primary's credentials and db (its host is not used).
+    sentinels: str = ""
+    sentinel_service: str = ""
     operation_timeout_s: float = 2.0
     # Calls awaiting replies per worker (all on one pipelined connection); past it, calls fail
     # at once with `unavailable` without counting against Redis in the breaker.
@@ -260,6 +266,7 @@ def _check_storage(config: Config) -> None:
         _fail("redis.operation_timeout_s", "must be > 0")
     if r.max_inflight < 1:
         _fail("redis.max_inflight", "must be >= 1")
+    _check_sentinels(r)
     if not 0 <= r.pipeline_window_ms <= 50:
         _fail("redis.pipeline_window_ms", "must be between 0 and 50")
     if config.metrics.flush_interval_s <= 0:
@@ -275,6 +282,23 @@ def _check_storage(config: Config) -> None:
     weak = a.secret == DEV_SECRET or len(a.secret) < 32
     if config.production and a.algorithm.startswith("HS") and weak:
         _fail("auth.secret", "must be a real secret of 32+ characters when production = true")
+
+
+def _check_sentinels(r: RedisConfig) -> None:
+    if bool(r.sentinels.strip()) != bool(r.sentinel_service):
+        _fail("redis.sentinel_service", "and redis.sentinels must be set together")
+    if not r.sentinels.strip():
+        return
+    if not SERVICE_NAME_RE.match(r.sentinel_service):
+        _fail("redis.sentinel_service", "must be 1-64 characters of [A-Za-z0-9._-]")
+    for entry in r.sentinels.split(","):
+        host, sep, port = entry.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _fail("redis.sentinels", f"entry {entry.strip()!r} is not host:port "
+                  "(a comma-separated list, e.g. \"10.0.0.1:26379,10.0.0.2:26379\")")
+    if r.url and not r.url.startswith("redis://"):
+        _fail("redis.url", "with redis.sentinels may only be a redis:// URL carrying the "
+              "primary's password and db (TLS and unix sockets are not supported with Sentinel)")
 
 
 def _check_matching(config: Config) -> None:

@@ -51,11 +51,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_gameserver(args: argparse.Namespace) -> int:
     from server.app.gameserver import Behaviour, run_gameserver
+    from server.store import sentinel
 
     config = _load(args)
-    url = args.redis_url or config.redis.url
+    url = args.redis_url or sentinel.locator(config.redis)
     if not url:
-        raise ConfigError("`fastmatch gameserver` needs --redis-url or redis.url")
+        raise ConfigError("`fastmatch gameserver` needs --redis-url, redis.url or redis.sentinels")
     if not 0 <= args.reject_rate <= 1:
         raise ConfigError("--reject-rate must be between 0 and 1")
     run_gameserver(url, config.gameserver.request_channel,

@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from server.app.procstats import Processes
-from server.store import keys
+from server.store import keys, sentinel
 
 WINDOW_S: Final = 60.0  # matches per minute and wait percentiles cover this much history
 SHOWN: Final = 5  # longest-waiting players and ready checks listed per mode
@@ -155,7 +155,7 @@ class Console:
         self.clock = clock
         self.host = socket.gethostname()
         # One immediate retry: a pooled connection may be stale after a Redis restart.
-        self.redis = redis.Redis.from_url(
+        self.redis = sentinel.sync_client(
             source.redis_url, decode_responses=True, socket_timeout=source.timeout_s,
             socket_connect_timeout=source.timeout_s, retry=Retry(NoBackoff(), 1))
         self._lock = threading.Lock()

@@ -24,7 +24,13 @@ class Housekeeper:
     def __init__(
         self, store: PlayerStore, front: FrontEnd, events: MatchEvents, modes: Iterable[str], *,
         interval_s: float, heartbeat_ttl_s: float, audit_interval_s: float = 30.0,
+        reap_hold_s: float = 0.0,
     ) -> None:
+        """``reap_hold_s``: after this worker could not reach Redis, it reaps nobody for this
+        long once it can again. An outage (a Sentinel failover, a restart) stops every worker's
+        heartbeat, not only a dead one's: the live ones must get the time to notice Redis is
+        back (their breaker's next probe) and heartbeat again, or each would reap the others
+        and put every player of theirs in the resume grace."""
         self.store = store
         self.events = events
         self.front = front
@@ -33,6 +39,8 @@ class Housekeeper:
         self.ttl_ms = int(heartbeat_ttl_s * 1000)
         self.audit_interval_s = audit_interval_s
         self._audit_at = 0.0
+        self.reap_hold_s = reap_hold_s
+        self._reap_from = 0.0  # loop time: no reaping before (set by an unreachable Redis)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -53,6 +61,7 @@ class Housekeeper:
                 await self.tick()
             except StoreError as exc:
                 raise_if_cancelling()
+                self._reap_from = asyncio.get_running_loop().time() + self.reap_hold_s
                 if self.front.ready:
                     log.warning("storage unavailable, not ready: %s", exc)
                 self.front.ready = False
@@ -70,10 +79,11 @@ class Housekeeper:
             await self.front.detach(player, conn)
         for mode in self.modes:
             await self.expire_grace(mode)
-        for worker_id in await self.store.due(keys.WORKERS):
-            if worker_id != self.store.worker_id:
-                await self.reap(worker_id)
         loop = asyncio.get_running_loop()
+        if loop.time() >= self._reap_from:
+            for worker_id in await self.store.due(keys.WORKERS):
+                if worker_id != self.store.worker_id:
+                    await self.reap(worker_id)
         if self.audit_interval_s and loop.time() >= self._audit_at:
             self._audit_at = loop.time() + self.audit_interval_s
             await self.audit()

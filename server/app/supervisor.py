@@ -35,6 +35,7 @@ from server.app.metrics_http import MetricsServer
 from server.app.worker import run_worker
 from server.config import DEV_SECRET, Config
 from server.errors import ConfigError
+from server.store import sentinel
 from server.store.embedded import EmbeddedRedis
 from server.transport.tls import load_context
 
@@ -83,7 +84,7 @@ class Supervisor:
         self.slots = [Slot(i) for i in range(workers or os.cpu_count() or 1)]
         self.multiproc_dir = multiproc_dir
         self.redis: EmbeddedRedis | None = None
-        self.url = config.redis.url
+        self.url = sentinel.locator(config.redis)  # a URL, a Sentinel locator, or "": embedded
         self.gameserver: SpawnProcess | None = None
         self.metrics: MetricsServer | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -123,7 +124,7 @@ class Supervisor:
         if not self.url:
             self.redis = EmbeddedRedis().start()
             self.url = self.redis.url
-            log.info("no redis.url configured: using embedded redis at %s", self.url)
+            log.info("no redis.url or redis.sentinels configured: using embedded redis at %s", self.url)
         if self.multiproc_dir:
             # This process declares every metric (it imports their module) but sets no gauge;
             # its zero-valued live gauges would win every livemin (game_server_available).

@@ -72,13 +72,16 @@ class Worker:
             redis_url,
             {keys.worker_channel(self.worker_id): self.front.on_delivery,
              keys.battle_replies(self.worker_id): self.allocator.on_reply},
-            self.front.resync, config.redis,
+            self._resubscribed, config.redis,
         )
         self.housekeeper = Housekeeper(
             self.store, self.front, self.events, config.modes,
             interval_s=config.server.housekeeping_interval_s,
             heartbeat_ttl_s=config.server.heartbeat_ttl_s,
             audit_interval_s=config.server.audit_interval_s,
+            # The longest a live worker takes to notice Redis is back (its breaker's probe
+            # interval) and heartbeat again.
+            reap_hold_s=config.server.heartbeat_ttl_s + config.redis.breaker_cooldown_s,
         )
         hold = HoldCheck(config.gameserver.request_channel, hold_times(config).no_server_ms)
         self.matchmakers = {
@@ -90,6 +93,12 @@ class Worker:
         self._closing = False
         self._flusher: asyncio.Task[None] | None = None
         self._counted = (0, WebSocketProtocol.frames_in, WebSocketProtocol.frames_out)
+
+    async def _resubscribed(self) -> None:
+        """After every (re)subscription: Redis answers again, so the store's breaker need not
+        wait for its next probe before the resync (README "Deployment: Sentinel")."""
+        await self.client.recheck()
+        await self.front.resync()
 
     async def start(self, port: int | None = None, sock: socket.socket | None = None) -> None:
         server = self.config.server

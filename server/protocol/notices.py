@@ -64,8 +64,7 @@ def messages(notice: Notice) -> Iterator[tuple[str, str, ServerMessage]]:
     """(player, connection, message) for every recipient of ``notice``."""
     match notice:
         case Loading():
-            start = StartLoading(loading_session_id=notice.match, game_mode=notice.mode,
-                                 teams=notice.teams, deadline_ms=notice.deadline)
+            start = start_loading(notice)
             for player, conn in notice.to:
                 yield player, conn, start
         case Removed():
@@ -75,6 +74,11 @@ def messages(notice: Notice) -> Iterator[tuple[str, str, ServerMessage]]:
         case Ended():
             for player, conn, what, queued_at in notice.to:
                 yield player, conn, _ending(notice, what, queued_at)
+
+
+def start_loading(notice: Loading) -> StartLoading:
+    return StartLoading(loading_session_id=notice.match, game_mode=notice.mode,
+                        teams=notice.teams, deadline_ms=notice.deadline)
 
 
 def _ending(notice: Ended, what: str, queued_at: int) -> ServerMessage:

@@ -335,8 +335,9 @@ class Session:
         if self.phase in (Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
             self._held.append(message)
             return []
-        if self._repeats(message):
-            return []
+        out_of_step = self._out_of_step(message)
+        if out_of_step is not None:
+            return out_of_step
         self.delivered += 1
         match message:
             case StartLoading(loading_session_id=sid, game_mode=mode):
@@ -349,17 +350,29 @@ class Session:
                 self.loading_session_id = None
         return [Send(message)]
 
-    def _repeats(self, message: ServerMessage) -> bool:
-        """Says again what the player already knows (a notice that raced the catch-up after a
-        resync, or a removal after the player left the queue itself): dropped, not sent."""
+    def _out_of_step(self, message: ServerMessage) -> list[Effect] | None:
+        """What to do instead with a notice out of step with this session (None: in step). One
+        that says again what the player knows (it raced the catch-up after a resync, or a
+        removal came after the player left the queue itself) is dropped; one that follows an
+        ending the session never heard (published while its worker was deaf) is preceded or
+        replaced by what the client must know first."""
         match message:
-            case StartLoading(loading_session_id=sid):
-                return self.phase is Phase.LOADING and sid == self.loading_session_id
-            case Requeued():
-                return self.phase is Phase.QUEUED
-            case Dequeued(reason="removed") | MatchFound() | Error(code="loading_timeout"):
-                return self.phase is Phase.IDLE
-        return False
+            case StartLoading(loading_session_id=sid) if sid == self.loading_session_id:
+                return []
+            case StartLoading() if self.phase is Phase.LOADING and self.game_mode:
+                # The last ready check's ending went unheard: requeued (by no fault of the
+                # player's) before the next one.
+                requeued = Requeued(game_mode=self.game_mode, reason="server_shutdown",
+                                    queued_at_ms=self.queued_at_ms)
+                return [*self.deliver(requeued), *self.deliver(message)]
+            case Requeued() if self.phase is not Phase.LOADING:
+                return []  # from a ready check this session never heard of, or told already
+            case Error(code="loading_timeout") if self.phase is Phase.QUEUED and self.game_mode:
+                return self.removed(self.game_mode)  # out, for a ready check it never heard of
+            case Dequeued(reason="removed") | MatchFound() | Error(code="loading_timeout") \
+                    if self.phase is Phase.IDLE:
+                return []
+        return None
 
     def _release(self) -> list[Effect]:
         held, self._held = self._held, []
@@ -390,7 +403,9 @@ class Session:
             return False
         if self.phase is Phase.LOADING:
             return redis.state != "loading" or redis.match_id != self.loading_session_id
-        return redis.state == "loading" or (redis.state == "idle" and self.phase is Phase.QUEUED)
+        if self.phase is Phase.IDLE:  # queued in Redis: a dequeue whose write was lost
+            return redis.state != "idle"
+        return redis.state != "queued"  # queued here: loading or idle in Redis
 
     def caught_up(self, redis: PlayerState, views: Mapping[str, MatchView]) -> list[Effect]:
         """What the player missed, rebuilt from Redis (the player's record and the records of
@@ -405,6 +420,8 @@ class Session:
             missed.append(_ending(self.game_mode, views.get(self.loading_session_id), redis))
         elif self.phase is Phase.QUEUED and redis.state == "idle" and self.game_mode:
             missed.append(Dequeued(game_mode=self.game_mode, reason="removed"))
+        elif self.phase is Phase.IDLE and redis.state == "queued":
+            return self.resync(redis.state, redis.mode, redis.queued_at_ms)  # a late `enqueued`
         current = views.get(now) if now else None
         if current is not None and current.status == "loading":
             missed.append(StartLoading(loading_session_id=now, game_mode=current.mode,

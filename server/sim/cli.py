@@ -31,7 +31,8 @@ DEFAULT_MIX = ("normal=70,quit_before_match=5,quit_during_loading=3,slow_loader=
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="server WebSocket URL")
-    p.add_argument("--redis-url", help="the server's Redis (stats and leftover checks)")
+    p.add_argument("--redis-url", help="the server's Redis (stats and leftover checks): a URL, or "
+                   "redis+sentinel://host:port,host:port/<service> for a Sentinel deployment")
     p.add_argument("--ca-file", default="", help="wss:// URLs: trust this CA (PEM file)")
     p.add_argument("--serve", action="store_true", help="start a private Redis + fastmatch serve")
     p.add_argument("--workers", type=int, default=2, help="with --serve: worker processes")

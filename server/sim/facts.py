@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from server.store import keys
+from server.store import keys, sentinel
 
 _READ_TIMEOUT_S = 5.0  # a frozen Redis answers when it thaws; a fault lasts less than this
 
@@ -43,7 +43,7 @@ class Facts:
         if self._redis is None:
             if not self.redis_url:
                 raise aioredis.RedisError("no redis url")
-            self._redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+            self._redis = sentinel.async_client(self.redis_url, decode_responses=True)
         return self._redis
 
     async def aclose(self) -> None:

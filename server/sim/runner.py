@@ -21,7 +21,7 @@ from server.sim.faults import Applied, Fault, Injector, Target
 from server.sim.player import PlayerResult, SimSettings, play
 from server.sim.stats import Sampler
 from server.sim.tokens import TokenMinter
-from server.store import keys
+from server.store import keys, sentinel
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ Progress = Callable[[RunResult, int, float], None]
 async def run(cfg: RunConfig, progress: Progress | None = None,
               target: Target | None = None) -> RunResult:
     result = RunResult(cfg)
-    admin = aioredis.Redis.from_url(cfg.redis_url, decode_responses=True)
+    admin = sentinel.async_client(cfg.redis_url, decode_responses=True)
     t0 = time.monotonic()
     facts = Facts(cfg.redis_url, cfg.settings.mode)
     injector = Injector(list(cfg.faults), target, facts, t0, cfg.seed) if target and cfg.faults else None
@@ -162,7 +162,7 @@ async def check(result: RunResult) -> None:
     result.violations += [f"simulated player crashed: {c}" for c in result.crashes]
     result.violations += cross_check((p.player, p.sessions) for p in result.players)
     result.missed_matches = missed_matches((p.player, p.sessions) for p in result.players)
-    admin = aioredis.Redis.from_url(result.config.redis_url, decode_responses=True)
+    admin = sentinel.async_client(result.config.redis_url, decode_responses=True)
     try:
         result.leftover_keys = await _leftovers(admin, result.config.leftover_wait_s)
     finally:

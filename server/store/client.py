@@ -21,19 +21,15 @@ import hiredis
 from server.config import RedisConfig
 from server.store.breaker import BreakerState, CircuitBreaker
 from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
-from server.store.resp import (
-    Address,
-    Reply,
-    RespConnectionError,
-    RespProtocol,
-    RespTimeout,
-    open_connection,
-    pack,
-)
+from server.store.resp import Reply, RespConnectionError, RespProtocol, RespTimeout, pack
 from server.store.scripts import read_scripts
+from server.store.sentinel import Locator
 
 log = logging.getLogger(__name__)
-_TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+_TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
+                     "NOREPLICAS")  # a primary under min-replicas-to-write that lost its replicas
+# Replies of a node that is not (or no longer) a writable primary: its connection is dropped.
+_NOT_PRIMARY: Final = ("READONLY", "MASTERDOWN")
 
 
 class CallObserver(Protocol):
@@ -65,12 +61,13 @@ class RedisClient:
     def __init__(
         self, url: str, config: RedisConfig | None = None, observer: CallObserver | None = None,
     ) -> None:
-        """``config``: the timeouts, breaker and pipelining settings (its defaults when None;
-        ``config.url`` is not used: the caller resolved the URL, e.g. to an embedded Redis)."""
+        """``url``: a Redis URL or a Sentinel locator (``sentinel.locator``); ``config``: the
+        timeouts, breaker and pipelining settings (its defaults when None; ``config.url`` is
+        not used: the caller resolved it, e.g. to an embedded Redis)."""
         config = config or RedisConfig()
         operation_timeout_s = config.operation_timeout_s
         self.url = url
-        self.address = Address.from_url(url)
+        self.locator = Locator(url, operation_timeout_s)
         self.timeout = operation_timeout_s
         # Past this many calls awaiting replies, new calls fail at once: local back-pressure
         # that must not trip the breaker as if Redis had failed.
@@ -176,17 +173,31 @@ class RedisClient:
         if isinstance(packed, list):
             futures = [conn.send(p) for p in packed]
             self._arm_watchdog()
-            return await asyncio.gather(*futures)
+            replies = await asyncio.gather(*futures)
+            for reply in replies:
+                if type(reply) is hiredis.ReplyError and str(reply).startswith(_NOT_PRIMARY):
+                    self._demoted(conn, reply)
+            return replies
         future = conn.send(packed)
         self._arm_watchdog()
         reply = await future
-        if script is not None and _is_noscript(reply):
+        if type(reply) is hiredis.ReplyError and str(reply).startswith(_NOT_PRIMARY):
+            self._demoted(conn, reply)
+        elif script is not None and _is_noscript(reply):
             # Redis restarted (or flushed its scripts): load and run again, back to back.
             loaded = conn.send(pack("SCRIPT", "LOAD", script.source))
             loaded.add_done_callback(_retrieve)
             future = conn.send(packed)
             reply = await future
         return reply
+
+    def _demoted(self, conn: RespProtocol, reply: Reply) -> None:
+        """The node is a replica now (a failover demoted it while this connection stayed open):
+        drop the connection, so the next call connects again, to whatever primary the
+        Sentinels name by then. The call itself fails as ``unavailable`` (it did not run)."""
+        if not conn.broken:
+            log.warning("redis refused a write (%s): reconnecting", str(reply)[:80])
+            conn.abort(RespConnectionError(f"redis node stopped taking writes: {reply}"))
 
     # -- the breaker's recovery probe --------------------------------------------------------------
 
@@ -234,11 +245,23 @@ class RedisClient:
                 return  # a call's reply closed it while this probe failed: Redis is back
             breaker.probe_failed(loop.time())
 
+    async def recheck(self) -> None:
+        """Redis answered on another connection (the subscriber just subscribed, e.g. to the
+        primary a failover promoted): while the breaker is open, probe now rather than at its
+        next scheduled probe (up to ``breaker_cooldown_s`` away), so calls resume with it."""
+        breaker = self.breaker
+        if breaker.state is not BreakerState.OPEN or self._closed:
+            return
+        if await self._ping_alone() and not breaker.allow(0.0):  # not closed by the probe meanwhile
+            breaker.success()
+            log.warning("redis circuit breaker OPEN -> CLOSED: redis answered a recheck")
+            self.observer.breaker_changed(breaker.state)
+
     async def _ping_alone(self) -> bool:
         conn: RespProtocol | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                conn = await open_connection(self.address)
+                conn = await self.locator.connect()
                 return bool(await conn.send(pack("PING")) == b"PONG")
         except (OSError, RespConnectionError, TimeoutError):
             return False
@@ -263,7 +286,7 @@ class RedisClient:
             raise RespTimeout(f"connecting took over {self.timeout:g}s") from exc
 
     async def _open(self) -> RespProtocol:
-        conn = await open_connection(self.address, window_s=self.pipeline_window_s)
+        conn = await self.locator.connect(window_s=self.pipeline_window_s)
         if self._closed:
             conn.close()
             raise RespConnectionError("redis client is closed")

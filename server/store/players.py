@@ -55,15 +55,19 @@ class PlayerStore:
         assert attached is not None  # only a re-attach can be refused
         return attached
 
-    async def reattach(self, player: str, conn: str) -> Attached | None:
-        """Attach ``conn`` again after Redis lost the player's record; None when a record has
-        been written since by another connection (this one was replaced meanwhile)."""
-        return await self._attach(player, conn, reattach=True)
+    async def reattach(self, player: str, conn: str, gone_conn: str = "") -> Attached | None:
+        """Attach ``conn`` again after Redis lost the player's record, or lost this attach
+        and still names ``gone_conn`` (an ended connection of this worker); None when another
+        connection wrote the record since (this one was replaced meanwhile)."""
+        return await self._attach(player, conn, reattach=True, gone_conn=gone_conn)
 
-    async def _attach(self, player: str, conn: str, *, reattach: bool) -> Attached | None:
+    async def _attach(
+        self, player: str, conn: str, *, reattach: bool, gone_conn: str = ""
+    ) -> Attached | None:
         reply = await self._with_mode(
             "attach", player, [keys.player(player), keys.worker_players(self.worker_id)],
-            lambda mode: [player, self.worker_id, conn, mode, int(reattach)], mode_guess="",
+            lambda mode: [player, self.worker_id, conn, mode, int(reattach), gone_conn],
+            mode_guess="",
         )
         if reattach and reply == ["replaced"]:
             return None
@@ -190,17 +194,18 @@ class PlayerStore:
         return out
 
     async def states(self, players: list[str], chunk: int = 500) -> list[PlayerState]:
-        """Each player's state, mode and queued_at (idle when Redis has no record), pipelined."""
+        """Each player's state, mode, queued_at and match (idle when Redis has no record),
+        pipelined."""
         out: list[PlayerState] = []
         for start in range(0, len(players), chunk):
             replies = await self.client.pipeline("states", [
-                ("HMGET", keys.player(p), "state", "mode", "queued_at")
+                ("HMGET", keys.player(p), "state", "mode", "queued_at", "match")
                 for p in players[start:start + chunk]])
             for reply in replies:
-                if not isinstance(reply, list) or len(reply) != 3:
+                if not isinstance(reply, list) or len(reply) != 4:
                     raise ProtocolViolation(f"states: HMGET replied {reply!r:.100}")
-                state, mode, queued_at = (as_str(x) for x in reply)
-                out.append(_player_state(state or "idle", mode, queued_at))
+                state, mode, queued_at, match_id = (as_str(x) for x in reply)
+                out.append(_player_state(state or "idle", mode, queued_at, match_id))
         return out
 
     async def publish(self, channel: str, data: bytes) -> int:

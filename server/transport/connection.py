@@ -179,13 +179,14 @@ class ClientConnection(WebSocketProtocol):
         """An HTTP answer instead of the upgrade (websockets builds it)."""
         return self.ws.reject(http.HTTPStatus(status), f"{text}\n")
 
-    async def record_lost(self) -> None:
+    async def record_lost(self, gone_conn: str = "") -> None:
         """Redis lost the player's record (a restart without persistence): attach again, and
         a player who was queued or loading is told its ticket is gone (DESIGN invariant 5).
         If another connection wrote a record since, this one was replaced: 4009. A storage
         failure is raised (the resync that called it runs again)."""
         _record_lost("player %s, connection %s", self.identity.player_id, self.conn_id)
-        attached = await self.services.store.reattach(self.identity.player_id, self.conn_id)
+        attached = await self.services.store.reattach(self.identity.player_id, self.conn_id,
+                                                      gone_conn)
         if attached is None:
             self.replaced()
         elif self.session is not None and not self.lost and attached.player.state == "idle":

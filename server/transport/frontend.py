@@ -349,7 +349,7 @@ class FrontEnd:
         seen = [c.delivered for c in clients]  # a session that moves on meanwhile heard it live
         records = await self.store.records([c.player_id for c in clients])
         behind: list[tuple[ClientConnection, PlayerState, int]] = []
-        lost: list[ClientConnection] = []
+        lost: list[tuple[ClientConnection, str]] = []
         busy: list[ClientConnection] = []
         for client, (worker, conn, state), before in zip(clients, records, seen, strict=True):
             if not client.open:
@@ -359,10 +359,12 @@ class FrontEnd:
                     busy.append(client)  # a request in flight: read it again once it is done
                 elif client.delivered == before and client.behind(state):
                     behind.append((client, state, before))
-            elif worker or conn:
-                self._close_replaced(client.conn_id)
+            elif not (worker or conn) or (worker == self.worker_id and conn not in self.connections):
+                # No record, or one naming an ended connection of ours: this one's attach was
+                # lost (a Redis restart, a failover's lost write); it was never replaced.
+                lost.append((client, conn))
             else:
-                lost.append(client)
+                self._close_replaced(client.conn_id)
         if behind:
             views = await self.services.loading.views(sorted(
                 {ref for client, state, _ in behind for ref in client.matches_involved(state)}))
@@ -370,7 +372,7 @@ class FrontEnd:
                 if client.delivered == before:
                     client.catch_up(state, views)
         # Raised to the caller (the subscriber's resync runs again) if Redis refuses.
-        await asyncio.gather(*(client.record_lost() for client in lost))
+        await asyncio.gather(*(client.record_lost(gone) for client, gone in lost))
         if busy and recheck:
             self.spawn(self._recheck(busy))
 

@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from server.aio import raise_if_cancelling
 from server.config import RedisConfig
 from server.logthrottle import Throttled
-from server.store.resp import Address, Reply, RespConnectionError, RespProtocol, open_connection, pack
+from server.store.resp import Reply, RespConnectionError, RespProtocol, pack
+from server.store.sentinel import Locator
 
 log = logging.getLogger(__name__)
 _resync_failed = Throttled(log, "resync after subscribe failed")
@@ -34,7 +35,7 @@ class Subscriber:
         """``config``: the operation timeout and the reconnect backoff (its defaults when None)."""
         config = config or RedisConfig()
         self.url = url
-        self.address = Address.from_url(url)
+        self.locator = Locator(url, config.operation_timeout_s)  # a Redis URL or a Sentinel locator
         self.handlers = dict(handlers)
         self._by_channel = {name.encode(): handler for name, handler in self.handlers.items()}
         self.channel = next(iter(self.handlers))
@@ -96,7 +97,7 @@ class Subscriber:
         self._confirmed = 0
         self._all_confirmed = loop.create_future()
         async with asyncio.timeout(self._timeout):
-            conn = await open_connection(self.address, on_push=self._on_push)
+            conn = await self.locator.connect(on_push=self._on_push)
         try:
             async with asyncio.timeout(self._timeout):
                 # Count as subscribed only once Redis confirms: a publish after this is heard.

@@ -166,6 +166,72 @@ def test_resync_reports_what_redis_really_did() -> None:
     assert s.resync("idle", "", 0) == []  # agreeing views: nothing to say
 
 
+def test_what_a_deaf_worker_or_a_failover_lost_is_told_after_the_resync() -> None:
+    """README "Deployment: Sentinel": Redis' view wins, and the client hears what it missed."""
+    from server.protocol.messages import Requeued, StartLoading
+    from server.protocol.results import MatchView
+
+    def check(n: int) -> StartLoading:
+        return StartLoading(loading_session_id=f"1.a.{n}", game_mode="1v1", teams=[["p1"], ["p2"]],
+                            deadline_ms=9)
+
+    def view(n: int) -> dict[str, MatchView]:
+        return {f"1.a.{n}": MatchView(f"1.a.{n}", "1v1", "loading", "", [["p1"], ["p2"]], 9)}
+
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
+    [gone] = s.caught_up(PlayerState("idle"), {})  # the enqueue was lost
+    assert gone == Send(Dequeued(game_mode="1v1", reason="removed")) and s.phase is Phase.IDLE
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=7))
+    loading = PlayerState("loading", "1v1", 7, "1.a.1")
+    [missed] = s.caught_up(loading, view(1))  # its start_loading was published unheard
+    assert missed == Send(check(1)) and s.phase is Phase.LOADING
+    assert s.deliver(check(1)) == []  # the notice itself, overtaken by the catch-up: said once
+    assert s.caught_up(loading, view(1)) == []  # agreeing views: nothing to say
+    # Its ready check ended unheard (its record lost too) and it is in the next one.
+    assert s.caught_up(PlayerState("loading", "1v1", 7, "1.a.2"), view(2)) == [
+        Send(Requeued(game_mode="1v1", reason="server_shutdown", queued_at_ms=7)), Send(check(2))]
+    [back] = s.caught_up(PlayerState("queued", "1v1", 7), {})  # the match was lost, the ticket not
+    assert back == Send(Requeued(game_mode="1v1", reason="server_shutdown", queued_at_ms=7))
+    assert s.phase is Phase.QUEUED and s.loading_session_id is None
+    assert s.caught_up(PlayerState("queued", "1v1", 7), {}) == []
+    s.receive(frame(type="dequeue"))
+    assert s.caught_up(PlayerState("idle"), {}) == []  # a request in flight settles it
+    s.complete(RunDequeue(None), DequeueResult("ok", "1v1"))
+    # The dequeue's write was lost in a failover: Redis still has the player queued.
+    [late] = s.caught_up(PlayerState("queued", "1v1", 7), {})
+    assert late == Send(Enqueued(game_mode="1v1", queued_at_ms=7)) and s.phase is Phase.QUEUED
+
+
+def test_notices_out_of_step_after_a_deaf_spell_are_said_once_and_in_order() -> None:
+    """Notices published while the worker could not hear (README "Deployment: Sentinel"):
+    what follows an ending the session never heard makes sense to the client."""
+    from server.protocol.messages import Requeued, StartLoading
+
+    def check(n: int) -> StartLoading:
+        return StartLoading(loading_session_id=f"1.a.{n}", game_mode="1v1", teams=[["p1"], ["p2"]],
+                            deadline_ms=9)
+
+    s = session()
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=5))
+    # The ending of a ready check it never heard of: nothing to requeue it from ...
+    assert s.deliver(Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)) == []
+    # ... or out of matchmaking for it: told it is out, without the puzzle.
+    [out] = s.deliver(Error(code="loading_timeout", message="late"))
+    assert out == Send(Dequeued(game_mode="1v1", reason="removed")) and s.phase is Phase.IDLE
+    assert s.deliver(Dequeued(game_mode="1v1", reason="removed")) == []  # told already
+    s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(RunEnqueue("1v1", None), EnqueueResult("ok", queued_at_ms=7))
+    assert s.deliver(check(1)) == [Send(check(1))]
+    # The next ready check while the last one's ending went unheard: requeued first.
+    assert s.deliver(check(2)) == [
+        Send(Requeued(game_mode="1v1", reason="server_shutdown", queued_at_ms=7)), Send(check(2))]
+    assert s.phase is Phase.LOADING and s.loading_session_id == "1.a.2"
+
+
 def test_a_match_notice_never_overtakes_the_reply_it_follows() -> None:
     from server.protocol.messages import StartLoading
 

@@ -208,3 +208,26 @@ async def test_a_lost_record_is_told_apart_from_a_replacement(
     await store.attach("r", "c3")
     assert (await store.dequeue("r", "c3", "5v5")).outcome == "ok"
     await store.detach("r", "c3")
+
+
+async def test_a_recheck_closes_the_breaker_without_waiting_for_the_next_probe(
+    private_redis: EmbeddedRedis,
+) -> None:
+    """README "Deployment: Sentinel": once the subscriber is back, the worker rechecks Redis
+    at once rather than at the breaker's next probe (here a minute away)."""
+    client = RedisClient(private_redis.url, RedisConfig(
+        operation_timeout_s=0.3, breaker_threshold=1, breaker_cooldown_s=60, breaker_probe_s=60))
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailable, match="timed out"):
+            await client.command("PING")
+        assert client.breaker.state is BreakerState.OPEN
+        await client.recheck()  # Redis is still frozen: the breaker stays open
+        assert client.breaker.state is BreakerState.OPEN
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    await client.recheck()
+    assert client.breaker.state is BreakerState.CLOSED
+    assert await client.command("PING") == b"PONG"
+    await client.close()
