@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from bench.lifecycle import ROOT, assigned, commands, free_port, groups, sample
+from bench.lifecycle import ROOT, assigned, commands, free_port, groups, sample, wait_playing
 from server.store import keys
 from server.store.embedded import EmbeddedRedis
 
@@ -157,12 +157,7 @@ def measure(rate: float, seconds: float, edge: bool, warmup: float = 8.0, worker
                      "--no-progress", "--lifetime", "20", "--report", str(report),
                      "--plot", str(logdir / "sim.png"), *(["--ca-file", str(ca_file)] if edge else [])],
                     cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT)
-                deadline = time.monotonic() + 60
-                while assigned(metrics_port) == 0:  # the generator's processes are up and playing
-                    if sim.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"no match in 60 s; see {logdir}")
-                    time.sleep(0.2)
-                time.sleep(warmup)
+                wait_playing(sim, metrics_port, logdir, warmup)
                 pids = groups(proc.pid, sim.pid, store.process.pid if store.process else 0, r)
                 pids["haproxy"] = [front.pid] if edge else []
                 cpu0, done0, cmd0, t0 = sample(pids), assigned(metrics_port), commands(r), time.monotonic()

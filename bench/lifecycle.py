@@ -168,6 +168,16 @@ def assigned(metrics_port: int) -> float:
         r'^fastmatch_matches_assigned_total\{[^}]*\} ([0-9.e+]+)$', text, re.MULTILINE))
 
 
+def wait_playing(sim: subprocess.Popen[bytes], metrics_port: int, logdir: Path, warmup: float) -> None:
+    """Until the generator's processes are up and a first match is assigned, then ``warmup``."""
+    deadline = time.monotonic() + 60
+    while assigned(metrics_port) == 0:
+        if sim.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"no match in 60 s; see {logdir}")
+        time.sleep(0.2)
+    time.sleep(warmup)
+
+
 def groups(server_pid: int, sim_pid: int, redis_pid: int, r: redis.Redis) -> dict[str, list[int]]:
     workers = {int(str(w).rsplit("-", 2)[1]) for w in r.zrange("fm:workers", 0, -1)}
     served = [p for p in children(server_pid) if not _helper(p)]
@@ -216,12 +226,7 @@ def measure(tree: Path, rate: float, seconds: float, warmup: float = 8.0, worker
                  "--procs", str(procs), "--mix", "normal=1", "--rating-sd", "0", "--no-progress",
                  "--lifetime", "20", "--report", str(report), "--plot", str(logdir / "sim.png")],
                 cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 60
-            while assigned(metrics_port) == 0:  # the generator's processes are up and playing
-                if sim.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"no match in 60 s; see {logdir}")
-                time.sleep(0.2)
-            time.sleep(warmup)
+            wait_playing(sim, metrics_port, logdir, warmup)
             pids = groups(proc.pid, sim.pid, store.process.pid if store.process else 0, r)
             io0, cpu0, done0 = sample_io(pids), sample(pids), assigned(metrics_port)
             cmd0, t0 = commands(r), time.monotonic()

@@ -108,6 +108,7 @@ async def test_a_lifecycle_costs_what_the_budget_says(private_redis: EmbeddedRed
         await leader_client.close()
         async with asyncio.timeout(TIMEOUT * 2):
             await worker.close()
+    print("cost per lifecycle:", {k: round(v, 2) for k, v in cost.items()})
     over = {k: (round(v, 2), BUDGET[k]) for k, v in cost.items() if v > BUDGET[k]}
     assert not over, f"over budget (measured, budget): {over}"
 
