@@ -15,11 +15,14 @@ from dataclasses import dataclass
 
 import msgspec
 
+from server.logthrottle import Throttled
 from server.protocol import gameserver as gs
 from server.store.client import RedisClient
+from server.store.errors import StoreUnavailable
 from server.transport.subscriber import Subscriber
 
 log = logging.getLogger(__name__)
+_unanswered = Throttled(log, "battle requests not answered, storage unavailable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,8 @@ class ReferenceGameServer:
             )
         try:
             await self._redis.command("PUBLISH", request.reply_to, gs.encode(reply))
+        except StoreUnavailable as exc:  # an outage: the match's allocation deadline ends it
+            _unanswered("%s: %s", request.match_id, exc)
         except Exception:  # task boundary: one failed answer must not stop the server
             log.warning("could not answer battle request %s", request.match_id, exc_info=True)
 
