@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import TIMEOUT
 
@@ -29,20 +30,27 @@ FAST = {
 }
 
 
-def test_a_fault_schedule_leaves_nothing_behind(tmp_path: Path) -> None:
+def _clean_run(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """`fastmatch sim --serve` with a fault schedule (``args``); the report, once it shows what
+    every such run must: zero violations, nothing left in Redis, a final batch matched in full."""
     report = tmp_path / "sim.json"
     out = subprocess.run(
-        [FASTMATCH, "sim", "--serve", "--workers", "2", "--rate", "30", "--duration", "11",
-         "--lifetime", "9", "--rating-sd", "400", "--faults", SCHEDULE, "--final-batch", "10",
-         "--no-progress", "--report", str(report), "--plot", str(tmp_path / "sim.png")],
+        [FASTMATCH, "sim", "--serve", "--workers", "2", "--rating-sd", "400", "--final-batch", "10",
+         "--no-progress", "--report", str(report), *args],
         capture_output=True, text=True, timeout=TIMEOUT * 30, check=False,
         env={**os.environ, **FAST},
     )
-    summary = json.loads(report.read_text())
+    summary: dict[str, Any] = json.loads(report.read_text())
     assert out.returncode == 0 and summary["violation_count"] == 0, (
         out.stdout[-4000:] + out.stderr[-2000:] + json.dumps(summary["traces"], indent=1)[:4000])
     assert summary["leftover_keys"] == []
     assert summary["final_batch"] == {"players": 10, "matched": 10, "outcomes": {"matched": 10}}
+    return summary
+
+
+def test_a_fault_schedule_leaves_nothing_behind(tmp_path: Path) -> None:
+    summary = _clean_run(tmp_path, "--rate", "30", "--duration", "11", "--lifetime", "9",
+                         "--faults", SCHEDULE, "--plot", str(tmp_path / "sim.png"))
     faults = {f["fault"]: f for f in summary["faults"]}
     assert list(faults) == SCHEDULE.split(",")
     for fault in faults.values():
@@ -60,19 +68,8 @@ def test_killing_the_leader_hands_matching_to_a_new_term(tmp_path: Path) -> None
     """Issue 10: the leader dies mid-churn; another worker takes the lease when it lapses, loads
     the queue into its pool, follows the changes and goes on matching: nobody is matched twice,
     nothing is left, and matches formed by a new term come after the kill."""
-    report = tmp_path / "sim.json"
-    out = subprocess.run(
-        [FASTMATCH, "sim", "--serve", "--workers", "2", "--rate", "40", "--duration", "10",
-         "--lifetime", "8", "--rating-sd", "400", "--faults", "kill-leader@3",
-         "--final-batch", "10", "--no-progress", "--report", str(report)],
-        capture_output=True, text=True, timeout=TIMEOUT * 30, check=False,
-        env={**os.environ, **FAST},
-    )
-    summary = json.loads(report.read_text())
-    assert out.returncode == 0 and summary["violation_count"] == 0, (
-        out.stdout[-4000:] + out.stderr[-2000:] + json.dumps(summary["traces"], indent=1)[:4000])
-    assert summary["leftover_keys"] == []
-    assert summary["final_batch"] == {"players": 10, "matched": 10, "outcomes": {"matched": 10}}
+    summary = _clean_run(tmp_path, "--rate", "40", "--duration", "10", "--lifetime", "8",
+                         "--faults", "kill-leader@3")
     [killed] = summary["faults"]
     assert killed["did"].startswith("SIGKILL worker pid") and "leader of 1v1" in killed["did"], killed
     # The lease (3 s) lapses, then the new leader's first tick loads the pool and matches.
