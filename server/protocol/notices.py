@@ -73,7 +73,7 @@ def messages(notice: Notice) -> Iterator[tuple[str, str, ServerMessage]]:
                 yield player, conn, removed
         case Ended():
             for player, conn, what, queued_at in notice.to:
-                yield player, conn, _ending(notice, what, queued_at)
+                yield player, conn, ending(notice, what, queued_at)
 
 
 def start_loading(notice: Loading) -> StartLoading:
@@ -81,7 +81,8 @@ def start_loading(notice: Loading) -> StartLoading:
                         teams=notice.teams, deadline_ms=notice.deadline)
 
 
-def _ending(notice: Ended, what: str, queued_at: int) -> ServerMessage:
+def ending(notice: Ended, what: str, queued_at: int) -> ServerMessage:
+    """The message that tells one player ``what`` a match's end made of it."""
     if what == "requeued":
         reason: RequeueReason = notice.reason  # type: ignore[assignment]
         return Requeued(game_mode=notice.mode, reason=reason, queued_at_ms=queued_at)

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Final, get_args
 
 from server.config import ModeConfig
-from server.protocol import codec
+from server.protocol import codec, notices
 from server.protocol.messages import (
     PROTOCOL_VERSION,
     ClientMessage,
@@ -35,7 +35,6 @@ from server.protocol.messages import (
     Status,
     Welcome,
 )
-from server.protocol.notices import TIMED_OUT_TEXT
 from server.protocol.ratelimit import TokenBucket
 from server.protocol.results import (
     DequeueResult,
@@ -452,16 +451,17 @@ class Session:
 def _ending(mode: str, ended: MatchView | None, redis: PlayerState) -> ServerMessage:
     """How the ready check a player missed the end of ended for it, as its record shows; its
     loading session record gone (its finished TTL passed), Redis' state of the player says
-    requeued or removed."""
+    requeued or removed. Composed by ``notices.ending``, as the live notice would have been."""
+    status = ended.status if ended is not None else ""
+    # Its record gone too (Redis lost it): not the player's doing, the server's.
+    reason = ended.reason if ended is not None and ended.reason in _REQUEUE_REASONS else "server_shutdown"
     if redis.state != "idle":  # back in the queue (and maybe in a new ready check already)
-        # Its record gone too (Redis lost it): not the player's doing, the server's.
-        reason = ended.reason if ended is not None and ended.reason in _REQUEUE_REASONS else "server_shutdown"
-        return Requeued(game_mode=mode, reason=reason,  # type: ignore[arg-type]
-                        queued_at_ms=redis.queued_at_ms)
-    if ended is not None and ended.status == "assigned":
-        return MatchFound(loading_session_id=ended.match_id, game_mode=mode,
-                          server_address=ended.server_address,
-                          server_session_id=ended.server_session_id, teams=ended.teams)
-    if ended is not None and ended.status == "timed_out":
-        return Error(code="loading_timeout", message=TIMED_OUT_TEXT)
-    return Dequeued(game_mode=mode, reason="removed")
+        what = "requeued"
+    else:
+        what = {"assigned": "matched", "timed_out": "timed_out"}.get(status, "removed")
+    notice = notices.Ended(
+        mode=mode, match=ended.match_id if ended is not None else "", status=status,
+        reason=reason, to=[], server=ended.server_address if ended is not None else "",
+        session=ended.server_session_id if ended is not None else "",
+        teams=ended.teams if ended is not None else [])
+    return notices.ending(notice, what, redis.queued_at_ms)
