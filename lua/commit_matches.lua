@@ -5,7 +5,8 @@
 -- ARGV[4] delivery channel prefix (keys.DELIVERY_PREFIX)
 -- ARGV[5] number of matches, then for each match: id, player count n, teams JSON, n players
 -- The workers holding the players of each committed match hear a "loading" notice.
--- Each committed match is one `m` entry of the changes stream; each poison entry an `r`.
+-- The committed matches' players are one `m` entry of the changes stream (one per call, not per
+-- match); each poison entry an `r`.
 -- Returns {"fenced"} when the caller does not hold this exact lease (nothing changes), else
 -- {"ok", {committed ids}, {skipped ids}, {poisoned players}, deadline_ms}.
 -- A match commits only if every player is still queued here and not in grace; players of a
@@ -23,6 +24,10 @@ local mode = ARGV[2]
 local mode_json = cjson.encode(mode)
 local epoch = string.match(ARGV[1], '|(%d+)$')
 local committed, skipped, poisoned = {}, {}, {}
+-- Writes shared by every committed match are made once per call, after the loop (issue 10:
+-- a call commits ~50 matches, and each Redis call from Lua has a fixed cost). `taken` keeps a
+-- player named by two matches of one batch from committing twice before its ZREM.
+local taken, gone, loading = {}, {}, {}
 local ai, ki = 6, 7
 -- Usually nobody is in resume grace: then no player needs the check.
 local graced = redis.call('ZCARD', KEYS[4]) > 0
@@ -44,7 +49,8 @@ for _ = 1, tonumber(ARGV[5]) do
     local ok, owners = true, {}
     for j = 1, n do
       local p = players[j]
-      if not redis.call('ZSCORE', KEYS[2], p) or (graced and redis.call('ZSCORE', KEYS[4], p)) then
+      if taken[p] or not redis.call('ZSCORE', KEYS[2], p)
+          or (graced and redis.call('ZSCORE', KEYS[4], p)) then
         ok = false
       else
         local st = redis.call('HMGET', pkeys[j], 'state', 'mode', 'worker', 'conn')
@@ -72,12 +78,12 @@ for _ = 1, tonumber(ARGV[5]) do
         redis.call('HSET', pkeys[j], 'state', 'loading', 'match', id)
         recipient(by_worker, owners[j][3], owners[j][4],
                   '[' .. cjson.encode(players[j]) .. ',' .. cjson.encode(owners[j][4] or '') .. ']')
+        taken[players[j]] = true
+        gone[#gone + 1] = players[j]
       end
-      redis.call('ZREM', KEYS[2], unpack(players))
-      redis.call('HDEL', KEYS[3], unpack(players))
-      changed(KEYS[5], 'm', csv)
       redis.call('HSET', mkey, unpack(fields))
-      redis.call('ZADD', KEYS[6], deadline, id)
+      loading[#loading + 1] = deadline
+      loading[#loading + 1] = id
       committed[#committed + 1] = id
       post('{"e":"loading","mode":' .. mode_json .. ',"match":' .. cjson.encode(id) .. ',"teams":'
         .. teams .. ',"deadline":' .. deadline, by_worker)
@@ -85,6 +91,18 @@ for _ = 1, tonumber(ARGV[5]) do
       skipped[#skipped + 1] = id
     end
   end
+end
+-- In slices: unpack() of a very large batch would overflow Lua's C stack.
+for i = 1, #gone, 1000 do
+  local last = math.min(i + 999, #gone)
+  redis.call('ZREM', KEYS[2], unpack(gone, i, last))
+  redis.call('HDEL', KEYS[3], unpack(gone, i, last))
+end
+for i = 1, #loading, 1000 do
+  redis.call('ZADD', KEYS[6], unpack(loading, i, math.min(i + 999, #loading)))
+end
+if #gone > 0 then
+  changed(KEYS[5], 'm', table.concat(gone, ','))
 end
 flush(ARGV[4])
 return {'ok', committed, skipped, poisoned, tostring(deadline)}

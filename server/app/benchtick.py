@@ -11,16 +11,22 @@ leave through the real scripts between ticks, as they would in production. Two s
   empty. Prints how long committing everyone took and the players committed per second.
 
 Every Redis call after the fill that takes over 0.1 ms is timed by Redis itself (SLOWLOG); the
-longest is reported with its script. One JSON line on stdout, with the machine and the date.
+longest is reported with its script. With ``--probe``, a separate process times another
+client's small reads meanwhile (``other_client``): what a player's script waits behind the
+leader's work. One JSON line on stdout, with the machine and the date.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import json
 import random
 import statistics
+import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +53,7 @@ class TickBench:
     mode: str = "1v1"
     ticks: int = 50  # measured ticks (steady shape)
     matchable: bool = False
+    probe: bool = False  # time another client's reads meanwhile (server/app/benchprobe.py)
     seed: int = 7
 
 
@@ -71,10 +78,14 @@ async def run_bench(config: Config, bench: TickBench) -> dict[str, Any]:
             if not await lease.acquire():
                 raise RuntimeError("bench: no lease on a private Redis")
             trymatch = TryMatch(bench.mode, mode, config.matching, matches, lease)
-            if bench.matchable:
-                out = await _drain(trymatch, lease.token or "", bench.players)
-            else:
-                out = await _steady(client, trymatch, lease.token or "", bench, ratings)
+            other: dict[str, Any] = {}
+            async with _probe(server.url if bench.probe else None, other):
+                if bench.matchable:
+                    out = await _drain(trymatch, lease.token or "", bench.players)
+                else:
+                    out = await _steady(client, trymatch, lease.token or "", bench, ratings)
+            if bench.probe:
+                out["other_client"] = other
             longest_ms, longest = await _longest_call(client)
         finally:
             await client.close()
@@ -176,6 +187,27 @@ async def _fill(client: RedisClient, mode: str, ratings: list[float], now: int, 
             commands.append(["HSET", keys.tickets(mode), player,
                              tickets.encode(Ticket(ratings[i], queued))])
         await client.pipeline("fill", commands)
+
+
+@contextlib.asynccontextmanager
+async def _probe(url: str | None, into: dict[str, Any]) -> AsyncIterator[None]:
+    """Another client reading from ``url`` while the block runs; its waits land in ``into``."""
+    if url is None:
+        yield
+        return
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.app.benchprobe", url,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        if (await proc.stdout.readline()).strip() != b"ready":
+            raise RuntimeError("bench probe did not start")
+        yield
+    finally:
+        proc.stdin.close()
+        line = await proc.stdout.readline()
+        await proc.wait()
+    into.update(json.loads(line))
 
 
 async def _redis_ms(client: RedisClient) -> int:

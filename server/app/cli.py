@@ -75,7 +75,7 @@ def cmd_bench_tick(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mode {args.mode!r} is not a configured mode ({', '.join(config.modes)})")
     if args.players < 2 or not 0 <= args.churn <= 1 or args.ticks < 1:
         raise ConfigError("bench-tick needs --players >= 2, --churn in [0, 1] and --ticks >= 1")
-    bench = TickBench(args.players, args.churn, args.mode, args.ticks, args.matchable)
+    bench = TickBench(args.players, args.churn, args.mode, args.ticks, args.matchable, args.probe)
     print(json.dumps(asyncio.run(run_bench(config, bench))), flush=True)
     return 0
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ticks", type=int, default=50, help="measured ticks")
     bench.add_argument("--matchable", action="store_true",
                        help="everyone matchable: time to commit the whole pool")
+    bench.add_argument("--probe", action="store_true",
+                       help="also time another client's reads meanwhile (what players wait)")
     bench.set_defaults(func=cmd_bench_tick)
     from server.sim.cli import add_arguments as sim_arguments
 

@@ -29,10 +29,6 @@ from server.store.matches import ChangeBatch, CommitResult, MatchStore
 
 log = logging.getLogger(__name__)
 _disagrees = Throttled(log, "pool disagreements")
-# Commit scripts in flight at once: enough that Redis never waits for the leader to prepare
-# the next batch, few enough that a fenced leader wastes little (each is re-checked anyway).
-_COMMITS_IN_FLIGHT = 4
-
 
 @dataclass(frozen=True, slots=True)
 class HoldCheck:
@@ -189,7 +185,7 @@ class TryMatch:
                     break
                 tried += len(batch)
                 in_flight.append((batch, asyncio.create_task(self._commit_batch(token, batch))))
-                if len(in_flight) >= _COMMITS_IN_FLIGHT:
+                if len(in_flight) >= self.config.commits_in_flight:
                     done, fenced = await self._settle(in_flight.popleft(), fenced)
                     committed += done
             while in_flight:

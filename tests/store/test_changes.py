@@ -94,6 +94,24 @@ async def test_commit_appends_one_match_entry_and_a_failed_handoff_requeues(
     assert requeued.queue_size == 2
 
 
+async def test_a_batch_of_matches_is_one_entry_naming_every_committed_player(
+    client: RedisClient, admin: aioredis.Redis
+) -> None:
+    await queue_players(client, MODE, "a", "b", "c", "d", "e")
+    await admin.zadd(keys.queue(MODE), {"ghost": 1})  # poison: no player record
+    pos = await position(client)
+    matches = MatchStore(client)
+    grant = await matches.acquire(MODE, "L", 60_000)
+    result = await matches.commit(MODE, lease_token("L", grant.epoch), 10_000, [
+        MatchPlan("1.1.0", [["a"], ["b"]]), MatchPlan("1.1.1", [["e"], ["ghost"]]),
+        MatchPlan("1.1.2", [["c"], ["d"]])])
+    assert result.committed == ["1.1.0", "1.1.2"] and result.poisoned == ["ghost"]
+    entries = await admin.xrange(keys.changes(MODE), "(" + pos)
+    assert [(e["o"], e["p"]) for _, e in entries] == [("r", "ghost"), ("m", "a,b,c,d")]
+    batch = await matches.changes(MODE, pos, 1000)
+    assert batch is not None and batch.queue_size == 1  # e stays queued
+
+
 async def test_a_lost_position_asks_for_a_reload(client: RedisClient, admin: aioredis.Redis) -> None:
     await queue_players(client, MODE, "a")
     pos = await position(client)

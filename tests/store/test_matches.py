@@ -127,6 +127,26 @@ async def test_commit_removes_entries_whose_owner_is_gone(client: RedisClient, a
     assert await admin.hget(keys.tickets("1v1"), "ghost") is None
 
 
+async def test_a_player_named_by_two_matches_of_one_batch_commits_once(
+    client: RedisClient, admin: aioredis.Redis
+) -> None:
+    """The script removes committed players from the queue once, after the batch; a player a
+    faulty plan names twice must still not be in two matches."""
+    await queue_players(client, "1v1", "a", "b", "c", "d")
+    m = MatchStore(client)
+    grant = await m.acquire("1v1", "L", 60_000)
+    plans = [MatchPlan("1.1.0", [["a"], ["b"]]), MatchPlan("1.1.1", [["b"], ["c"]]),
+             MatchPlan("1.1.2", [["c"], ["d"]])]
+    result = await m.commit("1v1", lease_token("L", grant.epoch), 10_000, plans)
+    assert result.committed == ["1.1.0", "1.1.2"] and result.skipped == ["1.1.1"]
+    assert await admin.exists(keys.match("1v1", "1.1.1")) == 0
+    assert await admin.hget(keys.player("b"), "match") == "1.1.0"
+    assert await admin.hget(keys.player("c"), "match") == "1.1.2"
+    assert await admin.zcard(keys.queue("1v1")) == 0 and await admin.hlen(keys.tickets("1v1")) == 0
+    loading = await admin.zrange(keys.loading("1v1"), 0, -1, withscores=True)
+    assert loading == [("1.1.0", result.deadline_ms), ("1.1.2", result.deadline_ms)]
+
+
 async def test_snapshot_reads_in_chunks_in_queue_order_marking_graced_players(
     client: RedisClient,
 ) -> None:
