@@ -9,6 +9,9 @@
 -- match); each poison entry an `r`.
 -- Returns {"fenced"} when the caller does not hold this exact lease (nothing changes), else
 -- {"ok", {committed ids}, {skipped ids}, {poisoned players}, deadline_ms}.
+-- Redis keeps a script's writes when it fails midway, so the loop runs under pcall: the matches
+-- committed before an error are finished (queue, loading set, changes, notices) and the error
+-- is raised after. A player whose record is not a hash is poison, not an error.
 -- A match commits only if every player is still queued here and not in grace; players of a
 -- skipped match stay queued. A queued entry whose player record is not queued in this mode is
 -- poison and is removed. Retrying after a timeout is safe: an existing match id is not redone.
@@ -32,66 +35,69 @@ local ai, ki = 6, 7
 -- Usually nobody is in resume grace: then no player needs the check.
 local graced = redis.call('ZCARD', KEYS[4]) > 0
 
-for _ = 1, tonumber(ARGV[5]) do
-  local id, n, teams = ARGV[ai], tonumber(ARGV[ai + 1]), ARGV[ai + 2]
-  local mkey = KEYS[ki]
-  local players, pkeys = {}, {}
-  for j = 1, n do
-    players[j] = ARGV[ai + 2 + j]
-    pkeys[j] = KEYS[ki + j]
-  end
-  ai = ai + 3 + n
-  ki = ki + 1 + n
-  if redis.call('EXISTS', mkey) == 1 then
-    -- A retry: the first run committed it and told the players already.
-    committed[#committed + 1] = id
-  else
-    local ok, owners = true, {}
+local function commit_all()
+  for _ = 1, tonumber(ARGV[5]) do
+    local id, n, teams = ARGV[ai], tonumber(ARGV[ai + 1]), ARGV[ai + 2]
+    local mkey = KEYS[ki]
+    local players, pkeys = {}, {}
     for j = 1, n do
-      local p = players[j]
-      if taken[p] or not redis.call('ZSCORE', KEYS[2], p)
-          or (graced and redis.call('ZSCORE', KEYS[4], p)) then
-        ok = false
-      else
-        local st = redis.call('HMGET', pkeys[j], 'state', 'mode', 'worker', 'conn')
-        owners[j] = st
-        if st[1] ~= 'queued' or st[2] ~= mode then
-          redis.call('ZREM', KEYS[2], p)
-          redis.call('HDEL', KEYS[3], p)
-          redis.call('ZREM', KEYS[4], p)
-          changed(KEYS[5], 'r', p)
-          poisoned[#poisoned + 1] = p
+      players[j] = ARGV[ai + 2 + j]
+      pkeys[j] = KEYS[ki + j]
+    end
+    ai = ai + 3 + n
+    ki = ki + 1 + n
+    if redis.call('EXISTS', mkey) == 1 then
+      -- A retry: the first run committed it and told the players already.
+      committed[#committed + 1] = id
+    else
+      local ok, owners = true, {}
+      for j = 1, n do
+        local p = players[j]
+        if taken[p] or not redis.call('ZSCORE', KEYS[2], p)
+            or (graced and redis.call('ZSCORE', KEYS[4], p)) then
           ok = false
+        else
+          local st = redis.pcall('HMGET', pkeys[j], 'state', 'mode', 'worker', 'conn')
+          owners[j] = st
+          if st.err or st[1] ~= 'queued' or st[2] ~= mode then
+            redis.call('ZREM', KEYS[2], p)
+            redis.call('HDEL', KEYS[3], p)
+            redis.call('ZREM', KEYS[4], p)
+            changed(KEYS[5], 'r', p)
+            poisoned[#poisoned + 1] = p
+            ok = false
+          end
         end
       end
-    end
-    if ok then
-      local tickets = redis.call('HMGET', KEYS[3], unpack(players))
-      local csv = table.concat(players, ',')
-      local fields = {'status', 'loading', 'mode', mode, 'deadline', deadline, 'created', now,
-                      'epoch', epoch, 'teams', teams, 'players', csv,
-                      'size', n, 'ready', 0}
-      local by_worker = {}
-      for j = 1, n do
-        fields[#fields + 1] = 't:' .. players[j]
-        fields[#fields + 1] = tickets[j] or ''
-        redis.call('HSET', pkeys[j], 'state', 'loading', 'match', id)
-        recipient(by_worker, owners[j][3], owners[j][4],
-                  '[' .. cjson.encode(players[j]) .. ',' .. cjson.encode(owners[j][4] or '') .. ']')
-        taken[players[j]] = true
-        gone[#gone + 1] = players[j]
+      if ok then
+        local tickets = redis.call('HMGET', KEYS[3], unpack(players))
+        local csv = table.concat(players, ',')
+        local fields = {'status', 'loading', 'mode', mode, 'deadline', deadline, 'created', now,
+                        'epoch', epoch, 'teams', teams, 'players', csv,
+                        'size', n, 'ready', 0}
+        local by_worker = {}
+        for j = 1, n do
+          fields[#fields + 1] = 't:' .. players[j]
+          fields[#fields + 1] = tickets[j] or ''
+          redis.call('HSET', pkeys[j], 'state', 'loading', 'match', id)
+          recipient(by_worker, owners[j][3], owners[j][4],
+                    '[' .. cjson.encode(players[j]) .. ',' .. cjson.encode(owners[j][4] or '') .. ']')
+          taken[players[j]] = true
+          gone[#gone + 1] = players[j]
+        end
+        redis.call('HSET', mkey, unpack(fields))
+        loading[#loading + 1] = deadline
+        loading[#loading + 1] = id
+        committed[#committed + 1] = id
+        post('{"e":"loading","mode":' .. mode_json .. ',"match":' .. cjson.encode(id) .. ',"teams":'
+          .. teams .. ',"deadline":' .. deadline, by_worker)
+      else
+        skipped[#skipped + 1] = id
       end
-      redis.call('HSET', mkey, unpack(fields))
-      loading[#loading + 1] = deadline
-      loading[#loading + 1] = id
-      committed[#committed + 1] = id
-      post('{"e":"loading","mode":' .. mode_json .. ',"match":' .. cjson.encode(id) .. ',"teams":'
-        .. teams .. ',"deadline":' .. deadline, by_worker)
-    else
-      skipped[#skipped + 1] = id
     end
   end
 end
+local done, failure = pcall(commit_all)
 -- In slices: unpack() of a very large batch would overflow Lua's C stack.
 for i = 1, #gone, 1000 do
   local last = math.min(i + 999, #gone)
@@ -105,4 +111,8 @@ if #gone > 0 then
   changed(KEYS[5], 'm', table.concat(gone, ','))
 end
 flush(ARGV[4])
+if not done then
+  return redis.error_reply(type(failure) == 'table' and (failure.err or 'ERR commit_matches')
+                           or tostring(failure))
+end
 return {'ok', committed, skipped, poisoned, tostring(deadline)}

@@ -110,7 +110,7 @@ class MatchingConfig(_Base, frozen=True):
     lease_ttl_ms: int = 3000  # leader lease; renewed every third of it
     tick_budget_ms: int = 800  # a tick stops committing this long after it began (< the lease)
     snapshot_chunk: int = 1000  # queue entries per Redis read of a full load (bounds each call)
-    changes_chunk: int = 500  # changes-stream entries per Redis read (each call stays < 5 ms)
+    changes_chunk: int = 500  # players named per read of the changes stream (each call < 5 ms)
     commit_batch_players: int = 100  # players per fenced commit script (~1-3 ms of Redis each)
     # Commit scripts sent before the first reply is awaited. More drain a big backlog faster
     # (100k matchable 1v1 players: 4 gave ~38k players/s, 8 ~59k/s), but another client's
@@ -307,10 +307,11 @@ def _check_sentinels(r: RedisConfig) -> None:
 
 def _check_matching(config: Config) -> None:
     m = config.matching
-    if min(m.tick_ms, m.snapshot_chunk, m.changes_chunk, m.commit_batch_players,
-           m.commits_in_flight) < 1:
-        _fail("matching", "tick_ms, snapshot_chunk, changes_chunk, commit_batch_players and "
-              "commits_in_flight must be >= 1")
+    if not 1 <= m.commits_in_flight <= 32:
+        # The tick budget is checked between sends: N in flight may overrun it by N-1 scripts.
+        _fail("matching.commits_in_flight", "must be 1 to 32")
+    if min(m.tick_ms, m.snapshot_chunk, m.changes_chunk, m.commit_batch_players) < 1:
+        _fail("matching", "tick_ms, snapshot_chunk, changes_chunk and commit_batch_players must be >= 1")
     if not 0 < m.tick_budget_ms * 2 <= m.lease_ttl_ms:
         _fail("matching.tick_budget_ms", "must be > 0 and at most half of matching.lease_ttl_ms")
     if m.ready_timeout_ms < 1 or m.finished_match_ttl_ms < 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     args, pytest_args = parser.parse_known_args(argv)
+    # Stopped from outside (make interrupted, a CI job cancelled): unwind, so the hogs and the
+    # running suite are killed instead of left spinning on a shared machine.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cpus = sorted(os.sched_getaffinity(0))
     conditions = [("one core busy", cpus[:1]), ("every core busy", cpus)]
     found: list[str] = []

@@ -17,15 +17,21 @@ import time
 import urllib.parse
 
 _READ = b"*3\r\n$4\r\nHGET\r\n$11\r\nbench:probe\r\n$1\r\nx\r\n"
+_STALL_S = 30.0  # no answer this long: Redis is stuck, and the probe fails rather than hangs
 
 
 def _connect(url: str) -> socket.socket:
+    """A plain connection to the bench's own embedded Redis (no password, no TLS)."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(_STALL_S)
         sock.connect(parsed.path)
         return sock
-    sock = socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379))
+    if parsed.scheme != "redis" or parsed.password or not parsed.hostname:
+        raise SystemExit(f"bench probe: needs unix:// or redis://host:port without a password, "
+                         f"not {url!r}")
+    sock = socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=_STALL_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -56,8 +62,9 @@ def main(url: str) -> int:
     while True:  # at least one sample, however short the bench
         started = time.perf_counter()
         sock.sendall(_READ)
-        if not sock.recv(64):  # "$-1\r\n" in one segment; empty: Redis went away
-            break
+        answer = sock.recv(64)  # "$-1\r\n" in one segment; empty: Redis went away
+        if not answer.startswith(b"$-1"):
+            raise SystemExit(f"bench probe: Redis answered {answer!r}")
         waits.append((time.perf_counter() - started) * 1000)
         if stop.is_set():
             break

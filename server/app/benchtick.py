@@ -54,6 +54,7 @@ class TickBench:
     ticks: int = 50  # measured ticks (steady shape)
     matchable: bool = False
     probe: bool = False  # time another client's reads meanwhile (server/app/benchprobe.py)
+    id_length: int = 0  # pad player ids to this many characters (0: short ids like pool123)
     seed: int = 7
 
 
@@ -67,7 +68,7 @@ async def run_bench(config: Config, bench: TickBench) -> dict[str, Any]:
             now = await _redis_ms(client)
             ratings = ([mode.default_rating] * bench.players if bench.matchable
                        else [spacing * i for i in range(bench.players)])
-            await _fill(client, bench.mode, ratings, now, mode.max_wait_ms // 2)
+            await _fill(client, bench.mode, ratings, now, mode.max_wait_ms // 2, bench.id_length)
             # Calls over 0.1 ms are kept (the commands inside scripts are logged too: keeping
             # every one would cost Redis gigabytes on a big run).
             await client.command("CONFIG", "SET", "slowlog-log-slower-than", 100)
@@ -92,7 +93,8 @@ async def run_bench(config: Config, bench: TickBench) -> dict[str, Any]:
     return {
         "players": bench.players, **out,
         "longest_redis_call_ms": longest_ms, "longest_redis_call": longest,
-        "mode": bench.mode, "churn": bench.churn if not bench.matchable else None,
+        "mode": bench.mode, "id_length": bench.id_length or None,
+        "churn": bench.churn if not bench.matchable else None,
         "pool": "compiled" if kernel.compiled_pool is not None else "python",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -104,7 +106,7 @@ async def _steady(
 ) -> dict[str, Any]:
     rng = random.Random(bench.seed)
     store = PlayerStore(client, _WORKER, 60_000)
-    waiting = [f"pool{i}" for i in range(bench.players)]
+    waiting = [_player("pool", i, bench.id_length) for i in range(bench.players)]
     rating_of = dict(zip(waiting, ratings, strict=True))
     started = time.perf_counter()
     committed = await trymatch.run(token)  # a new leader: the full load
@@ -118,7 +120,7 @@ async def _steady(
         joining = []
         for _ in range(per_side):
             serial += 1
-            name = f"join{serial}"
+            name = _player("join", serial, bench.id_length)
             if waiting and rng.random() < 0.1:  # a partner for someone waiting: a match forms
                 rating_of[name] = rating_of[rng.choice(waiting)]
             else:
@@ -170,7 +172,9 @@ async def _join(store: PlayerStore, player: str, mode: str, rating: float) -> No
     await store.enqueue(player, f"{player}-c", mode, rating, {})
 
 
-async def _fill(client: RedisClient, mode: str, ratings: list[float], now: int, span_ms: int) -> None:
+async def _fill(
+    client: RedisClient, mode: str, ratings: list[float], now: int, span_ms: int, id_length: int,
+) -> None:
     """Queued players as attach + enqueue leave them, written in bulk (set-up only: the first
     tick is a full load, which is what a new leader meets). They queued over the last
     ``span_ms``, in order, as if they had arrived at an even rate; half the longest wait, so
@@ -178,7 +182,7 @@ async def _fill(client: RedisClient, mode: str, ratings: list[float], now: int, 
     for start in range(0, len(ratings), _FILL_BATCH):
         commands: list[list[str | bytes | int | float]] = []
         for i in range(start, min(start + _FILL_BATCH, len(ratings))):
-            player = f"pool{i}"
+            player = _player("pool", i, id_length)
             queued = now - span_ms + span_ms * i // len(ratings)
             commands.append(["HSET", keys.player(player), "state", "queued", "mode", mode,
                              "queued_at", queued, "worker", _WORKER, "conn", f"{player}-c"])
@@ -200,14 +204,28 @@ async def _probe(url: str | None, into: dict[str, Any]) -> AsyncIterator[None]:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        if (await proc.stdout.readline()).strip() != b"ready":
+        if (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() != b"ready":
             raise RuntimeError("bench probe did not start")
         yield
-    finally:
         proc.stdin.close()
-        line = await proc.stdout.readline()
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)  # it stalls 30 s at most
+        if not line:
+            raise RuntimeError(f"bench probe failed (exit {await proc.wait()}); see its stderr")
+        into.update(json.loads(line))
+        await asyncio.wait_for(proc.wait(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
         await proc.wait()
-    into.update(json.loads(line))
+
+
+def _player(prefix: str, serial: int, length: int) -> str:
+    """A player id; padded to ``length`` (ids may be up to 64 characters) to see what long ids
+    cost the scripts and the changes reads."""
+    name = f"{prefix}{serial}"
+    return f"{name}-".ljust(length, "x") if length > len(name) + 1 else name
 
 
 async def _redis_ms(client: RedisClient) -> int:

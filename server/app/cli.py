@@ -73,9 +73,11 @@ def cmd_bench_tick(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.mode not in config.modes:
         raise ConfigError(f"--mode {args.mode!r} is not a configured mode ({', '.join(config.modes)})")
-    if args.players < 2 or not 0 <= args.churn <= 1 or args.ticks < 1:
-        raise ConfigError("bench-tick needs --players >= 2, --churn in [0, 1] and --ticks >= 1")
-    bench = TickBench(args.players, args.churn, args.mode, args.ticks, args.matchable, args.probe)
+    if args.players < 2 or not 0 <= args.churn <= 1 or args.ticks < 1 or not 0 <= args.id_length <= 64:
+        raise ConfigError("bench-tick needs --players >= 2, --churn in [0, 1], --ticks >= 1 and "
+                          "--id-length in [0, 64]")
+    bench = TickBench(args.players, args.churn, args.mode, args.ticks, args.matchable, args.probe,
+                      args.id_length)
     print(json.dumps(asyncio.run(run_bench(config, bench))), flush=True)
     return 0
 
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="everyone matchable: time to commit the whole pool")
     bench.add_argument("--probe", action="store_true",
                        help="also time another client's reads meanwhile (what players wait)")
+    bench.add_argument("--id-length", type=int, default=0,
+                       help="pad player ids to this many characters (at most 64, as PROTOCOL allows)")
     bench.set_defaults(func=cmd_bench_tick)
     from server.sim.cli import add_arguments as sim_arguments
 

@@ -95,8 +95,8 @@ def changes(mode: str) -> str:
     them, trimmed to about CHANGES_KEPT entries: what the mode's leader applies to the pool it
     keeps in memory instead of re-reading the queue every tick. Fields: ``o`` the change
     (``a`` added, with ``t`` its ticket; ``r`` removed; ``g`` resume grace began; ``u`` it
-    ended, the player is matchable again; ``m`` matched, ``p`` holding every player of the
-    match, comma-separated), ``p`` the player."""
+    ended, the player is matchable again; ``m`` matched, ``p`` holding every player one
+    ``commit_matches`` call committed, comma-separated), ``p`` the player."""
     return f"{{mm:{mode}}}:changes"
 
 

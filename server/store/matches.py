@@ -111,14 +111,15 @@ class MatchStore:
         return snap
 
     async def changes(self, mode: str, position: str, limit: int) -> ChangeBatch | None:
-        """The queue's changes after ``position`` (at most ``limit`` stream entries), or None
-        when that position is gone from the stream: only a new snapshot is safe then."""
+        """The queue's changes after ``position`` (stream entries naming about ``limit``
+        players at most, always at least one entry), or None when that position is gone from
+        the stream: only a new snapshot is safe then."""
         reply = await self.client.script(
             "changes", [keys.changes(mode), keys.queue(mode), keys.grace(mode)], [position, limit])
         if isinstance(reply, list) and len(reply) == 1 and as_str(reply[0]) == "reload":
             return None
         if not (isinstance(reply, list) and len(reply) >= 4 and len(reply) % 4 == 0
-                and as_str(reply[0]) == "ok"):
+                and as_str(reply[0]) in ("ok", "more")):
             raise ProtocolViolation(f"changes replied {reply!r:.200}")
         out: list[Change] = []
         for i in range(4, len(reply), 4):
@@ -141,7 +142,7 @@ class MatchStore:
             now_ms=to_int(reply[1]),
             position=as_str(reply[-4]) if entries else position,
             changes=out, queue_size=to_int(reply[2]), graced=to_int(reply[3]),
-            complete=entries < limit,
+            complete=as_str(reply[0]) == "ok",
         )
 
     async def commit(

@@ -26,6 +26,7 @@ def test_a_matchable_pool_is_committed_in_full_while_another_client_is_timed() -
 
 
 def test_a_steady_pool_reports_its_ticks() -> None:
-    out = bench_tick("--players", "2000", "--churn", "0.05", "--ticks", "5")
+    out = bench_tick("--players", "2000", "--churn", "0.05", "--ticks", "5", "--id-length", "64")
     assert out["ticks"] == 5 and out["changes_per_tick"] == 100 and out["pool_loads"] == 1
+    assert out["id_length"] == 64
     assert out["tick_p50_ms"] <= out["tick_p99_ms"] and "other_client" not in out

@@ -37,6 +37,8 @@ def test_environment_overrides_are_typed() -> None:
         ({"FASTMATCH_AUTH__ALGORITHM": "none"}, "auth.algorithm"),
         ({"FASTMATCH_PRODUCTION": "true"}, "auth.secret"),
         ({"FASTMATCH_MODES__BAD_NAME!__TEAM_SIZE": "1"}, "modes.bad_name!"),
+        ({"FASTMATCH_MATCHING__COMMITS_IN_FLIGHT": "0"}, "matching.commits_in_flight"),
+        ({"FASTMATCH_MATCHING__COMMITS_IN_FLIGHT": "33"}, "matching.commits_in_flight"),
     ],
 )
 def test_bad_values_name_the_key(environ: dict[str, str], key: str) -> None:

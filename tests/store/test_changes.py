@@ -13,6 +13,7 @@ from server.matching.plan import MatchPlan
 from server.store import keys
 from server.store.client import RedisClient
 from server.store.matches import HoldTimes, LoadingStore, MatchStore, lease_token
+from server.store.players import PlayerStore
 from tests.store.test_matches import queue_players
 
 MODE = "1v1"
@@ -139,6 +140,22 @@ async def test_changes_come_in_bounded_reads(client: RedisClient) -> None:
         if batch.complete:
             break
     assert seen == [f"p{i}" for i in range(7)]
+
+
+async def test_the_read_budget_counts_the_players_a_match_entry_names(client: RedisClient) -> None:
+    await queue_players(client, MODE, *(f"p{i}" for i in range(6)), "late")
+    pos = await position(client)
+    matches = MatchStore(client)
+    grant = await matches.acquire(MODE, "L", 60_000)
+    await matches.commit(MODE, lease_token("L", grant.epoch), 10_000, [
+        MatchPlan(f"1.1.{i}", [[f"p{2 * i}"], [f"p{2 * i + 1}"]]) for i in range(3)])
+    await PlayerStore(client, "w1", 60_000).dequeue("late", "late-c")
+    first = await matches.changes(MODE, pos, 2)  # one entry naming six: more than the budget
+    assert first is not None and not first.complete
+    assert [c.player for c in first.changes] == [f"p{i}" for i in range(6)]
+    rest = await matches.changes(MODE, first.position, 2)
+    assert rest is not None and rest.complete and ops(rest.changes) == [("Removed", "late")]
+    assert rest.queue_size == 0
 
 
 async def test_snapshot_chunks_keep_ties_together(client: RedisClient, admin: aioredis.Redis) -> None:

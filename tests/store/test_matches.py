@@ -14,6 +14,7 @@ from server.protocol import notices
 from server.protocol.messages import StartLoading
 from server.store import keys
 from server.store.client import RedisClient
+from server.store.errors import StoreError
 from server.store.matches import MatchStore, lease_token
 from server.store.players import PlayerStore
 from server.transport import envelope
@@ -145,6 +146,54 @@ async def test_a_player_named_by_two_matches_of_one_batch_commits_once(
     assert await admin.zcard(keys.queue("1v1")) == 0 and await admin.hlen(keys.tickets("1v1")) == 0
     loading = await admin.zrange(keys.loading("1v1"), 0, -1, withscores=True)
     assert loading == [("1.1.0", result.deadline_ms), ("1.1.2", result.deadline_ms)]
+
+
+async def test_a_player_record_that_is_not_a_hash_is_poison_and_the_batch_still_commits(
+    client: RedisClient, admin: aioredis.Redis
+) -> None:
+    await queue_players(client, "1v1", "a", "b", "c", "d")
+    await admin.delete(keys.player("d"))
+    await admin.set(keys.player("d"), "corrupt")  # WRONGTYPE for the script's HMGET
+    m = MatchStore(client)
+    grant = await m.acquire("1v1", "L", 60_000)
+    result = await m.commit("1v1", lease_token("L", grant.epoch), 10_000, [
+        MatchPlan("1.1.0", [["a"], ["b"]]), MatchPlan("1.1.1", [["c"], ["d"]])])
+    assert result.committed == ["1.1.0"] and result.skipped == ["1.1.1"]
+    assert result.poisoned == ["d"]
+    assert await admin.zrange(keys.queue("1v1"), 0, -1) == ["c"]
+    assert await admin.get(keys.player("d")) == "corrupt"  # not ours to rewrite
+    assert await admin.zrange(keys.loading("1v1"), 0, -1) == ["1.1.0"]
+
+
+async def test_a_script_error_midway_finishes_the_matches_committed_before_it(
+    client: RedisClient, admin: aioredis.Redis
+) -> None:
+    """Redis keeps a script's writes when it fails: what the script committed before the error
+    must still leave the queue, join the loading set and be told, or those players would be
+    `loading` in a match nothing ever ends."""
+    await queue_players(client, "1v1", "a", "b", "c", "d")
+    m = MatchStore(client)
+    grant = await m.acquire("1v1", "L", 60_000)
+    listener = admin.pubsub()
+    await listener.subscribe(keys.worker_channel("w1"))
+    # A malformed second match (its player count is not a number): the loop fails there.
+    script_keys = [keys.leader("1v1"), *keys.mode_keys("1v1"), keys.loading("1v1"),
+                   keys.match("1v1", "1.1.0"), keys.player("a"), keys.player("b"),
+                   keys.match("1v1", "1.1.1"), keys.player("c"), keys.player("d")]
+    args = [lease_token("L", grant.epoch), "1v1", 10_000, keys.DELIVERY_PREFIX, 2,
+            "1.1.0", 2, json.dumps([["a"], ["b"]]), "a", "b",
+            "1.1.1", "two", json.dumps([["c"], ["d"]]), "c", "d"]
+    with pytest.raises(StoreError):
+        await client.script("commit_matches", script_keys, args)
+    assert await admin.zrange(keys.queue("1v1"), 0, -1) == ["c", "d"]
+    assert await admin.hkeys(keys.tickets("1v1")) == ["c", "d"]
+    assert await admin.zrange(keys.loading("1v1"), 0, -1) == ["1.1.0"]
+    assert await admin.hget(keys.player("a"), "match") == "1.1.0"
+    entries = await admin.xrevrange(keys.changes("1v1"), count=1)
+    assert entries[0][1] == {"o": "m", "p": "a,b"}
+    notice = envelope.decode((await next_message(listener))["data"].encode())
+    assert isinstance(notice, envelope.Notices) and len(notice.events) == 1
+    await listener.aclose()
 
 
 async def test_snapshot_reads_in_chunks_in_queue_order_marking_graced_players(
