@@ -8,10 +8,12 @@
 -- The committed matches' players are one `m` entry of the changes stream (one per call, not per
 -- match); each poison entry an `r`.
 -- Returns {"fenced"} when the caller does not hold this exact lease (nothing changes), else
--- {"ok", {committed ids}, {skipped ids}, {poisoned players}, deadline_ms}.
--- Redis keeps a script's writes when it fails midway, so the loop runs under pcall: the matches
--- committed before an error are finished (queue, loading set, changes, notices) and the error
--- is raised after. A player whose record is not a hash is poison, not an error.
+-- {"ok", {committed ids}, {skipped ids}, {poisoned players}, deadline_ms}; or, when a command
+-- failed midway, {"failed", committed, skipped, poisoned, deadline_ms, error}.
+-- Redis keeps a script's writes when it fails midway, so the loop and each write after it run
+-- under pcall: the matches committed before an error are still finished (queue, loading set,
+-- changes, notices) and reported, and the caller raises the error after recording them. A
+-- player whose record is not a hash is poison, not an error.
 -- A match commits only if every player is still queued here and not in grace; players of a
 -- skipped match stay queued. A queued entry whose player record is not queued in this mode is
 -- poison and is removed. Retrying after a timeout is safe: an existing match id is not redone.
@@ -75,19 +77,23 @@ local function commit_all()
         local fields = {'status', 'loading', 'mode', mode, 'deadline', deadline, 'created', now,
                         'epoch', epoch, 'teams', teams, 'players', csv,
                         'size', n, 'ready', 0}
-        local by_worker = {}
         for j = 1, n do
           fields[#fields + 1] = 't:' .. players[j]
           fields[#fields + 1] = tickets[j] or ''
+        end
+        -- The record (and its deadline) first: a player is never `loading` in a match that
+        -- has none, or that nothing would end.
+        redis.call('HSET', mkey, unpack(fields))
+        loading[#loading + 1] = deadline
+        loading[#loading + 1] = id
+        local by_worker = {}
+        for j = 1, n do
           redis.call('HSET', pkeys[j], 'state', 'loading', 'match', id)
           recipient(by_worker, owners[j][3], owners[j][4],
                     '[' .. cjson.encode(players[j]) .. ',' .. cjson.encode(owners[j][4] or '') .. ']')
           taken[players[j]] = true
           gone[#gone + 1] = players[j]
         end
-        redis.call('HSET', mkey, unpack(fields))
-        loading[#loading + 1] = deadline
-        loading[#loading + 1] = id
         committed[#committed + 1] = id
         post('{"e":"loading","mode":' .. mode_json .. ',"match":' .. cjson.encode(id) .. ',"teams":'
           .. teams .. ',"deadline":' .. deadline, by_worker)
@@ -97,22 +103,35 @@ local function commit_all()
     end
   end
 end
-local done, failure = pcall(commit_all)
--- In slices: unpack() of a very large batch would overflow Lua's C stack.
-for i = 1, #gone, 1000 do
-  local last = math.min(i + 999, #gone)
-  redis.call('ZREM', KEYS[2], unpack(gone, i, last))
-  redis.call('HDEL', KEYS[3], unpack(gone, i, last))
+local failure
+-- Each step on its own: one failing does not skip the others (the first error is reported).
+local function step(f)
+  local ok, err = pcall(f)
+  if not ok and not failure then
+    failure = tostring(err)
+  end
 end
-for i = 1, #loading, 1000 do
-  redis.call('ZADD', KEYS[6], unpack(loading, i, math.min(i + 999, #loading)))
-end
-if #gone > 0 then
-  changed(KEYS[5], 'm', table.concat(gone, ','))
-end
-flush(ARGV[4])
-if not done then
-  return redis.error_reply(type(failure) == 'table' and (failure.err or 'ERR commit_matches')
-                           or tostring(failure))
+step(commit_all)
+step(function()
+  -- In slices: unpack() of a very large batch would overflow Lua's C stack.
+  for i = 1, #gone, 1000 do
+    local last = math.min(i + 999, #gone)
+    redis.call('ZREM', KEYS[2], unpack(gone, i, last))
+    redis.call('HDEL', KEYS[3], unpack(gone, i, last))
+  end
+end)
+step(function()
+  for i = 1, #loading, 1000 do
+    redis.call('ZADD', KEYS[6], unpack(loading, i, math.min(i + 999, #loading)))
+  end
+end)
+step(function()
+  if #gone > 0 then
+    changed(KEYS[5], 'm', table.concat(gone, ','))
+  end
+end)
+step(function() flush(ARGV[4]) end)
+if failure then
+  return {'failed', committed, skipped, poisoned, tostring(deadline), failure}
 end
 return {'ok', committed, skipped, poisoned, tostring(deadline)}

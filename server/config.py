@@ -110,11 +110,11 @@ class MatchingConfig(_Base, frozen=True):
     lease_ttl_ms: int = 3000  # leader lease; renewed every third of it
     tick_budget_ms: int = 800  # a tick stops committing this long after it began (< the lease)
     snapshot_chunk: int = 1000  # queue entries per Redis read of a full load (bounds each call)
-    changes_chunk: int = 500  # players named per read of the changes stream (each call < 5 ms)
+    changes_chunk: int = 500  # changes-stream entries per read (big ones count more; < 5 ms)
     commit_batch_players: int = 100  # players per fenced commit script (~1-3 ms of Redis each)
     # Commit scripts sent before the first reply is awaited. More drain a big backlog faster
-    # (100k matchable 1v1 players: 4 gave ~38k players/s, 8 ~59k/s), but another client's
-    # command can wait behind all of them (the longest such wait grew from ~8.5 to ~13 ms).
+    # (100k matchable 1v1 players: 4 gave ~33k players/s, 6 ~50k/s, 8 ~54k/s), but another
+    # client's command can wait behind all of them (its p99 wait grew from ~7 to ~8.5 ms).
     commits_in_flight: int = 6
     ready_timeout_ms: int = 15_000  # ready-check deadline after start_loading
     finished_match_ttl_ms: int = 30_000  # an ended match's record stays this long, then expires

@@ -22,6 +22,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
+from server.osutil import die_with_parent
+
 _HOG = "while :; do :; done"
 
 
@@ -30,16 +32,20 @@ def hogs(cores: list[int]) -> Iterator[None]:
     """A busy loop pinned to each of ``cores`` (``sh``, as a noisy neighbour would be)."""
     procs = []
     for core in cores:
-        proc = subprocess.Popen(["sh", "-c", _HOG], stdout=subprocess.DEVNULL)
+        # Dies with this process even if it is SIGKILLed (no finally runs then).
+        proc = subprocess.Popen(["sh", "-c", _HOG], stdout=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent)  # noqa: PLW1509 (prctl only)
         with contextlib.suppress(OSError):  # pinning is best effort (e.g. a restricted cpuset)
             os.sched_setaffinity(proc.pid, {core})
         procs.append(proc)
     try:
         yield
     finally:
+        before = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut this short
         for proc in procs:
             proc.kill()
             proc.wait()
+        signal.signal(signal.SIGTERM, before)
 
 
 def failures(junit: Path) -> list[str]:

@@ -225,7 +225,7 @@ def _player(prefix: str, serial: int, length: int) -> str:
     """A player id; padded to ``length`` (ids may be up to 64 characters) to see what long ids
     cost the scripts and the changes reads."""
     name = f"{prefix}{serial}"
-    return f"{name}-".ljust(length, "x") if length > len(name) + 1 else name
+    return f"{name}-".ljust(length, "x") if length else name
 
 
 async def _redis_ms(client: RedisClient) -> int:

@@ -73,9 +73,10 @@ def cmd_bench_tick(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.mode not in config.modes:
         raise ConfigError(f"--mode {args.mode!r} is not a configured mode ({', '.join(config.modes)})")
-    if args.players < 2 or not 0 <= args.churn <= 1 or args.ticks < 1 or not 0 <= args.id_length <= 64:
+    if (args.players < 2 or not 0 <= args.churn <= 1 or args.ticks < 1
+            or not (args.id_length == 0 or 16 <= args.id_length <= 64)):
         raise ConfigError("bench-tick needs --players >= 2, --churn in [0, 1], --ticks >= 1 and "
-                          "--id-length in [0, 64]")
+                          "--id-length 0 or 16 to 64")
     bench = TickBench(args.players, args.churn, args.mode, args.ticks, args.matchable, args.probe,
                       args.id_length)
     print(json.dumps(asyncio.run(run_bench(config, bench))), flush=True)
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--probe", action="store_true",
                        help="also time another client's reads meanwhile (what players wait)")
     bench.add_argument("--id-length", type=int, default=0,
-                       help="pad player ids to this many characters (at most 64, as PROTOCOL allows)")
+                       help="pad player ids to this many characters (16 to 64; PROTOCOL allows 64)")
     bench.set_defaults(func=cmd_bench_tick)
     from server.sim.cli import add_arguments as sim_arguments
 

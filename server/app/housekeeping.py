@@ -14,6 +14,7 @@ from server.aio import raise_if_cancelling
 from server.store import keys
 from server.store.errors import StoreError
 from server.store.players import PlayerStore
+from server.transport.connection import ClientConnection
 from server.transport.frontend import FrontEnd
 from server.transport.services import MatchEvents
 
@@ -75,8 +76,10 @@ class Housekeeper:
         if not self.front.ready:
             log.info("storage reachable, ready")
         self.front.ready = True
-        for player, conn in list(self.front.pending_detach):
-            await self.front.detach(player, conn)
+        if self.front.pending_detach:
+            holders = self.front.holders()
+            for player, conn in list(self.front.pending_detach):
+                await self.front.settle_ended(player, conn, holders)
         for mode in self.modes:
             await self.expire_grace(mode)
         loop = asyncio.get_running_loop()
@@ -96,18 +99,29 @@ class Housekeeper:
         live = self.front.connections
         released = 0
         front = self.front
-        held: set[str] | None = None  # players with a live connection here, when needed
+        held: dict[str, ClientConnection] | None = None  # player -> its connection here
         for player, (worker, conn) in zip(players, await self.store.owners(players), strict=True):
             # Looked at now, after the read: a connection lost meanwhile is already releasing.
             settling = (player, conn) in front.detaching or (player, conn) in front.pending_detach
             if (worker == self.store.worker_id and conn in live) or settling:
                 continue  # served, or its connection's own detach is on its way
-            if not conn and held is None:
-                held = {c.player_id for c in live.values()}
-            if not conn and held is not None and player in held:
+            if held is None:
+                held = {c.player_id: c for c in live.values()}
+            holder = held.get(player)
+            if holder is not None and not conn:
                 # No record, but a live connection of the player: Redis lost it and that
                 # connection is attaching again. A detach of "any connection of this worker"
                 # (what an empty conn means) could release the record it is writing.
+                continue
+            if holder is not None and worker == self.store.worker_id:
+                # An ended connection of ours, while the player has a live one here: that
+                # one's attach was lost (a failover dropped the write). It takes the record
+                # back, as a resync would; released instead, the player would sit in resume
+                # grace and its connection, refused as replaced, would be closed 4009.
+                if holder.open:
+                    log.warning("audit: %s was recorded on connection %s, which ended; its "
+                                "connection %s takes it back", player, conn, holder.conn_id)
+                    await holder.take_back(conn)
                 continue
             # Not ours any more (another worker, no record, or released since the read) makes
             # the detach "stale": it only drops the player from our set, and says nothing.

@@ -208,6 +208,9 @@ class TryMatch:
                 log.warning("%s: commit fenced: this worker is no longer the leader", self.name)
             return 0, True
         self._record(result, {plan.match_id: plan for plan in batch})
+        if result.failure:
+            raise StoreError(f"commit_matches failed after committing {len(result.committed)} "
+                             f"matches: {result.failure}")
         return len(result.committed), fenced
 
     async def _commit_batch(self, token: str, batch: Sequence[MatchPlan]) -> CommitResult:

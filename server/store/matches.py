@@ -58,6 +58,9 @@ class CommitResult:
     skipped: list[str] = field(default_factory=list)
     poisoned: list[str] = field(default_factory=list)
     deadline_ms: int = 0
+    # The script failed midway (a Redis error): what it committed before is finished and
+    # reported above; the caller records it, then treats the call as failed.
+    failure: str = ""
 
 
 def lease_token(holder: str, epoch: int) -> str:
@@ -111,9 +114,9 @@ class MatchStore:
         return snap
 
     async def changes(self, mode: str, position: str, limit: int) -> ChangeBatch | None:
-        """The queue's changes after ``position`` (stream entries naming about ``limit``
-        players at most, always at least one entry), or None when that position is gone from
-        the stream: only a new snapshot is safe then."""
+        """The queue's changes after ``position`` (about ``limit`` stream entries, an ``m``
+        entry counting one more per KiB of its player list; always at least one), or None
+        when that position is gone from the stream: only a new snapshot is safe then."""
         reply = await self.client.script(
             "changes", [keys.changes(mode), keys.queue(mode), keys.grace(mode)], [position, limit])
         if isinstance(reply, list) and len(reply) == 1 and as_str(reply[0]) == "reload":
@@ -172,7 +175,9 @@ class MatchStore:
 def _commit_result(reply: object) -> CommitResult:
     if isinstance(reply, list) and reply and as_str(reply[0]) == "fenced":
         return CommitResult(fenced=True)
-    if not (isinstance(reply, list) and len(reply) == 5 and as_str(reply[0]) == "ok"
+    if not (isinstance(reply, list) and (
+                (len(reply) == 5 and as_str(reply[0]) == "ok")
+                or (len(reply) == 6 and as_str(reply[0]) == "failed"))
             and all(isinstance(part, list) for part in reply[1:4])):
         raise ProtocolViolation(f"commit_matches replied {reply!r:.200}")
     return CommitResult(
@@ -181,6 +186,7 @@ def _commit_result(reply: object) -> CommitResult:
         skipped=[as_str(x) for x in reply[2]],
         poisoned=[as_str(x) for x in reply[3]],
         deadline_ms=to_int(reply[4]),
+        failure=as_str(reply[5]) if len(reply) == 6 else "",
     )
 
 

@@ -185,6 +185,12 @@ class ClientConnection(WebSocketProtocol):
         If another connection wrote a record since, this one was replaced: 4009. A storage
         failure is raised (the resync that called it runs again)."""
         _record_lost("player %s, connection %s", self.identity.player_id, self.conn_id)
+        await self.take_back(gone_conn)
+
+    async def take_back(self, gone_conn: str) -> None:
+        """Attach again over a record naming ``gone_conn``, an ended connection of this worker
+        (or over no record): its attach was lost. Any other record means this connection was
+        replaced: 4009. A storage failure is raised."""
         attached = await self.services.store.reattach(self.identity.player_id, self.conn_id,
                                                       gone_conn)
         if attached is None:

@@ -252,6 +252,23 @@ class FrontEnd:
         metrics.add(metrics.CONNECTIONS, 1)
         self.connections[client.conn_id] = client
 
+    def holders(self) -> dict[str, ClientConnection]:
+        """Player -> its open (welcomed) connection on this worker."""
+        return {c.player_id: c for c in self.connections.values() if c.open}
+
+    async def settle_ended(self, player: str, conn_id: str,
+                           holders: dict[str, ClientConnection]) -> None:
+        """The record of ``conn_id``, an ended connection of ours, left to settle (its detach
+        failed, or the audit found it). If the player has another open connection here, that
+        one takes the record back instead: a failover may have lost its attach, and a detach
+        there would put it in resume grace and get it refused as replaced (4009)."""
+        holder = holders.get(player)
+        if holder is not None and holder.conn_id != conn_id:
+            await holder.take_back(conn_id)
+            self.pending_detach.discard((player, conn_id))
+        else:
+            await self.detach(player, conn_id)
+
     def unregister(self, client: ClientConnection) -> None:
         self._all.discard(client)
         if self.draining and not self._all:

@@ -183,6 +183,58 @@ async def test_a_record_no_connection_holds_is_released_by_the_workers_audit(
     await admin.aclose()
 
 
+async def test_the_audit_gives_a_record_naming_an_ended_connection_back_to_the_live_one(
+    start_worker: WorkerFactory, redis_url: str
+) -> None:
+    """A failover lost a reconnect's attach: Redis names the player's previous connection,
+    which this worker closed. The audit must not put the player in resume grace (its live
+    connection would then be refused as replaced, 4009): the live connection takes the record
+    back and stays queued. (make test-stress found this racing the resync after a failover.)"""
+    w = await start_worker(cfg=make_config(**{"server.audit_interval_s": 0.05}))
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    ws, _ = await connect_player(w.front.port, "dora", 1500)
+    assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    live = await admin.hget(keys.player("dora"), "conn")
+    await admin.hset(keys.player("dora"), "conn", f"{w.worker_id}.999999")  # the lost write's
+    async with asyncio.timeout(TIMEOUT):
+        while await admin.hget(keys.player("dora"), "conn") != live:
+            await asyncio.sleep(0.02)
+    assert await admin.hget(keys.player("dora"), "state") == "queued"
+    assert await admin.zscore(keys.grace("5v5"), "dora") is None
+    assert (await request(ws, {"type": "status"}))["state"] == "queued"
+    assert ws.close_code is None
+    await ws.close()
+    await admin.aclose()
+
+
+async def test_a_deferred_detach_of_a_replaced_connection_leaves_the_live_one_attached(
+    start_worker: WorkerFactory, redis_url: str
+) -> None:
+    """A reconnect replaced the player's connection; the old one's detach failed (the primary
+    died) and waits for housekeeping, and the failover lost the new one's attach, so Redis names
+    the old connection. Retried as a detach, it would put the player in resume grace and the
+    live connection would be refused as replaced (4009, found by make test-stress on the
+    Sentinel topology): the live connection takes the record back instead."""
+    w = await start_worker(cfg=make_config(**{"server.housekeeping_interval_s": 0.05}))
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    ws, _ = await connect_player(w.front.port, "erin", 1500)
+    assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    live = await admin.hget(keys.player("erin"), "conn")
+    ended = f"{w.worker_id}.999999"
+    await admin.hset(keys.player("erin"), "conn", ended)  # what the new primary holds
+    w.front.pending_detach.add(("erin", ended))  # the detach that failed with the old primary
+    async with asyncio.timeout(TIMEOUT):
+        while w.front.pending_detach:
+            await asyncio.sleep(0.02)
+    assert await admin.hget(keys.player("erin"), "conn") == live
+    assert await admin.hget(keys.player("erin"), "state") == "queued"
+    assert await admin.zscore(keys.grace("5v5"), "erin") is None
+    assert (await request(ws, {"type": "status"}))["state"] == "queued"
+    assert ws.close_code is None
+    await ws.close()
+    await admin.aclose()
+
+
 async def test_a_request_that_finds_its_record_gone_is_refused_and_the_player_told(
     start_worker: WorkerFactory, redis_url: str
 ) -> None:

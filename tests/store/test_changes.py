@@ -142,20 +142,25 @@ async def test_changes_come_in_bounded_reads(client: RedisClient) -> None:
     assert seen == [f"p{i}" for i in range(7)]
 
 
-async def test_the_read_budget_counts_the_players_a_match_entry_names(client: RedisClient) -> None:
-    await queue_players(client, MODE, *(f"p{i}" for i in range(6)), "late")
+async def test_a_big_match_entry_counts_as_several_against_the_read_budget(
+    client: RedisClient,
+) -> None:
+    players = [f"p{i:02}-".ljust(64, "x") for i in range(20)]  # 1.3 KiB as one csv
+    await queue_players(client, MODE, *players, "late")
     pos = await position(client)
     matches = MatchStore(client)
     grant = await matches.acquire(MODE, "L", 60_000)
     await matches.commit(MODE, lease_token("L", grant.epoch), 10_000, [
-        MatchPlan(f"1.1.{i}", [[f"p{2 * i}"], [f"p{2 * i + 1}"]]) for i in range(3)])
+        MatchPlan(f"1.1.{i}", [[players[2 * i]], [players[2 * i + 1]]]) for i in range(10)])
     await PlayerStore(client, "w1", 60_000).dequeue("late", "late-c")
-    first = await matches.changes(MODE, pos, 2)  # one entry naming six: more than the budget
+    first = await matches.changes(MODE, pos, 2)  # one entry, counted as two: the budget
     assert first is not None and not first.complete
-    assert [c.player for c in first.changes] == [f"p{i}" for i in range(6)]
+    assert [c.player for c in first.changes] == players
     rest = await matches.changes(MODE, first.position, 2)
     assert rest is not None and rest.complete and ops(rest.changes) == [("Removed", "late")]
     assert rest.queue_size == 0
+    small = await matches.changes(MODE, pos, 4)  # room for both
+    assert small is not None and small.complete and len(small.changes) == 21
 
 
 async def test_snapshot_chunks_keep_ties_together(client: RedisClient, admin: aioredis.Redis) -> None:
