@@ -121,8 +121,14 @@ class Housekeeper:
                 if holder.open:
                     log.warning("audit: %s was recorded on connection %s, which ended; its "
                                 "connection %s takes it back", player, conn, holder.conn_id)
-                    await holder.take_back(conn)
-                continue
+                    try:
+                        if await holder.take_back(conn):
+                            continue
+                    except StoreError as exc:
+                        log.warning("audit: %s not taken back: %s", player, exc)
+                        continue
+                else:
+                    continue
             # Not ours any more (another worker, no record, or released since the read) makes
             # the detach "stale": it only drops the player from our set, and says nothing.
             if await self.front.detach(player, conn) not in ("stale", ""):

@@ -173,7 +173,8 @@ class ClientConnection(WebSocketProtocol):
     @property
     def open(self) -> bool:
         """Welcomed (attached) and not closing: a connection Redis should know."""
-        return self.attached and self.session is not None and not self.session.closed
+        return (self.attached and not self.lost and self.session is not None
+                and not self.session.closed)
 
     def reject(self, status: int, text: str) -> Response:
         """An HTTP answer instead of the upgrade (websockets builds it)."""
@@ -187,17 +188,30 @@ class ClientConnection(WebSocketProtocol):
         _record_lost("player %s, connection %s", self.identity.player_id, self.conn_id)
         await self.take_back(gone_conn)
 
-    async def take_back(self, gone_conn: str) -> None:
+    async def take_back(self, gone_conn: str) -> bool:
         """Attach again over a record naming ``gone_conn``, an ended connection of this worker
         (or over no record): its attach was lost. Any other record means this connection was
-        replaced: 4009. A storage failure is raised."""
-        attached = await self.services.store.reattach(self.identity.player_id, self.conn_id,
-                                                      gone_conn)
+        replaced: 4009. False when this connection has ended itself (the caller detaches
+        ``gone_conn`` instead). A storage failure is raised."""
+        if self.lost or self.session is None:
+            return False
+        player = self.identity.player_id
+        attached = await self.services.store.reattach(player, self.conn_id, gone_conn)
+        if self.lost:
+            if attached is not None:  # ended meanwhile: release what was just written
+                await self.front.detach(player, self.conn_id)
+            return True
         if attached is None:
             self.replaced()
-        elif self.session is not None and not self.lost and attached.player.state == "idle":
+        elif not attached.previous_conn and attached.player.state == "idle":
+            # There was no record: whatever ticket the player had is gone.
             self._apply(self.session.ticket_lost())
             self.flush()
+        elif attached.previous_conn and attached.previous_conn != self.conn_id:
+            # Taken over from the ended connection: what was published to it meanwhile (a
+            # ready check begun or ended) never reached this one.
+            await self.front.catch_up_with(self)
+        return True
 
     async def _record_lost_answered(self) -> None:
         """record_lost after a request found the record gone: the client has been answered

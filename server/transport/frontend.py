@@ -263,11 +263,20 @@ class FrontEnd:
         one takes the record back instead: a failover may have lost its attach, and a detach
         there would put it in resume grace and get it refused as replaced (4009)."""
         holder = holders.get(player)
-        if holder is not None and holder.conn_id != conn_id:
-            await holder.take_back(conn_id)
-            self.pending_detach.discard((player, conn_id))
-        else:
-            await self.detach(player, conn_id)
+        if holder is not None and holder.conn_id != conn_id and holder.open:
+            try:
+                taken = await holder.take_back(conn_id)
+            except StoreError as exc:
+                _deferred("%s: %s", player, exc)  # still pending: the next tick tries again
+                return
+            if taken:
+                self.pending_detach.discard((player, conn_id))
+                return
+        await self.detach(player, conn_id)
+
+    async def catch_up_with(self, client: ClientConnection) -> None:
+        """Read ``client``'s player back and tell it what it missed (one connection's resync)."""
+        await self._catch_up([client], recheck=False)
 
     def unregister(self, client: ClientConnection) -> None:
         self._all.discard(client)

@@ -230,6 +230,15 @@ async def test_a_deferred_detach_of_a_replaced_connection_leaves_the_live_one_at
     assert await admin.hget(keys.player("erin"), "state") == "queued"
     assert await admin.zscore(keys.grace("5v5"), "erin") is None
     assert (await request(ws, {"type": "status"}))["state"] == "queued"
+    # The usual case: the record already names the live connection (only the old one's detach
+    # was deferred). Nothing changes and the player hears nothing: the next message it gets
+    # is the answer to its own request.
+    w.front.pending_detach.add(("erin", ended))
+    async with asyncio.timeout(TIMEOUT):
+        while w.front.pending_detach:
+            await asyncio.sleep(0.02)
+    assert await admin.hget(keys.player("erin"), "conn") == live
+    assert (await request(ws, {"type": "status"}))["state"] == "queued"
     assert ws.close_code is None
     await ws.close()
     await admin.aclose()
