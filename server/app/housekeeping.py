@@ -108,30 +108,24 @@ class Housekeeper:
             if held is None:
                 held = {c.player_id: c for c in live.values()}
             holder = held.get(player)
-            if holder is not None and not conn:
+            ours = worker == self.store.worker_id
+            if holder is not None and (not conn or (ours and not holder.open)):
                 # No record, but a live connection of the player: Redis lost it and that
                 # connection is attaching again. A detach of "any connection of this worker"
-                # (what an empty conn means) could release the record it is writing.
+                # (what an empty conn means) could release the record it is writing. Or an
+                # ended connection of ours while the player's next one is still attaching:
+                # that attach settles the record.
                 continue
-            if holder is not None and worker == self.store.worker_id:
-                # An ended connection of ours, while the player has a live one here: that
-                # one's attach was lost (a failover dropped the write). It takes the record
-                # back, as a resync would; released instead, the player would sit in resume
-                # grace and its connection, refused as replaced, would be closed 4009.
-                if holder.open:
-                    log.warning("audit: %s was recorded on connection %s, which ended; its "
-                                "connection %s takes it back", player, conn, holder.conn_id)
-                    try:
-                        if await holder.take_back(conn):
-                            continue
-                    except StoreError as exc:
-                        log.warning("audit: %s not taken back: %s", player, exc)
-                        continue
-                else:
-                    continue
-            # Not ours any more (another worker, no record, or released since the read) makes
-            # the detach "stale": it only drops the player from our set, and says nothing.
-            if await self.front.detach(player, conn) not in ("stale", ""):
+            # An ended connection of ours: a live connection of the player here takes the
+            # record back (settle_ended). Not ours any more (another worker, no record, or
+            # released since the read) makes the detach "stale": it only drops the player
+            # from our set, and says nothing.
+            outcome = (await front.settle_ended(player, conn, held) if ours
+                       else await front.detach(player, conn))
+            if outcome == "taken":
+                log.warning("audit: %s was recorded on connection %s, which ended; its "
+                            "connection %s took it back", player, conn, held[player].conn_id)
+            elif outcome not in ("stale", ""):
                 log.warning("audit: released %s, recorded on connection %s, which this worker "
                             "does not hold", player, conn)
                 released += 1

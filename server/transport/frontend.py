@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import logging
 import socket
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, Final, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -257,22 +257,23 @@ class FrontEnd:
         return {c.player_id: c for c in self.connections.values() if c.open}
 
     async def settle_ended(self, player: str, conn_id: str,
-                           holders: dict[str, ClientConnection]) -> None:
+                           holders: Mapping[str, ClientConnection]) -> str:
         """The record of ``conn_id``, an ended connection of ours, left to settle (its detach
         failed, or the audit found it). If the player has another open connection here, that
         one takes the record back instead: a failover may have lost its attach, and a detach
-        there would put it in resume grace and get it refused as replaced (4009)."""
+        there would put it in resume grace and get it refused as replaced (4009). Returns
+        "taken", or the detach's outcome ("" when deferred)."""
         holder = holders.get(player)
         if holder is not None and holder.conn_id != conn_id and holder.open:
             try:
                 taken = await holder.take_back(conn_id)
             except StoreError as exc:
                 _deferred("%s: %s", player, exc)  # still pending: the next tick tries again
-                return
+                return ""
             if taken:
                 self.pending_detach.discard((player, conn_id))
-                return
-        await self.detach(player, conn_id)
+                return "taken"
+        return await self.detach(player, conn_id)
 
     async def catch_up_with(self, client: ClientConnection) -> None:
         """Read ``client``'s player back and tell it what it missed (one connection's resync)."""
