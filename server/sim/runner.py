@@ -82,11 +82,13 @@ async def run(cfg: RunConfig, progress: Progress | None = None,
     t0 = time.monotonic()
     facts = Facts(cfg.redis_url, cfg.settings.mode)
     injector = Injector(list(cfg.faults), target, facts, t0, cfg.seed) if target and cfg.faults else None
-    background = [asyncio.create_task(_sample(admin, result, t0) if cfg.sample else _idle()),
-                  asyncio.create_task(injector.run() if injector else _idle())]
+    stop = asyncio.Event()
+    background = [asyncio.create_task(injector.run() if injector else _idle()),
+                  asyncio.create_task(_sample(admin, result, t0, stop) if cfg.sample else _idle())]
     try:
         await _play_all(cfg, result, t0, facts, progress)
     finally:
+        stop.set()
         for task in background:  # a freeze still on is thawed by its cancellation
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -232,9 +234,14 @@ def _due_at(cfg: RunConfig, n: int) -> float:
     return cfg.ramp_s + n / cfg.rate - cfg.ramp_s / 2
 
 
-async def _sample(admin: aioredis.Redis, result: RunResult, t0: float) -> None:
+async def _sample(admin: aioredis.Redis, result: RunResult, t0: float, stop: asyncio.Event) -> None:
+    """Once a second until ``stop``: worker CPU and memory, and Redis' command rate.
+
+    The loop ends on ``stop``, not only on cancellation: a cancellation that lands inside a
+    redis-py call can come out of it as an ordinary error (seen once at the end of a run,
+    which then sampled forever instead of reporting)."""
     last: tuple[float, int] | None = None
-    while True:
+    while not stop.is_set():
         now = time.monotonic() - t0
         with contextlib.suppress(Exception):
             workers = [str(w) for w in await admin.zrange(keys.WORKERS, 0, -1)]
@@ -245,7 +252,9 @@ async def _sample(admin: aioredis.Redis, result: RunResult, t0: float) -> None:
             if last is not None and now > last[0]:
                 result.redis_ops.append((now, (total - last[1]) / (now - last[0])))
             last = (now, total)
-        await asyncio.sleep(1.0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await stop.wait()
 
 
 async def _leftovers(admin: aioredis.Redis, wait_s: float) -> list[str]:

@@ -1,0 +1,35 @@
+"""The run's sampler (server CPU, Redis command rate) ends when the run does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+
+from server.config import DEV_SECRET
+from server.sim.playing import SimSettings
+from server.sim.runner import RunConfig, RunResult, _sample
+from tests.helpers import eventually
+
+
+async def test_the_sampler_ends_on_stop_without_being_cancelled(redis_url: str) -> None:
+    # A cancellation landing inside a redis-py call once came out as an ordinary error, which
+    # the sampler ignores: the run then sampled forever instead of reporting. Its loop now
+    # ends on the run's stop event, whatever happens to a cancellation.
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    settings = SimSettings(url="ws://127.0.0.1:1/ws", secret=DEV_SECRET)
+    result = RunResult(RunConfig(settings=settings, redis_url=redis_url, rate=1, duration_s=1, mix={}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(_sample(admin, result, time.monotonic(), stop))
+    try:
+        async def sampled() -> bool:
+            return len(result.redis_ops) >= 1  # two reads of Redis' counters
+
+        await eventually(sampled)
+        stop.set()
+        await asyncio.wait_for(asyncio.shield(task), 5)  # not cancelled: it returns by itself
+        assert not task.cancelled() and task.exception() is None
+    finally:
+        task.cancel()
+        await admin.aclose()
