@@ -4,18 +4,24 @@
 -- ARGV[1] player id  ARGV[2] worker id  ARGV[3] connection id  ARGV[4] expected mode ("" = none)
 -- ARGV[5] "1": a re-attach after Redis lost the record (or the write of this connection's
 --         attach), only while there is no record at all, it is this connection's own, or it
---         names ARGV[6], a connection of this same worker the caller knows is gone: else
---         {"replaced"}, whoever wrote it since.
+--         names ARGV[6], a connection of this same worker the caller knows is gone, or no
+--         connection holds it and one of this worker released it (lua/include/owner.lua):
+--         else {"replaced"}, whoever wrote it since.
 -- Returns {"retry", mode} when the player's mode is not the expected one (caller re-reads and
 -- retries with the right keys), else
--- {"ok", state, mode, queued_at, previous worker, previous conn, match}; "" for absent values.
+-- {"ok", state, mode, queued_at, previous worker, previous conn, match}; "" for absent values
+-- (a re-attach over a released record names the released connection as the previous one).
 -- A queued player in resume grace is taken out of grace: it is matchable again.
+--#include owner
 local p = KEYS[1]
-local cur = redis.call('HMGET', p, 'mode', 'state', 'queued_at', 'worker', 'conn', 'match')
-if ARGV[5] == '1' and cur[2] and cur[5] ~= ARGV[3]
-    and not (cur[5] and cur[5] == ARGV[6] and cur[4] == ARGV[2]) then
+local cur = redis.call('HMGET', p, 'mode', 'state', 'queued_at', 'worker', 'conn', 'match', 'released')
+local reattach = ARGV[5] == '1'
+if reattach and cur[2] and cur[5] ~= ARGV[3]
+    and not (cur[5] and cur[5] == ARGV[6] and cur[4] == ARGV[2])
+    and not (not cur[5] and released_here(cur[7], ARGV[3])) then
   return {'replaced'}
 end
+local previous = cur[5] or (reattach and cur[7]) or ''
 local mode = cur[1] or ''
 if mode ~= ARGV[4] then
   return {'retry', mode}
@@ -27,4 +33,4 @@ redis.call('SADD', KEYS[2], ARGV[1])
 if mode ~= '' and state == 'queued' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
   changed(KEYS[6], 'u', ARGV[1])  -- resumed within the grace: matchable again
 end
-return {'ok', state, mode, cur[3] or '', cur[4] or '', cur[5] or '', cur[6] or ''}
+return {'ok', state, mode, cur[3] or '', cur[4] or '', previous, cur[6] or ''}

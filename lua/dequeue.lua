@@ -2,11 +2,13 @@
 -- KEYS[1] player hash  KEYS[2..5] queue, tickets, grace, changes of the expected mode (absent
 -- when none)
 -- ARGV[1] player id  ARGV[2] connection id  ARGV[3] expected mode ("" = none)
--- Returns {"ok", mode} | {"replaced"} | {"gone"} (no record: the caller re-attaches)
+-- Returns {"ok", mode} | {"replaced"} | {"gone"} (no record, or one released by an ended
+--         connection of this worker, lua/include/owner.lua: the caller re-attaches)
 --       | {"retry", mode} | {"not_in_queue"} | {"invalid_state", state}
+--#include owner
 local p = KEYS[1]
-local cur = redis.call('HMGET', p, 'conn', 'state', 'mode')
-if not cur[1] and not cur[2] then
+local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'released')
+if not cur[1] and (not cur[2] or released_here(cur[4], ARGV[2])) then
   return {'gone'}
 elseif cur[1] ~= ARGV[2] then
   return {'replaced'}

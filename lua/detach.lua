@@ -5,6 +5,9 @@
 --         worker (used when reaping a dead worker)  ARGV[4] expected mode  ARGV[5] resume grace ms
 -- ARGV[6] "cancel", or "abort" when the worker is shutting down (nobody is at fault)
 -- ARGV[7] ms after which the mode's leader cancels the match if the caller has not
+-- A record released into grace or out of a ready check keeps the released connection's id
+-- (`released`, lua/include/owner.lua): a live connection of the same worker whose attach a
+-- failover lost may take it back.
 -- A player leaving a ready check is recorded in the mode's `left` ZSET in this same script, so
 -- the cancel that must follow has an owner even if the caller dies right after.
 -- Returns {"retry", mode} on a mode mismatch, {"stale"} when another connection owns the player
@@ -29,15 +32,21 @@ if mode ~= ARGV[4] then
 end
 redis.call('SREM', KEYS[2], ARGV[1])
 local state = cur[3] or 'idle'
+local function release()
+  if owner_conn ~= '' then
+    redis.call('HSET', p, 'released', owner_conn)
+  end
+  redis.call('HDEL', p, 'worker', 'conn')
+end
 if state == 'queued' then
   local deadline = now_ms() + tonumber(ARGV[5])
-  redis.call('HDEL', p, 'worker', 'conn')
+  release()
   if redis.call('ZADD', KEYS[5], deadline, ARGV[1]) == 1 then
     changed(KEYS[6], 'g', ARGV[1])  -- not matchable while its grace runs
   end
   return {'grace', tostring(deadline)}
 elseif state == 'loading' then
-  redis.call('HDEL', p, 'worker', 'conn')
+  release()
   redis.call('ZADD', KEYS[7], now_ms() + tonumber(ARGV[7]), (cur[5] or '') .. '|' .. ARGV[1] .. '|' .. ARGV[6])
   return {'loading', cur[5] or '', mode}
 end

@@ -4,13 +4,16 @@
 -- ARGV[1] player id  ARGV[2] connection id  ARGV[3] mode  ARGV[4] rating  ARGV[5] attrs (JSON)
 -- ARGV[6] penalty window ms  ARGV[7] penalty threshold  ARGV[8] block ms
 -- Returns {"ok", queued_at_ms} | {"replaced"} (this connection no longer owns the player)
---       | {"gone"} (no record: Redis lost it, or a sweep released it; the caller re-attaches)
+--       | {"gone"} (no record: Redis lost it, or a sweep released it; or a failover lost this
+--         connection's attach and an ended one of its worker released the record,
+--         lua/include/owner.lua: the caller re-attaches)
 --       | {"already", state, mode, queued_at} (already queued or loading, in any mode)
 --       | {"blocked", retry_after_ms} (too many dodged ready checks within the window).
 -- queued_at comes from the Redis clock so every worker and host agrees on wait times.
+--#include owner
 local p = KEYS[1]
-local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'queued_at')
-if not cur[1] and not cur[2] then
+local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'queued_at', 'released')
+if not cur[1] and (not cur[2] or released_here(cur[5], ARGV[2])) then
   return {'gone'}
 elseif cur[1] ~= ARGV[2] then
   return {'replaced'}

@@ -2,7 +2,8 @@
 -- KEYS[1] match  KEYS[2] loading ZSET  KEYS[3] player hash
 -- ARGV[1] player  ARGV[2] match id  ARGV[3] connection id  ARGV[4] allocation timeout ms
 -- ARGV[5] this worker's id (it runs the handoff)
--- Returns {"unknown"} (no such match) | {"replaced"} | {"gone"} (no player record: the caller
+-- Returns {"unknown"} (no such match) | {"replaced"} | {"gone"} (no player record, or one
+--         released by an ended connection of this worker, lua/include/owner.lua: the caller
 --         re-attaches) | {"wrong_session"} (not a member)
 --       | {"final", status} (the match already ended; that outcome's message is on its way)
 --       | {"ready", ready count, size}
@@ -17,9 +18,10 @@ local status = info[1]
 if not status then
   return {'unknown'}
 end
-local rec = redis.call('HMGET', KEYS[3], 'conn', 'state')
+--#include owner
+local rec = redis.call('HMGET', KEYS[3], 'conn', 'state', 'released')
 local conn = rec[1]
-if not conn and not rec[2] then
+if not conn and (not rec[2] or released_here(rec[3], ARGV[3])) then
   return {'gone'}
 elseif conn ~= ARGV[3] then
   return {'replaced'}

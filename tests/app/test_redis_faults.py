@@ -244,6 +244,55 @@ async def test_a_deferred_detach_of_a_replaced_connection_leaves_the_live_one_at
     await admin.aclose()
 
 
+async def test_a_record_an_ended_connection_released_is_taken_back_by_the_live_one(
+    start_worker: WorkerFactory, redis_url: str
+) -> None:
+    """The failover window the deferred detach does not cover: the replaced connection's first
+    detach reaches a new primary that lost the live connection's attach, so the record names
+    the old connection and the detach releases it into resume grace. The live connection is
+    not refused as replaced (4009): its next request is answered `unavailable` and it takes
+    the record back, matchable again; a resync after the failover does the same. A record
+    released by another worker's connection (a newer one, since ended) still means replaced."""
+    w = await start_worker()
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    record = keys.player("frank")
+    ws, _ = await connect_player(w.front.port, "frank", 1500)
+    assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    live = await admin.hget(record, "conn")
+    ended = f"{w.worker_id}.999999"
+
+    async def taken_back() -> bool:
+        return bool(await admin.hget(record, "conn") == live)
+
+    async def released_by(conn: str, worker: str) -> None:
+        await admin.hset(record, mapping={"conn": conn, "worker": worker})  # the new primary's
+        outcome = await w.front.store.detach("frank", conn, worker_id=worker, mode_guess="5v5")
+        assert outcome.outcome == "grace"
+        assert await admin.hget(record, "conn") is None
+        assert await admin.zscore(keys.grace("5v5"), "frank") is not None
+
+    # A request meets the released record.
+    await released_by(ended, w.worker_id)
+    answer = await request(ws, {"type": "dequeue"})
+    assert answer["type"] == "error" and answer["code"] == "unavailable", answer
+    await wait_for(taken_back)
+    assert await admin.hget(record, "state") == "queued"
+    assert await admin.zscore(keys.grace("5v5"), "frank") is None  # matchable again
+    assert (await request(ws, {"type": "status"}))["state"] == "queued"  # nothing else was said
+    # The resync after a failover meets it.
+    await released_by(ended, w.worker_id)
+    await w.front.resync()
+    assert await taken_back()
+    assert await admin.zscore(keys.grace("5v5"), "frank") is None
+    assert (await request(ws, {"type": "status"}))["state"] == "queued"
+    assert ws.close_code is None
+    # Released by a connection of another worker: that one replaced this connection.
+    await released_by("vm-1-abcdef.7", "vm-1-abcdef")
+    await ws.send('{"type": "dequeue"}')
+    assert await closed_code(ws) == 4009
+    await admin.aclose()
+
+
 async def test_a_request_that_finds_its_record_gone_is_refused_and_the_player_told(
     start_worker: WorkerFactory, redis_url: str
 ) -> None:
