@@ -31,6 +31,7 @@ from server.client import (
     Enqueue,
     Error,
     FastmatchClientError,
+    HandshakeRefused,
     LoadingComplete,
     MatchFound,
     QueueStatus,
@@ -86,6 +87,10 @@ class PlayerResult:
     # (t, what): drops, refused attempts, resumes, removals, explained surprises (simclient.py)
     events: list[tuple[float, str]] = field(default_factory=list)
     trail: list[str] = field(default_factory=list)  # the last messages both ways, if it failed
+    # Each connection attempt: ms until the server answered it (101, or a refusal: "503",
+    # "401", ...) or it failed ("TimeoutError", "OSError", ...). What overload shedding promises
+    # is read here: refusals within milliseconds, no handshake waiting long (README "Overload").
+    handshakes: list[tuple[float, str]] = field(default_factory=list)
 
 
 class Playing:
@@ -128,10 +133,14 @@ class Playing:
             resume_grace_s=self.s.resume_grace_s, ssl=_tls(self.s.ca_file) if self.s.ca_file else None)
         attempt = 0
         while True:
+            began = time.monotonic()
             try:
                 await Connecting(client)
+                self._handshake(began, "101")
                 break
             except (OSError, TimeoutError, FastmatchClientError) as exc:
+                self._handshake(began, str(exc.status) if isinstance(exc, HandshakeRefused)
+                                else type(exc).__name__)
                 client.note_refused(type(exc).__name__)
                 wait = retry.verdict(exc, fresh_token=False)
                 if wait is None:
@@ -141,6 +150,9 @@ class Playing:
         self.check.connected()
         await self.next()  # the welcome
         return client
+
+    def _handshake(self, began: float, answer: str) -> None:
+        self.result.handshakes.append((round((time.monotonic() - began) * 1000, 2), answer))
 
     async def next(self) -> ServerMessage:
         msg = await self.recv()

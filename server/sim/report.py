@@ -66,6 +66,11 @@ def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
         "violation_count": len(r.violations),
         "elapsed_s": round(r.elapsed_s, 1),
         "connections": _connections(r.players),
+        "handshakes": _handshakes(r.players),
+        # Players let in (a 101 on some attempt): under overload, these must still be served.
+        "admitted": {"players": len(admitted := [p for p in r.players
+                                                 if any(a == "101" for _, a in p.handshakes)]),
+                     "outcomes": dict(Counter(p.outcome for p in admitted).most_common())},
         "missed_matches": r.missed_matches,
         "leftover_keys": r.leftover_keys[:200],
         "faults": fault_effects(r),
@@ -87,6 +92,26 @@ def _connections(players: list[PlayerResult]) -> dict[str, Any]:
             if kind not in ("asked", "formed"):  # closes and drops asked for; matches formed
                 counts[event if kind not in ("removed", "unavailable", "internal_error") else kind] += 1
     return dict(sorted(counts.items()))
+
+
+def _handshakes(players: list[PlayerResult]) -> dict[str, Any]:
+    """Every connection attempt: how it was answered, and how long it waited for that."""
+    answers: Counter[str] = Counter()
+    accepted: list[float] = []
+    refused: list[float] = []
+    for p in players:
+        for ms, answer in p.handshakes:
+            answers[answer] += 1
+            (accepted if answer == "101" else refused).append(ms)
+    waits = accepted + refused
+    return {
+        "attempts": len(waits),
+        "answers": dict(answers.most_common()),
+        "ms": {"p50": _r(percentile(waits, 50)), "p99": _r(percentile(waits, 99)),
+               "max": _r(max(waits, default=None))},
+        "accepted_ms": {"p99": _r(percentile(accepted, 99)), "max": _r(max(accepted, default=None))},
+        "refused_ms": {"p99": _r(percentile(refused, 99)), "max": _r(max(refused, default=None))},
+    }
 
 
 def fault_effects(r: RunResult) -> list[dict[str, Any]]:
@@ -187,6 +212,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_row("outcomes", ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items()))
     table.add_row("errors by code", ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "-")
     table.add_row("connections", ", ".join(f"{k} {v}" for k, v in summary["connections"].items()) or "-")
+    hs = summary["handshakes"]
+    table.add_row("handshakes: answers", ", ".join(f"{k} {v}" for k, v in hs["answers"].items()) or "-")
+    waits = hs["ms"]
+    table.add_row("handshake wait p50 / p99 / max ms", f"{waits['p50']} / {waits['p99']} / {waits['max']}")
     if summary["missed_matches"]:
         table.add_row("matches found while a player was away", str(summary["missed_matches"]))
     for fault in summary["faults"]:

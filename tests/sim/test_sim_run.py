@@ -32,5 +32,13 @@ def test_short_sim_run_with_full_mix(tmp_path: Path) -> None:
     assert summary["outcomes"].get("matched", 0) > summary["players"] // 2
     assert set(summary["behaviours"]) >= {"normal", "afk", "drop_resume", "double_enqueue"}
     assert summary["errors"].get("invalid_message", 0) > 0  # the invalid behaviour was answered
+    # Every player's first connection is counted; those that reconnect (drops, resumes) add
+    # theirs. No overload here: every attempt is let in, and each let-in player is accounted.
+    hs = summary["handshakes"]
+    assert hs["attempts"] >= summary["players"]
+    assert hs["answers"].get("101", 0) >= summary["players"]
+    assert 0 < hs["ms"]["max"] < TIMEOUT * 1000
+    assert summary["admitted"]["players"] == summary["players"]
+    assert summary["admitted"]["outcomes"] == summary["outcomes"]
     assert plot.stat().st_size > 10_000
     assert "invariant violations" in out.stdout

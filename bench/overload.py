@@ -1,0 +1,95 @@
+"""Past capacity (issue 9): the excess refused at once, the admitted served to the end.
+
+`fastmatch serve --workers 2` (embedded Redis, reference game server) gets full player
+lifecycles from `fastmatch sim` at ``--rate``, e.g. twice the sustainable rate `make bench
+BASE=...` finds. Refused players retry after Retry-After, as the bundled clients do, so the
+offered handshakes grow past ``--rate``. Printed: how every connection attempt was answered and
+how long it waited (the client's view: on the shared cores it includes the generator's own
+lag), the server's `fastmatch_handshakes_refused_total` by reason, and what became of the
+players admitted (a welcome): each should reach `match_found`, with no invariant violation.
+
+    python -m bench.overload --rate 1800 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.lifecycle import ROOT, server
+from server.osutil import machine
+from server.store.embedded import EmbeddedRedis
+
+
+def refused(metrics_port: int) -> dict[str, float]:
+    """`fastmatch_handshakes_refused_total` by reason, every worker's."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for m in re.finditer(r'^fastmatch_handshakes_refused_total\{[^}]*reason="([^"]*)"[^}]*\} ([0-9.e+]+)$',
+                         text, re.MULTILINE):
+        out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def run(rate: float, seconds: float, workers: int, lifetime: float) -> dict[str, Any]:
+    logdir = Path(tempfile.mkdtemp(prefix="fastmatch-overload-"))
+    report = logdir / "sim.json"
+    with EmbeddedRedis() as store, server(ROOT, workers, store.url, logdir / "serve.log") as (
+            port, metrics_port, _):
+        before = refused(metrics_port)
+        sim = subprocess.run(
+            [sys.executable, "-m", "server.app.cli", "sim", "--url", f"ws://127.0.0.1:{port}/ws",
+             "--redis-url", store.url, "--rate", str(rate), "--duration", str(seconds),
+             "--procs", "2", "--mix", "normal=1", "--rating-sd", "0", "--no-progress",
+             "--lifetime", str(lifetime), "--report", str(report), "--plot", str(logdir / "sim.png")],
+            cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT,
+            timeout=seconds + lifetime + 120, check=False)  # its exit status is about SLOs
+        after = refused(metrics_port)
+    if not report.exists():
+        raise RuntimeError(f"the simulator wrote no report (exit {sim.returncode}); see {logdir}")
+    summary = json.loads(report.read_text())
+    return {"logs": str(logdir), "summary": summary,
+            "refused_by_server": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, required=True, help="lifecycles/s offered")
+    parser.add_argument("--seconds", type=float, default=20, help="seconds of arrivals")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--lifetime", type=float, default=20, help="a player gives up after this")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-overload.json")
+    args = parser.parse_args()
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    print(f"fastmatch bench overload {date} on {machine()}: {args.rate:.0f} lifecycles/s offered "
+          f"for {args.seconds:.0f} s, {args.workers} workers", flush=True)
+    result = run(args.rate, args.seconds, args.workers, args.lifetime)
+    s = result["summary"]
+    hs = s["handshakes"]
+    admitted = s["admitted"]
+    print(f"  players {s['players']}, matched/s (steady) {s['lifecycle_per_s']}")
+    print(f"  connection attempts {hs['attempts']}: {hs['answers']}")
+    print(f"  wait for an answer, ms: p50 {hs['ms']['p50']}, p99 {hs['ms']['p99']}, max {hs['ms']['max']}; "
+          f"accepted p99/max {hs['accepted_ms']['p99']}/{hs['accepted_ms']['max']}, "
+          f"refused p99/max {hs['refused_ms']['p99']}/{hs['refused_ms']['max']}")
+    print(f"  refused by the server (fastmatch_handshakes_refused_total): {result['refused_by_server']}")
+    print(f"  admitted players {admitted['players']}: {admitted['outcomes']}")
+    print(f"  invariant violations {s['violation_count']}, enqueue -> start_loading p99 "
+          f"{s['start_loading_ms']['99']} ms")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({"date": date, "machine": machine(), "rate": args.rate,
+                                    "seconds": args.seconds, **result}, indent=2))
+    print(f"report: {args.out} (logs {result['logs']})")
+
+
+if __name__ == "__main__":
+    main()
