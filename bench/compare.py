@@ -40,22 +40,36 @@ def sustainable(s: dict[str, Any]) -> bool:
     return (s["violations"] == 0 and s["matched_share"] >= 0.99 and p99 is not None and p99 < 250)
 
 
-def find_rate(tree: Path, label: str, steps: list[float], step_s: float, hold_s: float) -> dict[str, Any]:
-    best, tried = None, []
+def _said(label: str, what: str, s: dict[str, Any], ok: bool) -> None:
+    print(f"  {label} {what} -> {s['lifecycles_per_s']}/s, p99 start_loading "
+          f"{(s['start_loading_ms'] or {}).get('99')} ms, matched {s['matched_share']:.1%} "
+          f"-> {'ok' if ok else 'not sustainable'}", flush=True)
+
+
+def find_rate(tree: Path, label: str, steps: list[float], step_s: float, hold_s: float,
+              holds: int = 4) -> dict[str, Any]:
+    """Short steps up to the first that fails, then the best step held for ``hold_s``; a hold
+    that fails (a backlog that a short step did not show) steps down, at most ``holds`` times.
+    ``best`` is the highest rate that held, None if none did."""
+    passed, tried = [], []
     for rate in steps:
         s = measure(tree, rate, step_s, label=label).summary()
         ok = sustainable(s)
         tried.append({**s, "sustainable": ok})
-        print(f"  {label} step {rate:5.0f}/s -> {s['lifecycles_per_s']}/s, p99 start_loading "
-              f"{(s['start_loading_ms'] or {}).get('99')} ms, matched {s['matched_share']:.1%} "
-              f"-> {'ok' if ok else 'not sustainable'}", flush=True)
+        _said(label, f"step {rate:5.0f}/s", s, ok)
         if not ok:
             break
-        best = rate
-    held = measure(tree, best, hold_s, label=label).summary() if best else None
-    if held:
+        passed.append(rate)
+    best, held, failed_holds = None, None, []
+    for rate in list(reversed(passed))[:holds]:
+        held = measure(tree, rate, hold_s, label=label).summary()
         held["sustainable"] = sustainable(held)
-    return {"steps": tried, "best": best, "held": held}
+        _said(label, f"hold {rate:5.0f}/s for {hold_s:.0f} s", held, held["sustainable"])
+        if held["sustainable"]:
+            best = rate
+            break
+        failed_holds.append(held)
+    return {"steps": tried, "best": best, "held": held, "failed_holds": failed_holds}
 
 
 def _row(name: str, base: float, new: float) -> str:
@@ -84,7 +98,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60, help="measured window per run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating base/new pairs")
     parser.add_argument("--find-rate", action="store_true", help="also find each sustainable rate")
-    parser.add_argument("--steps", default="200,300,400,500,600,700,800,900,1000,1100,1200,1400")
+    parser.add_argument("--steps", default="200,400,600,800,900,1000,1100,1200,1400,1600,1800,2000,2400")
     parser.add_argument("--step-seconds", type=float, default=15)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-compare.json")
     args = parser.parse_args()
