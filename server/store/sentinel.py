@@ -163,8 +163,8 @@ def sync_client(url: str, **kwargs: Any) -> redis.Redis:
     if spec is None:
         return redis.Redis.from_url(url, **kwargs)
     timeout = kwargs.get("socket_timeout") or _ASK_TIMEOUT_S
-    sentinel = Sentinel(list(spec.sentinels), socket_timeout=timeout)  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(spec.service, username=spec.username or None,  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(spec.sentinels), socket_timeout=timeout)  # type: ignore[no-untyped-call, unused-ignore]
+    client = sentinel.master_for(spec.service, username=spec.username or None,  # type: ignore[no-untyped-call, unused-ignore]
                                  password=spec.password or None, db=spec.db, **kwargs)
     return cast(redis.Redis, client)
 
@@ -175,7 +175,7 @@ def async_client(url: str, **kwargs: Any) -> aioredis.Redis:
     if spec is None:
         return aioredis.Redis.from_url(url, **kwargs)
     timeout = kwargs.get("socket_timeout") or _ASK_TIMEOUT_S
-    sentinel = AsyncSentinel(list(spec.sentinels), socket_timeout=timeout)  # type: ignore[no-untyped-call]
+    sentinel = AsyncSentinel(list(spec.sentinels), socket_timeout=timeout)  # type: ignore[no-untyped-call, unused-ignore]
     client = sentinel.master_for(spec.service, username=spec.username or None,
                                  password=spec.password or None, db=spec.db, **kwargs)
     return cast(aioredis.Redis, client)
