@@ -40,12 +40,43 @@ def refused(metrics_port: int) -> dict[str, float]:
     return out
 
 
-def run(rate: float, seconds: float, workers: int, lifetime: float) -> dict[str, Any]:
+def waits(metrics_port: int) -> dict[str, dict[str, float]]:
+    """`fastmatch_handshake_wait_seconds` by status, every worker's: cumulative counts by
+    upper bound (a tree without the histogram gives {})."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, dict[str, float]] = {}
+    pattern = r'^fastmatch_handshake_wait_seconds_bucket\{([^}]*)\} ([0-9.e+]+)$'
+    for m in re.finditer(pattern, text, re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        by_le = out.setdefault(labels["status"], {})
+        by_le[labels["le"]] = by_le.get(labels["le"], 0.0) + float(m.group(2))
+    return out
+
+
+def wait_summary(after: dict[str, float], before: dict[str, float]) -> dict[str, Any]:
+    """Count, p50/p99 as bucket bounds ("<= 0.05"), and how many waited over 1 s."""
+    counts = sorted(((float(le), n - before.get(le, 0.0)) for le, n in after.items()))
+    total = counts[-1][1] if counts else 0.0
+
+    def bound(q: float) -> str:
+        for le, n in counts:
+            if n >= q * total:
+                return f"<= {le:g} s"
+        return "?"
+
+    within_1s = next((n for le, n in counts if le == 1.0), 0.0)
+    return {"count": int(total), "p50": bound(0.5), "p99": bound(0.99),
+            "over_1s": int(total - within_1s)}
+
+
+def run(rate: float, seconds: float, workers: int, lifetime: float, tree: Path = ROOT) -> dict[str, Any]:
     logdir = Path(tempfile.mkdtemp(prefix="fastmatch-overload-"))
     report = logdir / "sim.json"
-    with EmbeddedRedis() as store, server(ROOT, workers, store.url, logdir / "serve.log") as (
+    with EmbeddedRedis() as store, server(tree, workers, store.url, logdir / "serve.log") as (
             port, metrics_port, _):
         before = refused(metrics_port)
+        waits_before = waits(metrics_port)
         sim = subprocess.run(
             [sys.executable, "-m", "server.app.cli", "sim", "--url", f"ws://127.0.0.1:{port}/ws",
              "--redis-url", store.url, "--rate", str(rate), "--duration", str(seconds),
@@ -54,11 +85,14 @@ def run(rate: float, seconds: float, workers: int, lifetime: float) -> dict[str,
             cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT,
             timeout=seconds + lifetime + 120, check=False)  # its exit status is about SLOs
         after = refused(metrics_port)
+        waits_after = waits(metrics_port)
     if not report.exists():
         raise RuntimeError(f"the simulator wrote no report (exit {sim.returncode}); see {logdir}")
     summary = json.loads(report.read_text())
     return {"logs": str(logdir), "summary": summary,
-            "refused_by_server": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}}
+            "refused_by_server": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after},
+            "server_waits": {status: wait_summary(by_le, waits_before.get(status, {}))
+                             for status, by_le in waits_after.items()}}
 
 
 def main() -> None:
@@ -67,12 +101,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="seconds of arrivals")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lifetime", type=float, default=20, help="a player gives up after this")
+    parser.add_argument("--tree", type=Path, default=ROOT,
+                        help="serve this checkout (built) instead, e.g. the commit before a change; "
+                             "the load is this tree's `fastmatch sim` either way")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-overload.json")
     args = parser.parse_args()
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     print(f"fastmatch bench overload {date} on {machine()}: {args.rate:.0f} lifecycles/s offered "
-          f"for {args.seconds:.0f} s, {args.workers} workers", flush=True)
-    result = run(args.rate, args.seconds, args.workers, args.lifetime)
+          f"for {args.seconds:.0f} s, {args.workers} workers, serving {args.tree.resolve()}", flush=True)
+    result = run(args.rate, args.seconds, args.workers, args.lifetime, args.tree.resolve())
     s = result["summary"]
     hs = s["handshakes"]
     admitted = s["admitted"]
@@ -82,6 +119,10 @@ def main() -> None:
           f"accepted p99/max {hs['accepted_ms']['p99']}/{hs['accepted_ms']['max']}, "
           f"refused p99/max {hs['refused_ms']['p99']}/{hs['refused_ms']['max']}")
     print(f"  refused by the server (fastmatch_handshakes_refused_total): {result['refused_by_server']}")
+    print("  server-side wait, request arrival -> answer (fastmatch_handshake_wait_seconds): "
+          + ("; ".join(f"{status}: {w['count']}, p50 {w['p50']}, p99 {w['p99']}, over 1 s {w['over_1s']}"
+                       for status, w in sorted(result["server_waits"].items()))
+             or "not measured by this tree"))
     print(f"  admitted players {admitted['players']}: {admitted['outcomes']}")
     print(f"  invariant violations {s['violation_count']}, enqueue -> start_loading p99 "
           f"{s['start_loading_ms']['99']} ms")

@@ -33,6 +33,7 @@ from websockets.server import ServerProtocol
 from server import metrics
 from server.logthrottle import Throttled
 from server.transport import proxyproto
+from server.transport.tcpinfo import since_last_data_s
 from server.transport.tls import TlsStream
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ class WsLimits:
     close_timeout_s: float = 5.0  # close frame sent -> the peer closes TCP
     tls: ssl.SSLContext | None = None  # wss://
     proxy: proxyproto.ProxyPolicy | None = None  # a PROXY header opens every connection
+
+
+def observe_wait(transport: asyncio.BaseTransport, status: int) -> None:
+    """A handshake is answered now: how long it waited, by its status (README "Overload")."""
+    waited = since_last_data_s(transport)
+    if waited is not None:
+        metrics.observe(metrics.HANDSHAKE_WAIT, waited, _STATUS.get(status) or str(status))
+
+
+_STATUS: Final = {code: str(code) for code in (101, 200, 400, 401, 404, 426, 503)}
 
 
 class WebSocketProtocol(asyncio.Protocol):
@@ -182,6 +193,8 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         self.ws.send_response(response)
         self._responding = True
+        if self.transport is not None:
+            observe_wait(self.transport, response.status_code)
         if response.status_code == 101:
             self._set_timer(self.limits.ping_interval_s, self._keepalive)
         if flush:
