@@ -33,7 +33,7 @@ from server.store.errors import StoreError
 from server.store.players import Attached
 from server.transport import envelope, fdlimit
 from server.transport.connection import ClientConnection
-from server.transport.overload import LoopLag
+from server.transport.overload import LoopLag, Shed
 from server.transport.proxyproto import ProxyPolicy
 from server.transport.services import Services
 from server.transport.tls import load_context
@@ -79,6 +79,10 @@ class FrontEnd:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._all: set[ClientConnection] = set()  # every TCP connection, welcomed or not
+        self._shed_sockets = 0  # ... and those accepted to be refused cheaply (Shed)
+        # TLS and the PROXY protocol put other bytes first: those connections are refused
+        # through the whole connection machinery.
+        self._plain = not config.proxy_protocol and not config.tls_cert_file
         self._all_gone = asyncio.Event()
         self._unsettled: set[ClientConnection] = set()  # lost a request's outcome: reconcile
         self._settler: asyncio.Task[None] | None = None
@@ -99,16 +103,50 @@ class FrontEnd:
         self.lag.start()
 
     def _accepted(self) -> asyncio.Protocol:
-        if len(self._all) >= self.caps.sockets:
+        if len(self._all) + self._shed_sockets >= self.caps.sockets:
             # Connections that never finish their request (slowloris) would otherwise hold a
             # descriptor each until their open timeout, without limit.
             metrics.inc(metrics.HANDSHAKES_REFUSED, "max_connections")
             _shedding("max_connections (%d sockets held, new ones closed at once)", len(self._all))
             plain = self.ws_limits.tls is None and self.ws_limits.proxy is None
             return _Refused(self.config.overload_retry_after_s if plain else None)
+        if self._plain and self._shed():
+            self._shed_sockets += 1
+            return Shed(self)
         client = ClientConnection(self)
         self._all.add(client)
         return client
+
+    # -- Shed connections (server/transport/overload.py) ------------------------------------------
+
+    @property
+    def retry_after_s(self) -> int:
+        return self.config.overload_retry_after_s
+
+    @property
+    def open_timeout_s(self) -> float:
+        return self.ws_limits.open_timeout_s
+
+    def shed_reason(self) -> str:
+        return self._shed()
+
+    def shed_refused(self, reason: str) -> None:
+        metrics.inc(metrics.HANDSHAKES_REFUSED, reason)
+        if reason != "draining":
+            _shedding("%s (loop lag %.0f ms, %d upgrades pending)", reason,
+                      self.lag.lag_s * 1000, self.handshakes)
+
+    def shed_ended(self) -> None:
+        self._shed_sockets -= 1
+
+    def adopt(self, transport: asyncio.Transport, data: bytes) -> None:
+        """A connection accepted as ``Shed`` that needs the whole treatment after all."""
+        client = ClientConnection(self)
+        self._all.add(client)
+        transport.set_protocol(client)
+        client.connection_made(transport)
+        if data and not client.lost:
+            client.data_received(data)
 
     @property
     def port(self) -> int:
@@ -163,10 +201,7 @@ class FrontEnd:
         if refused:
             # Beyond capacity: refuse at once, before any work, instead of letting handshakes
             # queue until clients time out; players already connected keep their service.
-            metrics.inc(metrics.HANDSHAKES_REFUSED, refused)
-            if refused != "draining":
-                _shedding("%s (loop lag %.0f ms, %d upgrades pending)", refused,
-                          self.lag.lag_s * 1000, self.handshakes)
+            self.shed_refused(refused)
             response = self.refusal(client, 503, f"server busy ({refused}); retry later")
             response.headers["Retry-After"] = str(self.config.overload_retry_after_s)
             return response

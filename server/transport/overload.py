@@ -1,17 +1,23 @@
-"""How late the event loop runs: the signal for shedding new handshakes (README "Overload").
+"""Shedding new handshakes past capacity (README "Overload").
 
-A timer asks to run every ``PERIOD``; how late it actually runs is the loop's lag. While the
-last measurement is past the bound, new handshakes are refused at once (HTTP 503): the work
-already admitted gets the CPU, and the refused clients learn it in milliseconds instead of
-timing out in a queue.
+``LoopLag``: a timer asks to run every ``PERIOD``; how late it actually runs is the loop's lag.
+While the last measurement is past the bound (or too many upgrades wait for Redis), new
+handshakes are refused at once (HTTP 503): the work already admitted gets the CPU, and the
+refused clients learn it in milliseconds instead of timing out in a queue. ``Shed``: the
+connections accepted meanwhile are refused for a few microseconds each, not through the whole
+WebSocket machinery.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+import email.utils
+import functools
+import time
+from typing import Final, Protocol, cast
 
 from server import metrics
+from server.transport.wsproto import observe_wait
 
 PERIOD: Final = 0.05
 
@@ -50,3 +56,105 @@ class LoopLag:
             self._worst = 0.0
         self._expected = now + PERIOD
         self._handle = loop.call_at(self._expected, self._tick)
+
+
+class Shedder(Protocol):
+    """What a ``Shed`` connection asks of the front end that accepted it."""
+
+    @property
+    def retry_after_s(self) -> int: ...
+    @property
+    def open_timeout_s(self) -> float: ...
+    def shed_reason(self) -> str: ...
+    def shed_refused(self, reason: str) -> None: ...
+    def shed_ended(self) -> None: ...
+    def adopt(self, transport: asyncio.Transport, data: bytes) -> None: ...
+
+
+class Shed(asyncio.Protocol):
+    """A plain (ws://) connection accepted while its worker sheds load.
+
+    Refusing through the whole WebSocket machinery costs a protocol object, websockets' HTTP
+    parser and response builder per refused client: at twice the capacity that is work the
+    loop takes from the players it serves, and every refusal waits behind it. This reads the
+    request's bytes until the blank line that ends it (a WebSocket upgrade has no body, so
+    nothing is left unread to turn the close into a reset), and if it asks for the WebSocket
+    path and the worker still sheds, answers the prebuilt 503, the same bytes websockets
+    would write. Anything else (``/health``, ``/ready``, a request past ``MAX_HEAD``, one that
+    is no longer shed) is handed to a full connection with the bytes read so far, so it gets
+    exactly the answer it would have had.
+    """
+
+    __slots__ = ("_buffer", "_front", "_timer", "_transport")
+
+    def __init__(self, front: Shedder) -> None:
+        self._front = front
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(
+            self._front.open_timeout_s, self._transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._hand_over()
+            return
+        reason = self._front.shed_reason() if end + 4 == len(buffer) else ""
+        if not reason or not _upgrade_path(buffer):
+            self._hand_over()
+            return
+        transport = self._transport
+        assert transport is not None
+        self._front.shed_refused(reason)
+        transport.write(busy_response(reason, self._front.retry_after_s))
+        observe_wait(transport, 503)
+        transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _hand_over(self) -> None:
+        transport = self._transport
+        self._ended()
+        if transport is not None and not transport.is_closing():
+            self._front.adopt(transport, bytes(self._buffer))
+
+    def _ended(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._front.shed_ended()
+
+
+MAX_HEAD: Final = 8192  # a longer request head goes to websockets, which bounds and answers it
+WS_PATHS: Final = frozenset({b"/ws", b"/ws/"})
+
+
+def _upgrade_path(head: bytearray) -> bool:
+    """Whether the request line is ``GET`` of a WebSocket path (the query left aside)."""
+    line = bytes(head[:head.find(b"\r\n")])
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET":
+        return False
+    return parts[1].partition(b"?")[0] in WS_PATHS
+
+
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> bytes:
+    return email.utils.formatdate(second, usegmt=True).encode()
+
+
+def busy_response(reason: str, retry_after_s: int) -> bytes:
+    """The 503 that websockets' ``reject`` plus a Retry-After header would write."""
+    body = b"server busy (%s); retry later\n" % reason.encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nDate: %s\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Retry-After: %d\r\n\r\n%s" % (_http_date(int(time.time())), len(body),
+                                                retry_after_s, body))

@@ -1,0 +1,148 @@
+"""Handshakes accepted while a worker sheds load (server/transport/overload.py ``Shed``): refused
+with the bytes the full WebSocket path would write, for a few microseconds each; everything
+else handed to the full path; and how long each handshake waited, accept queue included."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from prometheus_client import REGISTRY
+
+from server import metrics
+from server.app.worker import Worker
+from tests.conftest import WorkerFactory, make_config
+from tests.helpers import TIMEOUT, connect_player, request, token
+
+UPGRADE = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+           f"Authorization: Bearer {token('shed')}\r\n\r\n").encode()
+
+
+def sample(name: str, **labels: str) -> float:
+    metrics.flush()
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def exchange(port: int, *parts: bytes, pause: float = 0.0) -> bytes:
+    """Send ``parts`` (``pause`` between them) and read the answer until the server closes."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        for i, part in enumerate(parts):
+            if i and pause:
+                await asyncio.sleep(pause)
+            await loop.sock_sendall(sock, part)
+        data = b""
+        async with asyncio.timeout(TIMEOUT):
+            while chunk := await loop.sock_recv(sock, 4096):
+                data += chunk
+        return data
+    finally:
+        sock.close()
+
+
+def head(answer: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Status line, headers less Date, body."""
+    top, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = top.split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines)
+    assert headers.pop(b"Date").endswith(b" GMT")
+    return status, headers, body
+
+
+async def full(start_worker: WorkerFactory) -> tuple[Worker, int]:
+    """A worker whose one connection slot is taken: every new handshake is shed."""
+    w = await start_worker(cfg=make_config(**{"server.max_connections": 1,
+                                              "server.max_loop_lag_ms": 0}))
+    seated, welcome = await connect_player(w.front.port, "seated")
+    assert welcome["type"] == "welcome"
+    w.seated = seated  # type: ignore[attr-defined]
+    return w, w.front.port
+
+
+async def test_shed_upgrades_get_the_503_websockets_would_write(start_worker: WorkerFactory) -> None:
+    w, port = await full(start_worker)
+    refused = sample("fastmatch_handshakes_refused_total", reason="max_connections")
+    waits = sample("fastmatch_handshake_wait_seconds_count", status="503")
+    cheap = await exchange(port, UPGRADE)
+    # Bytes after the request's head (a client that sends a frame before the answer): Shed
+    # hands the connection to the full WebSocket path, which answers through websockets.
+    # (The frame then lies unread when the server closes, which may turn the close into a
+    # reset after the answer; the answer itself is read first.)
+    through_websockets = await exchange(port, UPGRADE + b"\x81\x80\x00\x00\x00\x00")
+    assert head(cheap) == head(through_websockets)
+    status, headers, body = head(cheap)
+    assert status == b"HTTP/1.1 503 Service Unavailable"
+    assert headers[b"Retry-After"] == b"1" and headers[b"Connection"] == b"close"
+    assert body == b"server busy (max_connections); retry later\n"
+    assert int(headers[b"Content-Length"]) == len(body)
+    assert sample("fastmatch_handshakes_refused_total", reason="max_connections") - refused == 2
+    assert sample("fastmatch_handshake_wait_seconds_count", status="503") - waits == 2
+    # The player already connected keeps its service; nothing is left of the refused ones.
+    assert (await request(w.seated, {"type": "status"}))["state"] == "idle"  # type: ignore[attr-defined]
+    assert w.front._shed_sockets == 0 and len(w.front.connections) == 1
+    await w.seated.close()  # type: ignore[attr-defined]
+
+
+async def test_health_ready_and_split_requests_while_shedding(start_worker: WorkerFactory) -> None:
+    w, port = await full(start_worker)
+    health = await exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert health.startswith(b"HTTP/1.1 200 ") and health.endswith(b"ok\n")
+    ready = await exchange(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert ready.startswith(b"HTTP/1.1 200 ") and ready.endswith(b"ready\n")
+    missing = await exchange(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert missing.startswith(b"HTTP/1.1 404 ")
+    # A request head that arrives in pieces is read to its end, then refused.
+    split = await exchange(port, UPGRADE[:7], UPGRADE[7:40], UPGRADE[40:], pause=0.05)
+    assert head(split)[0] == b"HTTP/1.1 503 Service Unavailable"
+    # A head past Shed's bound goes to websockets, which answers it as it always has.
+    huge = await exchange(port, UPGRADE[:-2] + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n")
+    assert huge.startswith(b"HTTP/1.1 ") and not huge.startswith(b"HTTP/1.1 101 ")
+    # A connection that closes halfway through its head frees its place.
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, UPGRADE[:30])
+    async with asyncio.timeout(TIMEOUT):
+        while w.front._shed_sockets != 1:
+            await asyncio.sleep(0.01)
+    sock.close()
+    async with asyncio.timeout(TIMEOUT):
+        while w.front._shed_sockets:
+            await asyncio.sleep(0.01)
+    # Room again: the next upgrade is welcomed, not shed.
+    await w.seated.close()  # type: ignore[attr-defined]
+    async with asyncio.timeout(TIMEOUT):
+        while w.front.connections:
+            await asyncio.sleep(0.01)
+    welcomed, welcome = await connect_player(port, "next")
+    assert welcome["type"] == "welcome"
+    await welcomed.close()
+
+
+async def test_the_wait_counts_the_accept_queue(start_worker: WorkerFactory) -> None:
+    """A request that sits in the kernel while the worker's loop is busy is measured from its
+    arrival, not from when the worker got to it."""
+    w, port = await full(start_worker)
+    before = sample("fastmatch_handshake_wait_seconds_bucket", status="503", le="0.25")
+    total = sample("fastmatch_handshake_wait_seconds_count", status="503")
+    sock = socket.create_connection(("127.0.0.1", port))  # the kernel completes it, queued
+    sock.sendall(UPGRADE)
+    time.sleep(0.4)  # the worker runs on this loop: it accepts nothing meanwhile
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(TIMEOUT):
+        while chunk := await loop.sock_recv(sock, 4096):
+            data += chunk
+    sock.close()
+    assert head(data)[0] == b"HTTP/1.1 503 Service Unavailable"
+    assert sample("fastmatch_handshake_wait_seconds_count", status="503") - total == 1
+    # Waited at least the 0.4 s: not in the bucket of those under 0.25 s.
+    assert sample("fastmatch_handshake_wait_seconds_bucket", status="503", le="0.25") == before
+    await w.seated.close()  # type: ignore[attr-defined]
