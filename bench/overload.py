@@ -118,6 +118,9 @@ def main() -> None:
     print(f"  wait for an answer, ms: p50 {hs['ms']['p50']}, p99 {hs['ms']['p99']}, max {hs['ms']['max']}; "
           f"accepted p99/max {hs['accepted_ms']['p99']}/{hs['accepted_ms']['max']}, "
           f"refused p99/max {hs['refused_ms']['p99']}/{hs['refused_ms']['max']}")
+    lag = s["client_loop_lag_ms"]
+    print(f"  the load generator's own loop lag (part of the client's view), ms: p50 {lag['p50']}, "
+          f"p99 {lag['p99']}, max {lag['max']}")
     print(f"  refused by the server (fastmatch_handshakes_refused_total): {result['refused_by_server']}")
     print("  server-side wait, request arrival -> answer (fastmatch_handshake_wait_seconds): "
           + ("; ".join(f"{status}: {w['count']}, p50 {w['p50']}, p99 {w['p99']}, over 1 s {w['over_1s']}"

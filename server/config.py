@@ -57,6 +57,7 @@ class ServerConfig(_Base, frozen=True):
     audit_interval_s: float = 30.0  # a worker checks Redis' records of it against its connections
     # Overload (README "Overload"): past these, new handshakes get HTTP 503 + Retry-After at once.
     max_loop_lag_ms: float = 250.0  # the event loop runs this late (0 disables)
+    max_handshake_queue_ms: float = 500.0  # a request waited this long to be read (0 disables)
     max_pending_handshakes: int = 256  # upgrades waiting for their welcome, per worker
     max_connections: int = 50_000  # open client connections per worker
     overload_retry_after_s: int = 1  # the Retry-After header of those 503s
@@ -239,8 +240,9 @@ def _check_server(s: ServerConfig) -> None:
         _fail("server.rate_limit_strikes", "must be >= 0 (and server.drain_timeout_s > 0)")
     if s.heartbeat_ttl_s <= s.heartbeat_interval_s:
         _fail("server.heartbeat_ttl_s", "must exceed server.heartbeat_interval_s")
-    if s.max_loop_lag_ms < 0 or s.overload_retry_after_s < 0:
-        _fail("server.max_loop_lag_ms", "and server.overload_retry_after_s must be >= 0")
+    if min(s.max_loop_lag_ms, s.max_handshake_queue_ms, s.overload_retry_after_s) < 0:
+        _fail("server.max_loop_lag_ms", "and max_handshake_queue_ms and overload_retry_after_s "
+              "must be >= 0")
     if min(s.max_pending_handshakes, s.max_connections, s.backlog) < 1:
         _fail("server.max_connections", "and max_pending_handshakes and backlog must be >= 1")
     if not 0 <= s.drain_delay_s < s.drain_timeout_s:

@@ -100,7 +100,7 @@ WS_FRAMES: Final = Counter(
     "fastmatch_ws_frames", "WebSocket frames, by direction (in, out)", ["direction"])
 HANDSHAKES_REFUSED: Final = Counter(
     "fastmatch_handshakes_refused", "New WebSocket handshakes refused at once (HTTP 503) instead "
-    "of served, by reason (loop_lag, inflight, max_connections, draining)", ["reason"])
+    "of served, by reason (loop_lag, queued, inflight, max_connections, draining)", ["reason"])
 HANDSHAKE_WAIT: Final = Histogram(
     "fastmatch_handshake_wait_seconds", "From a handshake request's arrival in the kernel (the "
     "accept queue included) to its answer, by HTTP status (101 welcomed, 503 refused, ...)",

@@ -72,6 +72,7 @@ class FrontEnd:
                                   ping_interval_s=config.ping_interval_s,
                                   ping_timeout_s=config.ping_timeout_s, proxy=proxy)
         self.lag = LoopLag(config.max_loop_lag_ms / 1000)
+        self._max_queue_s = config.max_handshake_queue_ms / 1000
         self.caps = fdlimit.caps_for(config.max_connections, config.max_pending_handshakes)
         self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
         self._per_ip = KeyedBuckets(config.connect_rate_per_ip, config.connect_burst_per_ip)
@@ -127,8 +128,8 @@ class FrontEnd:
     def open_timeout_s(self) -> float:
         return self.ws_limits.open_timeout_s
 
-    def shed_reason(self) -> str:
-        return self._shed()
+    def shed_reason(self, waited_s: float) -> str:
+        return self._shed(waited_s)
 
     def shed_refused(self, reason: str) -> None:
         metrics.inc(metrics.HANDSHAKES_REFUSED, reason)
@@ -197,7 +198,7 @@ class FrontEnd:
             return self.refusal(client, 400, "bad request target")
         if url.path not in WS_PATHS:
             return self._operator(client, url.path)
-        refused = self._shed()
+        refused = self._shed(client.request_age_s)
         if refused:
             # Beyond capacity: refuse at once, before any work, instead of letting handshakes
             # queue until clients time out; players already connected keep their service.
@@ -226,9 +227,14 @@ class FrontEnd:
         why = "draining" if self.draining or self.leaving else "storage unavailable"
         return self.refusal(client, 503, f"not ready: {why}")
 
-    def _shed(self) -> str:
+    def _shed(self, waited_s: float = 0.0) -> str:
+        """Why a handshake whose request has waited ``waited_s`` is refused ("": it is not)."""
         if self.draining:
             return "draining"
+        if 0 < self._max_queue_s < waited_s:
+            # Queued that long before the worker read it (the accept queue, a busy loop): its
+            # welcome would come later still. Refused now, it retries where there is room.
+            return "queued"
         if self.lag.lagging:
             return "loop_lag"
         if self.handshakes >= self.config.max_pending_handshakes:

@@ -17,7 +17,7 @@ import time
 from typing import Final, Protocol, cast
 
 from server import metrics
-from server.transport.wsproto import observe_wait
+from server.transport.tcpinfo import since_last_data_s
 
 PERIOD: Final = 0.05
 
@@ -65,7 +65,7 @@ class Shedder(Protocol):
     def retry_after_s(self) -> int: ...
     @property
     def open_timeout_s(self) -> float: ...
-    def shed_reason(self) -> str: ...
+    def shed_reason(self, waited_s: float) -> str: ...
     def shed_refused(self, reason: str) -> None: ...
     def shed_ended(self) -> None: ...
     def adopt(self, transport: asyncio.Transport, data: bytes) -> None: ...
@@ -106,15 +106,17 @@ class Shed(asyncio.Protocol):
             if len(buffer) > MAX_HEAD:
                 self._hand_over()
             return
-        reason = self._front.shed_reason() if end + 4 == len(buffer) else ""
+        transport = self._transport
+        assert transport is not None
+        waited = since_last_data_s(transport)
+        reason = self._front.shed_reason(waited or 0.0) if end + 4 == len(buffer) else ""
         if not reason or not _upgrade_path(buffer):
             self._hand_over()
             return
-        transport = self._transport
-        assert transport is not None
         self._front.shed_refused(reason)
         transport.write(busy_response(reason, self._front.retry_after_s))
-        observe_wait(transport, 503)
+        if waited is not None:
+            metrics.observe(metrics.HANDSHAKE_WAIT, waited, "503")
         transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

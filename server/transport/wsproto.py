@@ -60,13 +60,6 @@ class WsLimits:
     proxy: proxyproto.ProxyPolicy | None = None  # a PROXY header opens every connection
 
 
-def observe_wait(transport: asyncio.BaseTransport, status: int) -> None:
-    """A handshake is answered now: how long it waited, by its status (README "Overload")."""
-    waited = since_last_data_s(transport)
-    if waited is not None:
-        metrics.observe(metrics.HANDSHAKE_WAIT, waited, _STATUS.get(status) or str(status))
-
-
 _STATUS: Final = {code: str(code) for code in (101, 200, 400, 401, 404, 426, 503)}
 
 
@@ -91,6 +84,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._ping_at = 0.0  # when the unanswered keepalive ping left (0: none out)
         self._responding = False  # the handshake response is among the writes to flush
+        # When the handshake request reached the kernel, on the loop's clock (0: unknown); its
+        # answer's wait is measured from there (fastmatch_handshake_wait_seconds).
+        self.arrived_at = 0.0
         # The edge layers (module docstring): set up in connection_made when configured.
         self._edge = False  # bytes go through _from_edge before websockets
         self._header: bytearray | None = None  # the PROXY header so far, until it is read
@@ -147,6 +143,7 @@ class WebSocketProtocol(asyncio.Protocol):
                     WebSocketProtocol.frames_in += 1
                     self._on_frame(event)
                 elif isinstance(event, Request):
+                    self._request_arrived()
                     self.handle_request(event)
         except Exception:  # a bug must cost this connection only, and one log line per interval
             _crashed("connection from %s", self.peer, exc_info=True)
@@ -193,8 +190,9 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         self.ws.send_response(response)
         self._responding = True
-        if self.transport is not None:
-            observe_wait(self.transport, response.status_code)
+        if self.arrived_at:
+            metrics.observe(metrics.HANDSHAKE_WAIT, self._loop.time() - self.arrived_at,
+                            _STATUS.get(response.status_code) or str(response.status_code))
         if response.status_code == 101:
             self._set_timer(self.limits.ping_interval_s, self._keepalive)
         if flush:
@@ -369,6 +367,17 @@ class WebSocketProtocol(asyncio.Protocol):
     def handshaking(self) -> bool:
         """The request arrived and its answer is being prepared (the subclass says so)."""
         return False
+
+    def _request_arrived(self) -> None:
+        transport = self.transport
+        waited = since_last_data_s(transport) if transport is not None else None
+        if waited is not None:
+            self.arrived_at = self._loop.time() - waited
+
+    @property
+    def request_age_s(self) -> float:
+        """How long the handshake request has waited since it arrived (0 when unknown)."""
+        return self._loop.time() - self.arrived_at if self.arrived_at else 0.0
 
     def _keepalive(self) -> None:
         """Ping a connection that has been silent for ``ping_interval``; one that sends nothing

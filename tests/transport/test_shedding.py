@@ -133,7 +133,7 @@ async def test_the_wait_counts_the_accept_queue(start_worker: WorkerFactory) -> 
     total = sample("fastmatch_handshake_wait_seconds_count", status="503")
     sock = socket.create_connection(("127.0.0.1", port))  # the kernel completes it, queued
     sock.sendall(UPGRADE)
-    time.sleep(0.4)  # the worker runs on this loop: it accepts nothing meanwhile
+    time.sleep(0.4)  # noqa: ASYNC251 (on purpose: the worker runs on this loop, it accepts nothing meanwhile)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     data = b""
@@ -146,3 +146,29 @@ async def test_the_wait_counts_the_accept_queue(start_worker: WorkerFactory) -> 
     # Waited at least the 0.4 s: not in the bucket of those under 0.25 s.
     assert sample("fastmatch_handshake_wait_seconds_bucket", status="503", le="0.25") == before
     await w.seated.close()  # type: ignore[attr-defined]
+
+
+async def test_a_request_queued_too_long_is_refused(start_worker: WorkerFactory) -> None:
+    """server.max_handshake_queue_ms: a request that waited that long before the worker read
+    it (the worker was busy) is refused, not welcomed later still; the next one is welcomed."""
+    w = await start_worker(cfg=make_config(**{"server.max_handshake_queue_ms": 300,
+                                              "server.max_loop_lag_ms": 0}))
+    port = w.front.port
+    refused = sample("fastmatch_handshakes_refused_total", reason="queued")
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(UPGRADE)
+    time.sleep(0.5)  # noqa: ASYNC251 (on purpose: the worker's loop is busy)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(TIMEOUT):
+        while chunk := await loop.sock_recv(sock, 4096):
+            data += chunk
+    sock.close()
+    status, headers, body = head(data)
+    assert status == b"HTTP/1.1 503 Service Unavailable" and headers[b"Retry-After"] == b"1"
+    assert body == b"server busy (queued); retry later\n"
+    assert sample("fastmatch_handshakes_refused_total", reason="queued") - refused == 1
+    ws, welcome = await connect_player(port, "prompt")
+    assert welcome["type"] == "welcome"
+    await ws.close()
