@@ -67,6 +67,11 @@ def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:
         "elapsed_s": round(r.elapsed_s, 1),
         "connections": _connections(r.players),
         "handshakes": _handshakes(r.players),
+        # The generator's own loop lag: a client-side wait includes it (on shared cores it
+        # can be most of it).
+        "client_loop_lag_ms": {"p50": _r(percentile(r.client_lag_ms, 50)),
+                               "p99": _r(percentile(r.client_lag_ms, 99)),
+                               "max": _r(max(r.client_lag_ms, default=None))},
         # Players let in (a 101 on some attempt): under overload, these must still be served.
         "admitted": {"players": len(admitted := [p for p in r.players
                                                  if any(a == "101" for _, a in p.handshakes)]),
@@ -216,6 +221,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_row("handshakes: answers", ", ".join(f"{k} {v}" for k, v in hs["answers"].items()) or "-")
     waits = hs["ms"]
     table.add_row("handshake wait p50 / p99 / max ms", f"{waits['p50']} / {waits['p99']} / {waits['max']}")
+    lag = summary["client_loop_lag_ms"]
+    table.add_row("load generator's loop lag p50 / p99 / max ms",
+                  f"{lag['p50']} / {lag['p99']} / {lag['max']}")
     if summary["missed_matches"]:
         table.add_row("matches found while a player was away", str(summary["missed_matches"]))
     for fault in summary["faults"]:

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Final
 
 import redis.asyncio as aioredis
 
@@ -70,6 +71,12 @@ class RunResult:
     final_batch: FinalBatch | None = None
     missed_matches: int = 0  # found for a player while its connection was down (checker.py)
     crashes: list[str] = field(default_factory=list)  # players whose task raised
+    # How late the generator's own event loop ran a timer, every LAG_PERIOD_S (ms): the part
+    # of the client-side waits (e.g. handshakes) that is the generator's, not the server's.
+    client_lag_ms: list[float] = field(default_factory=list)
+
+
+LAG_PERIOD_S: Final = 0.05
 
 
 Progress = Callable[[RunResult, int, float], None]
@@ -84,7 +91,8 @@ async def run(cfg: RunConfig, progress: Progress | None = None,
     injector = Injector(list(cfg.faults), target, facts, t0, cfg.seed) if target and cfg.faults else None
     stop = asyncio.Event()
     background = [asyncio.create_task(injector.run() if injector else _idle()),
-                  asyncio.create_task(_sample(admin, result, t0, stop) if cfg.sample else _idle())]
+                  asyncio.create_task(_sample(admin, result, t0, stop) if cfg.sample else _idle()),
+                  asyncio.create_task(_watch_lag(result.client_lag_ms, stop))]
     try:
         await _play_all(cfg, result, t0, facts, progress)
     finally:
@@ -202,6 +210,7 @@ def merge(parts: list[RunResult]) -> RunResult:
         merged.client_cpu_s += part.client_cpu_s
         merged.client_lifecycles += part.client_lifecycles
         merged.crashes.extend(part.crashes)
+        merged.client_lag_ms.extend(part.client_lag_ms)
     return merged
 
 
@@ -232,6 +241,14 @@ def _due_at(cfg: RunConfig, n: int) -> float:
     if n < cfg.rate * cfg.ramp_s / 2:
         return math.sqrt(2 * cfg.ramp_s * n / cfg.rate)
     return cfg.ramp_s + n / cfg.rate - cfg.ramp_s / 2
+
+
+async def _watch_lag(lags: list[float], stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        asked = loop.time()
+        await asyncio.sleep(LAG_PERIOD_S)
+        lags.append(round(max(loop.time() - asked - LAG_PERIOD_S, 0.0) * 1000, 1))
 
 
 async def _sample(admin: aioredis.Redis, result: RunResult, t0: float, stop: asyncio.Event) -> None:

@@ -40,5 +40,8 @@ def test_short_sim_run_with_full_mix(tmp_path: Path) -> None:
     assert 0 < hs["ms"]["max"] < TIMEOUT * 1000
     assert summary["admitted"]["players"] == summary["players"]
     assert summary["admitted"]["outcomes"] == summary["outcomes"]
+    # The generator measured its own loop lag every 50 ms of the run.
+    lag = summary["client_loop_lag_ms"]
+    assert lag["max"] is not None and 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
     assert plot.stat().st_size > 10_000
     assert "invariant violations" in out.stdout
