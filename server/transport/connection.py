@@ -181,19 +181,21 @@ class ClientConnection(WebSocketProtocol):
         return self.ws.reject(http.HTTPStatus(status), f"{text}\n")
 
     async def record_lost(self, gone_conn: str = "") -> None:
-        """Redis lost the player's record (a restart without persistence): attach again, and
-        a player who was queued or loading is told its ticket is gone (DESIGN invariant 5).
-        If another connection wrote a record since, this one was replaced: 4009. A storage
+        """A request or the resync found this connection's record gone: Redis lost it (a restart
+        without persistence), or lost this connection's attach and the record names (or was
+        released by) an ended connection of this worker. Attach again; a player who was queued
+        or loading when the record itself was lost is told its ticket is gone (DESIGN invariant
+        5). If another connection wrote a record since, this one was replaced: 4009. A storage
         failure is raised (the resync that called it runs again)."""
-        _record_lost("player %s, connection %s", self.identity.player_id, self.conn_id)
         await self.take_back(gone_conn)
 
     async def take_back(self, gone_conn: str) -> bool:
         """Attach again over a record naming ``gone_conn``, an ended connection of this worker
         (or over no record): its attach was lost. Any other record means this connection was
-        replaced: 4009. False when this connection has ended itself (the caller detaches
-        ``gone_conn`` instead). A storage failure is raised."""
-        if self.lost or self.session is None:
+        replaced: 4009. False when this connection is not open (it ended or is closing: the
+        caller detaches ``gone_conn`` instead). A storage failure is raised."""
+        session = self.session
+        if session is None or not self.open:
             return False
         player = self.identity.player_id
         attached = await self.services.store.reattach(player, self.conn_id, gone_conn)
@@ -204,8 +206,10 @@ class ClientConnection(WebSocketProtocol):
         if attached is None:
             self.replaced()
         elif not attached.previous_conn and attached.player.state == "idle":
-            # There was no record: whatever ticket the player had is gone.
-            self._apply(self.session.ticket_lost())
+            # There was no record: whatever ticket the player had is gone. (A record taken back
+            # from a connection that ended was not lost, and is not logged as lost.)
+            _record_lost("player %s, connection %s", player, self.conn_id)
+            self._apply(session.ticket_lost())
             self.flush()
         elif attached.previous_conn and attached.previous_conn != self.conn_id:
             # Taken over from the ended connection: what was published to it meanwhile (a
