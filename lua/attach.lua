@@ -11,7 +11,8 @@
 -- retries with the right keys), else
 -- {"ok", state, mode, queued_at, previous worker, previous conn, match}; "" for absent values
 -- (a re-attach over a released record names the released connection as the previous one).
--- A queued player in resume grace is taken out of grace: it is matchable again.
+-- A queued player in resume grace is taken out of grace: it is matchable again. `released` is
+-- cleared: only a release since this attach may be taken back (lua/include/owner.lua).
 --#include owner
 local p = KEYS[1]
 local cur = redis.call('HMGET', p, 'mode', 'state', 'queued_at', 'worker', 'conn', 'match', 'released')
@@ -28,6 +29,9 @@ if mode ~= ARGV[4] then
 end
 local state = cur[2] or 'idle'
 redis.call('HSET', p, 'state', state, 'worker', ARGV[2], 'conn', ARGV[3])
+-- A detach that writes no `released` (an older detach.lua, in a rolling deploy) must not leave
+-- an earlier release's id to let a connection this one replaced take the record back.
+redis.call('HDEL', p, 'released')
 redis.call('SADD', KEYS[2], ARGV[1])
 --#include changes
 if mode ~= '' and state == 'queued' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then

@@ -4,11 +4,14 @@
 local function worker_of(conn)
   return conn and string.match(conn, '^(.*)%.%d+$')
 end
--- A record no connection holds, last released by a connection of `conn`'s own worker. A worker
--- detaches only connections that ended, and a connection that replaced `conn` there would have
--- closed it: so `conn` was never replaced. Its attach was lost instead (a failover promoted a
--- replica that missed it, and the ended connection's detach then released the older record):
--- `conn` takes the record back rather than being refused as replaced.
+-- A record no connection holds, last released by a connection of `conn`'s own worker.
+-- `released` names the last connection that held the record (attach.lua clears it), released
+-- either by its worker's detach once it ended or by the reaper's (conn "") for a worker it took
+-- for dead. A worker closes (4009) a connection of its own that a newer one replaces, and a
+-- closing connection takes nothing back (ClientConnection.take_back): so a live `conn` of that
+-- same worker was never replaced by the released one. Its attach was lost instead (a failover
+-- promoted a replica that missed it, and the older connection's detach then released the
+-- record): `conn` takes the record back rather than being refused as replaced.
 local function released_here(released, conn)
   local worker = worker_of(released)
   return worker ~= nil and worker == worker_of(conn)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from websockets.exceptions import ConnectionClosed
 
 from server.app.gameserver import ReferenceGameServer
 from server.protocol.results import ReadyResult
@@ -30,6 +31,9 @@ from tests.helpers import (
 
 FAULTY = {"redis.operation_timeout_s": 0.5, "redis.breaker_threshold": 3,
           "redis.breaker_cooldown_s": 0.5}
+# The audit would also give a record naming an ended connection back to the live one: off
+# where a test checks that some other path does.
+NO_AUDIT = {"server.audit_interval_s": 0}
 
 
 async def wait_for(check, timeout: float = TIMEOUT) -> None:  # type: ignore[no-untyped-def]
@@ -290,6 +294,37 @@ async def test_a_record_an_ended_connection_released_is_taken_back_by_the_live_o
     await released_by("vm-1-abcdef.7", "vm-1-abcdef")
     await ws.send('{"type": "dequeue"}')
     assert await closed_code(ws) == 4009
+    await admin.aclose()
+
+
+async def test_an_attach_clears_an_earlier_release_so_a_replaced_connection_cannot_take_it(
+    start_worker: WorkerFactory, redis_url: str
+) -> None:
+    """A record released by an ended connection of worker A keeps its id (`released`); the
+    player then reconnects on worker B, over a record that names no connection, so A's live
+    connection is told nothing: B's replaced it. B's attach clears `released`: when an older
+    detach.lua (a rolling deploy) later releases B's record without writing one, A's
+    connection is refused as replaced (4009) instead of taking the record back."""
+    a = await start_worker(cfg=make_config(**NO_AUDIT))
+    b = await start_worker(cfg=make_config(**NO_AUDIT))
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    record = keys.player("jo")
+    ws, _ = await connect_player(a.front.port, "jo", 1500)
+    assert (await request(ws, {"type": "enqueue", "game_mode": "5v5"}))["type"] == "enqueued"
+    ended = f"{a.worker_id}.999999"
+    await admin.hset(record, "conn", ended)
+    assert (await a.front.store.detach("jo", ended, mode_guess="5v5")).outcome == "grace"
+    assert await admin.hget(record, "released") == ended
+    newer, welcome = await connect_player(b.front.port, "jo", 1500)
+    assert welcome["state"] == "queued"
+    assert await admin.hget(record, "released") is None
+    await admin.hdel(record, "conn", "worker")  # the older detach.lua's release
+    with pytest.raises(ConnectionClosed):
+        answer = await request(ws, {"type": "dequeue"})
+        pytest.fail(f"answered {answer}, not refused as replaced")
+    assert ws.close_code == 4009
+    assert await admin.hget(record, "conn") is None
+    await newer.close()
     await admin.aclose()
 
 
