@@ -55,19 +55,22 @@ class PlayerStore:
         assert attached is not None  # only a re-attach can be refused
         return attached
 
-    async def reattach(self, player: str, conn: str, gone_conn: str = "") -> Attached | None:
+    async def reattach(
+        self, player: str, conn: str, gone_conn: str = "", mode_guess: str = ""
+    ) -> Attached | None:
         """Attach ``conn`` again after Redis lost the player's record, or lost this attach
         and still names ``gone_conn`` (an ended connection of this worker); None when another
         connection wrote the record since (this one was replaced meanwhile)."""
-        return await self._attach(player, conn, reattach=True, gone_conn=gone_conn)
+        return await self._attach(player, conn, reattach=True, gone_conn=gone_conn,
+                                  mode_guess=mode_guess)
 
     async def _attach(
-        self, player: str, conn: str, *, reattach: bool, gone_conn: str = ""
+        self, player: str, conn: str, *, reattach: bool, gone_conn: str = "", mode_guess: str = ""
     ) -> Attached | None:
         reply = await self._with_mode(
             "attach", player, [keys.player(player), keys.worker_players(self.worker_id)],
             lambda mode: [player, self.worker_id, conn, mode, int(reattach), gone_conn],
-            mode_guess="",
+            mode_guess=mode_guess,
         )
         if reattach and reply == ["replaced"]:
             return None

@@ -189,16 +189,17 @@ class ClientConnection(WebSocketProtocol):
         failure is raised (the resync that called it runs again)."""
         await self.take_back(gone_conn)
 
-    async def take_back(self, gone_conn: str) -> bool:
+    async def take_back(self, gone_conn: str, mode_guess: str = "") -> bool:
         """Attach again over a record naming ``gone_conn``, an ended connection of this worker
         (or over no record): its attach was lost. Any other record means this connection was
         replaced: 4009. False when this connection is not open (it ended or is closing: the
-        caller detaches ``gone_conn`` instead). A storage failure is raised."""
+        caller detaches ``gone_conn`` instead). ``mode_guess``: the record's mode, if known
+        (one round trip when right). A storage failure is raised."""
         session = self.session
         if session is None or not self.open:
             return False
         player = self.identity.player_id
-        attached = await self.services.store.reattach(player, self.conn_id, gone_conn)
+        attached = await self.services.store.reattach(player, self.conn_id, gone_conn, mode_guess)
         if self.lost:
             if attached is not None:  # ended meanwhile: release what was just written
                 await self.front.detach(player, self.conn_id)

@@ -64,6 +64,8 @@ class FrontEnd:
         self.leaving = False
         self.draining = False
         self.connections: dict[str, ClientConnection] = {}
+        # player -> its registered connections here (one, but for a moment while it reconnects)
+        self._players: dict[str, tuple[ClientConnection, ...]] = {}
         self.pending_detach: set[tuple[str, str]] = set()
         self.detaching: set[tuple[str, str]] = set()  # (player, conn) being released right now
         proxy = ProxyPolicy(config.proxy_trusted, config.proxy_header_timeout_s) \
@@ -292,6 +294,7 @@ class FrontEnd:
     def register(self, client: ClientConnection) -> None:
         metrics.add(metrics.CONNECTIONS, 1)
         self.connections[client.conn_id] = client
+        self._players[client.player_id] = (*self._players.get(client.player_id, ()), client)
 
     def holders(self) -> dict[str, ClientConnection]:
         """Player -> its open (welcomed) connection on this worker."""
@@ -326,13 +329,37 @@ class FrontEnd:
             self._all_gone.set()
         if self.connections.pop(client.conn_id, None) is not None:
             metrics.add(metrics.CONNECTIONS, -1)
+            player = client.player_id
+            rest = tuple(c for c in self._players.get(player, ()) if c is not client)
+            if rest:
+                self._players[player] = rest
+            else:
+                self._players.pop(player, None)
 
     def release(self, player: str, conn_id: str, mode_guess: str = "") -> None:
-        """A connection that had attached is gone: detach it (housekeeping retries on failure)."""
+        """A connection that had attached is gone: detach it, or the player's other open
+        connection here takes the record back (housekeeping retries either on failure)."""
         self.detaching.add((player, conn_id))
         self.spawn(self._release(player, conn_id, mode_guess))
 
     async def _release(self, player: str, conn_id: str, mode_guess: str) -> None:
+        # The player's other open connection here, if any, takes the record back instead: a
+        # failover may have lost its attach, so Redis may still name the ended connection, and
+        # a detach would release the record under the live one (out of a ready check, which
+        # cancels the match with a dodge penalty; or into resume grace). Where Redis already
+        # names the live connection the re-attach changes nothing: one script call either way.
+        holder = next((c for c in self._players.get(player, ())
+                       if c.conn_id != conn_id and c.open), None)
+        if holder is not None:
+            try:
+                if await holder.take_back(conn_id, mode_guess):
+                    return
+            except StoreError as exc:
+                _deferred("%s: %s", player, exc)
+                self.pending_detach.add((player, conn_id))  # housekeeping: settle_ended
+                return
+            finally:
+                self.detaching.discard((player, conn_id))
         await self.detach(player, conn_id, mode_guess)
 
     async def detach(self, player: str, conn_id: str, mode_guess: str = "") -> str:

@@ -13,13 +13,14 @@ import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from server.app.gameserver import ReferenceGameServer
+from server.app.worker import Worker
 from server.protocol.results import ReadyResult
 from server.store import keys
 from server.store.breaker import BreakerState
 from server.store.embedded import EmbeddedRedis
 from tests.app.served import http_get
-from tests.app.test_matchmaking import start_loading
-from tests.conftest import WorkerFactory, make_config
+from tests.app.test_matchmaking import queued, start_loading
+from tests.conftest import GameServerFactory, WorkerFactory, make_config
 from tests.helpers import (
     TIMEOUT,
     closed_code,
@@ -27,6 +28,7 @@ from tests.helpers import (
     recv,
     request,
     retry_while_unavailable,
+    send,
 )
 
 FAULTY = {"redis.operation_timeout_s": 0.5, "redis.breaker_threshold": 3,
@@ -294,6 +296,68 @@ async def test_a_record_an_ended_connection_released_is_taken_back_by_the_live_o
     await released_by("vm-1-abcdef.7", "vm-1-abcdef")
     await ws.send('{"type": "dequeue"}')
     assert await closed_code(ws) == 4009
+    await admin.aclose()
+
+
+async def _end_older_connection(w: Worker, admin: aioredis.Redis, player: str, mode: str) -> str:
+    """A failover lost the attach of ``player``'s live connection, so Redis still names its
+    older connection on this worker; that one ends now (its handle_lost). Returns the live
+    connection's id, once the release has run."""
+    record = keys.player(player)
+    live = str(await admin.hget(record, "conn"))
+    ended = f"{w.worker_id}.999999"
+    await admin.hset(record, "conn", ended)  # what the new primary holds
+    w.front.release(player, ended, mode)
+    async with asyncio.timeout(TIMEOUT):
+        while (player, ended) in w.front.detaching:
+            await asyncio.sleep(0.01)
+    return live
+
+
+async def test_a_ready_check_outlives_the_end_of_an_older_connection_redis_still_names(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory, redis_url: str
+) -> None:
+    """A player in a ready check reconnected on the same worker and a failover lost the new
+    connection's attach; the old connection then ends. Its release must not take the player
+    out of the ready check (the match cancelled for everyone, a dodge penalty) while it is
+    still connected: the live connection takes the record back and can answer ready."""
+    await start_game_server()
+    w = await start_worker(cfg=make_config(**NO_AUDIT))
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    clients = await queued(w.front.port, "1v1", ("gil", 1500), ("hal", 1500))
+    session = {(await start_loading(ws))["loading_session_id"] for ws in clients.values()}.pop()
+    live = await _end_older_connection(w, admin, "gil", "1v1")
+    assert await admin.hget(keys.player("gil"), "conn") == live
+    assert await admin.hget(keys.player("gil"), "state") == "loading"
+    assert await admin.hget(keys.match("1v1", session), "status") == "loading"
+    assert await admin.exists(keys.penalty("gil")) == 0
+    assert await admin.zcard(keys.left("1v1")) == 0
+    for ws in clients.values():
+        await send(ws, {"type": "loading_complete", "loading_session_id": session})
+    for ws in clients.values():
+        found = await recv(ws)  # nothing else was said first (no requeued, no error)
+        assert found["type"] == "match_found" and found["loading_session_id"] == session, found
+    for ws in clients.values():
+        await ws.close()
+    await admin.aclose()
+
+
+async def test_an_idle_player_can_enqueue_after_an_older_connection_redis_still_names_ends(
+    start_worker: WorkerFactory, redis_url: str
+) -> None:
+    """The same for an idle player: a detach would delete the record under the live
+    connection, whose next enqueue would be refused `unavailable` while it re-attaches. The
+    live connection takes the record back at once and its enqueue simply succeeds."""
+    w = await start_worker(cfg=make_config(**NO_AUDIT))
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    ws, _ = await connect_player(w.front.port, "ivy", 1500)
+    live = await _end_older_connection(w, admin, "ivy", "")
+    assert await admin.hget(keys.player("ivy"), "conn") == live
+    answer = await request(ws, {"type": "enqueue", "game_mode": "5v5"})
+    assert answer["type"] == "enqueued", answer
+    assert await admin.hget(keys.player("ivy"), "state") == "queued"
+    assert ws.close_code is None
+    await ws.close()
     await admin.aclose()
 
 
