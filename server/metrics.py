@@ -104,7 +104,7 @@ HANDSHAKES_REFUSED: Final = Counter(
 HANDSHAKE_WAIT: Final = Histogram(
     "fastmatch_handshake_wait_seconds", "From a handshake request's arrival in the kernel (the "
     "accept queue included) to its answer, by HTTP status (101 welcomed, 503 refused, ...)",
-    ["status"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+    ["status"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 PROXY_REJECTED: Final = Counter(
     "fastmatch_proxy_rejected", "Connections closed before a valid PROXY protocol header, by reason "
     "(untrusted, missing, malformed, truncated, timeout)", ["reason"])

@@ -82,7 +82,7 @@ class FrontEnd:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._all: set[ClientConnection] = set()  # every TCP connection, welcomed or not
-        self._shed_sockets = 0  # ... and those accepted to be refused cheaply (Shed)
+        self._sheds: set[Shed] = set()  # ... and those accepted to be refused cheaply
         # TLS and the PROXY protocol put other bytes first: those connections are refused
         # through the whole connection machinery.
         self._plain = not config.proxy_protocol and not config.tls_cert_file
@@ -106,16 +106,18 @@ class FrontEnd:
         self.lag.start()
 
     def _accepted(self) -> asyncio.Protocol:
-        if len(self._all) + self._shed_sockets >= self.caps.sockets:
+        held = len(self._all) + len(self._sheds)
+        if held >= self.caps.sockets:
             # Connections that never finish their request (slowloris) would otherwise hold a
             # descriptor each until their open timeout, without limit.
             metrics.inc(metrics.HANDSHAKES_REFUSED, "max_connections")
-            _shedding("max_connections (%d sockets held, new ones closed at once)", len(self._all))
+            _shedding("max_connections (%d sockets held, new ones closed at once)", held)
             plain = self.ws_limits.tls is None and self.ws_limits.proxy is None
             return _Refused(self.config.overload_retry_after_s if plain else None)
         if self._plain and self._shed():
-            self._shed_sockets += 1
-            return Shed(self)
+            shed = Shed(self)
+            self._sheds.add(shed)
+            return shed
         client = ClientConnection(self)
         self._all.add(client)
         return client
@@ -139,15 +141,16 @@ class FrontEnd:
             _shedding("%s (loop lag %.0f ms, %d upgrades pending)", reason,
                       self.lag.lag_s * 1000, self.handshakes)
 
-    def shed_ended(self) -> None:
-        self._shed_sockets -= 1
+    def shed_ended(self, shed: Shed) -> None:
+        self._sheds.discard(shed)
 
-    def adopt(self, transport: asyncio.Transport, data: bytes) -> None:
+    def adopt(self, transport: asyncio.Transport, data: bytes, open_timeout_s: float) -> None:
         """A connection accepted as ``Shed`` that needs the whole treatment after all."""
         client = ClientConnection(self)
         self._all.add(client)
         transport.set_protocol(client)
         client.connection_made(transport)
+        client.limit_open(open_timeout_s)
         if data and not client.lost:
             client.data_received(data)
 
@@ -166,6 +169,8 @@ class FrontEnd:
                 client.shut_down()
             elif not client.handshaking:
                 client.respond(self.refusal(client, 503, "shutting down"))
+        for shed in list(self._sheds):  # refused anyway: now, not at their open timeout
+            shed.refuse("draining")
         # Each closing handshake is bounded by its close timeout (then aborted).
         if self._all:
             await self._all_gone.wait()

@@ -67,8 +67,8 @@ class Shedder(Protocol):
     def open_timeout_s(self) -> float: ...
     def shed_reason(self, waited_s: float) -> str: ...
     def shed_refused(self, reason: str) -> None: ...
-    def shed_ended(self) -> None: ...
-    def adopt(self, transport: asyncio.Transport, data: bytes) -> None: ...
+    def shed_ended(self, shed: Shed) -> None: ...
+    def adopt(self, transport: asyncio.Transport, data: bytes, open_timeout_s: float) -> None: ...
 
 
 class Shed(asyncio.Protocol):
@@ -85,23 +85,26 @@ class Shed(asyncio.Protocol):
     exactly the answer it would have had.
     """
 
-    __slots__ = ("_buffer", "_front", "_timer", "_transport")
+    __slots__ = ("_accepted_at", "_buffer", "_front", "_timer", "_transport")
 
     def __init__(self, front: Shedder) -> None:
         self._front = front
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._accepted_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        self._timer = asyncio.get_running_loop().call_later(
-            self._front.open_timeout_s, self._transport.abort)
+        loop = asyncio.get_running_loop()
+        self._accepted_at = loop.time()
+        self._timer = loop.call_later(self._front.open_timeout_s, self._transport.abort)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
-        end = buffer.find(b"\r\n\r\n")
+        # Only the new bytes (and the three before them) can complete the blank line.
+        end = buffer.find(b"\r\n\r\n", max(len(buffer) - len(data) - 3, 0))
         if end < 0:
             if len(buffer) > MAX_HEAD:
                 self._hand_over()
@@ -110,13 +113,20 @@ class Shed(asyncio.Protocol):
         assert transport is not None
         waited = since_last_data_s(transport)
         reason = self._front.shed_reason(waited or 0.0) if end + 4 == len(buffer) else ""
-        if not reason or not _upgrade_path(buffer):
+        if not reason or not _plain_upgrade(buffer):
             self._hand_over()
+            return
+        self.refuse(reason)
+        if waited is not None:
+            metrics.observe(metrics.HANDSHAKE_WAIT, waited, "503")
+
+    def refuse(self, reason: str) -> None:
+        """Answer the 503 now and close (also on the worker's shutdown, request read or not)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
             return
         self._front.shed_refused(reason)
         transport.write(busy_response(reason, self._front.retry_after_s))
-        if waited is not None:
-            metrics.observe(metrics.HANDSHAKE_WAIT, waited, "503")
         transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,25 +136,36 @@ class Shed(asyncio.Protocol):
         transport = self._transport
         self._ended()
         if transport is not None and not transport.is_closing():
-            self._front.adopt(transport, bytes(self._buffer))
+            # The open timeout runs from the accept, not from the hand-over.
+            remaining = self._accepted_at + self._front.open_timeout_s - asyncio.get_running_loop().time()
+            self._front.adopt(transport, bytes(self._buffer), remaining)
 
     def _ended(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._front.shed_ended()
+            self._front.shed_ended(self)
 
 
 MAX_HEAD: Final = 8192  # a longer request head goes to websockets, which bounds and answers it
 WS_PATHS: Final = frozenset({b"/ws", b"/ws/"})
+MAX_HEADERS: Final = 128  # websockets' (http11.MAX_NUM_HEADERS)
 
 
-def _upgrade_path(head: bytearray) -> bool:
-    """Whether the request line is ``GET`` of a WebSocket path (the query left aside)."""
-    line = bytes(head[:head.find(b"\r\n")])
-    parts = line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET":
+def _plain_upgrade(head: bytearray) -> bool:
+    """Whether the head is one websockets would parse as an upgrade request for a WebSocket
+    path (it answers anything else its own way: a malformed request line or a body is closed
+    without an answer, too many headers get 431): ``GET`` over HTTP/1.1, at most
+    ``MAX_HEADERS`` header lines, no body."""
+    lines = bytes(head).split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1":
         return False
+    if len(lines) - 3 > MAX_HEADERS:  # the request line and the blank line's two empty parts
+        return False
+    for line in lines[1:]:
+        if line.partition(b":")[0].strip().lower() in (b"content-length", b"transfer-encoding"):
+            return False
     return parts[1].partition(b"?")[0] in WS_PATHS
 
 

@@ -3,10 +3,13 @@
 A handshake that waits is invisible to the worker's own clocks while it sits in the listening
 socket's accept queue, or in the socket before the event loop reads it: on a busy worker
 those are most of the wait. Linux's ``TCP_INFO`` says, per socket, how long ago data last
-arrived (``tcpi_last_data_recv``, in milliseconds, at the kernel's tick resolution). Read
-when the answer leaves, for a client that waits for its answer (every WebSocket client
-does), that is the whole wait from the request's arrival to the answer: what the client
-feels, less the network. One ``getsockopt`` per handshake.
+arrived (``tcpi_last_data_recv``, in milliseconds). Read when a complete request is parsed,
+for a client that then waits for its answer (every WebSocket client does), it says how long
+the request has waited so far; the connection measures on from there by the event loop's
+clock to the answer: the whole wait, what the client feels less the network, for one
+``getsockopt`` per handshake. With TLS it is read when the ClientHello arrives instead (the
+request only comes after the server's answer to it). The kernel counts in ticks (1-10 ms, by
+its HZ): shorter waits are not resolved.
 """
 
 from __future__ import annotations

@@ -132,6 +132,10 @@ class WebSocketProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_recv = self._loop.time()
         if self._edge:
+            if self._tls is not None and not self.arrived_at:
+                # With TLS the request comes only after the server has answered the
+                # ClientHello: the wait starts with that first record.
+                self._request_arrived()
             data = self._from_edge(data)
             if not data:
                 return
@@ -368,9 +372,17 @@ class WebSocketProtocol(asyncio.Protocol):
         """The request arrived and its answer is being prepared (the subclass says so)."""
         return False
 
+    def limit_open(self, remaining_s: float) -> None:
+        """Taken over from another protocol (a ``Shed`` connection): the open timeout runs
+        from the accept, so only what is left of it."""
+        if self.ws.state is State.CONNECTING and self._header is None and self._tls is None:
+            self._set_timer(max(remaining_s, 0.001), self._open_timed_out)
+
     def _request_arrived(self) -> None:
         transport = self.transport
-        waited = since_last_data_s(transport) if transport is not None else None
+        if self.arrived_at or transport is None:
+            return
+        waited = since_last_data_s(transport)
         if waited is not None:
             self.arrived_at = self._loop.time() - waited
 

@@ -84,7 +84,7 @@ async def test_shed_upgrades_get_the_503_websockets_would_write(start_worker: Wo
     assert sample("fastmatch_handshake_wait_seconds_count", status="503") - waits == 2
     # The player already connected keeps its service; nothing is left of the refused ones.
     assert (await request(w.seated, {"type": "status"}))["state"] == "idle"  # type: ignore[attr-defined]
-    assert w.front._shed_sockets == 0 and len(w.front.connections) == 1
+    assert not w.front._sheds and len(w.front.connections) == 1
     await w.seated.close()  # type: ignore[attr-defined]
 
 
@@ -99,6 +99,9 @@ async def test_health_ready_and_split_requests_while_shedding(start_worker: Work
     # A request head that arrives in pieces is read to its end, then refused.
     split = await exchange(port, UPGRADE[:7], UPGRADE[7:40], UPGRADE[40:], pause=0.05)
     assert head(split)[0] == b"HTTP/1.1 503 Service Unavailable"
+    # What websockets would not take as an upgrade request gets its answer, not the 503: a
+    # malformed request line is closed without a word, as it always is.
+    assert await exchange(port, b"GET /ws FOO\r\nHost: x\r\n\r\n") == b""
     # A head past Shed's bound goes to websockets, which answers it as it always has.
     huge = await exchange(port, UPGRADE[:-2] + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n")
     assert huge.startswith(b"HTTP/1.1 ") and not huge.startswith(b"HTTP/1.1 101 ")
@@ -109,11 +112,11 @@ async def test_health_ready_and_split_requests_while_shedding(start_worker: Work
     await loop.sock_connect(sock, ("127.0.0.1", port))
     await loop.sock_sendall(sock, UPGRADE[:30])
     async with asyncio.timeout(TIMEOUT):
-        while w.front._shed_sockets != 1:
+        while len(w.front._sheds) != 1:
             await asyncio.sleep(0.01)
     sock.close()
     async with asyncio.timeout(TIMEOUT):
-        while w.front._shed_sockets:
+        while w.front._sheds:
             await asyncio.sleep(0.01)
     # Room again: the next upgrade is welcomed, not shed.
     await w.seated.close()  # type: ignore[attr-defined]
@@ -172,3 +175,29 @@ async def test_a_request_queued_too_long_is_refused(start_worker: WorkerFactory)
     ws, welcome = await connect_player(port, "prompt")
     assert welcome["type"] == "welcome"
     await ws.close()
+
+
+async def test_a_worker_shutting_down_answers_its_shed_connections(start_worker: WorkerFactory) -> None:
+    """Draining: a shed connection whose request is not complete yet is answered 503 at once,
+    not left to its open timeout."""
+    w, port = await full(start_worker)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, UPGRADE[:30])
+    async with asyncio.timeout(TIMEOUT):
+        while len(w.front._sheds) != 1:
+            await asyncio.sleep(0.01)
+    closing = asyncio.create_task(w.close())
+    data = b""
+    async with asyncio.timeout(TIMEOUT):
+        while chunk := await loop.sock_recv(sock, 4096):
+            data += chunk
+    sock.close()
+    status, headers, body = head(data)
+    assert status == b"HTTP/1.1 503 Service Unavailable"
+    assert body == b"server busy (draining); retry later\n"
+    async with asyncio.timeout(TIMEOUT * 4):
+        await closing
+    assert not w.front._sheds
