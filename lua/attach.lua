@@ -30,8 +30,9 @@ end
 local state = cur[2] or 'idle'
 redis.call('HSET', p, 'state', state, 'worker', ARGV[2], 'conn', ARGV[3])
 -- A detach that writes no `released` (an older detach.lua, in a rolling deploy) must not leave
--- an earlier release's id to let a connection this one replaced take the record back.
-redis.call('HDEL', p, 'released')
+-- an earlier release's id to let a connection this one replaced take the record back. (Read
+-- above: the common attach, over no release, pays no command for it.)
+if cur[7] then redis.call('HDEL', p, 'released') end
 redis.call('SADD', KEYS[2], ARGV[1])
 --#include changes
 if mode ~= '' and state == 'queued' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
