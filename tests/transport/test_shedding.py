@@ -196,7 +196,7 @@ async def test_a_worker_shutting_down_answers_its_shed_connections(start_worker:
             data += chunk
     sock.close()
     status, headers, body = head(data)
-    assert status == b"HTTP/1.1 503 Service Unavailable"
+    assert status == b"HTTP/1.1 503 Service Unavailable" and headers[b"Retry-After"] == b"1"
     assert body == b"server busy (draining); retry later\n"
     async with asyncio.timeout(TIMEOUT * 4):
         await closing
