@@ -11,6 +11,7 @@ generated from these files), and a test fails when they drift.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -61,7 +62,19 @@ def document(name: str) -> dict[str, Any]:
 
 
 def render(name: str) -> str:
-    return json.dumps(document(name), indent=2) + "\n"
+    return json.dumps(_cleaned(document(name)), indent=2) + "\n"
+
+
+def _cleaned(node: Any) -> Any:
+    """Descriptions (the Structs' docstrings) as ``inspect.cleandoc`` leaves them: msgspec
+    0.23 keeps their indentation, earlier releases strip it, and the files must not depend on
+    which one is installed."""
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _cleaned(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_cleaned(v) for v in node]
+    return node
 
 
 def main(argv: list[str] | None = None) -> int:
