@@ -40,17 +40,26 @@ def refused(metrics_port: int) -> dict[str, float]:
     return out
 
 
-def waits(metrics_port: int) -> dict[str, dict[str, float]]:
-    """`fastmatch_handshake_wait_seconds` by status, every worker's: cumulative counts by
-    upper bound (a tree without the histogram gives {})."""
+def histogram(metrics_port: int, name: str, label: str) -> dict[str, dict[str, float]]:
+    """A histogram by one label, every worker's: cumulative counts by upper bound (a tree
+    without the histogram gives {})."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     out: dict[str, dict[str, float]] = {}
-    pattern = r'^fastmatch_handshake_wait_seconds_bucket\{([^}]*)\} ([0-9.e+]+)$'
+    pattern = rf'^{name}_bucket\{{([^}}]*)\}} ([0-9.e+]+)$'
     for m in re.finditer(pattern, text, re.MULTILINE):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        by_le = out.setdefault(labels["status"], {})
+        by_le = out.setdefault(labels[label], {})
         by_le[labels["le"]] = by_le.get(labels["le"], 0.0) + float(m.group(2))
+    return out
+
+
+def waits(metrics_port: int) -> dict[str, dict[str, float]]:
+    """Handshake waits by status, and (as "matched") the queue wait of every matched player:
+    what the server itself saw of the admitted players' service."""
+    out = histogram(metrics_port, "fastmatch_handshake_wait_seconds", "status")
+    for by_le in histogram(metrics_port, "fastmatch_match_wait_seconds", "mode").values():
+        out["matched"] = by_le  # the run plays one mode
     return out
 
 
@@ -122,10 +131,15 @@ def main() -> None:
     print(f"  the load generator's own loop lag (part of the client's view), ms: p50 {lag['p50']}, "
           f"p99 {lag['p99']}, max {lag['max']}")
     print(f"  refused by the server (fastmatch_handshakes_refused_total): {result['refused_by_server']}")
+    server_waits = dict(result["server_waits"])
+    matched = server_waits.pop("matched", None)
     print("  server-side wait, request arrival -> answer (fastmatch_handshake_wait_seconds): "
           + ("; ".join(f"{status}: {w['count']}, p50 {w['p50']}, p99 {w['p99']}, over 1 s {w['over_1s']}"
-                       for status, w in sorted(result["server_waits"].items()))
+                       for status, w in sorted(server_waits.items()))
              or "not measured by this tree"))
+    if matched is not None:
+        print(f"  server-side queue wait of the matched (fastmatch_match_wait_seconds): {matched['count']}, "
+              f"p50 {matched['p50']}, p99 {matched['p99']}, over 1 s {matched['over_1s']}")
     print(f"  admitted players {admitted['players']}: {admitted['outcomes']}")
     print(f"  invariant violations {s['violation_count']}, enqueue -> start_loading p99 "
           f"{s['start_loading_ms']['99']} ms")
