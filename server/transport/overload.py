@@ -148,15 +148,15 @@ class Shed(asyncio.Protocol):
 
 
 MAX_HEAD: Final = 8192  # a longer request head goes to websockets, which bounds and answers it
-WS_PATHS: Final = frozenset({b"/ws", b"/ws/"})
+WS_PATHS: Final = frozenset({b"/ws", b"/ws/"})  # frontend.WS_PATHS, as the bytes on the wire
 MAX_HEADERS: Final = 128  # websockets' (http11.MAX_NUM_HEADERS)
 
 
 def _plain_upgrade(head: bytearray) -> bool:
-    """Whether the head is one websockets would parse as an upgrade request for a WebSocket
-    path (it answers anything else its own way: a malformed request line or a body is closed
-    without an answer, too many headers get 431): ``GET`` over HTTP/1.1, at most
-    ``MAX_HEADERS`` header lines, no body."""
+    """Whether the head is plainly an upgrade request for a WebSocket path: ``GET`` over
+    HTTP/1.1, at most ``MAX_HEADERS`` header lines, no body announced. Anything else goes to
+    websockets, which answers it its own way (a malformed request line is closed without an
+    answer, too many headers get an error status)."""
     lines = bytes(head).split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1":

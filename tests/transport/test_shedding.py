@@ -12,6 +12,8 @@ from prometheus_client import REGISTRY
 
 from server import metrics
 from server.app.worker import Worker
+from server.transport.frontend import WS_PATHS
+from server.transport.overload import WS_PATHS as SHED_PATHS
 from tests.conftest import WorkerFactory, make_config
 from tests.helpers import TIMEOUT, connect_player, request, token
 
@@ -90,6 +92,8 @@ async def test_shed_upgrades_get_the_503_websockets_would_write(start_worker: Wo
 
 async def test_health_ready_and_split_requests_while_shedding(start_worker: WorkerFactory) -> None:
     w, port = await full(start_worker)
+    # The two sets of WebSocket paths, the front end's and Shed's bytes, agree.
+    assert {p.encode() for p in WS_PATHS} == SHED_PATHS
     health = await exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert health.startswith(b"HTTP/1.1 200 ") and health.endswith(b"ok\n")
     ready = await exchange(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
