@@ -33,7 +33,7 @@ from server.store.errors import StoreError
 from server.store.players import Attached
 from server.transport import envelope, fdlimit
 from server.transport.connection import ClientConnection
-from server.transport.overload import LoopLag, Shed
+from server.transport.overload import LoopLag, Shed, busy_response
 from server.transport.proxyproto import ProxyPolicy
 from server.transport.services import Services
 from server.transport.tls import load_context
@@ -83,9 +83,6 @@ class FrontEnd:
         self._server: asyncio.Server | None = None
         self._all: set[ClientConnection] = set()  # every TCP connection, welcomed or not
         self._sheds: set[Shed] = set()  # ... and those accepted to be refused cheaply
-        # TLS and the PROXY protocol put other bytes first: those connections are refused
-        # through the whole connection machinery.
-        self._plain = not config.proxy_protocol and not config.tls_cert_file
         self._all_gone = asyncio.Event()
         self._unsettled: set[ClientConnection] = set()  # lost a request's outcome: reconcile
         self._settler: asyncio.Task[None] | None = None
@@ -112,8 +109,7 @@ class FrontEnd:
             # descriptor each until their open timeout, without limit.
             metrics.inc(metrics.HANDSHAKES_REFUSED, "max_connections")
             _shedding("max_connections (%d sockets held, new ones closed at once)", held)
-            plain = self.ws_limits.tls is None and self.ws_limits.proxy is None
-            return _Refused(self.config.overload_retry_after_s if plain else None)
+            return _Refused(self.config.overload_retry_after_s if self._plain else None)
         if self._plain and self._shed():
             shed = Shed(self)
             self._sheds.add(shed)
@@ -121,6 +117,13 @@ class FrontEnd:
         client = ClientConnection(self)
         self._all.add(client)
         return client
+
+    @property
+    def _plain(self) -> bool:
+        """Plain ws://: HTTP is the first thing on the wire. With TLS or the PROXY protocol
+        other bytes come first, and such connections are refused through the whole
+        connection machinery (or, past the socket ceiling, closed without a word)."""
+        return self.ws_limits.tls is None and self.ws_limits.proxy is None
 
     # -- Shed connections (server/transport/overload.py) ------------------------------------------
 
@@ -496,11 +499,8 @@ class _Refused(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.retry_after_s is not None:
-            body = b"server busy (max_connections); retry later\n"
             cast(asyncio.Transport, transport).write(
-                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nConnection: close\r\n"
-                b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
-                % (self.retry_after_s, len(body), body))
+                busy_response("max_connections", self.retry_after_s))
         transport.close()
 
 
