@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
@@ -100,3 +101,31 @@ async def retry_while_unavailable(ws: ClientConnection, message: dict[str, Any])
             if answer.get("code") != "unavailable":
                 return answer
             await asyncio.sleep(answer["retry_after_ms"] / 1000)
+
+
+# -- raw sockets, for what no WebSocket client sends ------------------------------------------------
+
+async def half_request(port: int) -> socket.socket:
+    """A client that starts its request and never finishes it (slowloris)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return sock
+
+
+async def answer(sock: socket.socket, wait: float = TIMEOUT) -> bytes | None:
+    """Everything the server sent until it closed; None if it is still silent after ``wait``."""
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    data = b""
+    try:
+        async with asyncio.timeout(wait):
+            while chunk := await loop.sock_recv(sock, 4096):
+                data += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass  # closed with our request unread: what it sent before is in ``data``
+    return data

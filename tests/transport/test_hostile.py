@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 
 import pytest
@@ -18,7 +17,17 @@ from server import metrics
 from server.app.worker import Worker
 from server.store.embedded import EmbeddedRedis
 from tests.conftest import WorkerFactory, make_config
-from tests.helpers import TIMEOUT, closed_code, connect_player, open_client, recv, request, send
+from tests.helpers import (
+    TIMEOUT,
+    answer,
+    closed_code,
+    connect_player,
+    half_request,
+    open_client,
+    recv,
+    request,
+    send,
+)
 from tests.transport.rawws import RawClient
 
 
@@ -214,31 +223,6 @@ async def test_past_max_connections_handshakes_get_503_at_once(start_worker: Wor
         await ws.close()
 
 
-async def _half_request(port: int) -> socket.socket:
-    """A client that starts its request and never finishes it (slowloris)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    await loop.sock_sendall(sock, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-    return sock
-
-
-async def _answer(sock: socket.socket, wait: float) -> bytes | None:
-    """Everything the server sent until it closed; None if it is still silent after ``wait``."""
-    loop = asyncio.get_running_loop()
-    data = b""
-    try:
-        async with asyncio.timeout(wait):
-            while chunk := await loop.sock_recv(sock, 4096):
-                data += chunk
-    except TimeoutError:
-        return None
-    except ConnectionResetError:
-        pass  # closed with our request unread: what it sent before is in ``data``
-    return data
-
-
 def _descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -253,8 +237,8 @@ async def test_half_sent_requests_cannot_exhaust_descriptors(start_worker: Worke
     players = [(await connect_player(port, f"kept{i}"))[0] for i in range(5)]
     refused_before = counted("fastmatch_handshakes_refused_total", reason="max_connections")
     descriptors = _descriptors()
-    slow = [await _half_request(port) for _ in range(100)]
-    answers = await asyncio.gather(*(_answer(sock, wait=TIMEOUT / 2.5) for sock in slow))
+    slow = [await half_request(port) for _ in range(100)]
+    answers = await asyncio.gather(*(answer(sock, wait=TIMEOUT / 2.5) for sock in slow))
     held = [a for a in answers if a is None]
     assert len(held) == 5  # the ceiling's room for handshakes in progress
     assert all(a.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in a for a in answers if a is not None)

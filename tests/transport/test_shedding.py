@@ -15,7 +15,7 @@ from server.app.worker import Worker
 from server.transport.frontend import WS_PATHS
 from server.transport.overload import WS_PATHS as SHED_PATHS
 from tests.conftest import WorkerFactory, make_config
-from tests.helpers import TIMEOUT, connect_player, request, token
+from tests.helpers import TIMEOUT, answer, connect_player, half_request, request, token
 
 UPGRADE = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -27,24 +27,34 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+async def read_all(sock: socket.socket) -> bytes:
+    """The server's whole answer, up to its close (which must come in time)."""
+    try:
+        data = await answer(sock)
+    finally:
+        sock.close()
+    assert data is not None, "no answer in time"
+    return data
+
+
 async def exchange(port: int, *parts: bytes, pause: float = 0.0) -> bytes:
     """Send ``parts`` (``pause`` between them) and read the answer until the server closes."""
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        for i, part in enumerate(parts):
-            if i and pause:
-                await asyncio.sleep(pause)
-            await loop.sock_sendall(sock, part)
-        data = b""
-        async with asyncio.timeout(TIMEOUT):
-            while chunk := await loop.sock_recv(sock, 4096):
-                data += chunk
-        return data
-    finally:
-        sock.close()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    for i, part in enumerate(parts):
+        if i and pause:
+            await asyncio.sleep(pause)
+        await loop.sock_sendall(sock, part)
+    return await read_all(sock)
+
+
+async def sheds(w: Worker, count: int) -> None:
+    """Until the worker holds ``count`` connections as ``Shed``."""
+    async with asyncio.timeout(TIMEOUT):
+        while len(w.front._sheds) != count:
+            await asyncio.sleep(0.01)
 
 
 def head(answer: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
@@ -110,18 +120,10 @@ async def test_health_ready_and_split_requests_while_shedding(start_worker: Work
     huge = await exchange(port, UPGRADE[:-2] + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n")
     assert huge.startswith(b"HTTP/1.1 ") and not huge.startswith(b"HTTP/1.1 101 ")
     # A connection that closes halfway through its head frees its place.
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    await loop.sock_sendall(sock, UPGRADE[:30])
-    async with asyncio.timeout(TIMEOUT):
-        while len(w.front._sheds) != 1:
-            await asyncio.sleep(0.01)
+    sock = await half_request(port)
+    await sheds(w, 1)
     sock.close()
-    async with asyncio.timeout(TIMEOUT):
-        while w.front._sheds:
-            await asyncio.sleep(0.01)
+    await sheds(w, 0)
     # Room again: the next upgrade is welcomed, not shed.
     await w.seated.close()  # type: ignore[attr-defined]
     async with asyncio.timeout(TIMEOUT):
@@ -141,13 +143,7 @@ async def test_the_wait_counts_the_accept_queue(start_worker: WorkerFactory) -> 
     sock = socket.create_connection(("127.0.0.1", port))  # the kernel completes it, queued
     sock.sendall(UPGRADE)
     time.sleep(0.4)  # noqa: ASYNC251 (on purpose: the worker runs on this loop, it accepts nothing meanwhile)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(TIMEOUT):
-        while chunk := await loop.sock_recv(sock, 4096):
-            data += chunk
-    sock.close()
+    data = await read_all(sock)
     assert head(data)[0] == b"HTTP/1.1 503 Service Unavailable"
     assert sample("fastmatch_handshake_wait_seconds_count", status="503") - total == 1
     # Waited at least the 0.4 s: not in the bucket of those under 0.25 s.
@@ -166,14 +162,7 @@ async def test_a_request_queued_too_long_is_refused(start_worker: WorkerFactory)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(UPGRADE)
     time.sleep(1.2)  # noqa: ASYNC251 (on purpose: the worker's loop is busy)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(TIMEOUT):
-        while chunk := await loop.sock_recv(sock, 4096):
-            data += chunk
-    sock.close()
-    status, headers, body = head(data)
+    status, headers, body = head(await read_all(sock))
     assert status == b"HTTP/1.1 503 Service Unavailable" and headers[b"Retry-After"] == b"1"
     assert body == b"server busy (queued); retry later\n"
     assert sample("fastmatch_handshakes_refused_total", reason="queued") - refused == 1
@@ -186,21 +175,10 @@ async def test_a_worker_shutting_down_answers_its_shed_connections(start_worker:
     """Draining: a shed connection whose request is not complete yet is answered 503 at once,
     not left to its open timeout."""
     w, port = await full(start_worker)
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    await loop.sock_sendall(sock, UPGRADE[:30])
-    async with asyncio.timeout(TIMEOUT):
-        while len(w.front._sheds) != 1:
-            await asyncio.sleep(0.01)
+    sock = await half_request(port)
+    await sheds(w, 1)
     closing = asyncio.create_task(w.close())
-    data = b""
-    async with asyncio.timeout(TIMEOUT):
-        while chunk := await loop.sock_recv(sock, 4096):
-            data += chunk
-    sock.close()
-    status, headers, body = head(data)
+    status, headers, body = head(await read_all(sock))
     assert status == b"HTTP/1.1 503 Service Unavailable" and headers[b"Retry-After"] == b"1"
     assert body == b"server busy (draining); retry later\n"
     async with asyncio.timeout(TIMEOUT * 4):
