@@ -4,7 +4,9 @@ It bounds each call with the operation timeout (DESIGN safety device P0; the old
 10 s, we default to 2 s), turns every failure into :class:`StoreUnavailable` or
 :class:`StoreError`, keeps the circuit breaker, and reloads scripts after NOSCRIPT (a restarted
 Redis lost them). Calls share one pipelined connection (``resp.py``): whatever the worker asks
-within one event-loop iteration leaves in one write.
+within one event-loop iteration leaves in one write. On a Redis Cluster (``cluster.py``) there
+is one such connection per primary, and each call goes to the primary serving its first key's
+slot, following ``MOVED`` and ``ASK`` redirections.
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 import hiredis
 
 from server.config import RedisConfig
+from server.store import cluster
 from server.store.breaker import BreakerState, CircuitBreaker
 from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
-from server.store.resp import Reply, RespConnectionError, RespProtocol, RespTimeout, pack
+from server.store.resp import (
+    Reply,
+    RespConnectionError,
+    RespProtocol,
+    RespTimeout,
+    open_connection,
+    pack,
+)
 from server.store.scripts import read_scripts
 from server.store.sentinel import Locator
 
@@ -30,6 +40,12 @@ _TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "C
                      "NOREPLICAS")  # a primary under min-replicas-to-write that lost its replicas
 # Replies of a node that is not (or no longer) a writable primary: its connection is dropped.
 _NOT_PRIMARY: Final = ("READONLY", "MASTERDOWN")
+# Commands whose second argument is not a key: on a cluster any node answers them.
+_KEYLESS: Final = frozenset({"PUBLISH", "PING", "TIME", "INFO", "CONFIG", "SLOWLOG", "SCRIPT",
+                             "CLUSTER", "ROLE", "DBSIZE", "CLIENT", "MEMORY", "LATENCY", "WAIT"})
+# Redirections one call follows before it fails (a resharding in progress moves a slot twice).
+_MAX_REDIRECTS: Final = 5
+_ASKING: Final = hiredis.pack_command(("ASKING",))
 
 
 class CallObserver(Protocol):
@@ -83,43 +99,60 @@ class RedisClient:
             name: Script(name, hashlib.sha1(src.encode()).hexdigest(), src)  # the SHA Redis knows it by
             for name, src in read_scripts().items()
         }
-        self._conn: RespProtocol | None = None
-        self._connecting: asyncio.Task[RespProtocol] | None = None
+        spec = cluster.parse(url)
+        self.slots = cluster.SlotMap(spec) if spec is not None else None
+        # Standalone and Sentinel: the one node, wherever the locator finds it. A cluster: a
+        # node per primary, opened at its first call.
+        self._single = None if spec is not None else _Node("redis", self._open_located)
+        self._nodes: dict[tuple[str, int], _Node] = {}
         self._watchdog: asyncio.TimerHandle | None = None
         # The watchdog looks at the oldest call this often: a call waits at most the timeout
         # plus one period before its connection is dropped.
         self._period = min(max(operation_timeout_s / 8, 0.01), 0.25)
         self._closed = False
         self.calls = 0
-        self._past_writes = 0  # of connections that are gone
 
     # -- calls ----------------------------------------------------------------------------------
 
     async def command(self, *args: str | bytes | int | float) -> Reply:
         """One Redis command, e.g. ``command("PUBLISH", channel, data)``."""
-        return await self._call(str(args[0]).lower(), pack(*args))
+        slot = _command_slot(args) if self.slots is not None else -1
+        return await self._call(str(args[0]).lower(), pack(*args), None, slot)
 
     async def script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Reply:
-        """EVALSHA the named script from ``lua/``; loaded again if Redis lost it (NOSCRIPT)."""
+        """EVALSHA the named script from ``lua/``; loaded again if Redis lost it (NOSCRIPT).
+        On a cluster it runs where ``keys[0]`` lives: every key must share its slot."""
         script = self._scripts[name]
-        return await self._call(name, pack("EVALSHA", script.sha, len(keys), *keys, *args), script)
+        slot = cluster.key_slot(keys[0]) if self.slots is not None and keys else -1
+        return await self._call(name, pack("EVALSHA", script.sha, len(keys), *keys, *args), script, slot)
 
     async def pipeline(self, op: str, commands: Sequence[Sequence[str | bytes | int | float]]) -> list[Reply]:
-        """Several commands sent together, as one call for the breaker and the timeout."""
+        """Several commands sent together, as one call for the breaker and the timeout (on a
+        cluster, one write per primary they touch)."""
         if not commands:
             return []
+        if self.slots is not None:
+            return await self._call(op, [pack(*c) for c in commands], None,  # type: ignore[no-any-return]
+                                    [_command_slot(c) for c in commands])
         return await self._call(op, [pack(*c) for c in commands])  # type: ignore[no-any-return]
 
     @property
     def writes(self) -> int:
         """Writes to Redis so far (round trips: calls of one pipeline window share one)."""
-        return self._past_writes + (self._conn.writes if self._conn is not None else 0)
+        nodes = [self._single] if self._single is not None else self._nodes.values()
+        return sum(node.writes for node in nodes if node is not None)
+
+    @property
+    def _conn(self) -> RespProtocol | None:
+        """The connection of a standalone or Sentinel deployment (None on a cluster)."""
+        return self._single.conn if self._single is not None else None
 
     def script_names(self) -> dict[str, str]:
         """SHA -> script name, to read SLOWLOG and MONITOR output."""
         return {script.sha: name for name, script in self._scripts.items()}
 
-    async def _call(self, op: str, packed: bytes | list[bytes], script: Script | None = None) -> Reply:
+    async def _call(self, op: str, packed: bytes | list[bytes], script: Script | None = None,
+                    slot: int | list[int] = -1) -> Reply:
         loop = asyncio.get_running_loop()
         started = loop.time()
         breaker = self.breaker
@@ -130,7 +163,10 @@ class RedisClient:
             raise StoreUnavailable(f"redis {op} refused: circuit open", retry_after_ms=retry_ms)
         outcome = "error"
         try:
-            reply = await self._exchange(op, packed, script, started)
+            if self._single is not None:
+                reply = await self._exchange(self._single, packed, script, started)
+            else:
+                reply = await self._routed(packed, script, started, slot)
             replies = reply if isinstance(packed, list) else (reply,)
             error = next(filter(None, (_reply_error(op, r) for r in replies)), None)
             if isinstance(error, StoreUnavailable):  # Redis is loading, busy or read-only
@@ -160,12 +196,13 @@ class RedisClient:
             self.observer.call_done(op, loop.time() - started, outcome)
 
     async def _exchange(
-        self, op: str, packed: bytes | list[bytes], script: Script | None, started: float
+        self, node: _Node, packed: bytes | list[bytes], script: Script | None, started: float,
+        asking: bool = False,
     ) -> Reply:
-        conn = self._conn
+        conn = node.conn
         if conn is None or conn.broken:
             try:
-                conn = await self._connected(started)
+                conn = await self._connected(node, started)
             except (RespConnectionError, OSError) as exc:
                 raise _NotSent from exc
         if conn.in_flight >= self.max_inflight:
@@ -178,6 +215,8 @@ class RedisClient:
                 if type(reply) is hiredis.ReplyError and str(reply).startswith(_NOT_PRIMARY):
                     self._demoted(conn, reply)
             return replies
+        if asking:  # the next command on this connection may use a slot being migrated here
+            conn.send(_ASKING).add_done_callback(_retrieve)
         future = conn.send(packed)
         self._arm_watchdog()
         reply = await future
@@ -187,9 +226,75 @@ class RedisClient:
             # Redis restarted (or flushed its scripts): load and run again, back to back.
             loaded = conn.send(pack("SCRIPT", "LOAD", script.source))
             loaded.add_done_callback(_retrieve)
+            if asking:
+                conn.send(_ASKING).add_done_callback(_retrieve)
             future = conn.send(packed)
             reply = await future
         return reply
+
+    # -- a cluster: each call to the primary of its slot --------------------------------------------
+
+    async def _routed(
+        self, packed: bytes | list[bytes], script: Script | None, started: float, slot: int | list[int]
+    ) -> Reply:
+        if isinstance(packed, list):
+            # One write per primary; each command's reply back in its place.
+            assert isinstance(slot, list)
+            replies: list[Reply] = await asyncio.gather(
+                *(self._routed(p, None, started, s) for p, s in zip(packed, slot, strict=True)))
+            return replies
+        assert isinstance(slot, int)
+        slots = self.slots
+        assert slots is not None
+        if (slots.owner(slot) is None) if slot >= 0 else not slots.primaries:
+            await self._refreshed(started)
+        reply: Reply = None
+        for _ in range(_MAX_REDIRECTS):
+            where = slots.owner(slot) if slot >= 0 else None
+            if where is None and not slots.primaries:
+                raise _NotSent from RespConnectionError("the redis cluster has no primary")
+            node = self._node(where or slots.primaries[0])
+            try:
+                reply = await self._exchange(node, packed, script, started)
+            except (RespConnectionError, OSError, _NotSent):
+                slots.refresh().add_done_callback(_retrieve_task)  # a failover may be under way
+                raise
+            moved = cluster.redirection(reply)
+            if moved is None:
+                if type(reply) is hiredis.ReplyError and str(reply).startswith(("CLUSTERDOWN", "TRYAGAIN")):
+                    slots.refresh().add_done_callback(_retrieve_task)
+                return reply
+            ask, moved_slot, host, port = moved
+            if ask:
+                # This call only: the slot is migrating, the map stays as it is.
+                return await self._exchange(self._node((host, port)), packed, script, started, asking=True)
+            slots.moved(moved_slot, host, port)
+            slots.refresh().add_done_callback(_retrieve_task)
+            slot = moved_slot
+        return reply
+
+    async def _refreshed(self, started: float) -> None:
+        """The slot map, asked for now (the first call, or a slot nobody serves)."""
+        assert self.slots is not None
+        remaining = max(self.timeout - (asyncio.get_running_loop().time() - started), 0.001)
+        try:
+            async with asyncio.timeout(remaining):
+                await asyncio.shield(self.slots.refresh())
+        except (RespConnectionError, OSError, TimeoutError) as exc:
+            raise _NotSent from exc
+
+    def _node(self, address: tuple[str, int]) -> _Node:
+        node = self._nodes.get(address)
+        if node is None:
+            assert self.slots is not None
+            host, port = address
+            target = self.slots.spec.address(host, port)
+
+            async def opener() -> RespProtocol:
+                return await open_connection(target, window_s=self.pipeline_window_s)
+
+            node = self._nodes[address] = _Node(f"{host}:{port}", opener)
+        return node
 
     def _demoted(self, conn: RespProtocol, reply: Reply) -> None:
         """The node is a replica now (a failover demoted it while this connection stayed open):
@@ -258,42 +363,41 @@ class RedisClient:
             self.observer.breaker_changed(breaker.state)
 
     async def _ping_alone(self) -> bool:
-        conn: RespProtocol | None = None
+        """Redis answers on a connection of its own: the one node, or every primary of a
+        cluster (a shard whose primary died is not back until its replica took over)."""
         try:
             async with asyncio.timeout(self.timeout):
-                conn = await self.locator.connect()
-                return bool(await conn.send(pack("PING")) == b"PONG")
+                if self.slots is None:
+                    return await _pinged(self.locator.connect())
+                await asyncio.shield(self.slots.refresh())
+                spec = self.slots.spec
+                return all(await asyncio.gather(*(
+                    _pinged(open_connection(spec.address(host, port)))
+                    for host, port in self.slots.primaries)))
         except (OSError, RespConnectionError, TimeoutError):
             return False
-        finally:
-            if conn is not None:
-                conn.close()
 
-    # -- the connection ---------------------------------------------------------------------------
+    # -- the connections ----------------------------------------------------------------------------
 
-    async def _connected(self, started: float) -> RespProtocol:
-        """The live connection, opening one when needed (concurrent callers share the attempt)."""
+    async def _connected(self, node: _Node, started: float) -> RespProtocol:
+        """The node's live connection, opening one when needed (concurrent callers share the
+        attempt)."""
         if self._closed:
             raise RespConnectionError("redis client is closed")
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.get_running_loop().create_task(self._open())
         remaining = max(self.timeout - (asyncio.get_running_loop().time() - started), 0.001)
         try:
             async with asyncio.timeout(remaining):
                 # Shielded: one caller's timeout or cancellation must not kill the shared attempt.
-                return await asyncio.shield(self._connecting)
+                conn = await asyncio.shield(node.connecting())
         except TimeoutError as exc:
             raise RespTimeout(f"connecting took over {self.timeout:g}s") from exc
-
-    async def _open(self) -> RespProtocol:
-        conn = await self.locator.connect(window_s=self.pipeline_window_s)
         if self._closed:
             conn.close()
             raise RespConnectionError("redis client is closed")
-        if self._conn is not None:
-            self._past_writes += self._conn.writes
-        self._conn = conn
         return conn
+
+    async def _open_located(self) -> RespProtocol:
+        return await self.locator.connect(window_s=self.pipeline_window_s)
 
     def _arm_watchdog(self) -> None:
         if self._watchdog is None:
@@ -303,16 +407,20 @@ class RedisClient:
         """Drop a connection whose oldest call is past the timeout: Redis hangs, or the socket
         is half-open. Every call on it fails now (replies come in order, so all are stuck)."""
         self._watchdog = None
-        conn = self._conn
-        if conn is None or conn.broken:
-            return
-        sent = conn.oldest_sent_at()
-        if sent is None:
-            return
-        if asyncio.get_running_loop().time() - sent >= self.timeout:
-            conn.abort(RespTimeout(f"no reply within {self.timeout:g}s"))
-            return
-        self._arm_watchdog()
+        now, waiting = asyncio.get_running_loop().time(), False
+        for node in [self._single] if self._single is not None else list(self._nodes.values()):
+            conn = node.conn if node is not None else None
+            if conn is None or conn.broken:
+                continue
+            sent = conn.oldest_sent_at()
+            if sent is None:
+                continue
+            if now - sent >= self.timeout:
+                conn.abort(RespTimeout(f"no reply within {self.timeout:g}s"))
+            else:
+                waiting = True
+        if waiting:
+            self._arm_watchdog()
 
     async def close(self) -> None:
         self._closed = True
@@ -322,12 +430,66 @@ class RedisClient:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        nodes = [self._single] if self._single is not None else list(self._nodes.values())
+        await asyncio.gather(*(node.close() for node in nodes if node is not None))
+
+
+class _Node:
+    """One Redis node's pipelined connection, opened on demand."""
+
+    def __init__(self, name: str, opener: Callable[[], Awaitable[RespProtocol]]) -> None:
+        self.name = name
+        self._opener = opener
+        self.conn: RespProtocol | None = None
+        self._connecting: asyncio.Task[RespProtocol] | None = None
+        self._past_writes = 0  # of its connections that are gone
+
+    @property
+    def writes(self) -> int:
+        return self._past_writes + (self.conn.writes if self.conn is not None else 0)
+
+    def connecting(self) -> asyncio.Task[RespProtocol]:
+        """The attempt to (re)connect; concurrent callers share it."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self._open())
+        return self._connecting
+
+    async def _open(self) -> RespProtocol:
+        conn = await self._opener()
+        if self.conn is not None:
+            self._past_writes += self.conn.writes
+        self.conn = conn
+        return conn
+
+    async def close(self) -> None:
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
-        conn, self._conn = self._conn, None
+        conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
             await conn.closed
+
+
+async def _pinged(connecting: Awaitable[RespProtocol]) -> bool:
+    conn = await connecting
+    try:
+        return bool(await conn.send(pack("PING")) == b"PONG")
+    finally:
+        conn.close()
+
+
+def _command_slot(args: Sequence[str | bytes | int | float]) -> int:
+    """The slot a command's key lives in (-1: it has none, any node answers)."""
+    if len(args) < 2 or str(args[0]).upper() in _KEYLESS:
+        return -1
+    key = args[1]
+    return cluster.key_slot(key if isinstance(key, bytes) else str(key))
+
+
+def _retrieve_task(task: asyncio.Task[None]) -> None:
+    """A map refresh nobody awaits: a failure is logged by the next call that needs it."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _NotSent(Exception):

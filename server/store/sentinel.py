@@ -25,10 +25,13 @@ from urllib.parse import quote, unquote, urlsplit
 import hiredis
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
+import redis.cluster
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 from server.config import RedisConfig
+from server.store import cluster
 from server.store.resp import Address, OnPush, RespConnectionError, RespProtocol, open_connection, pack
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,11 @@ class Locator:
         self.url = url
         self.timeout_s = timeout_s
         self.spec = parse(url)
-        self._fixed = None if self.spec is not None else Address.from_url(url)
+        # A cluster (``cluster.py``): connections that need no particular node (the delivery
+        # subscriber: a cluster carries PUBLISH to every node) go to the first seed that answers.
+        self.cluster = cluster.parse(url)
+        plain = self.spec is None and self.cluster is None
+        self._fixed = Address.from_url(url) if plain else None
         self.primary: tuple[str, int] | None = None  # the last primary connected to
         self.failovers = 0  # times the primary moved to another address since the first
 
@@ -102,6 +109,8 @@ class Locator:
             return await open_connection(self._fixed, on_push, window_s)
         try:
             async with asyncio.timeout(self.timeout_s):
+                if self.cluster is not None:
+                    return await self._any_node(self.cluster, on_push, window_s)
                 return await self._from_sentinels(on_push, window_s)
         except TimeoutError as exc:
             raise RespConnectionError(f"no redis primary found within {self.timeout_s:g}s") from exc
@@ -127,6 +136,19 @@ class Locator:
             log.warning("redis %s:%d named primary of %s answers ROLE %r; asking again",
                         host, port, spec.service, role[0] if isinstance(role, list) and role else role)
             await asyncio.sleep(_DEMOTED_PAUSE_S)
+
+    async def _any_node(self, spec: cluster.ClusterSpec, on_push: OnPush | None,
+                        window_s: float) -> RespProtocol:
+        failures = []
+        for host, port in spec.seeds:
+            try:
+                async with asyncio.timeout(_ASK_TIMEOUT_S):
+                    conn = await open_connection(spec.address(host, port), on_push, window_s)
+            except (OSError, RespConnectionError, TimeoutError) as exc:
+                failures.append(f"{host}:{port}: {type(exc).__name__} {exc}")
+                continue
+            return conn
+        raise RespConnectionError("no redis cluster node answered: " + "; ".join(failures))
 
     async def ask(self, spec: SentinelSpec) -> tuple[str, int]:
         """The primary's address, from the first Sentinel that knows it."""
@@ -158,7 +180,13 @@ class Locator:
 
 
 def sync_client(url: str, **kwargs: Any) -> redis.Redis:
-    """A redis-py client for a locator (admin tools): it follows the Sentinels' primary."""
+    """A redis-py client for a locator (admin tools): it follows the Sentinels' primary, or
+    routes by slot on a cluster."""
+    nodes = cluster.parse(url)
+    if nodes is not None:
+        return cast(redis.Redis, redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes.seeds],  # type: ignore[no-untyped-call, unused-ignore]
+            username=nodes.username or None, password=nodes.password or None, **kwargs))
     spec = parse(url)
     if spec is None:
         return redis.Redis.from_url(url, **kwargs)
@@ -171,6 +199,11 @@ def sync_client(url: str, **kwargs: Any) -> redis.Redis:
 
 def async_client(url: str, **kwargs: Any) -> aioredis.Redis:
     """The asyncio twin of :func:`sync_client`."""
+    nodes = cluster.parse(url)
+    if nodes is not None:
+        return cast(aioredis.Redis, aioredis.cluster.RedisCluster(
+            startup_nodes=[aioredis.cluster.ClusterNode(h, p) for h, p in nodes.seeds],
+            username=nodes.username or None, password=nodes.password or None, **kwargs))
     spec = parse(url)
     if spec is None:
         return aioredis.Redis.from_url(url, **kwargs)

@@ -1,0 +1,225 @@
+"""Redis Cluster (issue 11): the locator, and the store's client on a real cluster (3 primaries
+with a replica each, started once for this module): each call reaches the primary of its key's
+slot, and the client follows the cluster through MOVED, ASK, a manual failover and a killed
+primary without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import hiredis
+import pytest
+
+from server.config import RedisConfig
+from server.store import cluster, keys, sentinel
+from server.store.client import RedisClient
+from server.store.errors import StoreUnavailable
+from tests.helpers import TIMEOUT, eventually
+from tests.store.cluster_topology import NODE_TIMEOUT_MS, ClusterTopology
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[ClusterTopology]:
+    deployment = ClusterTopology().start()
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture
+async def client(topology: ClusterTopology) -> AsyncIterator[RedisClient]:
+    redis_client = RedisClient(topology.locator, RedisConfig(operation_timeout_s=TIMEOUT / 2))
+    yield redis_client
+    await redis_client.close()
+
+
+def key_on(topology: ClusterTopology, port: int, prefix: str) -> str:
+    """A mode key (``{mm:<mode>}:...``) whose slot the primary on ``port`` serves."""
+    for i in range(10_000):
+        key = keys.leader(f"{prefix}-{i}")
+        if topology.owner(key) == port:
+            return key
+    raise AssertionError(f"no key of {prefix!r} on {port}")
+
+
+def caught_up(topology: ClusterTopology, primary: int) -> None:
+    """Until the primary's replica has every write it took (so a kill loses none of them)."""
+    deadline = time.monotonic() + TIMEOUT
+    with topology.node(primary) as node:
+        while True:
+            info = node.info("replication")
+            offsets = [v["offset"] for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            if offsets and max(offsets) >= info["master_repl_offset"]:
+                return
+            assert time.monotonic() < deadline, info
+            time.sleep(0.02)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def mode_of(key: str) -> str:
+    return key.split("}", maxsplit=1)[0].removeprefix("{mm:")
+
+
+# -- the locator and the slot arithmetic (no Redis needed) ----------------------------------------
+
+
+def test_a_cluster_locator_names_its_seeds_and_credentials() -> None:
+    spec = cluster.parse("redis+cluster://u:p%40ss@10.0.0.1:7000, [::1]:7001")
+    assert spec == cluster.ClusterSpec((("10.0.0.1", 7000), ("::1", 7001)), "u", "p@ss")
+    assert spec.address("h", 1).password == "p@ss" and spec.address("h", 1).db == 0
+    assert cluster.parse("redis://h:1/0") is None
+    assert sentinel.Locator("redis+cluster://h:1", 1.0).cluster is not None
+
+
+@pytest.mark.parametrize("bad", ["redis+cluster://", "redis+cluster://h", "redis+cluster://h:0",
+                                 "redis+cluster://h:1,h2:x", "redis+cluster://h:1/2"])
+def test_a_bad_cluster_locator_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"host:port|database 0"):
+        cluster.parse(bad)
+
+
+def test_redirections_are_read_and_nothing_else_is_one() -> None:
+    moved = hiredis.ReplyError("MOVED 3999 127.0.0.1:6381")
+    assert cluster.redirection(moved) == (False, 3999, "127.0.0.1", 6381)
+    assert cluster.redirection(hiredis.ReplyError("ASK 1 ::1:7000")) == (True, 1, "::1", 7000)
+    assert cluster.redirection(hiredis.ReplyError("ERR MOVED is not this")) is None
+    assert cluster.redirection(b"MOVED 1 h:1") is None  # a value, not an error
+
+
+# -- a real cluster --------------------------------------------------------------------------------
+
+
+async def test_each_call_reaches_the_primary_of_its_slot(
+    topology: ClusterTopology, client: RedisClient
+) -> None:
+    """Commands, scripts (loaded on each primary at its first NOSCRIPT) and a pipeline across
+    the three shards; the client computes every key's slot as the nodes do."""
+    placed = {port: key_on(topology, port, "route") for port in topology.primaries()}
+    assert len(placed) == 3
+    for port, key in placed.items():
+        with topology.node(port) as node:
+            assert cluster.key_slot(key) == node.execute_command("CLUSTER", "KEYSLOT", key)
+        held = await client.script("lease_acquire", [key, keys.epoch(mode_of(key))], [f"w-{port}", 5000])
+        assert held == [1, 1]
+        with topology.node(port) as node:
+            assert node.get(key) == f"w-{port}|1"
+    assert await client.pipeline("leaders", [("GET", key) for key in placed.values()]) == [
+        f"w-{port}|1".encode() for port in placed]
+    assert await client.command("PING") == b"PONG"  # keyless: any node
+    assert client.slots is not None and client.slots.refreshes == 1
+
+
+async def test_a_manual_failover_is_followed_without_a_failed_call(
+    topology: ClusterTopology, client: RedisClient
+) -> None:
+    """After CLUSTER FAILOVER the old primary answers MOVED (a replica now): the call goes on to
+    the new primary, and the map is asked for again."""
+    old = next(iter(topology.primaries()))
+    key = key_on(topology, old, "manual")
+    await client.command("SET", key, "before")
+    replica = topology.replica_of(old)
+    topology.failover(replica)
+    assert topology.owner(key) == replica
+    assert client.slots is not None
+    refreshes = client.slots.refreshes
+    assert await client.command("GET", key) == b"before"  # replicated before the handover
+    await client.command("SET", key, "after")
+    with topology.node(replica) as node:
+        assert node.get(key) == "after"
+    assert client.slots.owner(cluster.key_slot(key)) == ("127.0.0.1", replica)
+    await eventually(lambda: _true(client.slots is not None and client.slots.refreshes > refreshes))
+
+
+async def test_a_migrating_slot_is_followed_by_ask_then_moved(
+    topology: ClusterTopology, client: RedisClient
+) -> None:
+    """A slot on its way to another primary: a key the source no longer has is asked of the
+    target (ASK, for that call only); once the slot moved, its old owner answers MOVED."""
+    source, target = list(topology.primaries())[:2]
+    key = key_on(topology, source, "migrate")
+    slot = cluster.key_slot(key)
+    await client.command("GET", key)  # the client knows the source as the slot's owner
+    with topology.node(source) as src, topology.node(target) as dst:
+        src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        await client.command("SET", key, "asked")  # not on the source: ASK, then ASKING + SET
+        assert client.slots is not None and client.slots.owner(slot) == ("127.0.0.1", source)
+        for port in topology.primaries():  # the replicas learn it from their primaries
+            with topology.node(port) as node:
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    # MOVED by the source; the value is there only if the SET above went to the target.
+    assert await client.command("GET", key) == b"asked"
+    assert client.slots.owner(slot) == ("127.0.0.1", target)
+    assert topology.owner(key) == target
+
+
+async def test_a_killed_primary_is_followed_once_its_replica_takes_over(
+    topology: ClusterTopology, client: RedisClient
+) -> None:
+    """Calls to the dead primary's slots fail as `unavailable` and did not run; once the
+    cluster promotes its replica they reach the new primary, without a restart, within the
+    node timeout and a few seconds; the other shards' data is untouched."""
+    old = list(topology.primaries())[-1]
+    key, other = key_on(topology, old, "killed"), key_on(topology, next(iter(topology.primaries())), "kept")
+    await client.command("SET", key, "x")
+    await client.command("SET", other, "y")
+    await asyncio.to_thread(caught_up, topology, old)
+    topology.kill(old)
+    killed_at = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await client.command("GET", key)
+        new = await asyncio.to_thread(topology.wait_failover, old, TIMEOUT * 6)
+        deadline = time.monotonic() + TIMEOUT * 6
+        while True:
+            try:
+                value = await client.command("GET", key)
+                break
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        resumed = time.monotonic() - killed_at
+        assert value == b"x"
+        assert client.slots is not None and client.slots.owner(cluster.key_slot(key)) == ("127.0.0.1", new)
+        assert await client.command("GET", other) == b"y"
+        assert resumed < NODE_TIMEOUT_MS / 1000 + 10, resumed
+    finally:
+        topology.restore(old)
+
+
+async def test_admin_clients_and_the_subscriber_reach_a_cluster(topology: ClusterTopology) -> None:
+    """The console's and simulator's redis-py clients route by slot too, and the delivery
+    subscriber's connection (any node) hears what a script publishes on another primary."""
+    admin = sentinel.sync_client(topology.locator, decode_responses=True)
+    placed = [key_on(topology, port, "admin") for port in topology.primaries()]
+    for key in placed:
+        admin.set(key, key)
+    assert [admin.get(key) for key in placed] == placed
+    admin.delete(*placed[:1])
+    aadmin = sentinel.async_client(topology.locator, decode_responses=True)
+    assert await aadmin.get(placed[1]) == placed[1]
+    await aadmin.aclose()
+    admin.close()
+
+    heard: asyncio.Queue[object] = asyncio.Queue()
+    locator = sentinel.Locator(topology.locator, TIMEOUT)
+    listener = await locator.connect(on_push=heard.put_nowait)
+    try:
+        listener.write(hiredis.pack_command(("SUBSCRIBE", "fm:deliver:cluster-test")))
+        assert await asyncio.wait_for(heard.get(), TIMEOUT) == [b"subscribe", b"fm:deliver:cluster-test", 1]
+        for port in topology.primaries():  # a script publishes on the primary it runs on
+            with topology.node(port) as node:
+                node.publish("fm:deliver:cluster-test", str(port))
+        got = [await asyncio.wait_for(heard.get(), TIMEOUT) for _ in topology.primaries()]
+        assert sorted(got) == sorted([b"message", b"fm:deliver:cluster-test", str(port).encode()]  # type: ignore[type-var]
+                                     for port in topology.primaries())
+    finally:
+        listener.close()
