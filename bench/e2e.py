@@ -148,7 +148,7 @@ def idle_connections(total: int) -> dict[str, Any]:
 
 async def _worker_pids(redis_url: str) -> list[int]:
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    workers = await admin.zrange(keys.WORKERS, 0, -1)
+    workers = await admin.zrange(keys.workers(), 0, -1)
     await admin.aclose()
     return [int(str(w).rsplit("-", 2)[1]) for w in workers]
 
@@ -158,7 +158,7 @@ async def _wait_connected(redis_url: str, total: int) -> int:
     deadline = time.monotonic() + 120
     count = 0
     while time.monotonic() < deadline:
-        workers = await admin.zrange(keys.WORKERS, 0, -1)
+        workers = await admin.zrange(keys.workers(), 0, -1)
         count = sum([await admin.scard(keys.worker_players(w)) for w in workers])
         if count >= total:
             break

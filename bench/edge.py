@@ -93,7 +93,7 @@ def _wait_workers(r: redis.Redis, port: int, workers: int, proc: subprocess.Pope
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("fastmatch serve did not start")
-        if r.zcard(keys.WORKERS) >= workers:
+        if r.zcard(keys.workers()) >= workers:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 return

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, NoReturn
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -86,6 +87,9 @@ class RedisConfig(_Base, frozen=True):
     # carries the primary's credentials and db (its host is not used).
     sentinels: str = ""
     sentinel_service: str = ""
+    # Redis Cluster (README "Deployment: Redis Cluster"): `url` names any node; the primaries
+    # are learnt from it (CLUSTER SLOTS) and each call goes to its slot's primary.
+    cluster: bool = False
     operation_timeout_s: float = 2.0
     # Calls awaiting replies per worker (all on one pipelined connection); past it, calls fail
     # at once with `unavailable` without counting against Redis in the breaker.
@@ -273,6 +277,7 @@ def _check_storage(config: Config) -> None:
     if r.max_inflight < 1:
         _fail("redis.max_inflight", "must be >= 1")
     _check_sentinels(r)
+    _check_cluster(r)
     if not 0 <= r.pipeline_window_ms <= 50:
         _fail("redis.pipeline_window_ms", "must be between 0 and 50")
     if config.metrics.flush_interval_s <= 0:
@@ -305,6 +310,24 @@ def _check_sentinels(r: RedisConfig) -> None:
     if r.url and not r.url.startswith("redis://"):
         _fail("redis.url", "with redis.sentinels may only be a redis:// URL carrying the "
               "primary's password and db (TLS and unix sockets are not supported with Sentinel)")
+
+
+def _check_cluster(r: RedisConfig) -> None:
+    if not r.cluster:
+        return
+    if r.sentinels.strip():
+        _fail("redis.cluster", "and redis.sentinels cannot both be set (a cluster fails over by itself)")
+    if not r.url.startswith("redis://"):
+        _fail("redis.url", "must name a cluster node as redis://[user:password@]host:port when "
+              "redis.cluster = true (no embedded cluster; TLS and unix sockets not supported yet)")
+    parts = urlsplit(r.url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None or parts.path.strip("/") not in ("", "0") or parts.query:
+        _fail("redis.url", "must be redis://[user:password@]host:port (database 0) when "
+              "redis.cluster = true")
 
 
 def _check_matching(config: Config) -> None:

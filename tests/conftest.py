@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from server.app.gameserver import Behaviour, ReferenceGameServer
 from server.app.worker import Worker
 from server.config import Config, load_config
+from server.store import keys
 from server.store.embedded import EmbeddedRedis
 from tests.helpers import TIMEOUT
 
@@ -73,6 +74,7 @@ async def redis_url(shared_redis: EmbeddedRedis) -> str:
     admin = aioredis.Redis.from_url(shared_redis.url)
     await admin.flushall()
     await admin.aclose()
+    keys.configure(shared_redis.url)  # the one-node layout, whatever a cluster test left
     return shared_redis.url
 
 

@@ -154,6 +154,7 @@ class Console:
         self.max_age_s = max_age_s
         self.clock = clock
         self.host = socket.gethostname()
+        keys.configure(source.redis_url)
         # One immediate retry: a pooled connection may be stale after a Redis restart.
         self.redis = sentinel.sync_client(
             source.redis_url, decode_responses=True, socket_timeout=source.timeout_s,
@@ -183,7 +184,7 @@ class Console:
         count one refresh earlier."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
-        pipe.zrange(keys.WORKERS, 0, -1, withscores=True)
+        pipe.zrange(keys.workers(), 0, -1, withscores=True)
         pipe.pubsub_numsub(self.source.request_channel)
         for worker in self._known_workers:
             pipe.scard(keys.worker_players(worker))

@@ -84,7 +84,7 @@ class Housekeeper:
             await self.expire_grace(mode)
         loop = asyncio.get_running_loop()
         if loop.time() >= self._reap_from:
-            for worker_id in await self.store.due(keys.WORKERS):
+            for worker_id in await self.store.due(keys.workers()):
                 if worker_id != self.store.worker_id:
                     await self.reap(worker_id)
         if self.audit_interval_s and loop.time() >= self._audit_at:

@@ -50,6 +50,7 @@ def new_worker_id() -> str:
 class Worker:
     def __init__(self, config: Config, redis_url: str, worker_id: str | None = None) -> None:
         self.config = config
+        keys.configure(redis_url)  # the key layout of this deployment (one slot on a cluster)
         self.worker_id = worker_id or new_worker_id()
         self.client = RedisClient(redis_url, config.redis, observer=RedisMetrics())
         grace_ms = config.server.resume_grace_ms

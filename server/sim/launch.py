@@ -79,7 +79,7 @@ class Server:
         try:
             client = redis.Redis.from_url(self.redis.url, socket_timeout=0.5, decode_responses=True)
             with contextlib.closing(client):
-                registered = {int(str(w).rsplit("-", 2)[1]) for w in client.zrange(keys.WORKERS, 0, -1)}
+                registered = {int(str(w).rsplit("-", 2)[1]) for w in client.zrange(keys.workers(), 0, -1)}
             self._known_workers = sorted(registered & set(children))
         except (redis.RedisError, OSError, ValueError, IndexError):
             pass

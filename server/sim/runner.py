@@ -85,6 +85,7 @@ Progress = Callable[[RunResult, int, float], None]
 async def run(cfg: RunConfig, progress: Progress | None = None,
               target: Target | None = None) -> RunResult:
     result = RunResult(cfg)
+    keys.configure(cfg.redis_url)
     admin = sentinel.async_client(cfg.redis_url, decode_responses=True)
     t0 = time.monotonic()
     facts = Facts(cfg.redis_url, cfg.settings.mode)
@@ -261,7 +262,7 @@ async def _sample(admin: aioredis.Redis, result: RunResult, t0: float, stop: asy
     while not stop.is_set():
         now = time.monotonic() - t0
         with contextlib.suppress(Exception):
-            workers = [str(w) for w in await admin.zrange(keys.WORKERS, 0, -1)]
+            workers = [str(w) for w in await admin.zrange(keys.workers(), 0, -1)]
             pids = {f"worker {w.rsplit('-', 2)[1]}": int(w.rsplit("-", 2)[1]) for w in workers}
             info = await admin.info("stats")
             result.sampler.sample(pids, now)

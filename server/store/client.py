@@ -136,6 +136,40 @@ class RedisClient:
                                     [_command_slot(c) for c in commands])
         return await self._call(op, [pack(*c) for c in commands])  # type: ignore[no-any-return]
 
+    async def publish(self, channel: str, data: bytes) -> int:
+        """PUBLISH; the subscribers it reached. On a cluster the node counts only its own
+        subscribers, though the message reaches every node's: when it counts none, the
+        cluster's are counted (a game server listening on another node is not "nobody")."""
+        reached = to_int(await self.command("PUBLISH", channel, data))
+        if reached == 0 and self.slots is not None:
+            return await self.listeners(channel) or 0
+        return reached
+
+    async def listeners(self, channel: str) -> int | None:
+        """Subscribers of ``channel`` on every node of a cluster, replicas included (a
+        subscriber may be on any node, and ``PUBSUB NUMSUB`` counts one node's). None on one
+        node, where a script asks itself. A node that does not answer counts none: whoever
+        listened there lost its connection with it."""
+        if self.slots is None:
+            return None
+        started = asyncio.get_running_loop().time()
+        if not self.slots.nodes:
+            try:
+                await self._refreshed(started)
+            except _NotSent as exc:
+                raise StoreUnavailable(f"redis numsub failed: {exc.__cause__}") from exc.__cause__
+        packed = pack("PUBSUB", "NUMSUB", channel)
+
+        async def asked(address: tuple[str, int]) -> int:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    reply = await self._exchange(self._node(address), packed, None, started)
+            except (RespConnectionError, OSError, _NotSent, _Overloaded, TimeoutError):
+                return 0
+            return int(reply[1]) if isinstance(reply, list) and len(reply) == 2 else 0
+
+        return sum(await asyncio.gather(*(asked(a) for a in self.slots.nodes)))
+
     @property
     def writes(self) -> int:
         """Writes to Redis so far (round trips: calls of one pipeline window share one)."""

@@ -9,8 +9,9 @@ The hosts are seeds: any nodes of the cluster. Every primary is learnt from ``CL
 asked again whenever a node says a slot moved (``MOVED``), a node cannot be reached, or the
 cluster says it is down for a slot. Databases other than 0 do not exist in a cluster.
 
-Only the RESP client (``client.py``) routes by slot; the delivery subscriber connects to any
-node, because a cluster carries ``PUBLISH`` to every node (README "Deployment: Redis Cluster").
+The RESP client (``client.py``) routes each call by its slot; the delivery subscribers connect
+to the primary of fastmatch's slot (``sentinel.Locator``), whose scripts publish every notice
+(README "Deployment: Redis Cluster").
 """
 
 from __future__ import annotations
@@ -82,6 +83,36 @@ def redirection(reply: object) -> tuple[bool, int, str, int] | None:
     return kind == "ASK", int(slot), host.strip("[]"), int(port)
 
 
+def nodes_of(reply: object, asked: str) -> list[tuple[str, int]]:
+    """Every node a ``CLUSTER SLOTS`` reply names, primaries first (``asked``: the host the
+    reply came from, for nodes that name no host of their own)."""
+    primaries: dict[tuple[str, int], None] = {}
+    replicas: dict[tuple[str, int], None] = {}
+    for entry in reply if isinstance(reply, list) else []:
+        if not isinstance(entry, list):
+            continue
+        for i, node in enumerate(entry[2:]):
+            if isinstance(node, list) and len(node) >= 2 and isinstance(node[1], int):
+                (replicas if i else primaries)[_host(node[0], asked), node[1]] = None
+    return [*primaries, *replicas]
+
+
+def owner_in(reply: object, slot: int, asked: str) -> tuple[str, int] | None:
+    """The primary a ``CLUSTER SLOTS`` reply names for ``slot`` (None: nobody serves it)."""
+    for entry in reply if isinstance(reply, list) else []:
+        if (isinstance(entry, list) and len(entry) >= 3 and isinstance(entry[0], int)
+                and isinstance(entry[1], int) and entry[0] <= slot <= entry[1]
+                and isinstance(entry[2], list) and len(entry[2]) >= 2):
+            return _host(entry[2][0], asked), int(entry[2][1])
+    return None
+
+
+def _host(named: object, asked: str) -> str:
+    # An empty or "?" host means "the address you reached me on" (cluster-preferred-endpoint-type).
+    host = named.decode() if isinstance(named, bytes) else ""
+    return host if host and host != "?" else asked
+
+
 class SlotMap:
     """Which primary serves each of the 16,384 slots, refreshed from any node that answers."""
 
@@ -89,6 +120,7 @@ class SlotMap:
         self.spec = spec
         self._owner: list[tuple[str, int] | None] = [None] * SLOTS
         self.primaries: list[tuple[str, int]] = []
+        self.nodes: list[tuple[str, int]] = []  # primaries and replicas
         self.refreshes = 0
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -_REFRESH_EVERY_S
@@ -144,13 +176,12 @@ class SlotMap:
             start, end, node = entry[0], entry[1], entry[2]
             if not (isinstance(start, int) and isinstance(end, int) and isinstance(node, list)):
                 continue
-            host = node[0].decode() if isinstance(node[0], bytes) else ""
-            # An empty or "?" host means "the address you reached me on" (cluster-preferred-endpoint-type).
-            address = (host if host and host != "?" else asked[0], int(node[1]))
+            address = (_host(node[0], asked[0]), int(node[1]))
             primaries[address] = None
             owner[start:end + 1] = [address] * (end - start + 1)
         before = set(self.primaries)
         self._owner, self.primaries = owner, list(primaries)
+        self.nodes = nodes_of(reply, asked[0])
         self.refreshes += 1
         uncovered = owner.count(None)
         if before and set(self.primaries) != before:

@@ -2,23 +2,40 @@
 
 Mode keys share the hash tag ``{mm:<mode>}``; each player's record has its own tag ``{<player>}``.
 Scripts receive every key they touch in KEYS. Scripts that span a player and a mode therefore need
-one Redis node (standalone, Sentinel or a single-shard deployment); see README "Deployment".
+one Redis node (standalone, Sentinel), or one hash slot: on a Redis Cluster every key starts
+with ``CLUSTER_TAG`` (:func:`configure`), whose slot wins over the tags after it, so the whole
+state lives in one slot of one shard (README "Deployment: Redis Cluster").
 """
 
 from typing import Final
 
-WORKERS: Final = "fm:workers"  # ZSET worker id -> heartbeat deadline (ms, Redis clock)
+from server.store import cluster
+
 DELIVERY_PREFIX: Final = "fm:deliver:"  # + worker id; scripts publish notifications here
+CLUSTER_TAG: Final = "{fm}"
+_prefix = ""  # "" on one node; CLUSTER_TAG on a cluster
+
+
+def configure(url: str) -> None:
+    """Use the layout of the Redis ``url`` names (a process talks to one deployment; every
+    entry point calls this with its URL before it touches a key)."""
+    global _prefix  # noqa: PLW0603 (one deployment per process, chosen at its entry point)
+    _prefix = CLUSTER_TAG if url.startswith(cluster.SCHEME) else ""
+
+
+def workers() -> str:
+    """ZSET worker id -> heartbeat deadline (ms, Redis clock)."""
+    return f"{_prefix}fm:workers"
 
 
 def player(player_id: str) -> str:
     """HASH: state, mode, queued_at, worker, conn (exists while connected or in a queue)."""
-    return f"fm:player:{{{player_id}}}"
+    return f"{_prefix}fm:player:{{{player_id}}}"
 
 
 def penalty(player_id: str) -> str:
     """ZSET match id -> time (ms) of each dodged ready check; expires after the window."""
-    return f"fm:penalty:{{{player_id}}}"
+    return f"{_prefix}fm:penalty:{{{player_id}}}"
 
 
 def battle_replies(worker_id: str) -> str:
@@ -28,7 +45,7 @@ def battle_replies(worker_id: str) -> str:
 
 def worker_players(worker_id: str) -> str:
     """SET of players whose connection this worker holds (used to reap a dead worker)."""
-    return f"fm:worker:{{{worker_id}}}:players"
+    return f"{_prefix}fm:worker:{{{worker_id}}}:players"
 
 
 def worker_channel(worker_id: str) -> str:
@@ -38,37 +55,37 @@ def worker_channel(worker_id: str) -> str:
 
 def queue(mode: str) -> str:
     """ZSET player -> queued_at_ms; the order of waiting, kept across requeue."""
-    return f"{{mm:{mode}}}:queue"
+    return f"{_prefix}{{mm:{mode}}}:queue"
 
 
 def tickets(mode: str) -> str:
     """HASH player -> ticket ``<rating>|<queued_at_ms>|<attrs json>`` (decoded by _fastmatch)."""
-    return f"{{mm:{mode}}}:tickets"
+    return f"{_prefix}{{mm:{mode}}}:tickets"
 
 
 def grace(mode: str) -> str:
     """ZSET player -> resume deadline (ms): disconnected, not matchable, removed after it."""
-    return f"{{mm:{mode}}}:grace"
+    return f"{_prefix}{{mm:{mode}}}:grace"
 
 
 def leader(mode: str) -> str:
     """STRING ``<holder>|<epoch>`` with a PX ttl: the mode's matchmaking lease."""
-    return f"{{mm:{mode}}}:leader"
+    return f"{_prefix}{{mm:{mode}}}:leader"
 
 
 def epoch(mode: str) -> str:
     """Fencing counter, incremented on every lease acquisition; never expires (a counter)."""
-    return f"{{mm:{mode}}}:epoch"
+    return f"{_prefix}{{mm:{mode}}}:epoch"
 
 
 def match(mode: str, match_id: str) -> str:
     """HASH: status, deadline, teams, per-player tickets (``t:<player>``) and ready flags."""
-    return f"{{mm:{mode}}}:match:{match_id}"
+    return f"{_prefix}{{mm:{mode}}}:match:{match_id}"
 
 
 def loading(mode: str) -> str:
     """ZSET match id -> ready-check deadline (ms): what the sweeper walks."""
-    return f"{{mm:{mode}}}:loading"
+    return f"{_prefix}{{mm:{mode}}}:loading"
 
 
 def left(mode: str) -> str:
@@ -76,18 +93,18 @@ def left(mode: str) -> str:
     a player left a ready check and the match must be cancelled. The detaching worker cancels
     at once; this record makes the leader's sweeper finish the job if that worker could not
     (Redis refused, or it died between the two steps)."""
-    return f"{{mm:{mode}}}:left"
+    return f"{_prefix}{{mm:{mode}}}:left"
 
 
 def hold(mode: str) -> str:
     """STRING with a PX ttl: why the mode's leader forms no matches now ("game_server": none
     listens; "allocation_failed": the back-off after failed handoffs). Read by status."""
-    return f"{{mm:{mode}}}:hold"
+    return f"{_prefix}{{mm:{mode}}}:hold"
 
 
 def hold_failures(mode: str) -> str:
     """Handoffs failed in a row (the back-off doubles with it); cleared by an assignment."""
-    return f"{{mm:{mode}}}:hold_failures"
+    return f"{_prefix}{{mm:{mode}}}:hold_failures"
 
 
 def changes(mode: str) -> str:
@@ -97,7 +114,7 @@ def changes(mode: str) -> str:
     (``a`` added, with ``t`` its ticket; ``r`` removed; ``g`` resume grace began; ``u`` it
     ended, the player is matchable again; ``m`` matched, ``p`` holding every player one
     ``commit_matches`` call committed, comma-separated), ``p`` the player."""
-    return f"{{mm:{mode}}}:changes"
+    return f"{_prefix}{{mm:{mode}}}:changes"
 
 
 CHANGES_KEPT: Final = 100_000
@@ -119,4 +136,4 @@ def outlives_players(key: str) -> bool:
     trimmed to CHANGES_KEPT entries, not a record of anyone), and penalties, which expire with
     their window.
     Anything else left behind is a leak."""
-    return key == WORKERS or key.endswith(_LASTING) or key.startswith("fm:penalty:")
+    return key == workers() or key.endswith(_LASTING) or key.startswith(f"{_prefix}fm:penalty:")

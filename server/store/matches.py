@@ -82,7 +82,11 @@ class MatchStore:
     async def hold(self, mode: str, request_channel: str, no_server_ms: int) -> str:
         """Why the mode's leader must form no matches now ("" when it may): nobody listens on
         the request channel, or handoffs failed lately (issue 16)."""
-        return as_str(await self.client.script("hold", [keys.hold(mode)], [request_channel, no_server_ms]))
+        args: list[str | int] = [request_channel, no_server_ms]
+        listeners = await self.client.listeners(request_channel)
+        if listeners is not None:
+            args.append(listeners)
+        return as_str(await self.client.script("hold", [keys.hold(mode)], args))
 
     async def renew(self, mode: str, token: str, ttl_ms: int) -> bool:
         return to_int(await self.client.script("lease_renew", [keys.leader(mode)], [token, ttl_ms])) == 1

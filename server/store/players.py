@@ -147,7 +147,7 @@ class PlayerStore:
                             to_int(reply[5]), waiting_for=reply[6])
 
     async def heartbeat(self, ttl_ms: int) -> int:
-        return to_int(await self.client.script("heartbeat", [keys.WORKERS], [self.worker_id, ttl_ms]))
+        return to_int(await self.client.script("heartbeat", [keys.workers()], [self.worker_id, ttl_ms]))
 
     async def due(self, zset_key: str, limit: int = 100) -> list[str]:
         return await due(self.client, zset_key, limit)
@@ -164,7 +164,7 @@ class PlayerStore:
 
     async def forget_worker(self, worker_id: str) -> bool:
         raw = await self.client.script(
-            "forget_worker", [keys.WORKERS, keys.worker_players(worker_id)], [worker_id]
+            "forget_worker", [keys.workers(), keys.worker_players(worker_id)], [worker_id]
         )
         return to_int(raw) == 1
 
@@ -212,7 +212,7 @@ class PlayerStore:
         return out
 
     async def publish(self, channel: str, data: bytes) -> int:
-        return to_int(await self.client.command("PUBLISH", channel, data))
+        return await self.client.publish(channel, data)
 
     async def _with_mode(
         self, name: str, player: str, fixed_keys: list[str],

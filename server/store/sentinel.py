@@ -31,7 +31,7 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 from server.config import RedisConfig
-from server.store import cluster
+from server.store import cluster, keys
 from server.store.resp import Address, OnPush, RespConnectionError, RespProtocol, open_connection, pack
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,12 @@ class SentinelSpec:
 
 def locator(config: RedisConfig, url: str | None = None) -> str:
     """The locator string of a config: ``url`` (default ``redis.url``) when no Sentinels are
-    set; else a ``redis+sentinel://`` locator carrying ``redis.url``'s credentials and db."""
+    set; else a ``redis+sentinel://`` locator carrying ``redis.url``'s credentials and db; with
+    ``redis.cluster``, a ``redis+cluster://`` locator seeded with ``redis.url``'s node."""
     url = config.url if url is None else url
+    if config.cluster and url.startswith("redis://"):
+        # The node redis.url names is the seed; its credentials are every node's.
+        return cluster.SCHEME + url[len("redis://"):].split("/", 1)[0]
     if not config.sentinels:
         return url
     base = Address.from_url(url) if url else Address()
@@ -95,9 +99,10 @@ class Locator:
         self.url = url
         self.timeout_s = timeout_s
         self.spec = parse(url)
-        # A cluster (``cluster.py``): connections that need no particular node (the delivery
-        # subscriber: a cluster carries PUBLISH to every node) go to the first seed that answers.
+        # A cluster (``cluster.py``): connections made here (the delivery subscribers, a breaker
+        # probe) go to the primary of fastmatch's slot (_home_primary).
         self.cluster = cluster.parse(url)
+        self._nodes: list[tuple[str, int]] = []  # every node of the cluster, as last heard
         plain = self.spec is None and self.cluster is None
         self._fixed = Address.from_url(url) if plain else None
         self.primary: tuple[str, int] | None = None  # the last primary connected to
@@ -110,7 +115,7 @@ class Locator:
         try:
             async with asyncio.timeout(self.timeout_s):
                 if self.cluster is not None:
-                    return await self._any_node(self.cluster, on_push, window_s)
+                    return await self._home_primary(self.cluster, on_push, window_s)
                 return await self._from_sentinels(on_push, window_s)
         except TimeoutError as exc:
             raise RespConnectionError(f"no redis primary found within {self.timeout_s:g}s") from exc
@@ -137,18 +142,43 @@ class Locator:
                         host, port, spec.service, role[0] if isinstance(role, list) and role else role)
             await asyncio.sleep(_DEMOTED_PAUSE_S)
 
-    async def _any_node(self, spec: cluster.ClusterSpec, on_push: OnPush | None,
-                        window_s: float) -> RespProtocol:
+    async def _home_primary(self, spec: cluster.ClusterSpec, on_push: OnPush | None,
+                            window_s: float) -> RespProtocol:
+        """The primary serving fastmatch's slot (``keys.CLUSTER_TAG``), where every script runs
+        and publishes its notices: when it dies this connection ends with it, as at a Sentinel
+        failover, and the subscriber resynchronises its clients with the promoted replica
+        (README "Deployment: Redis Cluster"). Any node that answers says which one it is; the
+        node must then answer ``ROLE`` as a master."""
+        slot = cluster.key_slot(keys.CLUSTER_TAG)
         failures = []
-        for host, port in spec.seeds:
+        # The nodes heard of at the last connect first: the seed may be the node that died.
+        for host, port in dict.fromkeys([*self._nodes, *spec.seeds]):
             try:
                 async with asyncio.timeout(_ASK_TIMEOUT_S):
-                    conn = await open_connection(spec.address(host, port), on_push, window_s)
+                    asked = await open_connection(spec.address(host, port))
+                    try:
+                        reply = await asked.send(pack("CLUSTER", "SLOTS"))
+                    finally:
+                        asked.close()
+                    self._nodes = cluster.nodes_of(reply, host) or self._nodes
+                    owner = cluster.owner_in(reply, slot, host)
+                    if owner is None:
+                        raise RespConnectionError(f"no primary serves slot {slot}")
+                    conn = await open_connection(spec.address(*owner), on_push, window_s)
+                    try:
+                        role = await conn.send(pack("ROLE"))
+                        if not (isinstance(role, list) and role and role[0] == b"master"):
+                            raise RespConnectionError(f"{owner[0]}:{owner[1]} is not a primary (yet)")
+                    except BaseException:
+                        conn.abort()
+                        raise
             except (OSError, RespConnectionError, TimeoutError) as exc:
                 failures.append(f"{host}:{port}: {type(exc).__name__} {exc}")
                 continue
+            self._arrived(owner)
             return conn
-        raise RespConnectionError("no redis cluster node answered: " + "; ".join(failures))
+        raise RespConnectionError("no redis cluster node named a primary for fastmatch: "
+                                  + "; ".join(failures))
 
     async def ask(self, spec: SentinelSpec) -> tuple[str, int]:
         """The primary's address, from the first Sentinel that knows it."""
@@ -174,8 +204,8 @@ class Locator:
     def _arrived(self, primary: tuple[str, int]) -> None:
         if self.primary is not None and primary != self.primary:
             self.failovers += 1
-            log.warning("redis primary of %s moved from %s:%d to %s:%d",
-                        self.spec.service if self.spec else "", *self.primary, *primary)
+            what = self.spec.service if self.spec else "fastmatch's cluster slot"
+            log.warning("redis primary of %s moved from %s:%d to %s:%d", what, *self.primary, *primary)
         self.primary = primary
 
 

@@ -85,7 +85,7 @@ class Served:
 
 async def worker_pids(admin: aioredis.Redis, port_owner: Served | None = None) -> dict[str, int]:
     """Live workers by id -> pid, from the Redis registry (ids are <host>-<pid>-<random>)."""
-    members = await admin.zrange(keys.WORKERS, 0, -1)
+    members = await admin.zrange(keys.workers(), 0, -1)
     out = {}
     for wid in members:
         pid = int(wid.rsplit("-", 2)[1])

@@ -177,7 +177,7 @@ async def test_one_redis_round_trip_per_refresh_and_redis_down_is_shown(
     private_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     admin = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
-    await admin.zadd(keys.WORKERS, {"elsewhere-41-abcdef": 2**40, "elsewhere-42-fedcba": 2**40})
+    await admin.zadd(keys.workers(), {"elsewhere-41-abcdef": 2**40, "elsewhere-42-fedcba": 2**40})
     await admin.sadd(keys.worker_players("elsewhere-41-abcdef"), "a", "b")
     console = Console(Observed(private_redis.url, ("1v1", "5v5"), "battle:request", 1.0,
                                str(tmp_path), dict), CollectorRegistry())

@@ -119,7 +119,7 @@ async def test_serve_stops_before_any_worker_on_a_bad_tls_file(
                                   capture_output=True, text=True, timeout=TIMEOUT * 4)
     assert out.returncode == 2, out.stderr
     assert "`server.tls_key_file` does not hold the private key" in out.stderr
-    assert await admin.zcard(keys.WORKERS) == 0  # no worker ever registered
+    assert await admin.zcard(keys.workers()) == 0  # no worker ever registered
 
 
 async def test_sighup_serves_a_renewed_certificate_and_refuses_a_broken_one(

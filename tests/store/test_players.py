@@ -79,14 +79,14 @@ async def test_reaping_a_dead_worker_gives_its_players_the_grace(
         await dead.attach(player, f"{player}-conn")
     await dead.enqueue("a", "a-conn", "1v1", 1500, {})
     async with asyncio.timeout(TIMEOUT):
-        while "dead" not in await alive.due(keys.WORKERS):
+        while "dead" not in await alive.due(keys.workers()):
             await asyncio.sleep(0.005)
     for player in await alive.worker_members("dead"):
         await alive.detach(player, "", "dead")
     assert await alive.forget_worker("dead")
     assert await admin.zscore(keys.grace("1v1"), "a") is not None
     assert await admin.exists(keys.player("b")) == 0
-    assert await admin.zscore(keys.WORKERS, "dead") is None
+    assert await admin.zscore(keys.workers(), "dead") is None
     await client.close()
 
 

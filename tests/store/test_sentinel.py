@@ -7,24 +7,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from server.app.gameserver import ReferenceGameServer
 from server.app.worker import Worker
-from server.config import DEV_SECRET, RedisConfig, load_config
+from server.config import RedisConfig, load_config
 from server.errors import ConfigError
-from server.sim.cli import DEFAULT_MIX
-from server.sim.player import SimSettings, parse_mix
-from server.sim.runner import RunConfig, run
 from server.store import keys, sentinel
 from server.store.client import RedisClient
 from server.store.errors import StoreUnavailable
 from server.store.players import PlayerStore
 from server.store.resp import RespConnectionError
-from tests.app.served import Served, http_get, sample, wait_workers
 from tests.app.test_matchmaking import start_loading
 from tests.conftest import make_config
 from tests.helpers import (
@@ -36,6 +31,7 @@ from tests.helpers import (
     request,
     retry_while_unavailable,
 )
+from tests.store.failover_load import serve_through_a_failover
 from tests.store.sentinel_topology import SERVICE, SentinelTopology
 
 
@@ -368,83 +364,19 @@ class _StandInSentinel:
 
 # -- `fastmatch serve` on the deployment, under simulated load, through a failover -------------------
 
-# Read by `serve`: the deadlines of the sim fault test (tests/sim/test_sim_faults.py), and the
-# README's advice for Sentinel (a breaker whose probes come at least every 2 s, so service
-# resumes within a probe of the failover; a subscriber back well within a ready check).
-SERVE_ENV = {
-    "FASTMATCH_SERVER__RESUME_GRACE_MS": "3000",
-    "FASTMATCH_SERVER__HEARTBEAT_INTERVAL_S": "0.2",
-    "FASTMATCH_SERVER__HEARTBEAT_TTL_S": "1",
-    "FASTMATCH_SERVER__MAX_CONNECTIONS": "5000",
-    "FASTMATCH_SERVER__CONNECT_RATE_PER_IP": "1000000",  # every simulated player is 127.0.0.1
-    "FASTMATCH_SERVER__CONNECT_BURST_PER_IP": "1000000",
-    "FASTMATCH_MATCHING__READY_TIMEOUT_MS": "2000",
-    "FASTMATCH_MATCHING__FINISHED_MATCH_TTL_MS": "300",
-    "FASTMATCH_GAMESERVER__ALLOCATION_TIMEOUT_MS": "1500",
-    "FASTMATCH_REDIS__OPERATION_TIMEOUT_S": "0.5",
-    "FASTMATCH_REDIS__BREAKER_COOLDOWN_S": "2",
-    # A ready check committed while a worker's subscriber is away reaches its players when it
-    # is back: its reconnect backoff stays well below the ready timeout.
-    "FASTMATCH_REDIS__RECONNECT_MAX_S": "0.5",
-}
-RATE = 150.0  # players arriving per second
-KILL_AT_S = 5.0
-
-
-async def matches_created(served: Served) -> float:
-    status, text = await http_get(served.metrics_port, "/metrics")
-    assert status == 200
-    return sample(text, "fastmatch_matches_created_total", mode="1v1") or 0.0
-
-
 @pytest.mark.slow
 async def test_a_primary_killed_under_load_fails_over_without_a_restart(
     topology: SentinelTopology,
 ) -> None:
-    """~150 players/s with the whole behaviour mix; the primary is SIGKILLed mid-run. Matching
-    resumes within the failover time + 5 s without restarting fastmatch; the checker finds no
-    player matched twice and no player stuck (the sim is not told of the kill: whatever
-    the failover lost, the server must have said so); nothing is left in Redis after the
-    graces, and a final batch is matched in full."""
-    served = Served("", workers=2, **SERVE_ENV, **topology.sentinel_env).start()
-    admin = sentinel.async_client(topology.locator, decode_responses=True)
-    old = 0
+    """~150 players/s with the whole behaviour mix; the primary is SIGKILLed mid-run
+    (tests/store/failover_load.py): matching resumes within the failover time + 5 s, no
+    player matched twice or stuck, nothing left behind."""
+    killed: list[int] = []
     try:
-        await wait_workers(admin, 2)
-        grace_s = 3.0
-        settings = SimSettings(url=f"ws://127.0.0.1:{served.port}/ws", secret=DEV_SECRET,
-                               lifetime_s=10, rating_sd=400, redis_url=topology.locator,
-                               resume_grace_s=grace_s, outcome_bound_s=2 + 1.5 + 5)
-        cfg = RunConfig(settings=settings, redis_url=topology.locator, rate=RATE, duration_s=12,
-                        mix=parse_mix(DEFAULT_MIX), leftover_wait_s=grace_s + 1 + 0.3 + 10,
-                        final_batch=10)
-        sim = asyncio.create_task(run(cfg))
-        await asyncio.sleep(KILL_AT_S)  # the schedule: the time is the event
-        assert await matches_created(served) > 0, served.output()[-3000:]
-        old = topology.kill_primary()
-        killed = time.monotonic()
-        await asyncio.to_thread(topology.wait_failover, old, TIMEOUT * 6)
-        failover_s = time.monotonic() - killed
-        # Every commit before the kill is counted by now (workers flush every 0.1 s), and none
-        # can land between the kill and the promotion: the next one is matching resumed.
-        before = await matches_created(served)
-        async with asyncio.timeout(failover_s + 5 + TIMEOUT * 2):
-            while await matches_created(served) <= before:
-                await asyncio.sleep(0.05)
-        resumed_s = time.monotonic() - killed
-        result = await sim
-        assert resumed_s <= failover_s + 5, (resumed_s, failover_s)
-        assert result.violations == [], (
-            result.violations[:20], [p.trail for p in result.players if p.violations][:5],
-            served.output()[-4000:])
-        assert result.leftover_keys == []
-        assert result.final_batch is not None
-        assert result.final_batch.matched == result.final_batch.players == 10
-        assert len(result.players) >= RATE * 12 * 0.9
-        assert served.proc is not None and served.proc.poll() is None  # never restarted
-        print(f"failover {failover_s:.1f}s, matching resumed {resumed_s:.1f}s after the kill")
+        failed = await serve_through_a_failover(
+            topology.locator, topology.sentinel_env, lambda: killed.append(topology.kill_primary()),
+            lambda: topology.wait_failover(killed[0], TIMEOUT * 6))
+        print(f"failover {failed.failover_s:.1f}s, matching resumed {failed.resumed_s:.1f}s after the kill")
     finally:
-        served.stop()
-        await admin.aclose()
-        if old:
-            topology.restore(old)
+        if killed:
+            topology.restore(killed[0])
