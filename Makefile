@@ -32,8 +32,11 @@ typecheck: $(STAMP)
 
 check: lint typecheck
 
+# The whole suite against a private Redis, then the `conformance` subset (front end, matching,
+# loading races) again against a Redis Cluster started for that run (README "Development").
 test: check ts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m conformance --redis-topology cluster $(PYTEST_ARGS)
 
 # The suite on a contended machine (README "Development"): three rounds, each with a CPU hog on
 # one core, then on every core; prints each failure with its test id. About half an hour.

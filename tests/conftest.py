@@ -2,6 +2,12 @@
 
 No fakes: every test talks to a real Redis over a real socket. The session-wide server is
 flushed before each test (it is ours alone); tests that stop or restart Redis get their own.
+
+``--redis-topology cluster`` points the same fixtures (``redis_url``, ``admin``, workers and
+game servers) at a Redis Cluster started once for the run (3 primaries with a replica each,
+``tests/store/cluster_topology.py``). ``make test`` runs the tests marked ``conformance``
+(front end, matching, loading races) that way too; a test that needs a Redis of its own to
+stop or freeze is skipped there.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import redis.asyncio as aioredis
 from server.app.gameserver import Behaviour, ReferenceGameServer
 from server.app.worker import Worker
 from server.config import Config, load_config
-from server.store import keys
+from server.store import keys, sentinel
 from server.store.embedded import EmbeddedRedis
 from tests.helpers import TIMEOUT
+from tests.store.cluster_topology import ClusterTopology
 
 # Test-speed settings: short grace and fast housekeeping so expiry paths run in well under 1 s.
 FAST: dict[str, Any] = {
@@ -51,6 +58,25 @@ def make_config(**overrides: Any) -> Config:
     return load_config(overrides={**FAST, **overrides}, environ={})
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--redis-topology", choices=("embedded", "cluster"), default="embedded",
+                     help="the Redis the shared fixtures use: a private redis-server (default), "
+                          "or a Redis Cluster started for the run (with -m conformance)")
+
+
+def on_cluster(config: pytest.Config) -> bool:
+    return bool(config.getoption("--redis-topology") == "cluster")
+
+
+@pytest.fixture(scope="session")
+def shared_cluster() -> Iterator[ClusterTopology]:
+    deployment = ClusterTopology().start()
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
 @pytest.fixture(scope="session")
 def shared_redis() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
@@ -58,8 +84,10 @@ def shared_redis() -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture
-def private_redis() -> Iterator[EmbeddedRedis]:
+def private_redis(request: pytest.FixtureRequest) -> Iterator[EmbeddedRedis]:
     """A Redis of this test's own, for tests that stop, freeze or restart it."""
+    if on_cluster(request.config):
+        pytest.skip("stops or freezes a Redis of its own: standalone only")
     server = EmbeddedRedis().start()
     try:
         yield server
@@ -70,17 +98,21 @@ def private_redis() -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture
-async def redis_url(shared_redis: EmbeddedRedis) -> str:
-    admin = aioredis.Redis.from_url(shared_redis.url)
-    await admin.flushall()
+async def redis_url(request: pytest.FixtureRequest) -> str:
+    if on_cluster(request.config):
+        url = request.getfixturevalue("shared_cluster").locator
+    else:
+        url = request.getfixturevalue("shared_redis").url
+    admin = sentinel.async_client(url)
+    await admin.flushall()  # on a cluster: every primary
     await admin.aclose()
-    keys.configure(shared_redis.url)  # the one-node layout, whatever a cluster test left
-    return shared_redis.url
+    keys.configure(url)  # the layout of this Redis, whatever an earlier test used
+    return str(url)
 
 
 @pytest.fixture
 async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = sentinel.async_client(redis_url, decode_responses=True)
     yield client
     await client.aclose()
 
@@ -141,7 +173,7 @@ async def start_game_server(redis_url: str) -> AsyncIterator[GameServerFactory]:
         await server.close()
 
 
-def pytest_report_header() -> str:
+def pytest_report_header(config: pytest.Config) -> str:
     return f"fastmatch test timeout unit: {TIMEOUT}s (FASTMATCH_TEST_TIMEOUT)" + (
         "; CI" if os.environ.get("CI") else ""
-    )
+    ) + ("; Redis: a cluster started for this run" if on_cluster(config) else "")

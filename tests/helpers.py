@@ -12,6 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
 from server import client as fm
@@ -88,9 +89,19 @@ async def closed_code(ws: ClientConnection, timeout: float = TIMEOUT) -> int | N
     return ws.close_code
 
 
+async def on_every_node(admin: Any, *command: str) -> list[Any]:
+    """A server command's reply from each node: one on a single Redis, one per node of a
+    cluster (whose client would send it to one node only)."""
+    if isinstance(admin, aioredis.RedisCluster):
+        replies = await admin.execute_command(*command, target_nodes=aioredis.RedisCluster.ALL_NODES)
+        return list(replies.values()) if isinstance(replies, dict) else [replies]
+    return [await admin.execute_command(*command)]
+
+
 async def player_and_queue_keys(admin: Any) -> list[str]:
     """Every key that would be left behind by a player, a queue entry or a match."""
-    return sorted(k for k in await admin.keys("*") if not keys.outlives_players(k))
+    # SCAN, not KEYS: a cluster client sends KEYS to one node, and SCAN to every one.
+    return sorted([k async for k in admin.scan_iter("*") if not keys.outlives_players(k)])
 
 
 async def retry_while_unavailable(ws: ClientConnection, message: dict[str, Any]) -> dict[str, Any]:

@@ -175,7 +175,7 @@ async def check(result: RunResult) -> None:
     result.missed_matches = missed_matches((p.player, p.sessions) for p in result.players)
     admin = sentinel.async_client(result.config.redis_url, decode_responses=True)
     try:
-        result.leftover_keys = await _leftovers(admin, result.config.leftover_wait_s)
+        result.leftover_keys = await leftover_keys(admin, result.config.leftover_wait_s)
     finally:
         await admin.aclose()
     result.violations += [f"leftover key {k}" for k in result.leftover_keys]
@@ -275,11 +275,12 @@ async def _sample(admin: aioredis.Redis, result: RunResult, t0: float, stop: asy
                 await stop.wait()
 
 
-async def _leftovers(admin: aioredis.Redis, wait_s: float) -> list[str]:
+async def leftover_keys(admin: aioredis.Redis, wait_s: float) -> list[str]:
     """DESIGN invariant 6: once every player left and the timeouts passed, nothing remains."""
     deadline = time.monotonic() + wait_s
     while True:
-        names = [str(k) for k in await admin.keys("*")]
+        # SCAN, not KEYS: a cluster client sends KEYS to one node, and SCAN to every one.
+        names = [str(k) async for k in admin.scan_iter("*", count=1000)]
         found = sorted(k for k in names if not keys.outlives_players(k))
         if not found or time.monotonic() > deadline:
             return found

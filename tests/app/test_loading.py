@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection
@@ -16,6 +17,9 @@ from server.store import keys
 from tests.app.test_matchmaking import QUEUED_AT, queued, start_loading
 from tests.conftest import GameServerFactory, WorkerFactory, make_config
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request, send
+
+# Run again against a Redis Cluster by `make test` (tests/conftest.py, --redis-topology).
+pytestmark = pytest.mark.conformance
 
 
 async def ready_all(clients: dict[str, ClientConnection], session: str) -> None:

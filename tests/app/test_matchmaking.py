@@ -23,6 +23,9 @@ from server.store.matches import MatchStore
 from tests.conftest import GameServerFactory, WorkerFactory, make_config
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request
 
+# Run again against a Redis Cluster by `make test` (tests/conftest.py, --redis-topology).
+pytestmark = pytest.mark.conformance
+
 
 @pytest.fixture(autouse=True)
 async def game_server(start_game_server: GameServerFactory) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from server.config import RedisConfig, load_config
 from server.errors import ConfigError
+from server.sim.runner import leftover_keys
 from server.store import cluster, keys, sentinel
 from server.store.client import RedisClient
 from server.store.errors import StoreUnavailable
@@ -280,6 +281,21 @@ async def test_a_publish_counts_the_subscribers_of_every_node(
         assert message == [b"message", b"battle:cluster-test", b"request"]
     finally:
         listener.close()
+
+
+async def test_the_checker_finds_a_key_left_on_any_node(topology: ClusterTopology) -> None:
+    """DESIGN invariant 6 on a cluster: the simulator's leftover check (and the tests') must
+    look at every node, not the one a cluster client sends KEYS to."""
+    keys.configure(topology.locator)
+    admin = sentinel.async_client(topology.locator, decode_responses=True)
+    try:
+        await admin.hset(keys.player("ghost"), "state", "idle")
+        await admin.set("{elsewhere}:not-ours", 1)  # on another slot, and not one of ours either
+        assert await leftover_keys(admin, 0) == sorted([keys.player("ghost"), "{elsewhere}:not-ours"])
+        await admin.delete(keys.player("ghost"), "{elsewhere}:not-ours")
+        assert await leftover_keys(admin, 0) == []
+    finally:
+        await admin.aclose()
 
 
 # -- `fastmatch serve` on the cluster under load ----------------------------------------------------

@@ -19,6 +19,9 @@ from server.store.matches import HoldTimes, LoadingStore, MatchStore, lease_toke
 from server.store.players import PlayerStore
 from tests.helpers import TIMEOUT
 
+# Run again against a Redis Cluster by `make test` (tests/conftest.py, --redis-topology).
+pytestmark = pytest.mark.conformance
+
 MODE = "1v1"
 MATCH = "1.1.0"
 
