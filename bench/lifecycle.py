@@ -29,6 +29,7 @@ from typing import Any
 
 import redis
 
+from server.store import keys
 from server.store.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def wait_playing(sim: subprocess.Popen[bytes], metrics_port: int, logdir: Path, 
 
 
 def groups(server_pid: int, sim_pid: int, redis_pid: int, r: redis.Redis) -> dict[str, list[int]]:
-    workers = {int(str(w).rsplit("-", 2)[1]) for w in r.zrange("fm:workers", 0, -1)}
+    workers = {int(str(w).rsplit("-", 2)[1]) for w in r.zrange(keys.workers(), 0, -1)}
     served = [p for p in children(server_pid) if not _helper(p)]
     return {"workers": [p for p in served if p in workers],
             "gameserver": [p for p in served if p not in workers],

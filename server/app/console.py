@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import msgspec
 import redis
+import redis.cluster
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.backoff import NoBackoff
@@ -182,10 +183,13 @@ class Console:
         The per-worker player sets are those of the workers the previous read found: their ids
         are only known from the registry, and a second round trip is not worth a newcomer's
         count one refresh earlier."""
+        cluster = self.redis if isinstance(self.redis, redis.cluster.RedisCluster) else None
         pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
+        if cluster is None:
+            pipe.time()
         pipe.zrange(keys.workers(), 0, -1, withscores=True)
-        pipe.pubsub_numsub(self.source.request_channel)
+        if cluster is None:
+            pipe.pubsub_numsub(self.source.request_channel)
         for worker in self._known_workers:
             pipe.scard(keys.worker_players(worker))
         for mode in self.source.modes:
@@ -197,7 +201,15 @@ class Console:
             pipe.get(keys.leader(mode))
             pipe.pttl(keys.leader(mode))
             pipe.get(keys.epoch(mode))
-        return list(pipe.execute())
+        replies = list(pipe.execute())
+        if cluster is not None:
+            # A cluster pipeline carries keyed commands only. The clock is that of fastmatch's
+            # node; a node counts its own subscribers only, and a game server may listen on any.
+            home = cluster.get_node_from_key(keys.workers())
+            replies.insert(0, cluster.execute_command("TIME", target_nodes=home))  # type: ignore[no-untyped-call, unused-ignore]
+            replies.insert(2, cluster.pubsub_numsub(
+                self.source.request_channel, target_nodes=redis.cluster.RedisCluster.ALL_NODES))
+        return replies
 
     # -- assembly ------------------------------------------------------------------------------
 

@@ -169,6 +169,7 @@ async def _play_all(cfg: RunConfig, result: RunResult, t0: float, facts: Facts,
 
 async def check(result: RunResult) -> None:
     """Every invariant over the whole run (after merging the processes of a --procs run)."""
+    keys.configure(result.config.redis_url)  # the parent of a --procs run has not run run()
     result.violations = [v for p in result.players for v in p.violations]
     result.violations += [f"simulated player crashed: {c}" for c in result.crashes]
     result.violations += cross_check((p.player, p.sessions) for p in result.players)
@@ -279,8 +280,9 @@ async def leftover_keys(admin: aioredis.Redis, wait_s: float) -> list[str]:
     """DESIGN invariant 6: once every player left and the timeouts passed, nothing remains."""
     deadline = time.monotonic() + wait_s
     while True:
-        # SCAN, not KEYS: a cluster client sends KEYS to one node, and SCAN to every one.
-        names = [str(k) async for k in admin.scan_iter("*", count=1000)]
+        # SCAN, not KEYS: a cluster client sends KEYS to one node, and SCAN to every one. On a
+        # cluster only fastmatch's slot (it may share the cluster with other data).
+        names = [str(k) async for k in admin.scan_iter(keys.pattern(), count=1000)]
         found = sorted(k for k in names if not keys.outlives_players(k))
         if not found or time.monotonic() > deadline:
             return found

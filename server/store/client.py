@@ -21,7 +21,7 @@ from typing import Final, Protocol
 import hiredis
 
 from server.config import RedisConfig
-from server.store import cluster
+from server.store import cluster, keys
 from server.store.breaker import BreakerState, CircuitBreaker
 from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
 from server.store.resp import (
@@ -37,7 +37,8 @@ from server.store.sentinel import Locator
 
 log = logging.getLogger(__name__)
 _TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
-                     "NOREPLICAS")  # a primary under min-replicas-to-write that lost its replicas
+                     "NOREPLICAS",  # a primary under min-replicas-to-write that lost its replicas
+                     "MOVED ", "ASK ")  # still redirected after _MAX_REDIRECTS: it did not run
 # Replies of a node that is not (or no longer) a writable primary: its connection is dropped.
 _NOT_PRIMARY: Final = ("READONLY", "MASTERDOWN")
 # Commands whose second argument is not a key: on a cluster any node answers them.
@@ -46,6 +47,7 @@ _KEYLESS: Final = frozenset({"PUBLISH", "PING", "TIME", "INFO", "CONFIG", "SLOWL
 # Redirections one call follows before it fails (a resharding in progress moves a slot twice).
 _MAX_REDIRECTS: Final = 5
 _ASKING: Final = hiredis.pack_command(("ASKING",))
+_HOME_SLOT: Final = cluster.key_slot(keys.CLUSTER_TAG)  # where fastmatch's keys live on a cluster
 
 
 class CallObserver(Protocol):
@@ -153,6 +155,9 @@ class RedisClient:
         if self.slots is None:
             return None
         started = asyncio.get_running_loop().time()
+        if not self.breaker.closed:
+            raise StoreUnavailable("redis numsub refused: circuit open",
+                                   retry_after_ms=max(int(self.breaker.retry_after_s(started) * 1000), 100))
         if not self.slots.nodes:
             try:
                 await self._refreshed(started)
@@ -275,8 +280,15 @@ class RedisClient:
             # One write per primary; each command's reply back in its place.
             assert isinstance(slot, list)
             replies: list[Reply] = await asyncio.gather(
-                *(self._routed(p, None, started, s) for p, s in zip(packed, slot, strict=True)))
-            return replies
+                *(self._routed(p, None, started, s) for p, s in zip(packed, slot, strict=True)),
+                return_exceptions=True)
+            failed = [r for r in replies if isinstance(r, BaseException)]
+            if not failed:
+                return replies
+            if len(failed) < len(replies) and all(isinstance(f, _NotSent | _Overloaded) for f in failed):
+                # Some of it left, some did not: the pipeline as a whole may have run in part.
+                raise RespConnectionError(f"part of a pipeline could not be sent: {failed[0]}")
+            raise failed[0]
         assert isinstance(slot, int)
         slots = self.slots
         assert slots is not None
@@ -397,17 +409,17 @@ class RedisClient:
             self.observer.breaker_changed(breaker.state)
 
     async def _ping_alone(self) -> bool:
-        """Redis answers on a connection of its own: the one node, or every primary of a
-        cluster (a shard whose primary died is not back until its replica took over)."""
+        """Redis answers on a connection of its own: the one node, or the primary of
+        fastmatch's slot on a cluster (not back until its replica took over; another shard,
+        holding other data only, does not concern fastmatch)."""
         try:
             async with asyncio.timeout(self.timeout):
                 if self.slots is None:
                     return await _pinged(self.locator.connect())
                 await asyncio.shield(self.slots.refresh())
-                spec = self.slots.spec
-                return all(await asyncio.gather(*(
-                    _pinged(open_connection(spec.address(host, port)))
-                    for host, port in self.slots.primaries)))
+                home = self.slots.owner(_HOME_SLOT)
+                return home is not None and await _pinged(
+                    open_connection(self.slots.spec.address(*home)))
         except (OSError, RespConnectionError, TimeoutError):
             return False
 
@@ -464,6 +476,8 @@ class RedisClient:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self.slots is not None:
+            await self.slots.close()
         nodes = [self._single] if self._single is not None else list(self._nodes.values())
         await asyncio.gather(*(node.close() for node in nodes if node is not None))
 
@@ -513,8 +527,13 @@ async def _pinged(connecting: Awaitable[RespProtocol]) -> bool:
 
 
 def _command_slot(args: Sequence[str | bytes | int | float]) -> int:
-    """The slot a command's key lives in (-1: it has none, any node answers)."""
-    if len(args) < 2 or str(args[0]).upper() in _KEYLESS:
+    """The slot a command's key lives in (-1: it has none, any node answers). A PUBLISH goes
+    where the subscribers are (the primary of fastmatch's slot: sentinel.Locator), so its
+    count of receivers is usually the whole answer (``publish``)."""
+    name = str(args[0]).upper()
+    if name == "PUBLISH":
+        return _HOME_SLOT
+    if len(args) < 2 or name in _KEYLESS:
         return -1
     key = args[1]
     return cluster.key_slot(key if isinstance(key, bytes) else str(key))

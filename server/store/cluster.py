@@ -147,6 +147,13 @@ class SlotMap:
         self._refreshing = loop.create_task(self._refresh(wait))
         return self._refreshing
 
+    async def close(self) -> None:
+        """Stop a refresh under way (the client is closing)."""
+        task = self._refreshing
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def _refresh(self, wait: float) -> None:
         if wait > 0:
             await asyncio.sleep(wait)

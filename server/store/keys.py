@@ -23,6 +23,12 @@ def configure(url: str) -> None:
     _prefix = CLUSTER_TAG if url.startswith(cluster.SCHEME) else ""
 
 
+def pattern() -> str:
+    """A SCAN/KEYS pattern for every key of this layout: all of them on one node, the ``{fm}``
+    slot's on a cluster (other data may share it)."""
+    return f"{_prefix}*"  # braces are plain characters to Redis' glob
+
+
 def workers() -> str:
     """ZSET worker id -> heartbeat deadline (ms, Redis clock)."""
     return f"{_prefix}fm:workers"

@@ -359,10 +359,24 @@ class ClusterTopology:
         """A manual CLUSTER FAILOVER on ``replica``; waits until it is a primary and the whole
         cluster is healthy again (its old primary back in sync as its replica), so a test may
         fail over again straight after."""
+        self.request_failover(replica)
+        self.wait_promoted(replica, timeout_s)
+        self.wait_healthy(timeout_s)
+
+    def request_failover(self, replica: int) -> None:
+        """Send CLUSTER FAILOVER to ``replica`` and return at once: the switch itself (the
+        primary pauses writes, the replica catches up and takes the slots) is the fault."""
         with contextlib.closing(self.node(replica)) as client:
             _command(client, "CLUSTER", "FAILOVER")
-        self._wait(lambda: replica in self.primaries() and self._healthy(), timeout_s,
-                   f"no manual failover to {replica}")
+
+    def wait_promoted(self, replica: int, timeout_s: float) -> None:
+        """Until every live node agrees that ``replica`` serves slots (the handover is done;
+        its old primary may still be resyncing)."""
+        def done() -> bool:
+            agreed = self._agreed()
+            return agreed is not None and any(primary == replica for primary, _ in agreed.values())
+
+        self._wait(done, timeout_s, f"no manual failover to {replica}")
 
     def restore(self, old: int, timeout_s: float = 30.0) -> None:
         """Start a killed node again empty (a new node id) as a replica of the primary that

@@ -86,9 +86,15 @@ async def serve_through_a_failover(locator: str, env: dict[str, str], fail: Call
         # Every commit before the fault is counted by now (workers flush every 0.1 s), and none
         # can land between the fault and the promotion: the next one is matching resumed.
         before = await matches_created(served)
-        async with asyncio.timeout(failover_s + 5 + TIMEOUT * 2):
-            while await matches_created(served) <= before:
-                await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(failover_s + 5 + TIMEOUT * 2):
+                while await matches_created(served) <= before:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            sim.cancel()
+            raise AssertionError(f"no match within {time.monotonic() - failed:.1f}s of the fault "
+                                 f"(new primary after {failover_s:.1f}s)\n"
+                                 + served.output()[-6000:]) from None
         resumed_s = time.monotonic() - failed
         result = await sim
         assert resumed_s <= failover_s + 5, (resumed_s, failover_s)
