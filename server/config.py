@@ -61,7 +61,8 @@ class ServerConfig(_Base, frozen=True):
     max_handshake_queue_ms: float = 500.0  # a request waited this long to be read (0 disables)
     max_pending_handshakes: int = 256  # upgrades waiting for their welcome, per worker
     max_connections: int = 50_000  # open client connections per worker
-    overload_retry_after_s: int = 1  # the Retry-After header of those 503s
+    overload_retry_after_s: int = 1  # the Retry-After header of those 503s ...
+    overload_retry_after_max_s: int = 10  # ... growing to this as a worker refuses more of them
     backlog: int = 4096  # listen() queue; the kernel caps it at net.core.somaxconn
     # TLS (wss://): PEM files read at each worker's start (SIGHUP picks up a renewed one).
     tls_cert_file: str = ""  # the certificate, then its intermediates; empty: plain ws://
@@ -244,6 +245,8 @@ def _check_server(s: ServerConfig) -> None:
         _fail("server.rate_limit_strikes", "must be >= 0 (and server.drain_timeout_s > 0)")
     if s.heartbeat_ttl_s <= s.heartbeat_interval_s:
         _fail("server.heartbeat_ttl_s", "must exceed server.heartbeat_interval_s")
+    if s.overload_retry_after_max_s < s.overload_retry_after_s:
+        _fail("server.overload_retry_after_max_s", "must be >= server.overload_retry_after_s")
     if min(s.max_loop_lag_ms, s.max_handshake_queue_ms, s.overload_retry_after_s) < 0:
         _fail("server.max_loop_lag_ms", "and max_handshake_queue_ms and overload_retry_after_s "
               "must be >= 0")

@@ -114,6 +114,10 @@ TLS_FAILED: Final = Counter(
 LOOP_LAG: Final = Gauge(
     "fastmatch_event_loop_lag_seconds", "How late the worker's event loop ran a timer (recent max)",
     multiprocess_mode="livemax")
+RETRY_AFTER: Final = Gauge(
+    "fastmatch_overload_retry_after_seconds", "The Retry-After of the worker's 503s: "
+    "server.overload_retry_after_s, more while it refuses a large share of handshakes",
+    multiprocess_mode="livemax")
 # Incremented by the supervisor, whose process writes to the same multiprocess directory.
 WORKER_RESTARTS: Final = Counter(
     "fastmatch_worker_restarts", "Dead workers the supervisor restarted")

@@ -48,6 +48,9 @@ from server.sim.tokens import TokenMinter
 
 AMBIGUOUS: Final = frozenset({"unavailable", "internal_error"})
 _RETRY_MAX_S: Final = 5.0  # the longest a player waits before asking again
+# A 503's Retry-After grows with the share a worker refuses (server.overload_retry_after_max_s,
+# 10 by default): honoured up to that, as the bundled clients honour it.
+_REFUSED_MAX_S: Final = 10.0
 _SETTLE_S: Final = 3.0  # at the end: how long messages in flight get to arrive
 _TRAIL: Final = 24  # messages kept to show what led to a violation
 
@@ -145,7 +148,7 @@ class Playing:
                 wait = retry.verdict(exc, fresh_token=False)
                 if wait is None:
                     raise
-                await asyncio.sleep(retry.delay(attempt, min(wait, _RETRY_MAX_S)))
+                await asyncio.sleep(retry.delay(attempt, min(wait, _REFUSED_MAX_S)))
                 attempt += 1
         self.check.connected()
         await self.next()  # the welcome

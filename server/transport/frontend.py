@@ -33,7 +33,7 @@ from server.store.errors import StoreError
 from server.store.players import Attached
 from server.transport import envelope, fdlimit
 from server.transport.connection import ClientConnection
-from server.transport.overload import LoopLag, Shed, busy_response
+from server.transport.overload import LoopLag, RetryHint, Shed, busy_response
 from server.transport.proxyproto import ProxyPolicy
 from server.transport.services import Services
 from server.transport.tls import load_context
@@ -74,6 +74,7 @@ class FrontEnd:
                                   ping_interval_s=config.ping_interval_s,
                                   ping_timeout_s=config.ping_timeout_s, proxy=proxy)
         self.lag = LoopLag(config.max_loop_lag_ms / 1000)
+        self.retry_hint = RetryHint(config.overload_retry_after_s, config.overload_retry_after_max_s)
         self._max_queue_s = config.max_handshake_queue_ms / 1000
         self.caps = fdlimit.caps_for(config.max_connections, config.max_pending_handshakes)
         self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
@@ -109,7 +110,8 @@ class FrontEnd:
             # descriptor each until their open timeout, without limit.
             metrics.inc(metrics.HANDSHAKES_REFUSED, "max_connections")
             _shedding("max_connections (%d sockets held, new ones closed at once)", held)
-            return _Refused(self.config.overload_retry_after_s if self._plain else None)
+            self.retry_hint.refused()
+            return _Refused(self.retry_hint.value if self._plain else None)
         if self._plain and self._shed():
             shed = Shed(self)
             self._sheds.add(shed)
@@ -129,7 +131,7 @@ class FrontEnd:
 
     @property
     def retry_after_s(self) -> int:
-        return self.config.overload_retry_after_s
+        return self.retry_hint.value
 
     @property
     def open_timeout_s(self) -> float:
@@ -140,7 +142,8 @@ class FrontEnd:
 
     def shed_refused(self, reason: str) -> None:
         metrics.inc(metrics.HANDSHAKES_REFUSED, reason)
-        if reason != "draining":
+        if reason != "draining":  # a shutdown, not a load: it says nothing of the retries
+            self.retry_hint.refused()
             _shedding("%s (loop lag %.0f ms, %d upgrades pending)", reason,
                       self.lag.lag_s * 1000, self.handshakes)
 
@@ -214,8 +217,9 @@ class FrontEnd:
             # queue until clients time out; players already connected keep their service.
             self.shed_refused(refused)
             response = self.refusal(client, 503, f"server busy ({refused}); retry later")
-            response.headers["Retry-After"] = str(self.config.overload_retry_after_s)
+            response.headers["Retry-After"] = str(self.retry_hint.value)
             return response
+        self.retry_hint.admitted()
         try:
             identity = self.services.verifier.verify(_token(request.headers, url.query))
         except AuthError as exc:

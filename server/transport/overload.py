@@ -5,7 +5,8 @@ While the last measurement is past the bound (or too many upgrades wait for Redi
 handshakes are refused at once (HTTP 503): the work already admitted gets the CPU, and the
 refused clients learn it in milliseconds instead of timing out in a queue. ``Shed``: the
 connections accepted meanwhile are refused for a few microseconds each, not through the whole
-WebSocket machinery.
+WebSocket machinery. ``RetryHint``: the Retry-After those refusals carry grows with the
+share of handshakes refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import email.utils
 import functools
 import time
+from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 from server import metrics
@@ -56,6 +58,68 @@ class LoopLag:
             self._worst = 0.0
         self._expected = now + PERIOD
         self._handle = loop.call_at(self._expected, self._tick)
+
+
+class RetryHint:
+    """The ``Retry-After`` of a worker's 503s: ``base_s`` while it refuses few handshakes,
+    ``base_s / (1 - share)`` when it refuses ``share`` of them, at most ``max_s``.
+
+    Every refused client comes back after Retry-After. With a fixed second, a worker offered k
+    times what it admits refuses each waiting player about once a second for as long as it
+    waits, and the refusals take CPU from the players it serves (the retry storm in README
+    "Performance"). A wait that grows as 1 / (1 - share) brings the retries down towards
+    the rate it admits, and back to ``base_s`` once it catches up. The share is counted per
+    ``WINDOW_S`` and smoothed (each window weighs half): one busy second does not send clients
+    away for long, a sustained overload is answered within a few windows.
+    """
+
+    WINDOW_S: Final = 1.0
+    MIN_SEEN: Final = 10
+
+    __slots__ = ("_admitted", "_clock", "_refused", "_share", "_until", "base_s", "max_s", "value")
+
+    def __init__(self, base_s: int, max_s: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.base_s = base_s
+        self.max_s = max(max_s, base_s)
+        self.value = base_s  # the header's current seconds
+        self._clock = clock
+        self._share = 0.0
+        self._admitted = 0
+        self._refused = 0
+        self._until = clock() + self.WINDOW_S
+
+    @property
+    def share(self) -> float:
+        """The smoothed share of handshakes refused (0..1), as of the last window."""
+        return self._share
+
+    def admitted(self) -> None:
+        if self._clock() >= self._until:
+            self._roll()
+        self._admitted += 1
+
+    def refused(self) -> None:
+        if self._clock() >= self._until:
+            self._roll()
+        self._refused += 1
+
+    def _roll(self) -> None:
+        """Close the window (the handshake that noticed belongs to the next one)."""
+        now = self._clock()
+        # A few handshakes are no storm: a window with fewer than MIN_SEEN counts as if it had
+        # MIN_SEEN (one refusal in an idle second is a tenth, not all). Windows with none at
+        # all (an idle worker) count as nothing refused.
+        seen = max(self._admitted + self._refused, self.MIN_SEEN)
+        windows = 1 + int((now - self._until) / self.WINDOW_S)
+        self._share = self._share * 0.5 ** windows + 0.5 * self._refused / seen
+        self._admitted = self._refused = 0
+        self._until = now + self.WINDOW_S
+        if self.base_s and self.max_s > self.base_s:
+            # Rounded to the nearest second: at base 1, a third refused is still 1 s.
+            wait = self.base_s / max(1.0 - self._share, self.base_s / self.max_s)
+            self.value = min(max(int(wait + 0.5), self.base_s), self.max_s)
+        metrics.RETRY_AFTER.set(self.value)
 
 
 class Shedder(Protocol):

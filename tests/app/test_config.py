@@ -39,6 +39,8 @@ def test_environment_overrides_are_typed() -> None:
         ({"FASTMATCH_MODES__BAD_NAME!__TEAM_SIZE": "1"}, "modes.bad_name!"),
         ({"FASTMATCH_MATCHING__COMMITS_IN_FLIGHT": "0"}, "matching.commits_in_flight"),
         ({"FASTMATCH_MATCHING__COMMITS_IN_FLIGHT": "33"}, "matching.commits_in_flight"),
+        ({"FASTMATCH_SERVER__OVERLOAD_RETRY_AFTER_S": "5",
+          "FASTMATCH_SERVER__OVERLOAD_RETRY_AFTER_MAX_S": "4"}, "server.overload_retry_after_max_s"),
     ],
 )
 def test_bad_values_name_the_key(environ: dict[str, str], key: str) -> None:

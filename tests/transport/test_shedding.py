@@ -8,12 +8,14 @@ import asyncio
 import socket
 import time
 
+import pytest
 from prometheus_client import REGISTRY
 
 from server import metrics
 from server.app.worker import Worker
 from server.transport.frontend import WS_PATHS
 from server.transport.overload import WS_PATHS as SHED_PATHS
+from server.transport.overload import RetryHint
 from tests.conftest import WorkerFactory, make_config
 from tests.helpers import TIMEOUT, answer, connect_player, half_request, request, token
 
@@ -184,3 +186,101 @@ async def test_a_worker_shutting_down_answers_its_shed_connections(start_worker:
     async with asyncio.timeout(TIMEOUT * 4):
         await closing
     assert not w.front._sheds
+
+
+# -- Retry-After grows with the share refused ----------------------------------------------------
+
+
+class Clock:
+    """The hint's clock, moved by hand: the arithmetic per window, not the machine's pace."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def window(hint: RetryHint, clock: Clock, admitted: int, refused: int) -> int:
+    """One window's handshakes; then the next window's first (a refusal) closes it."""
+    for _ in range(admitted):
+        hint.admitted()
+    for _ in range(refused):
+        hint.refused()
+    clock.now += RetryHint.WINDOW_S
+    hint.refused()
+    return hint.value
+
+
+def test_the_retry_hint_grows_with_the_share_refused_and_comes_back() -> None:
+    clock = Clock()
+    hint = RetryHint(1, 10, clock)
+    assert hint.value == 1
+    # Within a window nothing changes, however many are refused.
+    for _ in range(100):
+        hint.refused()
+    assert hint.value == 1
+    clock.now += RetryHint.WINDOW_S
+    hint.admitted()  # closes the first window: 100 of 100 refused, smoothed to half
+    assert hint.share == 0.5 and hint.value == 2
+    # A third refused (base 1): the wait rounds to the base.
+    other = Clock()  # the hint above keeps its own clock's windows
+    fresh = RetryHint(1, 10, other)
+    assert window(fresh, other, admitted=20, refused=10) == 1 and fresh.share == pytest.approx(1 / 6)
+    # Fewer handshakes than MIN_SEEN weigh as that many: one refusal alone is no storm.
+    lone = RetryHint(1, 10, other)
+    assert window(lone, other, admitted=0, refused=1) == 1 and lone.share == pytest.approx(0.05)
+    # Sustained: 1 / (1 - share) as the smoothed share climbs, capped at the maximum.
+    assert [window(hint, clock, 1, 9) for _ in range(4)] == [3, 5, 7, 8]
+    assert [window(hint, clock, 0, 10) for _ in range(3)] == [10, 10, 10]
+    # Caught up: each window of admitted handshakes halves the share (0.98 -> 0.54 -> 0.27).
+    values = []
+    for _ in range(4):
+        for _ in range(10):
+            hint.admitted()
+        clock.now += RetryHint.WINDOW_S
+        hint.admitted()
+        values.append(hint.value)
+    assert values == [2, 1, 1, 1]
+
+
+def test_an_idle_stretch_counts_as_nothing_refused() -> None:
+    clock = Clock()
+    hint = RetryHint(2, 30, clock)
+    assert window(hint, clock, 0, 50) == 4  # share 0.5: twice the base
+    clock.now += 10 * RetryHint.WINDOW_S  # only the refusal that closed it for ten windows
+    hint.refused()
+    assert hint.share == pytest.approx(0.5 * 0.5**10 + 0.5 * 1 / RetryHint.MIN_SEEN)
+    assert hint.value == 2
+
+
+def test_a_fixed_retry_after_stays_fixed() -> None:
+    clock = Clock()
+    for base in (0, 3):
+        hint = RetryHint(base, base, clock)
+        assert [window(hint, clock, 0, 10) for _ in range(3)] == [base] * 3
+
+
+async def test_a_worker_refusing_most_handshakes_asks_for_longer_waits(
+    start_worker: WorkerFactory,
+) -> None:
+    """Real handshakes: while every new one is refused the 503s' Retry-After climbs, and the
+    gauge shows it; once the worker admits again it comes back to the base."""
+    w, port = await full(start_worker)
+    assert w.front.retry_hint.max_s == 10  # the default ceiling
+    seen = []
+    async with asyncio.timeout(TIMEOUT * 3):
+        while not seen or seen[-1] < 4:
+            status, headers, _ = head(await exchange(port, UPGRADE))
+            assert status == b"HTTP/1.1 503 Service Unavailable"
+            seen.append(int(headers[b"Retry-After"]))
+            await asyncio.sleep(0.01)  # a storm: many more than MIN_SEEN a window
+    assert seen[0] == 1 and seen == sorted(seen), seen  # climbs, never jumps back
+    assert sample("fastmatch_overload_retry_after_seconds") == seen[-1]
+    await w.seated.close()  # type: ignore[attr-defined]
+    async with asyncio.timeout(TIMEOUT * 3):
+        while w.front.retry_hint.value > 1:
+            player, welcome = await connect_player(port, "admitted")
+            assert welcome["type"] == "welcome"
+            await player.close()
+            await asyncio.sleep(0.05)
