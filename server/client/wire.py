@@ -193,9 +193,10 @@ class Wire(asyncio.Protocol):
 
 
 def _retry_after(response: Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if value is None:
+    values = response.headers.get_all("Retry-After")
+    if not values:
         return None
+    value = values[0]  # several would be the server's mistake: the first, not a crash
     with contextlib.suppress(ValueError):
         return max(float(value), 0.0)
     return None  # an HTTP date: rare from a load shedder; the backoff applies instead

@@ -18,7 +18,7 @@ from typing import Any, Final, cast
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from server import metrics
@@ -221,7 +221,12 @@ class FrontEnd:
             return response
         self.retry_hint.admitted()
         try:
-            identity = self.services.verifier.verify(_token(request.headers, url.query))
+            token = _token(request.headers, url.query)
+        except MultipleValuesError:
+            # Which one to believe is anybody's guess (and a proxy may have added one).
+            return self.refusal(client, 400, "more than one Authorization header")
+        try:
+            identity = self.services.verifier.verify(token)
         except AuthError as exc:
             response = self.refusal(client, 401, str(exc))
             response.headers["WWW-Authenticate"] = 'Bearer realm="fastmatch"'
@@ -509,6 +514,8 @@ class _Refused(asyncio.Protocol):
 
 
 def _token(headers: Headers, query: str) -> str | None:
+    """The bearer token of the Authorization header, else of the query string (raises
+    ``MultipleValuesError`` for a request with several Authorization headers)."""
     auth = headers.get("Authorization")
     if auth:
         scheme, _, value = auth.partition(" ")

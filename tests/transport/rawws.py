@@ -73,10 +73,10 @@ class RawClient:
 
     @classmethod
     async def connect(cls, port: int, player: str | None, *, early: bytes = b"",
-                      path: str = "/ws") -> RawClient:
+                      path: str = "/ws", extra: tuple[tuple[str, str], ...] = ()) -> RawClient:
         """TCP connect and send the upgrade request for ``player`` (its token in the header)
-        to the request target ``path``, followed in the same write by ``early`` (frames sent
-        before the answer)."""
+        to the request target ``path``, with the ``extra`` header lines after the others,
+        followed in the same write by ``early`` (frames sent before the answer)."""
         sock = socket.socket()
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment
@@ -87,6 +87,8 @@ class RawClient:
         request.path = path  # sent as given, even when no URL parser would accept it
         if player is not None:
             request.headers["Authorization"] = f"Bearer {token(player)}"
+        for name, value in extra:
+            request.headers[name] = value  # another line, even for a name already there
         client.protocol.send_request(request)
         await client.write(b"".join(client.protocol.data_to_send()) + early)
         return client

@@ -27,6 +27,7 @@ from tests.helpers import (
     recv,
     request,
     send,
+    token,
 )
 from tests.transport.rawws import RawClient
 
@@ -102,6 +103,24 @@ async def test_unparsable_request_target_gets_400_not_a_traceback(
     await ws.close()
     assert complaints(caplog) == []
 
+
+async def test_two_authorization_headers_get_400_not_a_traceback(
+    worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the upgrade fuzzer: a second Authorization line made websockets' ``get`` raise
+    inside the handshake (a 500 and a traceback). Which token to believe is anybody's guess:
+    the request is malformed, whether the tokens agree or not."""
+    caplog.set_level(logging.INFO)
+    for second in (f"Bearer {token('other')}", f"Bearer {token('twice')}", ""):
+        client = await RawClient.connect(worker.front.port, "twice", extra=(("authorization", second),))
+        response = await client.handshake()
+        client.close()
+        assert response is not None and response.status_code == 400
+        assert response.body == b"more than one Authorization header\n"
+    ws, welcome = await connect_player(worker.front.port, "twice")
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    assert complaints(caplog) == []
 
 
 # -- logs an attacker cannot flood (issue 18) ---------------------------------------------------------
