@@ -73,8 +73,8 @@ class FrontEnd:
         self.ws_limits = WsLimits(max_size=config.max_message_bytes,
                                   ping_interval_s=config.ping_interval_s,
                                   ping_timeout_s=config.ping_timeout_s, proxy=proxy)
-        self.lag = LoopLag(config.max_loop_lag_ms / 1000)
         self.retry_hint = RetryHint(config.overload_retry_after_s, config.overload_retry_after_max_s)
+        self.lag = LoopLag(config.max_loop_lag_ms / 1000, every_second=self.retry_hint.tick)
         self._max_queue_s = config.max_handshake_queue_ms / 1000
         self.caps = fdlimit.caps_for(config.max_connections, config.max_pending_handshakes)
         self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
@@ -110,7 +110,8 @@ class FrontEnd:
             # descriptor each until their open timeout, without limit.
             metrics.inc(metrics.HANDSHAKES_REFUSED, "max_connections")
             _shedding("max_connections (%d sockets held, new ones closed at once)", held)
-            self.retry_hint.refused()
+            # Not counted in the hint: these sockets sent nothing yet, and a flood of idle
+            # ones (slowloris) must not send every real client away for longer.
             return _Refused(self.retry_hint.value if self._plain else None)
         if self._plain and self._shed():
             shed = Shed(self)
@@ -129,9 +130,10 @@ class FrontEnd:
 
     # -- Shed connections (server/transport/overload.py) ------------------------------------------
 
-    @property
-    def retry_after_s(self) -> int:
-        return self.retry_hint.value
+    def retry_after(self, reason: str) -> int:
+        """The Retry-After of a 503 for ``reason``: a draining worker's is the base (another
+        worker or host may take the client at once), an overloaded one's the grown hint."""
+        return self.retry_hint.base_s if reason == "draining" else self.retry_hint.value
 
     @property
     def open_timeout_s(self) -> float:
@@ -217,7 +219,7 @@ class FrontEnd:
             # queue until clients time out; players already connected keep their service.
             self.shed_refused(refused)
             response = self.refusal(client, 503, f"server busy ({refused}); retry later")
-            response.headers["Retry-After"] = str(self.retry_hint.value)
+            response.headers["Retry-After"] = str(self.retry_after(refused))
             return response
         self.retry_hint.admitted()
         try:

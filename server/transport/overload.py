@@ -25,8 +25,9 @@ PERIOD: Final = 0.05
 
 
 class LoopLag:
-    def __init__(self, bound_s: float) -> None:
+    def __init__(self, bound_s: float, every_second: Callable[[], None] | None = None) -> None:
         self.bound_s = bound_s
+        self._every_second = every_second  # also run once a second, on the same timer
         self.lag_s = 0.0
         self._worst = 0.0  # since the last gauge update
         self._ticks = 0
@@ -56,6 +57,8 @@ class LoopLag:
         if self._ticks % 20 == 0:  # the gauge shows the worst lag of the last second
             metrics.LOOP_LAG.set(self._worst)
             self._worst = 0.0
+            if self._every_second is not None:
+                self._every_second()
         self._expected = now + PERIOD
         self._handle = loop.call_at(self._expected, self._tick)
 
@@ -88,6 +91,7 @@ class RetryHint:
         self._admitted = 0
         self._refused = 0
         self._until = clock() + self.WINDOW_S
+        metrics.RETRY_AFTER.set(base_s)
 
     @property
     def share(self) -> float:
@@ -104,15 +108,22 @@ class RetryHint:
             self._roll()
         self._refused += 1
 
+    def tick(self) -> None:
+        """Close the window if it is over, handshakes or not (the worker's periodic timer): an
+        idle worker's hint and gauge come back to the base by themselves."""
+        if self._clock() >= self._until:
+            self._roll()
+
     def _roll(self) -> None:
         """Close the window (the handshake that noticed belongs to the next one)."""
         now = self._clock()
         # A few handshakes are no storm: a window with fewer than MIN_SEEN counts as if it had
-        # MIN_SEEN (one refusal in an idle second is a tenth, not all). Windows with none at
-        # all (an idle worker) count as nothing refused.
+        # MIN_SEEN (one refusal in an idle second is a tenth, not all).
         seen = max(self._admitted + self._refused, self.MIN_SEEN)
-        windows = 1 + int((now - self._until) / self.WINDOW_S)
-        self._share = self._share * 0.5 ** windows + 0.5 * self._refused / seen
+        share = 0.5 * self._share + 0.5 * self._refused / seen
+        # The windows since, with no handshake at all (an idle worker), count as none refused.
+        idle = int((now - self._until) / self.WINDOW_S)
+        self._share = share * 0.5 ** idle
         self._admitted = self._refused = 0
         self._until = now + self.WINDOW_S
         if self.base_s and self.max_s > self.base_s:
@@ -125,8 +136,7 @@ class RetryHint:
 class Shedder(Protocol):
     """What a ``Shed`` connection asks of the front end that accepted it."""
 
-    @property
-    def retry_after_s(self) -> int: ...
+    def retry_after(self, reason: str) -> int: ...
     @property
     def open_timeout_s(self) -> float: ...
     def shed_reason(self, waited_s: float) -> str: ...
@@ -190,7 +200,7 @@ class Shed(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         self._front.shed_refused(reason)
-        transport.write(busy_response(reason, self._front.retry_after_s))
+        transport.write(busy_response(reason, self._front.retry_after(reason)))
         transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

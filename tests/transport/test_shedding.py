@@ -223,7 +223,7 @@ def test_the_retry_hint_grows_with_the_share_refused_and_comes_back() -> None:
     clock.now += RetryHint.WINDOW_S
     hint.admitted()  # closes the first window: 100 of 100 refused, smoothed to half
     assert hint.share == 0.5 and hint.value == 2
-    # A third refused (base 1): the wait rounds to the base.
+    # A sixth refused (base 1): the wait rounds to the base.
     other = Clock()  # the hint above keeps its own clock's windows
     fresh = RetryHint(1, 10, other)
     assert window(fresh, other, admitted=20, refused=10) == 1 and fresh.share == pytest.approx(1 / 6)
@@ -248,10 +248,35 @@ def test_an_idle_stretch_counts_as_nothing_refused() -> None:
     clock = Clock()
     hint = RetryHint(2, 30, clock)
     assert window(hint, clock, 0, 50) == 4  # share 0.5: twice the base
-    clock.now += 10 * RetryHint.WINDOW_S  # only the refusal that closed it for ten windows
+    clock.now += 10 * RetryHint.WINDOW_S  # after the refusal that closed it, ten quiet windows
     hint.refused()
-    assert hint.share == pytest.approx(0.5 * 0.5**10 + 0.5 * 1 / RetryHint.MIN_SEEN)
+    # That window (one refusal, weighing as MIN_SEEN), then nine with nobody, each halving.
+    assert hint.share == pytest.approx((0.5 * 0.5 + 0.5 / RetryHint.MIN_SEEN) * 0.5**9)
     assert hint.value == 2
+    # An overload that ends in silence: the refused window is aged by the quiet one after it.
+    after = RetryHint(1, 10, clock)
+    for _ in range(100):
+        after.refused()
+    clock.now += 2 * RetryHint.WINDOW_S
+    after.refused()
+    assert after.share == pytest.approx(0.25) and after.value == 1
+
+
+def test_an_idle_worker_comes_back_to_the_base_without_handshakes() -> None:
+    """The worker's once-a-second timer closes windows too (``tick``): the header and the
+    gauge do not keep an overload's value while nobody connects."""
+    clock = Clock()
+    hint = RetryHint(1, 10, clock)
+    for _ in range(3):
+        assert window(hint, clock, 0, 50) > 1
+    grown = hint.value
+    assert sample("fastmatch_overload_retry_after_seconds") == grown
+    hint.tick()  # within the window: nothing changes
+    assert hint.value == grown
+    for _ in range(3):
+        clock.now += RetryHint.WINDOW_S
+        hint.tick()
+    assert hint.value == 1 and sample("fastmatch_overload_retry_after_seconds") == 1
 
 
 def test_a_fixed_retry_after_stays_fixed() -> None:
@@ -275,8 +300,11 @@ async def test_a_worker_refusing_most_handshakes_asks_for_longer_waits(
             assert status == b"HTTP/1.1 503 Service Unavailable"
             seen.append(int(headers[b"Retry-After"]))
             await asyncio.sleep(0.01)  # a storm: many more than MIN_SEEN a window
-    assert seen[0] == 1 and seen == sorted(seen), seen  # climbs, never jumps back
-    assert sample("fastmatch_overload_retry_after_seconds") == seen[-1]
+    # Climbs from the base (a stalled test process may see a dip on the way: not asserted).
+    assert seen[0] == 1, seen
+    # The gauge is the worker's current value (the once-a-second timer may have moved it
+    # since the last answer).
+    assert sample("fastmatch_overload_retry_after_seconds") == w.front.retry_hint.value >= 2
     await w.seated.close()  # type: ignore[attr-defined]
     async with asyncio.timeout(TIMEOUT * 3):
         while w.front.retry_hint.value > 1:
