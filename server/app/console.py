@@ -147,6 +147,20 @@ def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
     return lower
 
 
+def _numsub_everywhere(cluster: redis.cluster.RedisCluster, channel: str) -> list[tuple[str, int]]:
+    """PUBSUB NUMSUB of every node of a cluster, summed. A node that does not answer (one
+    being failed over) counts as none, as the server's own count does, instead of failing
+    the whole view."""
+    total = 0
+    for node in cluster.get_nodes():  # type: ignore[no-untyped-call, unused-ignore]
+        try:
+            reply: Any = cluster.pubsub_numsub(channel, target_nodes=node)
+        except (redis.RedisError, OSError):
+            continue
+        total += sum(int(count) for _, count in reply)
+    return [(channel, total)]
+
+
 class Console:
     def __init__(self, source: Observed, registry: CollectorRegistry, max_age_s: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -207,8 +221,7 @@ class Console:
             # node; a node counts its own subscribers only, and a game server may listen on any.
             home = cluster.get_node_from_key(keys.workers())
             replies.insert(0, cluster.execute_command("TIME", target_nodes=home))  # type: ignore[no-untyped-call, unused-ignore]
-            replies.insert(2, cluster.pubsub_numsub(
-                self.source.request_channel, target_nodes=redis.cluster.RedisCluster.ALL_NODES))
+            replies.insert(2, _numsub_everywhere(cluster, self.source.request_channel))
         return replies
 
     # -- assembly ------------------------------------------------------------------------------

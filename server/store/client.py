@@ -37,8 +37,11 @@ from server.store.sentinel import Locator
 
 log = logging.getLogger(__name__)
 _TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
-                     "NOREPLICAS",  # a primary under min-replicas-to-write that lost its replicas
-                     "MOVED ", "ASK ")  # still redirected after _MAX_REDIRECTS: it did not run
+                     "NOREPLICAS")  # a primary under min-replicas-to-write that lost its replicas
+# On a cluster, a call still redirected after _MAX_REDIRECTS did not run: unavailable. Without
+# cluster mode a redirection means a misconfiguration (a cluster node named as standalone):
+# an error, loudly, not a breaker flapping between refusals and a probe that answers.
+_REDIRECTED: Final = ("MOVED ", "ASK ")
 # Replies of a node that is not (or no longer) a writable primary: its connection is dropped.
 _NOT_PRIMARY: Final = ("READONLY", "MASTERDOWN")
 # Commands whose second argument is not a key: on a cluster any node answers them.
@@ -173,7 +176,21 @@ class RedisClient:
                 return 0
             return int(reply[1]) if isinstance(reply, list) and len(reply) == 2 else 0
 
-        return sum(await asyncio.gather(*(asked(a) for a in self.slots.nodes)))
+        named = list(self.slots.nodes)
+        total = sum(await asyncio.gather(*(asked(a) for a in named)))
+        if total:
+            return total
+        # Nobody on the nodes this map names; but the map may predate the node they are on.
+        # CLUSTER SLOTS leaves out a replica it does not count as in sync yet, such as the
+        # primary a manual failover just demoted, whose subscribers stay connected to it (and
+        # keep hearing every message). A map asked for again (at most every 0.1 s) is counted
+        # for the nodes it adds before this says that nobody listens.
+        try:
+            await self._refreshed(started)
+        except _NotSent:
+            return 0
+        added = [a for a in self.slots.nodes if a not in named]
+        return sum(await asyncio.gather(*(asked(a) for a in added)))
 
     @property
     def writes(self) -> int:
@@ -207,7 +224,7 @@ class RedisClient:
             else:
                 reply = await self._routed(packed, script, started, slot)
             replies = reply if isinstance(packed, list) else (reply,)
-            error = next(filter(None, (_reply_error(op, r) for r in replies)), None)
+            error = next(filter(None, (_reply_error(op, r, self.slots is not None) for r in replies)), None)
             if isinstance(error, StoreUnavailable):  # Redis is loading, busy or read-only
                 self._failed(loop.time())
                 outcome = "unavailable"
@@ -231,6 +248,17 @@ class RedisClient:
         except _Overloaded as exc:
             outcome = "overloaded"
             raise StoreUnavailable(f"redis {op}: {exc}") from None
+        except _PartlySent as exc:
+            # Part of a cluster pipeline ran, or may have: never "did not run".
+            if exc.overloaded:
+                outcome = "overloaded"
+                raise StoreUnavailable(f"redis {op}: {exc.__cause__} (part of it was sent)",
+                                       maybe_ran=True) from None
+            outcome = "unavailable"
+            self._failed(loop.time())
+            retry_ms = max(int(breaker.retry_after_s(loop.time()) * 1000), 1000)
+            raise StoreUnavailable(f"redis {op} failed in part: {exc.__cause__}",
+                                   retry_after_ms=retry_ms, maybe_ran=True) from exc.__cause__
         finally:
             self.observer.call_done(op, loop.time() - started, outcome)
 
@@ -285,10 +313,14 @@ class RedisClient:
             failed = [r for r in replies if isinstance(r, BaseException)]
             if not failed:
                 return replies
-            if len(failed) < len(replies) and all(isinstance(f, _NotSent | _Overloaded) for f in failed):
+            sent_and_failed = [f for f in failed if not isinstance(f, _NotSent | _Overloaded)]
+            if sent_and_failed:
+                raise sent_and_failed[0]  # as for one command: it may have run
+            if len(failed) < len(replies):
                 # Some of it left, some did not: the pipeline as a whole may have run in part.
-                raise RespConnectionError(f"part of a pipeline could not be sent: {failed[0]}")
-            raise failed[0]
+                raise _PartlySent(overloaded=all(isinstance(f, _Overloaded) for f in failed)) from failed[0]
+            # Nothing left: back-pressure if any part met it (not Redis' fault), else unreachable.
+            raise next((f for f in failed if isinstance(f, _Overloaded)), failed[0])
         assert isinstance(slot, int)
         slots = self.slots
         assert slots is not None
@@ -328,6 +360,12 @@ class RedisClient:
                 await asyncio.shield(self.slots.refresh())
         except (RespConnectionError, OSError, TimeoutError) as exc:
             raise _NotSent from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self.slots.closed or (task is not None and task.cancelling()):
+                raise
+            # The refresh it waited for was stopped by close(), not this call.
+            raise _NotSent from RespConnectionError("the redis client is closed")
 
     def _node(self, address: tuple[str, int]) -> _Node:
         node = self._nodes.get(address)
@@ -553,6 +591,15 @@ class _Overloaded(Exception):
     """Too many calls in flight on this worker (not Redis' fault)."""
 
 
+class _PartlySent(Exception):
+    """Part of a cluster pipeline left and part did not (``overloaded``: only back-pressure
+    held the rest back, which says nothing against Redis)."""
+
+    def __init__(self, overloaded: bool) -> None:
+        super().__init__("part of a pipeline could not be sent")
+        self.overloaded = overloaded
+
+
 def _retrieve(future: asyncio.Future[Reply]) -> None:
     """A reply nobody awaits: its outcome shows in the call that follows it."""
     if not future.cancelled():
@@ -563,12 +610,12 @@ def _is_noscript(reply: Reply) -> bool:
     return type(reply) is hiredis.ReplyError and str(reply).startswith("NOSCRIPT")
 
 
-def _reply_error(op: str, reply: Reply) -> StoreError | None:
+def _reply_error(op: str, reply: Reply, cluster_mode: bool = False) -> StoreError | None:
     """The error a reply is, if it is one."""
     if type(reply) is not hiredis.ReplyError:
         return None
     text = str(reply)
-    if text.startswith(_TRANSIENT):
+    if text.startswith(_TRANSIENT) or (cluster_mode and text.startswith(_REDIRECTED)):
         return StoreUnavailable(f"redis {op} refused: {text}")
     return StoreError(f"redis {op} error: {text}")
 

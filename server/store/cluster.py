@@ -124,6 +124,7 @@ class SlotMap:
         self.refreshes = 0
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -_REFRESH_EVERY_S
+        self.closed = False
 
     def owner(self, slot: int) -> tuple[str, int] | None:
         return self._owner[slot]
@@ -142,13 +143,16 @@ class SlotMap:
         if self._refreshing is not None and not self._refreshing.done():
             return self._refreshing
         loop = asyncio.get_running_loop()
+        if self.closed:  # the client is closing: nothing may outlive it
+            return loop.create_task(_refused_closed())
         wait = self._refreshed_at + _REFRESH_EVERY_S - loop.time() if self.primaries else 0.0
         self._refreshed_at = loop.time() + max(wait, 0.0)
         self._refreshing = loop.create_task(self._refresh(wait))
         return self._refreshing
 
     async def close(self) -> None:
-        """Stop a refresh under way (the client is closing)."""
+        """Stop a refresh under way and start no other (the client is closing)."""
+        self.closed = True
         task = self._refreshing
         if task is not None and not task.done():
             task.cancel()
@@ -195,3 +199,7 @@ class SlotMap:
             log.warning("redis cluster primaries now %s", ", ".join(f"{h}:{p}" for h, p in self.primaries))
         if uncovered:
             log.warning("redis cluster: %d of %d slots have no primary", uncovered, SLOTS)
+
+
+async def _refused_closed() -> None:
+    raise RespConnectionError("the redis client is closed")

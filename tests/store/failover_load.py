@@ -77,26 +77,30 @@ async def serve_through_a_failover(locator: str, env: dict[str, str], fail: Call
                         mix=parse_mix(DEFAULT_MIX), leftover_wait_s=grace_s + 1 + 0.3 + 10,
                         final_batch=10)
         sim = asyncio.create_task(run(cfg))
-        await asyncio.sleep(FAIL_AT_S)  # the schedule: the time is the event
-        assert await matches_created(served) > 0, served.output()[-3000:]
-        await asyncio.to_thread(fail)
-        failed = time.monotonic()
-        await asyncio.to_thread(wait)
-        failover_s = time.monotonic() - failed
-        # Every commit before the fault is counted by now (workers flush every 0.1 s), and none
-        # can land between the fault and the promotion: the next one is matching resumed.
-        before = await matches_created(served)
         try:
-            async with asyncio.timeout(failover_s + 5 + TIMEOUT * 2):
-                while await matches_created(served) <= before:
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            sim.cancel()
-            raise AssertionError(f"no match within {time.monotonic() - failed:.1f}s of the fault "
-                                 f"(new primary after {failover_s:.1f}s)\n"
-                                 + served.output()[-6000:]) from None
-        resumed_s = time.monotonic() - failed
-        result = await sim
+            await asyncio.sleep(FAIL_AT_S)  # the schedule: the time is the event
+            assert await matches_created(served) > 0, served.output()[-3000:]
+            await asyncio.to_thread(fail)
+            failed = time.monotonic()
+            await asyncio.to_thread(wait)
+            failover_s = time.monotonic() - failed
+            # Every commit before the fault is counted by now (workers flush every 0.1 s), and
+            # none can land between the fault and the promotion: the next one is matching resumed.
+            before = await matches_created(served)
+            try:
+                async with asyncio.timeout(failover_s + 5 + TIMEOUT * 2):
+                    while await matches_created(served) <= before:
+                        await asyncio.sleep(0.05)
+            except TimeoutError:
+                raise AssertionError(f"no match within {time.monotonic() - failed:.1f}s of the "
+                                     f"fault (new primary after {failover_s:.1f}s)\n"
+                                     + served.output()[-6000:]) from None
+            resumed_s = time.monotonic() - failed
+            result = await sim
+        finally:
+            if not sim.done():
+                sim.cancel()
+                await asyncio.gather(sim, return_exceptions=True)
         assert resumed_s <= failover_s + 5, (resumed_s, failover_s)
         assert result.violations == [], (
             result.violations[:20], [p.trail for p in result.players if p.violations][:5],
