@@ -159,6 +159,8 @@ class RedisClient:
             return None
         started = asyncio.get_running_loop().time()
         if not self.breaker.closed:
+            self.calls += 1  # counted and observed as every call the open breaker refuses
+            self.observer.call_done("numsub", 0.0, "refused")
             raise StoreUnavailable("redis numsub refused: circuit open",
                                    retry_after_ms=max(int(self.breaker.retry_after_s(started) * 1000), 100))
         if not self.slots.nodes:

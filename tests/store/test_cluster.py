@@ -221,8 +221,10 @@ async def test_a_redirection_that_does_not_settle_is_unavailable_not_an_error(
     assert await client.command("DEL", key) == 1  # a later run finds the slot empty again
     while client.breaker.closed:
         client.breaker.failure(0.0)
+    calls = client.calls
     with pytest.raises(StoreUnavailable, match="circuit open"):
         await client.listeners("battle:cluster-test")
+    assert client.calls == calls + 1  # counted as every refused call is
 
 
 async def test_a_pipeline_held_back_in_part_may_have_run_and_spares_the_breaker(
