@@ -159,10 +159,8 @@ class RedisClient:
             return None
         started = asyncio.get_running_loop().time()
         if not self.breaker.closed:
-            self.calls += 1  # counted and observed as every call the open breaker refuses
-            self.observer.call_done("numsub", 0.0, "refused")
-            raise StoreUnavailable("redis numsub refused: circuit open",
-                                   retry_after_ms=max(int(self.breaker.retry_after_s(started) * 1000), 100))
+            self.calls += 1
+            raise self._refusal("numsub", started)
         if not self.slots.nodes:
             try:
                 await self._refreshed(started)
@@ -209,6 +207,12 @@ class RedisClient:
         """SHA -> script name, to read SLOWLOG and MONITOR output."""
         return {script.sha: name for name, script in self._scripts.items()}
 
+    def _refusal(self, op: str, now: float) -> StoreUnavailable:
+        """A call the open breaker turns away: observed, and told when to come back."""
+        self.observer.call_done(op, 0.0, "refused")
+        retry_ms = max(int(self.breaker.retry_after_s(now) * 1000), 100)
+        return StoreUnavailable(f"redis {op} refused: circuit open", retry_after_ms=retry_ms)
+
     async def _call(self, op: str, packed: bytes | list[bytes], script: Script | None = None,
                     slot: int | list[int] = -1) -> Reply:
         loop = asyncio.get_running_loop()
@@ -216,9 +220,7 @@ class RedisClient:
         breaker = self.breaker
         self.calls += 1
         if not breaker.allow(started):
-            self.observer.call_done(op, 0.0, "refused")
-            retry_ms = max(int(breaker.retry_after_s(started) * 1000), 100)
-            raise StoreUnavailable(f"redis {op} refused: circuit open", retry_after_ms=retry_ms)
+            raise self._refusal(op, started)
         outcome = "error"
         try:
             if self._single is not None:
@@ -249,18 +251,7 @@ class RedisClient:
                                    maybe_ran=sent) from cause
         except _Overloaded as exc:
             outcome = "overloaded"
-            raise StoreUnavailable(f"redis {op}: {exc}") from None
-        except _PartlySent as exc:
-            # Part of a cluster pipeline ran, or may have: never "did not run".
-            if exc.overloaded:
-                outcome = "overloaded"
-                raise StoreUnavailable(f"redis {op}: {exc.__cause__} (part of it was sent)",
-                                       maybe_ran=True) from None
-            outcome = "unavailable"
-            self._failed(loop.time())
-            retry_ms = max(int(breaker.retry_after_s(loop.time()) * 1000), 1000)
-            raise StoreUnavailable(f"redis {op} failed in part: {exc.__cause__}",
-                                   retry_after_ms=retry_ms, maybe_ran=True) from exc.__cause__
+            raise StoreUnavailable(f"redis {op}: {exc}", maybe_ran=exc.partly_sent) from None
         finally:
             self.observer.call_done(op, loop.time() - started, outcome)
 
@@ -320,7 +311,11 @@ class RedisClient:
                 raise sent_and_failed[0]  # as for one command: it may have run
             if len(failed) < len(replies):
                 # Some of it left, some did not: the pipeline as a whole may have run in part.
-                raise _PartlySent(overloaded=all(isinstance(f, _Overloaded) for f in failed)) from failed[0]
+                # Held back by the worker's own back-pressure only, that says nothing against
+                # Redis (no breaker failure); else it is a connection failure after sending.
+                if all(isinstance(f, _Overloaded) for f in failed):
+                    raise _Overloaded(f"{failed[0]} (part of it was sent)", partly_sent=True)
+                raise RespConnectionError(f"part of a pipeline could not be sent: {failed[0]}") from failed[0]
             # Nothing left: back-pressure if any part met it (not Redis' fault), else unreachable.
             raise next((f for f in failed if isinstance(f, _Overloaded)), failed[0])
         assert isinstance(slot, int)
@@ -590,16 +585,12 @@ class _NotSent(Exception):
 
 
 class _Overloaded(Exception):
-    """Too many calls in flight on this worker (not Redis' fault)."""
+    """Too many calls in flight on this worker (not Redis' fault). ``partly_sent``: the rest
+    of a cluster pipeline had left, so the call may have run in part."""
 
-
-class _PartlySent(Exception):
-    """Part of a cluster pipeline left and part did not (``overloaded``: only back-pressure
-    held the rest back, which says nothing against Redis)."""
-
-    def __init__(self, overloaded: bool) -> None:
-        super().__init__("part of a pipeline could not be sent")
-        self.overloaded = overloaded
+    def __init__(self, message: str, partly_sent: bool = False) -> None:
+        super().__init__(message)
+        self.partly_sent = partly_sent
 
 
 def _retrieve(future: asyncio.Future[Reply]) -> None:

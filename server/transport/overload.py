@@ -99,23 +99,20 @@ class RetryHint:
         return self._share
 
     def admitted(self) -> None:
-        if self._clock() >= self._until:
-            self._roll()
+        self.tick()  # the handshake that closes a window belongs to the next one
         self._admitted += 1
 
     def refused(self) -> None:
-        if self._clock() >= self._until:
-            self._roll()
+        self.tick()
         self._refused += 1
 
     def tick(self) -> None:
-        """Close the window if it is over, handshakes or not (the worker's periodic timer): an
-        idle worker's hint and gauge come back to the base by themselves."""
+        """Close the window if it is over (also from the worker's periodic timer, handshakes
+        or not: an idle worker's hint and gauge come back to the base by themselves)."""
         if self._clock() >= self._until:
             self._roll()
 
     def _roll(self) -> None:
-        """Close the window (the handshake that noticed belongs to the next one)."""
         now = self._clock()
         # A few handshakes are no storm: a window with fewer than MIN_SEEN counts as if it had
         # MIN_SEEN (one refusal in an idle second is a tenth, not all).
@@ -127,7 +124,7 @@ class RetryHint:
         self._admitted = self._refused = 0
         self._until = now + self.WINDOW_S
         if self.base_s and self.max_s > self.base_s:
-            # Rounded to the nearest second: at base 1, a third refused is still 1 s.
+            # Rounded to the nearest second: at base 1, under a third refused is still 1 s.
             wait = self.base_s / max(1.0 - self._share, self.base_s / self.max_s)
             self.value = min(max(int(wait + 0.5), self.base_s), self.max_s)
         metrics.RETRY_AFTER.set(self.value)
