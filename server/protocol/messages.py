@@ -58,7 +58,7 @@ class Welcome(_Server, tag="welcome", frozen=True):
     protocol: int  # always sent (PROTOCOL 3), hence no default for omit_defaults to drop
     game_mode: str | None = None
     loading_session_id: str | None = None
-    # Extension (documented in README "Protocol extensions"): lets a resumed client show its wait.
+    # Extension (docs/protocol.md section 11): lets a resumed client show its wait.
     queued_at_ms: int | None = None
 
 

@@ -150,12 +150,15 @@ class Session:
         """First message on every connection; shows state resumed from Redis (PROTOCOL 3)."""
         self.phase = Phase(state)
         self.game_mode = game_mode or None
-        self.queued_at_ms = queued_at_ms if state == "queued" else 0
+        # Kept through a ready check too (the record keeps it): a requeue this session has to
+        # make up (``_out_of_step``) must carry the player's original place, not 0.
+        self.queued_at_ms = queued_at_ms if state in ("queued", "loading") else 0
         self.loading_session_id = loading_session_id if state == "loading" else None
         return [Send(Welcome(
             player_id=self.player_id, state=state, game_mode=self.game_mode,
             loading_session_id=self.loading_session_id,
-            queued_at_ms=self.queued_at_ms or None, protocol=PROTOCOL_VERSION,
+            queued_at_ms=self.queued_at_ms if state == "queued" and self.queued_at_ms else None,
+            protocol=PROTOCOL_VERSION,
         )), *self._release()]
 
     def replaced(self) -> list[Effect]:

@@ -148,7 +148,8 @@ class ClientConnection(WebSocketProtocol):
         code = "unavailable" if isinstance(exc, StoreUnavailable) else "internal_error"
         self.front.refused_handshake(exc)
         self.respond(self._upgrade, flush=False)
-        self._send(ErrorMessage(code=code, message=_UNAVAILABLE_MSG, retry_after_ms=retry))
+        message = _UNAVAILABLE_MSG if code == "unavailable" else "the server could not attach this connection"
+        self._send(ErrorMessage(code=code, message=message, retry_after_ms=retry))
         self.close_with(CLOSE_INTERNAL, code)
         self.flush()
 

@@ -232,6 +232,27 @@ def test_notices_out_of_step_after_a_deaf_spell_are_said_once_and_in_order() -> 
     assert s.phase is Phase.LOADING and s.loading_session_id == "1.a.2"
 
 
+def test_a_requeue_made_up_for_a_connection_welcomed_in_a_ready_check_keeps_the_place() -> None:
+    """A player resumed into a ready check (welcome says loading) whose ending goes unheard:
+    the requeue the session makes up before the next ready check carries the original
+    queued_at_ms from the player's record, which the welcome itself does not show."""
+    from server.protocol.messages import Requeued, StartLoading
+
+    def check(n: int) -> StartLoading:
+        return StartLoading(loading_session_id=f"1.a.{n}", game_mode="1v1", teams=[["p1"], ["p2"]],
+                            deadline_ms=9)
+
+    s = Session("p1", MODES, LIMITS)
+    [welcome] = s.welcome("loading", "1v1", 1234, "1.a.1")
+    assert welcome == Send(Welcome(player_id="p1", state="loading", protocol=1, game_mode="1v1",
+                                   loading_session_id="1.a.1"))  # no queued_at_ms: not queued
+    assert s.deliver(check(2)) == [
+        Send(Requeued(game_mode="1v1", reason="server_shutdown", queued_at_ms=1234)), Send(check(2))]
+    [idle] = Session("p2", MODES, LIMITS).welcome("idle", "", 1234)
+    assert isinstance(idle, Send) and isinstance(idle.message, Welcome)
+    assert idle.message.queued_at_ms is None
+
+
 def test_a_match_notice_never_overtakes_the_reply_it_follows() -> None:
     from server.protocol.messages import StartLoading
 

@@ -123,6 +123,50 @@ async def test_two_authorization_headers_get_400_not_a_traceback(
     assert complaints(caplog) == []
 
 
+# -- keepalive (docs/protocol.md section 1) --------------------------------------------------------
+
+async def test_a_silent_peer_is_pinged_then_closed_and_a_talking_one_never_pinged(
+    start_worker: WorkerFactory, admin: aioredis.Redis
+) -> None:
+    """A connection that sends nothing for ping_interval_s gets a ping; with nothing back (not
+    even the pong) within ping_timeout_s it is closed 1011 and its player let go. Any frame
+    counts as a sign of life: a client that talks is never pinged."""
+    from websockets.frames import Close, Opcode
+
+    from server.store import keys
+
+    w = await start_worker(cfg=make_config(**{"server.ping_interval_s": 0.3, "server.ping_timeout_s": 0.3}))
+    silent = await RawClient.connect(w.front.port, "silent")
+    talker = await RawClient.connect(w.front.port, "talker")
+    for client in (silent, talker):
+        response = await client.handshake()
+        assert response is not None and response.status_code == 101
+    talked: list[Opcode] = []
+    for _ in range(12):  # 1.2 s: four ping intervals
+        talker.protocol.send_text(b'{"type":"status"}')
+        await talker.write(b"".join(talker.protocol.data_to_send()))
+        await asyncio.sleep(0.1)
+        talked += [f.opcode for f in talker.frames]
+        talker.frames.clear()
+    assert Opcode.PING not in talked and Opcode.TEXT in talked
+    opcodes = []
+    started = time.monotonic()
+    while (frame := await silent.next_frame()) is not None:  # the server ends it: no hang
+        opcodes.append(frame.opcode)
+        if frame.opcode is Opcode.CLOSE:
+            close = Close.parse(frame.data)
+            assert (close.code, close.reason) == (1011, "keepalive ping timeout")
+            break
+    assert opcodes == [Opcode.TEXT, Opcode.PING, Opcode.CLOSE]  # welcome, ping, close
+    assert time.monotonic() - started < TIMEOUT
+    silent.close()
+    async with asyncio.timeout(TIMEOUT):  # its player is let go (detached): no record left
+        while await admin.exists(keys.player("silent")):
+            await asyncio.sleep(0.02)
+    assert await admin.hget(keys.player("talker"), "conn")  # the talker is still attached
+    talker.close()
+
+
 # -- logs an attacker cannot flood (issue 18) ---------------------------------------------------------
 
 def lines_of(caplog: pytest.LogCaptureFixture, kind: str) -> list[logging.LogRecord]:
