@@ -31,6 +31,7 @@ from server.client.errors import (
     ConnectionClosed,
     FastmatchClientError,
     NotConnected,
+    TokenUnavailable,
     connection_closed,
     error_for,
 )
@@ -60,7 +61,9 @@ T = TypeVar("T")
 
 _decoder: Final = msgspec.json.Decoder(ServerMessage)
 _encoder: Final = msgspec.json.Encoder()
-# Closes after which the same player may simply come back (docs/protocol.md "Close codes").
+# The server's own schema, to refuse before sending what it would answer with an
+# `invalid_message` that names no request (so no request could be told: it would hang).
+_outgoing: Final = msgspec.json.Decoder(ClientMessage)
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,7 +112,7 @@ class Client:
         self._first: asyncio.Future[Welcome] | None = None
         self._established = False  # the current connection has delivered its welcome
         self._inbox: deque[ServerMessage] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None  # shared by every recv() waiting
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._answered: str | None = None  # loading session whose loading_complete was sent
@@ -164,6 +167,8 @@ class Client:
         sid = loading_session_id or self.loading_session_id
         if not sid:
             raise FastmatchClientError("no ready check is running")
+        _checked(LoadingComplete(loading_session_id=sid))
+        self._live_wire()  # on the next connection, welcome{loading} brings the check back
         self._answer(sid)
 
     def send(self, message: ClientMessage | str) -> None:
@@ -174,11 +179,14 @@ class Client:
         self.messages_sent += 1
 
     async def _request(self, message: ClientMessage, rid: str, answer: type[T]) -> T:
+        data = _checked(message)
+        if rid in self._pending:
+            raise ValueError(f"request_id {rid!r} is already waiting for its answer")
         wire = self._live_wire()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            wire.send_text(_encoder.encode(message))
+            wire.send_text(data)
             self.messages_sent += 1
             result = await future
         finally:
@@ -214,11 +222,11 @@ class Client:
         while not self._inbox:
             if self._finished:
                 raise self._terminal or ConnectionClosed(CloseCode.NORMAL, "closed by the client")
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            # Shielded: one waiter cancelled must not cancel the future the others wait on.
+            await asyncio.shield(waiter)
         return self._inbox.popleft()
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
@@ -293,10 +301,7 @@ class Client:
         loop = asyncio.get_running_loop()
         if self._done is None:
             self._done = loop.create_future()
-        token = self._token if isinstance(self._token, str) else self._token()
-        if inspect.isawaitable(token):
-            token = await token
-        assert isinstance(token, str)
+        token = self._token if isinstance(self._token, str) else await self._fresh_token()
         uri, headers = self._uri, {}
         if self._token_in_query:
             query = f"{uri.query}&token={quote(token)}" if uri.query else f"token={quote(token)}"
@@ -318,6 +323,18 @@ class Client:
             if self._wire is wire:
                 self._wire = None
             raise
+
+    async def _fresh_token(self) -> str:
+        assert not isinstance(self._token, str)
+        try:
+            token = self._token()
+            if inspect.isawaitable(token):
+                token = await token
+        except Exception as exc:  # whatever the caller's function raises: a fetch, a bug
+            raise TokenUnavailable(f"the token function failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(token, str):
+            raise TokenUnavailable(f"the token function returned {type(token).__name__}, not str")
+        return token
 
     def _tls(self, uri: WebSocketURI) -> dict[str, Any]:
         if not uri.secure:
@@ -454,3 +471,14 @@ class _Abandoned:
 
     def closed(self, code: int, reason: str) -> None:
         pass
+
+
+def _checked(message: ClientMessage) -> bytes:
+    """The message encoded, if the server's schema accepts it; else ValueError (nothing sent)."""
+    data = _encoder.encode(message)
+    try:
+        _outgoing.decode(data)
+    except msgspec.ValidationError as exc:
+        name = type(message).__name__
+        raise ValueError(f"not a valid {name} (docs/protocol.md section 3): {exc}") from None
+    return data

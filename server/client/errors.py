@@ -40,6 +40,12 @@ class NotConnected(FastmatchClientError):
     """A request was made while no connection is open (closed, or reconnecting)."""
 
 
+class TokenUnavailable(FastmatchClientError):
+    """The token function raised, or returned something other than a string (its exception
+    is the ``__cause__``). While resuming it is retried like a network failure, until the
+    grace ends: the service that mints tokens may be down for a moment too."""
+
+
 class HandshakeRefused(FastmatchClientError):
     """The HTTP upgrade was answered with ``status`` instead of 101 Switching Protocols."""
 

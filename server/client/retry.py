@@ -7,11 +7,13 @@ import random
 from typing import Final
 
 from server.client.errors import (
+    ERROR_CLASSES,
     ConnectionClosed,
     FastmatchClientError,
     RateLimited,
     ServerError,
     ServiceUnavailable,
+    TokenUnavailable,
     Unauthorized,
     Unavailable,
 )
@@ -35,7 +37,7 @@ def verdict(exc: BaseException, fresh_token: bool) -> float | None:
 
     ``fresh_token``: the token comes from a function, so a 401 may be fixed by the next call.
     """
-    if isinstance(exc, OSError | TimeoutError):
+    if isinstance(exc, OSError | TimeoutError | TokenUnavailable):
         return 0.0
     if isinstance(exc, ServiceUnavailable | Unavailable | RateLimited):
         return _asked_wait(exc)
@@ -43,8 +45,8 @@ def verdict(exc: BaseException, fresh_token: bool) -> float | None:
         return 0.0 if fresh_token else None
     if isinstance(exc, ConnectionClosed):
         return 0.0 if exc.code in RESUMABLE else None
-    if isinstance(exc, ServerError) and exc.code == "internal_error":
-        return 0.0
+    if isinstance(exc, ServerError) and (exc.code == "internal_error" or exc.code not in ERROR_CLASSES):
+        return 0.0  # an unknown code counts as internal_error (docs/protocol.md section 5)
     if isinstance(exc, FastmatchClientError):
         return None
     raise exc

@@ -31,6 +31,7 @@ from server.client import (
     ServiceUnavailable,
     SessionReplaced,
     StartLoading,
+    TokenUnavailable,
     Unauthorized,
     Unavailable,
     UnsupportedGameMode,
@@ -134,6 +135,83 @@ async def test_resume_after_a_dropped_connection(worker: Worker, admin: aioredis
         assert welcome.queued_at_ms == queued.queued_at_ms  # the same place in the queue
         assert await admin.zscore(keys.queue("1v1"), "gina") == queued.queued_at_ms
         assert (await client.status()).state == "queued"
+
+
+async def test_a_token_function_that_fails_while_resuming_is_retried_then_ends_the_stream(
+    worker: Worker,
+) -> None:
+    """A token function that raises (a token service down during the outage) is retried like
+    a network failure; once it works the player resumes. One that keeps failing ends the
+    stream within the grace with TokenUnavailable (its exception the cause): nothing hangs."""
+    calls = {"flaky": 0, "doomed": 0}
+
+    async def flaky() -> str:  # works, fails twice (the outage), works again
+        calls["flaky"] += 1
+        if calls["flaky"] in (2, 3):
+            raise RuntimeError("token service down")
+        return token("flaky")
+
+    async with connect(url(worker), flaky) as client:
+        await client.enqueue("1v1")
+        await next_of(client, Enqueued)
+        client.drop()
+        welcome = await next_of(client, Welcome)
+        assert welcome.state == "queued" and calls["flaky"] == 4
+
+    def doomed_token() -> str:  # works once, then never again
+        calls["doomed"] += 1
+        if calls["doomed"] > 1:
+            raise RuntimeError("token service down")
+        return token("doomed")
+
+    doomed = await connect(url(worker), doomed_token, resume_grace_s=1.0)
+    doomed.drop()
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(TokenUnavailable) as raised:
+            while True:
+                await doomed.recv()
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert not doomed.connected
+
+
+async def test_requests_the_server_would_refuse_unanswered_are_refused_before_sending(
+    worker: Worker,
+) -> None:
+    """The server answers a malformed request with an invalid_message that names no request:
+    sent, the request would wait for an answer that never comes. The client checks each
+    request against the server's own schema first, and refuses a request_id still waiting."""
+    async with player(worker, "strict") as client:
+        sent = client.messages_sent
+        for bad in ("", "m" * 65):
+            with pytest.raises(ValueError, match="Enqueue"):
+                await client.enqueue(bad)
+        with pytest.raises(ValueError, match="Status"):
+            await client.status(request_id="r" * 129)
+        with pytest.raises(ValueError, match="LoadingComplete"):
+            client.loading_complete("s" * 65)
+        assert client.messages_sent == sent  # nothing left the client
+        assert (await client.status(request_id="")).state == "idle"  # "" means "pick one"
+        first = asyncio.ensure_future(client.status(request_id="same"))
+        await asyncio.sleep(0)  # the first is sent and waits
+        with pytest.raises(ValueError, match="already waiting"):
+            await client.status(request_id="same")
+        assert (await first).state == "idle"
+
+
+async def test_two_readers_of_the_stream_each_get_a_message(worker: Worker) -> None:
+    """recv() from two tasks at once: each gets one message, and one reader cancelled does not
+    take the other's wake-up with it."""
+    async with player(worker, "readers") as client:
+        assert isinstance(await client.recv(), Welcome)
+        cancelled = asyncio.ensure_future(client.recv())
+        readers = [asyncio.ensure_future(client.recv()) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        await client.enqueue("1v1")  # enqueued, then dequeued: two messages for two readers
+        await client.dequeue()
+        async with asyncio.timeout(TIMEOUT):
+            got = await asyncio.gather(*readers)
+        assert sorted(type(m).__name__ for m in got) == ["Dequeued", "Enqueued"]
 
 
 async def test_a_second_connection_replaces_the_first_with_4009(worker: Worker) -> None:

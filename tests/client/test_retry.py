@@ -14,6 +14,7 @@ from server.client.errors import (
     RateLimited,
     ServiceUnavailable,
     SessionReplaced,
+    TokenUnavailable,
     Unauthorized,
     Unavailable,
     error_for,
@@ -44,6 +45,8 @@ def test_full_jitter_grows_to_the_cap_and_honours_the_server() -> None:
     (SessionReplaced(4009), False, None),
     (error_for(Error(code="internal_error", message="m")), False, 0.0),
     (error_for(Error(code="player_blocked", message="m", retry_after_ms=9)), False, None),
+    (error_for(Error(code="brand_new_code", message="m")), False, 0.0),  # like internal_error
+    (TokenUnavailable("the token function failed"), True, 0.0),  # the token service may be back
 ])
 def test_verdict(exc: BaseException, fresh: bool, wait: float | None) -> None:
     assert retry.verdict(exc, fresh) == wait

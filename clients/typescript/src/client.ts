@@ -2,8 +2,8 @@
 // ready check, resumes. Runs on the browser's WebSocket and on Node's global WebSocket
 // (Node 22+, or Node 20 with --experimental-websocket); no runtime dependencies.
 import {
-  ConnectionClosed, FastmatchClientError, HandshakeFailed, NotConnected, RateLimited, ServerError,
-  Unavailable, connectionClosed, errorFor,
+  ConnectionClosed, ERROR_CLASSES, FastmatchClientError, HandshakeFailed, NotConnected, RateLimited,
+  ServerError, TokenUnavailable, Unavailable, connectionClosed, errorFor,
 } from "./errors.js";
 import type {
   ClientMessage, Dequeued, Enqueued, Error as ErrorMessage, QueueStatus, ServerMessage, Welcome,
@@ -34,7 +34,10 @@ export interface ConnectOptions {
   /** The server's `server.resume_grace_ms` (default 10 s): a queued player keeps its place
    * only if it comes back within it. */
   resumeGraceMs?: number;
+  /** How long one attempt may take from the socket's creation to the `welcome` (10 s). */
   openTimeoutMs?: number;
+  /** How long `close()` waits for the server's closing handshake before it lets go (5 s). */
+  closeTimeoutMs?: number;
   /** A WebSocket implementation; defaults to `globalThis.WebSocket`. */
   WebSocket?: WebSocketConstructor;
 }
@@ -43,7 +46,29 @@ const RESUMABLE = new Set([1001, 1006, 1011, 1012, 1013, 1014]);
 const BACKOFF_BASE_MS = 100;
 const BACKOFF_MAX_MS = 2000;
 const DROPPED = 4000; // the close code drop() uses; the server treats every close alike
+// Every server message type; a newer server's others are skipped (docs/protocol.md section 2).
+// A Record, so the compiler says when the generated types gain or lose one.
+const SERVER_TYPES: Readonly<Record<ServerMessage["type"], true>> = {
+  welcome: true, enqueued: true, dequeued: true, start_loading: true, match_found: true,
+  requeued: true, queue_status: true, error: true,
+};
+const SHORT_MAX = 64; // game_mode, loading_session_id: 1-64 characters (docs/protocol.md section 2)
+const REQUEST_ID_MAX = 128;
 
+/** What the server would refuse with an `invalid_message` that names no request, and so
+ * would leave the request waiting forever: refused here, before anything is sent. */
+function checkOutgoing(message: ClientMessage): void {
+  const chars = (text: string) => [...text].length; // code points, as the server counts
+  for (const field of ["game_mode", "loading_session_id"] as const) {
+    const value = (message as Partial<Record<typeof field, string>>)[field];
+    if (value !== undefined && (chars(value) < 1 || chars(value) > SHORT_MAX)) {
+      throw new RangeError(`${field} must be 1-${SHORT_MAX} characters (docs/protocol.md section 3)`);
+    }
+  }
+  if (message.request_id != null && chars(message.request_id) > REQUEST_ID_MAX) {
+    throw new RangeError(`request_id must be at most ${REQUEST_ID_MAX} characters`);
+  }
+}
 interface Waiting<T> {
   resolve: (value: T) => void;
   reject: (error: Error) => void;
@@ -64,7 +89,7 @@ export class Client implements AsyncIterable<ServerMessage> {
   private established = false;
   private opening: Waiting<Welcome> | null = null;
   private readonly inbox: ServerMessage[] = [];
-  private waiter: (() => void) | null = null;
+  private waiters: (() => void)[] = []; // every recv() waiting; all are woken
   private readonly pending = new Map<string, Waiting<ServerMessage>>();
   private nextId = 1;
   private answered: string | null = null;
@@ -74,6 +99,7 @@ export class Client implements AsyncIterable<ServerMessage> {
   private readonly done: Promise<void>;
   private markDone!: () => void;
   private autoReadyFlag: boolean;
+  private backoff: { timer: ReturnType<typeof setTimeout>; wake: () => void } | null = null;
 
   constructor(readonly url: string, private readonly options: ConnectOptions) {
     this.autoReadyFlag = options.autoReady ?? false;
@@ -96,17 +122,17 @@ export class Client implements AsyncIterable<ServerMessage> {
 
   /** Join the queue of `gameMode`; rejects with the error's class if refused. */
   enqueue(gameMode: string, requestId?: string): Promise<Enqueued> {
-    const rid = requestId ?? this.newId();
+    const rid = requestId || this.newId(); // "" too: the server would echo it, and it names nothing
     return this.request({ type: "enqueue", game_mode: gameMode, request_id: rid }, rid, "enqueued");
   }
 
   dequeue(requestId?: string): Promise<Dequeued> {
-    const rid = requestId ?? this.newId();
+    const rid = requestId || this.newId(); // "" too: the server would echo it, and it names nothing
     return this.request({ type: "dequeue", request_id: rid }, rid, "dequeued");
   }
 
   status(requestId?: string): Promise<QueueStatus> {
-    const rid = requestId ?? this.newId();
+    const rid = requestId || this.newId(); // "" too: the server would echo it, and it names nothing
     return this.request({ type: "status", request_id: rid }, rid, "queue_status");
   }
 
@@ -115,6 +141,8 @@ export class Client implements AsyncIterable<ServerMessage> {
   loadingComplete(loadingSessionId?: string): void {
     const sid = loadingSessionId ?? this.loadingSessionId;
     if (!sid) throw new FastmatchClientError("no ready check is running");
+    checkOutgoing({ type: "loading_complete", loading_session_id: sid });
+    this.liveSocket(); // on the next connection, welcome{loading} brings the check back
     this.answer(sid);
   }
 
@@ -126,7 +154,14 @@ export class Client implements AsyncIterable<ServerMessage> {
   }
 
   private request<T extends ServerMessage>(message: ClientMessage, rid: string, answer: T["type"]): Promise<T> {
-    const ws = this.liveSocket();
+    let ws: WebSocketLike;
+    try { // every failure is a rejection: `client.status().catch(...)` catches them all
+      checkOutgoing(message);
+      if (this.pending.has(rid)) throw new RangeError(`request_id ${rid} is already waiting for its answer`);
+      ws = this.liveSocket();
+    } catch (error) {
+      return Promise.reject(error);
+    }
     return new Promise<ServerMessage>((resolve, reject) => {
       this.pending.set(rid, { resolve, reject });
       ws.send(JSON.stringify(message));
@@ -148,7 +183,7 @@ export class Client implements AsyncIterable<ServerMessage> {
   }
 
   private answer(sid: string): void {
-    if (sid === this.answered || this.ws === null) return;
+    if (sid === this.answered || this.ws === null || !this.established) return;
     this.answered = sid;
     this.ws.send(JSON.stringify({ type: "loading_complete", loading_session_id: sid }));
     this.messagesSent += 1;
@@ -160,7 +195,7 @@ export class Client implements AsyncIterable<ServerMessage> {
   async recv(): Promise<ServerMessage> {
     while (this.inbox.length === 0) {
       if (this.finished) throw this.terminal ?? new ConnectionClosed(1000, "closed by the client");
-      await new Promise<void>((resolve) => { this.waiter = resolve; });
+      await new Promise<void>((resolve) => { this.waiters.push(resolve); });
     }
     return this.inbox.shift() as ServerMessage;
   }
@@ -183,11 +218,27 @@ export class Client implements AsyncIterable<ServerMessage> {
   /** Close the connection (1000) and stop reconnecting; safe to call twice. */
   async close(): Promise<void> {
     this.closing = true;
+    const backoff = this.backoff; // a reconnect waiting out its backoff stops now
+    if (backoff !== null) {
+      clearTimeout(backoff.timer);
+      backoff.wake();
+    }
     if (this.ws !== null && this.established) {
-      this.ws.close(1000);
-      await this.done;
+      const ws = this.ws;
+      ws.close(1000);
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise<void>((resolve) => { timer = setTimeout(resolve, this.options.closeTimeoutMs ?? 5000); });
+      await Promise.race([this.done, late]);
+      clearTimeout(timer);
+      if (!this.finished) { // no closing handshake in time (a dead network): let go
+        this.abandon(ws);
+        this.finish(null);
+      }
       return;
     }
+    const opening = this.opening; // an attempt still opening is given up at once
+    this.opening = null;
+    opening?.reject(new ConnectionClosed(1000, "closed by the client"));
     if (this.ws !== null) this.abandon(this.ws);
     this.finish(null);
   }
@@ -215,9 +266,9 @@ export class Client implements AsyncIterable<ServerMessage> {
   }
 
   private wake(): void {
-    const waiter = this.waiter;
-    this.waiter = null;
-    waiter?.();
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const waiter of waiters) waiter();
   }
 
   // -- connecting ----------------------------------------------------------------------------
@@ -225,7 +276,8 @@ export class Client implements AsyncIterable<ServerMessage> {
   /** One attempt: handshake and first message. */
   async connectOnce(): Promise<Welcome> {
     const source = this.options.token;
-    const token = typeof source === "string" ? source : await source();
+    const token = typeof source === "string" ? source : await freshToken(source);
+    if (this.closing) throw new ConnectionClosed(1000, "closed by the client"); // while it waited
     const WS = (this.options.WebSocket ?? (globalThis as { WebSocket?: unknown }).WebSocket) as
       WebSocketConstructor | undefined;
     if (WS === undefined) {
@@ -250,6 +302,8 @@ export class Client implements AsyncIterable<ServerMessage> {
         const opening = this.opening;
         this.opening = null;
         this.ws = null;
+        this.closeCode = code;
+        this.closeReason = reason;
         opening?.reject(opened ? connectionClosed(code, reason)
           : new HandshakeFailed(`the WebSocket handshake failed (${code}); docs/protocol.md "Handshake" lists the HTTP refusals`));
       };
@@ -275,14 +329,17 @@ export class Client implements AsyncIterable<ServerMessage> {
   }
 
   private async resume(code: number, reason: string): Promise<void> {
-    const deadline = Date.now() + (this.options.resumeGraceMs ?? 10000);
+    const deadline = performance.now() + (this.options.resumeGraceMs ?? 10000); // monotonic
     let last: FastmatchClientError = connectionClosed(code, reason);
     let attempt = 0;
     let atLeast = 0;
     for (;;) {
       const delay = Math.max(Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** attempt), atLeast);
-      if (Date.now() + delay >= deadline) break;
-      await new Promise((resolve) => setTimeout(resolve, delay));
+      if (performance.now() + delay >= deadline) break;
+      await new Promise<void>((resolve) => {
+        this.backoff = { timer: setTimeout(resolve, delay), wake: resolve };
+      });
+      this.backoff = null;
       if (this.closing) return;
       attempt += 1;
       atLeast = 0;
@@ -297,13 +354,17 @@ export class Client implements AsyncIterable<ServerMessage> {
         } else if (error instanceof ConnectionClosed && !RESUMABLE.has(error.code)) {
           this.finish(error);
           return;
-        } else if (error instanceof ServerError && !(error.code === "internal_error")) {
-          this.finish(error);
+        } else if (error instanceof ServerError && error.code !== "internal_error"
+            && Object.hasOwn(ERROR_CLASSES, error.code)) {
+          this.finish(error);  // an unknown code counts as internal_error: retried
           return;
         } else if (error instanceof FastmatchClientError) {
-          last = error;  // HandshakeFailed (503 while draining, a restart), 1006, internal_error
-        } else {
-          throw error;
+          // HandshakeFailed (503 while draining, a restart), 1006, internal_error, a token
+          // function that failed (the service minting tokens may be back in a moment)
+          last = error;
+        } else {  // not ours (a bug, a WebSocket constructor refusing the URL): end the stream
+          this.finish(new FastmatchClientError(`reconnect failed: ${String(error)}`));
+          return;
         }
       }
     }
@@ -319,7 +380,10 @@ export class Client implements AsyncIterable<ServerMessage> {
     } catch {
       return;  // not JSON: not from a fastmatch server
     }
-    if (typeof message !== "object" || message === null || typeof message.type !== "string") return;
+    if (typeof message !== "object" || message === null || typeof message.type !== "string"
+        || !Object.hasOwn(SERVER_TYPES, message.type)) {
+      return; // a newer server's message type: skipped, as the protocol asks
+    }
     this.messagesReceived += 1;
     if (!this.established) {
       const opening = this.opening;
@@ -409,7 +473,9 @@ export class Client implements AsyncIterable<ServerMessage> {
     if (this.closing) {
       this.finish(null);
     } else if ((this.options.reconnect ?? true) && (RESUMABLE.has(code) || code === DROPPED)) {
-      void this.resume(code, reason);
+      this.resume(code, reason).catch((error: unknown) => {  // never an unhandled rejection
+        this.finish(new FastmatchClientError(`reconnect failed: ${String(error)}`));
+      });
     } else {
       this.finish(connectionClosed(code, reason));
     }
@@ -423,4 +489,15 @@ export async function connect(url: string, options: ConnectOptions): Promise<Cli
   const client = new Client(url, options);
   await client.connectOnce();
   return client;
+}
+
+async function freshToken(source: () => string | Promise<string>): Promise<string> {
+  let token: unknown;
+  try {
+    token = await source();
+  } catch (error) {
+    throw new TokenUnavailable(`the token function failed: ${String(error)}`, error);
+  }
+  if (typeof token !== "string") throw new TokenUnavailable(`the token function returned ${typeof token}, not a string`);
+  return token;
 }

@@ -24,6 +24,14 @@ export class FastmatchClientError extends Error {
 /** A request was made while no connection is open (reconnecting). */
 export class NotConnected extends FastmatchClientError {}
 
+/** The token function threw (its error is `cause`) or returned no string. While resuming it is
+ * retried like a network failure until the grace ends. */
+export class TokenUnavailable extends FastmatchClientError {
+  constructor(message: string, override readonly cause?: unknown) {
+    super(message);
+  }
+}
+
 /** The WebSocket never opened. Browsers do not expose the HTTP status of a refused handshake
  * (401 bad token, 404 wrong path, 503 shedding load); the server's log and docs/protocol.md
  * "Handshake" say which. */
@@ -76,6 +84,7 @@ export const ERROR_CLASSES: Readonly<Record<string, typeof ServerError>> = Objec
 
 /** The typed error for an `error` message (for errors read from the message stream). */
 export function errorFor(message: ErrorMessage): ServerError {
-  const cls = ERROR_CLASSES[message.code] ?? ServerError;
+  // Own keys only: a code like "constructor" must not find Object's.
+  const cls = Object.hasOwn(ERROR_CLASSES, message.code) ? ERROR_CLASSES[message.code]! : ServerError;
   return new cls(message);
 }
