@@ -148,6 +148,11 @@ class WebSocketProtocol(asyncio.Protocol):
                     self._on_frame(event)
                 elif isinstance(event, Request):
                     self._request_arrived()
+                    if ws.eof_sent:
+                        # Bytes after the request were no WebSocket frame (a stray CRLF, say):
+                        # websockets failed the connection as it parsed them, and its end of
+                        # the stream is queued. There is nobody left to answer or attach.
+                        continue
                     self.handle_request(event)
         except Exception:  # a bug must cost this connection only, and one log line per interval
             _crashed("connection from %s", self.peer, exc_info=True)
@@ -186,7 +191,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def respond(self, response: Response, *, flush: bool = True) -> None:
         """Send the handshake response (101 opens the connection; anything else ends it).
         ``flush=False`` lets the first messages leave in the same write."""
-        if self.lost or self.ws.state is not State.CONNECTING:
+        if self.lost or self.ws.state is not State.CONNECTING or self.ws.eof_sent:
             return
         if self._header is not None and self.transport is not None:
             # Closed before the balancer named the client: nothing to answer yet.

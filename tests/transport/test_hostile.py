@@ -123,6 +123,29 @@ async def test_two_authorization_headers_get_400_not_a_traceback(
     assert complaints(caplog) == []
 
 
+async def test_a_stray_crlf_after_the_request_closes_without_a_traceback(
+    worker: Worker, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the upgrade fuzzer (make fuzz): bytes after the request are read as WebSocket
+    frames, and a CRLF is no frame, so websockets failed the connection while it parsed them;
+    answering the request after that (a refusal: 401 here) hit websockets' assertion (a
+    traceback). Such a connection is closed without an answer, whatever it would have got,
+    and nothing is attached."""
+    from server.store import keys
+
+    caplog.set_level(logging.INFO)
+    for player in ("crlf", None):  # a welcome to come, a 401 to come
+        client = await RawClient.connect(worker.front.port, player, early=b"\r\n")
+        assert await client.handshake() is None  # closed, no answer
+        assert client.eof
+        client.close()
+    assert not await admin.exists(keys.player("crlf"))
+    ws, welcome = await connect_player(worker.front.port, "crlf")  # the next one is served
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    assert complaints(caplog) == []
+
+
 # -- keepalive (docs/protocol.md section 1) --------------------------------------------------------
 
 async def test_a_silent_peer_is_pinged_then_closed_and_a_talking_one_never_pinged(
