@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import platform
 import signal
@@ -20,8 +21,12 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def exit_if_orphaned() -> None:
-    """The parent may have died before ``die_with_parent`` took effect: then we are init's."""
-    if os.getppid() == 1:
+    """The parent may have died before ``die_with_parent`` took effect: then our parent is
+    no longer the process that started us (init, or a subreaper, has adopted us). Compared
+    with the parent's pid, not with 1: in a container without an init the supervisor itself
+    is pid 1, and its workers' parent is 1 all along."""
+    parent = multiprocessing.parent_process()  # set for processes started by multiprocessing
+    if parent is not None and os.getppid() != parent.pid:
         sys.exit(1)
 
 

@@ -44,7 +44,9 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, redis_url: str, workers: int = 2, **env: str) -> None:
+    def __init__(self, redis_url: str, workers: int = 2, wrapper: tuple[str, ...] = (), **env: str) -> None:
+        """``wrapper``: a command the server runs under (e.g. ``unshare --pid --fork``)."""
+        self.wrapper = wrapper
         self.port = free_port()
         self.metrics_port = free_port()
         self.workers = workers
@@ -56,7 +58,7 @@ class Served:
 
     def start(self) -> Served:
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([FASTMATCH, "serve", "--workers", str(self.workers)],
+            self.proc = subprocess.Popen([*self.wrapper, FASTMATCH, "serve", "--workers", str(self.workers)],
                                          env=self.env, stdout=out, stderr=subprocess.STDOUT)
         return self
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -297,3 +298,44 @@ async def test_supervisor_killed_while_workers_start_leaves_no_worker(
         while any(alive(pid) for pid in pids.values()):
             await asyncio.sleep(0.05)
 
+
+
+async def test_the_supervisor_as_pid_1_of_a_container(redis_url: str, admin: aioredis.Redis) -> None:
+    """`docker run ... fastmatch serve` without an init, or a default Kubernetes pod: the
+    supervisor is pid 1 of its PID namespace, so its workers' parent pid is 1 all along. They
+    once took that for orphanhood and exited at start. A PID namespace of our own (unshare, as
+    root) makes the supervisor pid 1 for real."""
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare, "--pid", "--fork", "true"], capture_output=True, check=False) \
+        if unshare else None
+    if probe is None or probe.returncode != 0:
+        why = "no unshare" if probe is None else probe.stderr.decode(errors="replace").strip()
+        if not os.environ.get("CI"):
+            pytest.skip(f"cannot make a PID namespace here ({why})")
+        pytest.fail(f"CI must be able to make a PID namespace: {why}")
+    # --kill-child: whatever happens to the test, the namespace dies with unshare.
+    served = Served(redis_url, 2, wrapper=(unshare, "--pid", "--fork", "--kill-child")).start()
+    assert served.proc is not None
+    try:
+        async with asyncio.timeout(TIMEOUT * 4):  # the registry's pids are the namespace's
+            while await admin.zcard(keys.workers()) < 2:
+                await asyncio.sleep(0.05)
+        supervisor, nspid = _child_and_its_pids(served.proc.pid)
+        assert nspid.split()[-1] == "1", nspid  # pid 1 where it runs
+        assert (await http_get(served.port, "/ready"))[0] == 200
+        ws, welcome = await connect_player(served.port, "in-a-container")
+        assert welcome["type"] == "welcome"
+        assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+        await ws.close()
+        os.kill(int(supervisor), signal.SIGTERM)  # unshare passes no signal on: to pid 1 itself
+        assert await asyncio.to_thread(served.wait, TIMEOUT * 4) == 0
+        assert "exited" not in served.output(), served.output()[-2000:]
+    finally:
+        await asyncio.to_thread(served.stop)
+
+
+def _child_and_its_pids(pid: int) -> tuple[str, str]:
+    """The only child of ``pid`` and its NSpid line (its pid in each namespace, ours first)."""
+    [child] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    status = Path(f"/proc/{child}/status").read_text().splitlines()
+    return child, next(line for line in status if line.startswith("NSpid:"))
