@@ -36,6 +36,9 @@ local function settled()
 end
 if redis.call('EXISTS', m) == 0 then
   settled()
+  -- Gone without an outcome (evicted, deleted by hand): nothing to settle, and its entry in the
+  -- loading set must not come back to the sweeper forever (DESIGN invariant 6).
+  redis.call('ZREM', KEYS[2], ARGV[2])
   return {'absent'}
 end
 local info = redis.call('HMGET', m, 'status', 'deadline', 'players', 'mode')

@@ -186,3 +186,17 @@ async def test_a_leaver_who_reconnected_before_the_cancel_stays_in_the_match(  #
     assert await admin.zcard(keys.penalty("a")) == 0
     assert (await loading.ready(MODE, MATCH, "a", "a-c2", 60_000, "w1")).outcome == "ready"
     assert (await ready(env, "b")).outcome == "allocating"
+
+
+async def test_a_match_record_gone_without_an_outcome_leaves_the_loading_set(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis
+) -> None:
+    """A match hash that vanished (evicted under a maxmemory policy, deleted by hand) comes
+    back from the loading set at every sweep unless its expiry takes it out (invariant 6)."""
+    await make_match(env, 1)
+    _, loading, _ = env
+    await wait_due(loading)
+    await admin.delete(keys.match(MODE, MATCH))
+    assert (await loading.expire(MODE, MATCH)).outcome == "absent"
+    assert await admin.zscore(keys.loading(MODE), MATCH) is None
+    assert MATCH not in await loading.due(MODE)
