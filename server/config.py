@@ -243,8 +243,12 @@ def _check_server(s: ServerConfig) -> None:
         _fail("server.message_rate", "and the other rate limits must be > 0")
     if s.rate_limit_strikes < 0 or s.drain_timeout_s <= 0:
         _fail("server.rate_limit_strikes", "must be >= 0 (and server.drain_timeout_s > 0)")
-    if s.heartbeat_ttl_s <= s.heartbeat_interval_s:
-        _fail("server.heartbeat_ttl_s", "must exceed server.heartbeat_interval_s")
+    if min(s.heartbeat_interval_s, s.housekeeping_interval_s, s.ping_interval_s, s.ping_timeout_s) <= 0:
+        _fail("server.heartbeat_interval_s", "and server.housekeeping_interval_s, "
+              "server.ping_interval_s, server.ping_timeout_s must be > 0")
+    if s.heartbeat_ttl_s < 2 * s.heartbeat_interval_s:
+        # One late or lost heartbeat must not get a live worker reaped by the others.
+        _fail("server.heartbeat_ttl_s", "must be at least twice server.heartbeat_interval_s")
     if s.overload_retry_after_max_s < s.overload_retry_after_s:
         _fail("server.overload_retry_after_max_s", "must be >= server.overload_retry_after_s")
     if min(s.max_loop_lag_ms, s.max_handshake_queue_ms, s.overload_retry_after_s) < 0:
@@ -279,6 +283,8 @@ def _check_storage(config: Config) -> None:
         _fail("redis.operation_timeout_s", "must be > 0")
     if r.max_inflight < 1:
         _fail("redis.max_inflight", "must be >= 1")
+    if not 0 < r.reconnect_base_s <= r.reconnect_max_s:
+        _fail("redis.reconnect_base_s", "must be > 0 and at most redis.reconnect_max_s")
     _check_sentinels(r)
     _check_cluster(r)
     if not 0 <= r.pipeline_window_ms <= 50:
@@ -296,6 +302,9 @@ def _check_storage(config: Config) -> None:
     weak = a.secret == DEV_SECRET or len(a.secret) < 32
     if config.production and a.algorithm.startswith("HS") and weak:
         _fail("auth.secret", "must be a real secret of 32+ characters when production = true")
+    if config.production and not (r.url or r.sentinels.strip()):
+        # The embedded Redis is a development convenience: one process's memory, no replica.
+        _fail("redis.url", "(or redis.sentinels) must name the Redis when production = true")
 
 
 def _check_sentinels(r: RedisConfig) -> None:
@@ -371,6 +380,11 @@ def _check_modes(modes: dict[str, ModeConfig]) -> None:
 
 
 def _parse_env_value(text: str) -> Any:
+    """An environment value as written: validation converts it to the key's type ("9000" to a
+    port, "true" to a bool), so a secret of digits or a password "true" stays a string. Only
+    an array or inline table (``[...]``, ``{...}``) or a quoted string is read as TOML."""
+    if not text.lstrip().startswith(("[", "{", '"', "'")):
+        return text
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

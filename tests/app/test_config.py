@@ -27,6 +27,21 @@ def test_environment_overrides_are_typed() -> None:
     assert config.modes["1v1"].window_base == 80.5
 
 
+def test_environment_strings_stay_strings() -> None:
+    """A secret of digits, or one spelt like a TOML value, is the string it is written as;
+    arrays and quoted strings are still read as TOML."""
+    config = load_config(environ={
+        "FASTMATCH_AUTH__SECRET": "12345678901234567890123456789012345",
+        "FASTMATCH_METRICS__TOKEN": "true", "FASTMATCH_SERVER__PROXY_TRUSTED": '["10.0.0.2/32"]',
+        "FASTMATCH_REDIS__SENTINEL_SERVICE": '"quoted"', "FASTMATCH_REDIS__SENTINELS": "a:1",
+        "FASTMATCH_SERVER__PROXY_PROTOCOL": "true",
+    })
+    assert config.auth.secret == "12345678901234567890123456789012345"
+    assert config.metrics.token == "true"
+    assert list(config.server.proxy_trusted) == ["10.0.0.2/32"] and config.server.proxy_protocol is True
+    assert config.redis.sentinel_service == "quoted"
+
+
 @pytest.mark.parametrize(
     ("environ", "key"),
     [
@@ -41,6 +56,12 @@ def test_environment_overrides_are_typed() -> None:
         ({"FASTMATCH_MATCHING__COMMITS_IN_FLIGHT": "33"}, "matching.commits_in_flight"),
         ({"FASTMATCH_SERVER__OVERLOAD_RETRY_AFTER_S": "5",
           "FASTMATCH_SERVER__OVERLOAD_RETRY_AFTER_MAX_S": "4"}, "server.overload_retry_after_max_s"),
+        # A heartbeat period the TTL does not cover twice would get live workers reaped.
+        ({"FASTMATCH_SERVER__HEARTBEAT_INTERVAL_S": "3"}, "server.heartbeat_ttl_s"),
+        ({"FASTMATCH_SERVER__HOUSEKEEPING_INTERVAL_S": "0"}, "server.heartbeat_interval_s"),
+        ({"FASTMATCH_SERVER__PING_TIMEOUT_S": "0"}, "server.heartbeat_interval_s"),
+        ({"FASTMATCH_REDIS__RECONNECT_BASE_S": "0"}, "redis.reconnect_base_s"),
+        ({"FASTMATCH_PRODUCTION": "true", "FASTMATCH_AUTH__SECRET": "s" * 40}, "redis.url"),
     ],
 )
 def test_bad_values_name_the_key(environ: dict[str, str], key: str) -> None:
@@ -51,6 +72,7 @@ def test_bad_values_name_the_key(environ: dict[str, str], key: str) -> None:
 def test_production_with_a_real_secret_starts(tmp_path: Path) -> None:
     file = tmp_path / "prod.toml"
     file.write_text('production = true\n[auth]\nsecret = "' + "s" * 40 + '"\n'
+                    '[redis]\nurl = "redis://redis.internal:6379/0"\n'
                     '[modes.duel]\nteam_size = 1\n')
     config = load_config(file, environ={})
     assert config.production and config.auth.secret != DEV_SECRET
