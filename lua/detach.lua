@@ -1,6 +1,6 @@
 -- detach: a connection is gone (closed, or its worker died).
--- KEYS[1] player hash   KEYS[2] the detaching worker's player set   KEYS[3..7] queue, tickets,
---         grace, changes, left of the expected mode (absent when none)
+-- KEYS[1] player hash   KEYS[2] the detaching worker's player set   KEYS[3] workers ZSET
+-- KEYS[4..8] queue, tickets, grace, changes, left of the expected mode (absent when none)
 -- ARGV[1] player id  ARGV[2] worker id  ARGV[3] connection id, or "" for any connection of this
 --         worker (used when reaping a dead worker)  ARGV[4] expected mode  ARGV[5] resume grace ms
 -- ARGV[6] "cancel", or "abort" when the worker is shutting down (nobody is at fault)
@@ -10,6 +10,9 @@
 -- failover lost may take it back.
 -- A player leaving a ready check is recorded in the mode's `left` ZSET in this same script, so
 -- the cancel that must follow has an owner even if the caller dies right after.
+-- ARGV[8] "1": a reaper releasing a silent worker's players; refused ({"alive"}) once that
+-- worker's heartbeat deadline is in the future again: it was only stalled (a pause, a long
+-- GC), and its players stay its own.
 -- Returns {"retry", mode} on a mode mismatch, {"stale"} when another connection owns the player
 -- (nothing changes), else {"removed"} (idle: record deleted), {"grace", deadline_ms} (queued:
 -- ticket kept but not matchable until it resumes or the deadline passes), {"loading", match id, mode}
@@ -17,6 +20,12 @@
 --#include clock
 --#include changes
 local p = KEYS[1]
+if ARGV[8] == '1' then
+  local alive_until = redis.call('ZSCORE', KEYS[3], ARGV[2])
+  if alive_until and tonumber(alive_until) > now_ms() then
+    return {'alive'}
+  end
+end
 local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode', 'match')
 local owner_worker, owner_conn = cur[1] or '', cur[2] or ''
 local mine = owner_worker == ARGV[2] and (ARGV[3] == '' or owner_conn == ARGV[3])
@@ -41,13 +50,13 @@ end
 if state == 'queued' then
   local deadline = now_ms() + tonumber(ARGV[5])
   release()
-  if redis.call('ZADD', KEYS[5], deadline, ARGV[1]) == 1 then
-    changed(KEYS[6], 'g', ARGV[1])  -- not matchable while its grace runs
+  if redis.call('ZADD', KEYS[6], deadline, ARGV[1]) == 1 then
+    changed(KEYS[7], 'g', ARGV[1])  -- not matchable while its grace runs
   end
   return {'grace', tostring(deadline)}
 elseif state == 'loading' then
   release()
-  redis.call('ZADD', KEYS[7], now_ms() + tonumber(ARGV[7]), (cur[5] or '') .. '|' .. ARGV[1] .. '|' .. ARGV[6])
+  redis.call('ZADD', KEYS[8], now_ms() + tonumber(ARGV[7]), (cur[5] or '') .. '|' .. ARGV[1] .. '|' .. ARGV[6])
   return {'loading', cur[5] or '', mode}
 end
 redis.call('DEL', p)

@@ -2,13 +2,20 @@
 
 Every step is an idempotent script, so any number of workers may run it at once; the results
 never depend on which worker gets there first (DESIGN "Failure handling": worker death).
+
+The heartbeat has a timer of its own: a reap or an expiry of thousands of players takes
+seconds, and a heartbeat queued behind it would lapse, so that the live workers reaped each
+other. A worker that did go silent past its deadline anyway (a stall, a paused VM) learns it
+from its next heartbeat: the reapers stop at their next player (their detach sees it is alive
+again) and it reads its players back, re-attaching whatever they had released.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final, TypeVar
 
 from server.aio import raise_if_cancelling
 from server.store import keys
@@ -19,13 +26,17 @@ from server.transport.frontend import FrontEnd
 from server.transport.services import MatchEvents
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Players released (or graces expired) at once: calls issued together leave in one write, so a
+# dead worker's thousands of players take a few round trips each way, not thousands.
+BATCH: Final = 64
 
 
 class Housekeeper:
     def __init__(
         self, store: PlayerStore, front: FrontEnd, events: MatchEvents, modes: Iterable[str], *,
-        interval_s: float, heartbeat_ttl_s: float, audit_interval_s: float = 30.0,
-        reap_hold_s: float = 0.0,
+        interval_s: float, heartbeat_ttl_s: float, heartbeat_interval_s: float = 1.0,
+        audit_interval_s: float = 30.0, reap_hold_s: float = 0.0,
     ) -> None:
         """``reap_hold_s``: after this worker could not reach Redis, it reaps nobody for this
         long once it can again. An outage (a Sentinel failover, a restart) stops every worker's
@@ -37,29 +48,33 @@ class Housekeeper:
         self.front = front
         self.modes = sorted(modes)
         self.interval = interval_s
+        self.heartbeat_interval = heartbeat_interval_s
         self.ttl_ms = int(heartbeat_ttl_s * 1000)
+        self.lapses = 0  # heartbeats that found this worker past its deadline (or forgotten)
         self.audit_interval_s = audit_interval_s
         self._audit_at = 0.0
         self.reap_hold_s = reap_hold_s
         self._reap_from = 0.0  # loop time: no reaping before (set by an unreachable Redis)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="housekeeping")
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._every(self.heartbeat_interval, self.heartbeat),
+                                               name="heartbeat"),
+                           asyncio.create_task(self._every(self.interval, self.tick), name="housekeeping")]
 
     async def close(self) -> None:
-        self._closing = True  # ends the loop even if a library swallowed the cancellation
-        task, self._task = self._task, None
-        if task is not None:
+        self._closing = True  # ends the loops even if a library swallowed the cancellation
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self) -> None:
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
         while not self._closing:
             try:
-                await self.tick()
+                await step()
             except StoreError as exc:
                 raise_if_cancelling()
                 self._reap_from = asyncio.get_running_loop().time() + self.reap_hold_s
@@ -68,14 +83,30 @@ class Housekeeper:
                 self.front.ready = False
             except Exception:  # task boundary: log and keep the loop alive
                 raise_if_cancelling()
-                log.exception("housekeeping tick failed")
-            await asyncio.sleep(self.interval)
+                log.exception("housekeeping step %s failed", getattr(step, "__name__", step))
+            await asyncio.sleep(interval)
 
-    async def tick(self) -> None:
-        await self.store.heartbeat(self.ttl_ms)
+    async def heartbeat(self) -> None:
+        beat = await self.store.heartbeat(self.ttl_ms)
         if not self.front.ready:
             log.info("storage reachable, ready")
         self.front.ready = True
+        if beat.lapsed and self.front.connections:
+            # Silent past the TTL: others may have released some of its players (and, once
+            # none was left, forgotten it). From now on their detaches refuse (it is alive
+            # again); read back what they did.
+            self.lapses += 1
+            log.warning("worker %s was silent past its heartbeat deadline; reading its "
+                        "players back", self.store.worker_id)
+            self.front.spawn(self._read_back())
+
+    async def _read_back(self) -> None:
+        try:
+            await self.front.resync()
+        except StoreError as exc:  # the subscriber's next resync, or the audit, settles it
+            log.warning("could not read the players back after a lapsed heartbeat: %s", exc)
+
+    async def tick(self) -> None:
         if self.front.pending_detach:
             holders = self.front.holders()
             for player, conn in list(self.front.pending_detach):
@@ -132,22 +163,51 @@ class Housekeeper:
         return released
 
     async def expire_grace(self, mode: str) -> int:
-        removed = 0
-        for player in await self.store.due(keys.grace(mode)):
+        async def expire(player: str) -> bool:
             if await self.store.expire_grace(player, mode):
                 log.info("resume grace over for %s in %s: ticket removed", player, mode)
-                removed += 1
-        return removed
+                return True
+            return False
+
+        return sum(await _batched(await self.store.due(keys.grace(mode)), expire))
 
     async def reap(self, worker_id: str) -> None:
-        """A worker missed its heartbeat: its players get the resume grace, then it is forgotten."""
+        """A worker missed its heartbeat: its players get the resume grace, then it is forgotten.
+        Released as a drain would release them (``abort``): a worker that crashed is the
+        server's fault, so a player of it in a ready check is not penalised, and the others of
+        that match are requeued with ``server_shutdown``. Stops as soon as the worker turns
+        out to be alive again (its heartbeat came back)."""
         players = await self.store.worker_members(worker_id)
         log.warning("worker %s is gone; releasing %d players", worker_id, len(players))
-        for player in players:
-            result = await self.store.detach(player, "", worker_id)
+
+        async def release(player: str) -> bool:
+            result = await self.store.detach(player, "", worker_id, shutdown=True, reaping=True)
             if result.outcome == "loading" and result.match_id:
                 try:
-                    await self.events.left_loading(result.mode, result.match_id, player, shutdown=False)
-                except StoreError as exc:  # recorded by the detach: the mode's leader cancels it
+                    await self.events.left_loading(result.mode, result.match_id, player, shutdown=True)
+                except StoreError as exc:  # recorded by the detach: the mode's leader ends it
                     log.warning("match %s of %s left to its leader: %s", result.match_id, player, exc)
-        await self.store.forget_worker(worker_id)
+            return result.outcome == "alive"
+
+        if any(await _batched(players, release, stop=any)):
+            log.warning("worker %s is alive again; stopped releasing its players", worker_id)
+            return
+        await self.store.forget_worker(worker_id, reaping=True)
+
+
+async def _batched(items: Sequence[str], call: Callable[[str], Awaitable[T]],
+                   stop: Callable[[list[T]], bool] | None = None) -> list[T]:
+    """``call`` for every item, ``BATCH`` at a time; the first failure is raised once its batch
+    has settled (nothing left running), and ``stop`` may end it after any batch."""
+    results: list[T] = []
+    for start in range(0, len(items), BATCH):
+        settled = await asyncio.gather(*(call(item) for item in items[start:start + BATCH]),
+                                       return_exceptions=True)
+        for outcome in settled:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        batch: list[T] = settled  # type: ignore[assignment]
+        results += batch
+        if stop is not None and stop(batch):
+            break
+    return results

@@ -79,6 +79,7 @@ class Worker:
             self.store, self.front, self.events, config.modes,
             interval_s=config.server.housekeeping_interval_s,
             heartbeat_ttl_s=config.server.heartbeat_ttl_s,
+            heartbeat_interval_s=config.server.heartbeat_interval_s,
             audit_interval_s=config.server.audit_interval_s,
             # The longest a live worker takes to notice Redis is back (its breaker's probe
             # interval) and heartbeat again.

@@ -32,10 +32,16 @@ class Attached:
 
 @dataclass(frozen=True, slots=True)
 class DetachResult:
-    outcome: Literal["removed", "grace", "loading", "stale"]
+    outcome: Literal["removed", "grace", "loading", "stale", "alive"]
     grace_deadline_ms: int = 0
     match_id: str = ""  # with "loading": the match the player walked out of ...
     mode: str = ""  # ... and its mode
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    deadline_ms: int
+    lapsed: bool  # it was past its deadline, or not registered at all: others may have reaped it
 
 
 class PlayerStore:
@@ -81,16 +87,18 @@ class PlayerStore:
 
     async def detach(
         self, player: str, conn: str, worker_id: str | None = None, mode_guess: str = "",
-        shutdown: bool = False,
+        shutdown: bool = False, reaping: bool = False,
     ) -> DetachResult:
         """Release ``conn`` (or, with ``conn == ""``, any connection of ``worker_id``). A player
         leaving a ready check is also recorded for the mode's leader, who cancels the match
-        (as ``abort`` with ``shutdown``) unless the caller does it first."""
+        (as ``abort`` with ``shutdown``) unless the caller does it first. ``reaping``: only
+        while ``worker_id`` is still past its heartbeat deadline (else outcome "alive")."""
         wid = worker_id or self.worker_id
         kind = "abort" if shutdown else "cancel"
         reply = await self._with_mode(
-            "detach", player, [keys.player(player), keys.worker_players(wid)],
-            lambda mode: [player, wid, conn, mode, self.grace_ms, kind, LEFT_SETTLE_MS], mode_guess,
+            "detach", player, [keys.player(player), keys.worker_players(wid), keys.workers()],
+            lambda mode: [player, wid, conn, mode, self.grace_ms, kind, LEFT_SETTLE_MS,
+                          "1" if reaping else ""], mode_guess,
             lambda mode: [*keys.mode_keys(mode), keys.left(mode)],
         )
         match reply[0]:
@@ -98,7 +106,7 @@ class PlayerStore:
                 return DetachResult("grace", to_int(reply[1]) if len(reply) > 1 else 0)
             case "loading" if len(reply) == 3:
                 return DetachResult("loading", match_id=reply[1], mode=reply[2])
-            case "removed" | "stale" as outcome:
+            case "removed" | "stale" | "alive" as outcome:
                 return DetachResult(outcome)
         raise ProtocolViolation(f"detach replied {reply!r}")
 
@@ -146,8 +154,15 @@ class PlayerStore:
         return StatusResult(_player_state(reply[1], reply[2], reply[3]), to_int(reply[4]),
                             to_int(reply[5]), waiting_for=reply[6])
 
-    async def heartbeat(self, ttl_ms: int) -> int:
-        return to_int(await self.client.script("heartbeat", [keys.workers()], [self.worker_id, ttl_ms]))
+    async def heartbeat(self, ttl_ms: int) -> Heartbeat:
+        reply = as_list(await self.client.script("heartbeat", [keys.workers()], [self.worker_id, ttl_ms]),
+                        "heartbeat")
+        match reply:
+            case [deadline, previous, now]:
+                # Past its deadline, or forgotten: the others may have reaped it meanwhile.
+                lapsed = not previous or to_int(previous) < to_int(now)
+                return Heartbeat(to_int(deadline), lapsed=lapsed)
+        raise ProtocolViolation(f"heartbeat replied {reply!r}")
 
     async def due(self, zset_key: str, limit: int = 100) -> list[str]:
         return await due(self.client, zset_key, limit)
@@ -162,9 +177,12 @@ class PlayerStore:
         members = await self.client.command("SMEMBERS", keys.worker_players(worker_id))
         return sorted(as_str(m) for m in members)
 
-    async def forget_worker(self, worker_id: str) -> bool:
+    async def forget_worker(self, worker_id: str, reaping: bool = False) -> bool:
+        """Drop ``worker_id`` from the registry once it holds no player (``reaping``: and only
+        while it is still past its deadline)."""
         raw = await self.client.script(
-            "forget_worker", [keys.workers(), keys.worker_players(worker_id)], [worker_id]
+            "forget_worker", [keys.workers(), keys.worker_players(worker_id)],
+            [worker_id, "1" if reaping else ""],
         )
         return to_int(raw) == 1
 

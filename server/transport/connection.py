@@ -213,9 +213,10 @@ class ClientConnection(WebSocketProtocol):
             _record_lost("player %s, connection %s", player, self.conn_id)
             self._apply(session.ticket_lost())
             self.flush()
-        elif attached.previous_conn and attached.previous_conn != self.conn_id:
-            # Taken over from the ended connection: what was published to it meanwhile (a
-            # ready check begun or ended) never reached this one.
+        elif attached.previous_conn:
+            # Taken over from the ended connection, or from this one's own record released
+            # meanwhile (a reaper took this worker for dead during a stall): what was
+            # published meanwhile (a ready check begun or ended) never reached this one.
             await self.front.catch_up_with(self)
         return True
 

@@ -111,6 +111,63 @@ async def test_sigkill_a_worker_while_players_queue_and_match(
         await ws.close()
 
 
+async def test_a_stalled_worker_reaped_by_the_others_takes_its_players_back(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    """SIGSTOP a worker past its heartbeat TTL (a paused VM, a stall): the other worker reaps
+    it, releasing its queued players into the resume grace and ending its ready check as a
+    crash would (nobody penalised, everyone requeued with server_shutdown). Once it runs
+    again, its next heartbeat finds it had lapsed: the reaper stops, and it re-attaches the
+    players it still serves and tells them what happened, so nobody is dropped silently when
+    the grace ends."""
+    served = serve(workers=2)
+    pids = await wait_workers(admin, 2)
+    pair = {}
+    for i in range(2):  # a ready check: same rating, far from everyone else
+        pair[f"m{i}"], _ = await connect_player(served.port, f"m{i}", 90_000)
+    stalled_id = (await owners(admin, ["m0"]))["m0"]
+    clients: dict[str, ClientConnection] = {}
+    for i in range(40):  # queued players, at least one of them on the worker to stall
+        ws, _ = await connect_player(served.port, f"s{i}", 1000 + 1000 * i)
+        assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+        clients[f"s{i}"] = ws
+        if len(clients) >= 4 and stalled_id in (await owners(admin, list(clients))).values():
+            break
+    queued_at = {p: await admin.zscore(keys.queue("1v1"), p) for p in clients}
+    stalled = [p for p, w in (await owners(admin, list(clients))).items() if w == stalled_id]
+    assert stalled
+    for ws in pair.values():
+        assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    first = [(await start_loading(ws))["loading_session_id"] for ws in pair.values()]
+    assert first[0] == first[1]
+    os.kill(pids[stalled_id], signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(TIMEOUT * 2):  # the other worker reaps it (TTL 0.6 s)
+            while not any([not await admin.hget(keys.player(p), "conn") for p in stalled]):
+                await asyncio.sleep(0.01)
+    finally:
+        os.kill(pids[stalled_id], signal.SIGCONT)  # within the grace (1.5 s)
+    # The ready check ended as a crash ends it, and both are told, then matched again.
+    for ws in pair.values():
+        requeued = await recv(ws)
+        assert requeued["type"] == "requeued" and requeued["reason"] == "server_shutdown", requeued
+        assert (await start_loading(ws))["loading_session_id"] != first[0]
+    async with asyncio.timeout(TIMEOUT):  # read back and re-attached, out of the grace
+        while (await owners(admin, stalled) != dict.fromkeys(stalled, stalled_id)
+               or await admin.zcard(keys.grace("1v1"))):
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(2.0)  # past the grace: nothing expires
+    for p, ws in clients.items():  # every connection is open and still queued in its place
+        answer = await request(ws, {"type": "status"})
+        assert answer["state"] == "queued" and answer["game_mode"] == "1v1", (p, answer)
+        assert await admin.zscore(keys.queue("1v1"), p) == queued_at[p]
+    assert not await admin.keys(keys.penalty("*"))  # a crash is nobody's fault
+    assert await admin.zscore(keys.workers(), stalled_id) is not None
+    assert "was silent past its heartbeat deadline" in served.output()
+    for ws in [*clients.values(), *pair.values()]:
+        await ws.close()
+
+
 async def test_sigterm_drains_and_players_resume_elsewhere(
     serve: ServeFactory, admin: aioredis.Redis
 ) -> None:

@@ -90,6 +90,40 @@ async def test_reaping_a_dead_worker_gives_its_players_the_grace(
     await client.close()
 
 
+async def test_a_reaper_stops_once_the_silent_worker_heartbeats_again(
+    redis_url: str, admin: aioredis.Redis
+) -> None:
+    """A worker only stalled (a pause, a long GC) past its heartbeat deadline: the reaper's
+    detach of its next player is refused as soon as it heartbeats again, and it is not
+    forgotten. Its heartbeat says it had lapsed, so it reads its players back."""
+    client = RedisClient(redis_url)
+    stalled = PlayerStore(client, "stalled", resume_grace_ms=60_000)
+    reaper = PlayerStore(client, "reaper", resume_grace_ms=60_000)
+    assert (await stalled.heartbeat(1)).lapsed  # not registered before: nothing to trust
+    for player in ("a", "b"):
+        await stalled.attach(player, f"{player}-conn")
+        await stalled.enqueue(player, f"{player}-conn", "1v1", 1500, {})
+    async with asyncio.timeout(TIMEOUT):
+        while "stalled" not in await reaper.due(keys.workers()):
+            await asyncio.sleep(0.005)
+    released = await reaper.detach("a", "", "stalled", shutdown=True, reaping=True)
+    assert released.outcome == "grace"
+    beat = await stalled.heartbeat(60_000)
+    assert beat.lapsed  # it had been past its deadline: some of its players may be gone
+    assert not (await stalled.heartbeat(60_000)).lapsed  # on time now
+    refused = await reaper.detach("b", "", "stalled", shutdown=True, reaping=True)
+    assert refused.outcome == "alive"
+    assert await admin.hget(keys.player("b"), "conn") == "b-conn"  # still its own, still queued
+    assert await admin.zscore(keys.grace("1v1"), "b") is None
+    assert not await reaper.forget_worker("stalled", reaping=True)  # holds players, and alive
+    await stalled.detach("b", "b-conn")
+    assert await admin.scard(keys.worker_players("stalled")) == 0
+    assert not await reaper.forget_worker("stalled", reaping=True)  # no player, but alive
+    assert await admin.zscore(keys.workers(), "stalled") is not None
+    assert await stalled.forget_worker("stalled")  # its own clean exit
+    await client.close()
+
+
 async def test_scripts_reload_after_redis_restart(private_redis: EmbeddedRedis) -> None:
     client = RedisClient(private_redis.url, RedisConfig(operation_timeout_s=1.0))
     store = PlayerStore(client, "w1", resume_grace_ms=1000)
