@@ -33,7 +33,7 @@ from server.protocol.messages import (
 )
 
 # Ends of a session that say nothing about the match itself: this player went away.
-ABSENT: Final = frozenset({"left", "dropped"})
+ABSENT: Final = frozenset({"left", "walked_out", "dropped"})
 # Errors after which a request may or may not have run (docs/protocol.md "Storage trouble").
 _AMBIGUOUS: Final = frozenset({"unavailable", "internal_error"})
 
@@ -43,6 +43,7 @@ class SessionSeen:
     session: str
     teams: str  # canonical form, to compare across players; "" when resumed into it
     # match_found | requeued | loading_timeout | removed (told) | left (this player quit) |
+    # walked_out (it quit, and never answered the ready check on any connection) |
     # dropped (its connection ended unexpectedly; it learned the end only from a welcome)
     outcome: str = ""
 
@@ -113,10 +114,11 @@ class SequenceChecker:
         if msg.state == "loading":  # resumed into a ready check; teams not repeated
             self.sessions.append(SessionSeen(msg.loading_session_id or "", teams=""))
 
-    def left(self) -> None:
-        """This player closed its connection (by its behaviour)."""
+    def left(self, answering: bool = True) -> None:
+        """This player closed its connection (by its behaviour); ``answering``: it answers
+        ready checks (False: it never said ``loading_complete`` for any)."""
         if self.state == "loading" and self.sessions and not self.sessions[-1].outcome:
-            self.sessions[-1].outcome = "left"
+            self.sessions[-1].outcome = "left" if answering else "walked_out"
         self.state = "connecting"
 
     def _expect(self, *states: str, what: str) -> bool:
@@ -243,8 +245,11 @@ _HANDLERS: Final[dict[type, Callable[[SequenceChecker, ServerMessage], None]]] =
 
 
 def cross_check(players: Iterable[tuple[str, list[SessionSeen]]]) -> list[str]:
-    """All players of a session saw the same teams and no contradictory outcome, and nobody
-    was in two matches that were found (unless it missed the first, disconnected)."""
+    """All players of a session saw the same teams and no contradictory outcome; no match was
+    found while one of its players had walked out of the ready check (and not come back to
+    it); nobody was in two matches that were found (unless it missed the first,
+    disconnected); and nobody was put into a ready check it never heard of after or beside a
+    match it was found in (its ticket must have gone with that match)."""
     by_session: dict[str, list[tuple[str, SessionSeen]]] = defaultdict(list)
     own: dict[tuple[str, str], str] = {}
     for player, sessions in players:
@@ -253,6 +258,7 @@ def cross_check(players: Iterable[tuple[str, list[SessionSeen]]]) -> list[str]:
             own[player, seen.session] = seen.outcome
     problems = []
     found_in: dict[str, list[str]] = defaultdict(list)
+    unheard: dict[str, list[str]] = defaultdict(list)  # member -> sessions naming it, unseen
     for session, entries in by_session.items():
         if len({s.teams for _, s in entries if s.teams}) > 1:
             problems.append(f"session {session}: players saw different teams")
@@ -260,14 +266,46 @@ def cross_check(players: Iterable[tuple[str, list[SessionSeen]]]) -> list[str]:
         if "match_found" in outcomes and len(outcomes) > 1:
             problems.append(f"session {session}: some players matched, others {sorted(outcomes)}")
         teams = next((s.teams for _, s in entries if s.teams), "")
+        members = list(filter(None, teams.replace("|", ",").split(",")))
         if "match_found" in outcomes:
-            for member in filter(None, teams.replace("|", ",").split(",")):
+            walked = [m for m in members if own.get((m, session)) == "walked_out"]
+            if walked:  # it never answered: the ready check could not pass (one that answered
+                # and then left may lose the race to the assignment: either outcome is fine)
+                problems.append(f"session {session}: matched though {', '.join(walked)} left it")
+            for member in members:
                 found_in[member].append(session)
+        for member in members:
+            if (member, session) not in own:
+                unheard[member].append(session)
     for member, found in found_in.items():
-        counted = [s for s in found if own.get((member, s)) not in ABSENT]
-        if len(counted) > 1:
-            problems.append(f"{member}: in {len(counted)} matches found: {', '.join(sorted(counted))}")
+        problems += _matched_twice(member, found, own, unheard.get(member, []))
     return problems
+
+
+def _matched_twice(member: str, found: list[str], own: dict[tuple[str, str], str],
+                   unheard: list[str]) -> list[str]:
+    problems = []
+    counted = [s for s in found if own.get((member, s)) not in ABSENT]
+    if len(counted) > 1:
+        problems.append(f"{member}: in {len(counted)} matches found: {', '.join(sorted(counted))}")
+    matched = [_formed(s) for s in found if own.get((member, s)) == "match_found"]
+    first = min((m for m in matched if m is not None), default=None)
+    # A ready check formed after the one it was matched in: its ticket outlived the match.
+    # (One formed before may have ended while the player was away and back in time.)
+    later = [s for s in unheard if first is not None
+             and (formed := _formed(s)) is not None and formed > first]
+    if later:
+        problems.append(f"{member}: put into {', '.join(sorted(later))} after it was matched")
+    return problems
+
+
+def _formed(session: str) -> tuple[int, int] | None:
+    """When a loading session was formed: ``<epoch>.<leader tag>.<tick>.<n>``, ordered by
+    the lease's epoch, then the leader's tick (None for an id of another shape)."""
+    parts = session.split(".")
+    if len(parts) != 4 or not (parts[0].isdigit() and parts[2].isdigit()):
+        return None
+    return int(parts[0]), int(parts[2])
 
 
 def missed_matches(players: Iterable[tuple[str, list[SessionSeen]]]) -> int:

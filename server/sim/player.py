@@ -73,6 +73,9 @@ class _Play(Playing):
                     with contextlib.suppress(FastmatchClientError):
                         client.loading_complete(self.check.sessions[-1].session)
             elif kind is MatchFound:
+                if not self.loads:  # afk: never said loading_complete, on any connection
+                    self.check.violations.append(
+                        f"{self.player}: match_found for a ready check it never answered")
                 self.result.t_match_found = self.now()
                 self.result.outcome = "matched"
                 return

@@ -363,7 +363,7 @@ class Playing:
         client = self.client
         if client is None:
             return
-        self.check.left()
+        self.check.left(answering=self.loads)
         self.result.sent = client.messages_sent
         client.asked = "close"
         with contextlib.suppress(Exception):

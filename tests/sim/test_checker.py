@@ -191,6 +191,37 @@ def test_a_player_in_two_matches_found_is_flagged_unless_it_missed_the_first() -
     assert cross_check(missed) == []
 
 
+def test_a_match_found_after_a_player_walked_out_is_flagged() -> None:
+    """A leaver that never answered its ready check: the others cannot have been matched."""
+    walked = [("a", [SessionSeen("1.t.1.0", "a|b", "match_found")]),
+              ("b", [SessionSeen("1.t.1.0", "a|b", "walked_out")])]
+    assert any("matched though b left it" in p for p in cross_check(walked))
+    # Back in the same ready check before it was cancelled (its welcome said loading): fine.
+    back = [("a", [SessionSeen("1.t.1.0", "a|b", "match_found")]),
+            ("b", [SessionSeen("1.t.1.0", "a|b", "walked_out"), SessionSeen("1.t.1.0", "", "match_found")])]
+    assert cross_check(back) == []
+    # One that answered and then left may lose the race to the assignment.
+    answered = [("a", [SessionSeen("1.t.1.0", "a|b", "match_found")]),
+                ("b", [SessionSeen("1.t.1.0", "a|b", "left")])]
+    assert cross_check(answered) == []
+
+
+def test_a_ready_check_formed_after_a_match_the_player_never_heard_of_is_flagged() -> None:
+    """The ticket outlived the match: the server put the player into a second ready check it
+    never heard of (it had left, matched). One formed earlier may have ended while it was away."""
+    after = [("a", [SessionSeen("3.t.7.0", "a|b", "match_found")]),
+             ("b", [SessionSeen("3.t.7.0", "a|b", "match_found"), SessionSeen("3.t.9.0", "a|b", "requeued")])]
+    assert any("a: put into 3.t.9.0 after it was matched" in p for p in cross_check(after))
+    before = [("a", [SessionSeen("3.t.7.0", "a|c", "match_found")]),
+              ("b", [SessionSeen("3.t.5.0", "a|b", "requeued")]),
+              ("c", [SessionSeen("3.t.7.0", "a|c", "match_found")])]
+    assert cross_check(before) == []
+    new_leader = [("a", [SessionSeen("3.t.7.0", "a|c", "match_found")]),
+                  ("b", [SessionSeen("4.u.1.0", "a|b", "requeued")]),
+                  ("c", [SessionSeen("3.t.7.0", "a|c", "match_found")])]
+    assert any("a: put into 4.u.1.0" in p for p in cross_check(new_leader))
+
+
 def test_fault_schedules() -> None:
     assert [str(f) for f in parse_faults("restart-redis@40, kill-worker@10,freeze-redis@22:3")] == [
         "kill-worker@10", "freeze-redis@22:3", "restart-redis@40"]
