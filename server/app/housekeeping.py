@@ -51,6 +51,8 @@ class Housekeeper:
         self.heartbeat_interval = heartbeat_interval_s
         self.ttl_ms = int(heartbeat_ttl_s * 1000)
         self.lapses = 0  # heartbeats that found this worker past its deadline (or forgotten)
+        self._read_back_due = False  # a lapse (or a heartbeat with no answer) not yet read back
+        self._reading_back = False
         self.audit_interval_s = audit_interval_s
         self._audit_at = 0.0
         self.reap_hold_s = reap_hold_s
@@ -87,24 +89,41 @@ class Housekeeper:
             await asyncio.sleep(interval)
 
     async def heartbeat(self) -> None:
-        beat = await self.store.heartbeat(self.ttl_ms)
+        try:
+            beat = await self.store.heartbeat(self.ttl_ms)
+        except StoreError:
+            # It may have run, its answer lost (and with it the news of a lapse): read the
+            # players back once a heartbeat succeeds again.
+            self._read_back_due = True
+            raise
         if not self.front.ready:
             log.info("storage reachable, ready")
         self.front.ready = True
-        if beat.lapsed and self.front.connections:
+        if beat.lapsed:
             # Silent past the TTL: others may have released some of its players (and, once
             # none was left, forgotten it). From now on their detaches refuse (it is alive
             # again); read back what they did.
             self.lapses += 1
-            log.warning("worker %s was silent past its heartbeat deadline; reading its "
-                        "players back", self.store.worker_id)
+            self._read_back_due = True
+            if self.front.connections:
+                log.warning("worker %s was silent past its heartbeat deadline; reading its "
+                            "players back", self.store.worker_id)
+        if self._read_back_due and not self._reading_back:
+            self._reading_back = True
             self.front.spawn(self._read_back())
 
     async def _read_back(self) -> None:
+        """Until it succeeds (a heartbeat retries it): the reaper took these players out of
+        this worker's set, so neither the audit nor anything else would find them again."""
         try:
-            await self.front.resync()
-        except StoreError as exc:  # the subscriber's next resync, or the audit, settles it
-            log.warning("could not read the players back after a lapsed heartbeat: %s", exc)
+            if self.front.connections:
+                await self.front.resync()
+            self._read_back_due = False
+        except StoreError as exc:
+            log.warning("could not read the players back after a lapsed heartbeat (the next "
+                        "heartbeat tries again): %s", exc)
+        finally:
+            self._reading_back = False
 
     async def tick(self) -> None:
         if self.front.pending_detach:

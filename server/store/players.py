@@ -160,7 +160,8 @@ class PlayerStore:
         match reply:
             case [deadline, previous, now]:
                 # Past its deadline, or forgotten: the others may have reaped it meanwhile.
-                lapsed = not previous or to_int(previous) < to_int(now)
+                # At the deadline counts: due.lua (the reapers' view) takes score <= now.
+                lapsed = not previous or to_int(previous) <= to_int(now)
                 return Heartbeat(to_int(deadline), lapsed=lapsed)
         raise ProtocolViolation(f"heartbeat replied {reply!r}")
 

@@ -42,6 +42,7 @@ from server.transport.wsproto import WsLimits
 log = logging.getLogger(__name__)
 WS_PATHS: Final = frozenset({"/ws", "/ws/"})
 SETTLE_INTERVAL_S: Final = 0.5  # how often lost request outcomes are read back while Redis fails
+RESYNC_BATCH: Final = 64  # connections re-attached at once by a resync
 _refusing = Throttled(log, "refusing connections, storage unavailable")
 _shedding = Throttled(log, "refusing handshakes (HTTP 503), worker busy", level=logging.INFO)
 _deferred = Throttled(log, "detach deferred to housekeeping, storage unavailable")
@@ -485,8 +486,12 @@ class FrontEnd:
             for client, state, before in behind:
                 if client.delivered == before:
                     client.catch_up(state, views)
-        # Raised to the caller (the subscriber's resync runs again) if Redis refuses.
-        await asyncio.gather(*(client.record_lost(gone) for client, gone in lost))
+        # Raised to the caller (the subscriber's resync runs again) if Redis refuses. In
+        # batches: after a restart (or a reaper) thousands may need it, each 2-3 calls, and
+        # all at once would run past the client's max_inflight.
+        for start in range(0, len(lost), RESYNC_BATCH):
+            await _settle_all([client.record_lost(gone) for client, gone
+                               in lost[start:start + RESYNC_BATCH]])
         if busy and recheck:
             self.spawn(self._recheck(busy))
 
@@ -498,6 +503,15 @@ class FrontEnd:
             await self._catch_up([c for c in clients if c.open], recheck=False)
         except StoreError as exc:
             _resync_incomplete("%d connections not read back: %s", len(clients), exc)
+
+
+async def _settle_all(calls: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``calls`` together; the first failure is raised once all have settled, so nothing
+    is left running behind the caller."""
+    settled = await asyncio.gather(*calls, return_exceptions=True)
+    failed = next((e for e in settled if isinstance(e, BaseException)), None)
+    if failed is not None:
+        raise failed
 
 
 class _Refused(asyncio.Protocol):

@@ -158,14 +158,16 @@ async def test_a_silent_peer_is_pinged_then_closed_and_a_talking_one_never_pinge
 
     from server.store import keys
 
-    w = await start_worker(cfg=make_config(**{"server.ping_interval_s": 0.3, "server.ping_timeout_s": 0.3}))
+    # A ping interval ten times the talker's pace: a stalled loop (stress runs) cannot make
+    # the talker look silent.
+    w = await start_worker(cfg=make_config(**{"server.ping_interval_s": 1.0, "server.ping_timeout_s": 0.5}))
     silent = await RawClient.connect(w.front.port, "silent")
     talker = await RawClient.connect(w.front.port, "talker")
     for client in (silent, talker):
         response = await client.handshake()
         assert response is not None and response.status_code == 101
     talked: list[Opcode] = []
-    for _ in range(12):  # 1.2 s: four ping intervals
+    for _ in range(25):  # 2.5 s: two and a half ping intervals
         talker.protocol.send_text(b'{"type":"status"}')
         await talker.write(b"".join(talker.protocol.data_to_send()))
         await asyncio.sleep(0.1)
