@@ -8,7 +8,9 @@ It listens on the battle request channel (PROTOCOL 7) and answers each request o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
 import signal
 from dataclasses import dataclass
@@ -115,6 +117,10 @@ def run_gameserver(redis_url: str, channel: str, behaviour: Behaviour,
 
     if tied_to_parent:
         die_with_parent()
+        # Out of the terminal's process group: a Ctrl-C or SIGHUP meant for the supervisor
+        # must not end it mid-drain (the supervisor stops it after the workers).
+        with contextlib.suppress(OSError):
+            os.setsid()
     setup_logging("gameserver")
     import uvloop
 

@@ -10,7 +10,10 @@ again before a rolling restart, which is how a renewed certificate goes live.
 A worker that dies is restarted with backoff, without blocking the signal loop: the loop
 watches the replacement's readiness, and a replacement that fails is tried again after the
 backoff (the other workers keep serving meanwhile). Only at first start does a worker that
-dies before it is ready (a bad port, a config it cannot use) stop the supervisor.
+dies before it is ready (a bad port, a config it cannot use) stop the supervisor. A second
+SIGTERM/SIGINT during the drain kills what is left at once. The embedded Redis (development)
+runs in a session of its own, out of reach of a terminal's Ctrl-C, and is started again if it
+exits.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from server.config import DEV_SECRET, Config
 from server.errors import ConfigError
 from server.store import sentinel
 from server.store.embedded import EmbeddedRedis
+from server.store.errors import StoreError
 from server.transport.tls import load_context
 
 log = logging.getLogger(__name__)
 _ctx: Final = mp.get_context("spawn")
 _STARTUP_S: Final = 60.0  # a worker must be listening within this
 _STABLE_S: Final = 30.0  # alive this long: its slot's restart backoff resets
+_REDIS_RESTART_EVERY_S: Final = 1.0  # the embedded Redis is started again at most this often
 _BACKOFF_MAX_S: Final = 30.0
 
 
@@ -88,6 +93,7 @@ class Supervisor:
         self.gameserver: SpawnProcess | None = None
         self.metrics: MetricsServer | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._redis_restart_at = 0.0
         self._stop_signal = signal.SIGTERM  # what the workers get at shutdown: the one we got
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -186,6 +192,7 @@ class Supervisor:
 
     def _reap_and_restart(self) -> None:
         now = time.monotonic()
+        self._watch_redis(now)
         for slot in self.slots:
             process = slot.process
             if process is not None and slot.starting:
@@ -257,19 +264,54 @@ class Supervisor:
                 self._stop([old], signal.SIGINT)
         log.info("rolling restart done")
 
-    def _stop(self, processes: list[SpawnProcess], sig: int = signal.SIGTERM) -> None:
-        """``sig`` (a graceful drain), then SIGKILL what outlives the drain timeout."""
+    def _watch_redis(self, now: float) -> None:
+        """The embedded Redis (development) exited: start it again on the same socket. Its
+        data is gone; the workers reconnect, re-attach their players and tell them (as after
+        any Redis restart without persistence)."""
+        redis = self.redis
+        if redis is None or redis.process is None or redis.process.poll() is None:
+            return
+        if now < self._redis_restart_at:
+            return
+        self._redis_restart_at = now + _REDIS_RESTART_EVERY_S
+        log.error("the embedded redis (pid %d) exited with %s; starting it again (its data is lost)",
+                  redis.process.pid, redis.process.returncode)
+        try:
+            redis.restart()
+        except StoreError as exc:
+            log.error("the embedded redis did not start again: %s", exc)
+
+    def _stop(self, processes: list[SpawnProcess], sig: int = signal.SIGTERM,
+              hurried_by_signal: bool = False) -> None:
+        """``sig`` (a graceful drain), then SIGKILL what outlives the drain timeout, or, with
+        ``hurried_by_signal`` (the final shutdown), at once on a second stop signal: an
+        operator who will not wait."""
         for process in processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, sig)
         deadline = time.monotonic() + self.config.server.drain_timeout_s + 2.0
+        hurry = False
         for process in processes:
-            process.join(max(deadline - time.monotonic(), 0.0))
+            while process.is_alive() and not hurry and time.monotonic() < deadline:
+                process.join(0.1)
+                hurry = hurried_by_signal and self._second_signal()
             if process.is_alive():
-                log.error("%s did not drain in time; killing it", process.name)
+                if hurry:
+                    log.warning("a second stop signal: killing %s", process.name)
+                else:
+                    log.error("%s did not drain in time; killing it", process.name)
                 process.kill()
                 process.join()
             self._forget(process)
+
+    def _second_signal(self) -> bool:
+        """A stop signal came while stopping (a SIGHUP there means nothing)."""
+        try:
+            while (signum := self._signals.get_nowait()) == signal.SIGHUP:
+                pass
+        except queue.Empty:
+            return False
+        return signum in (signal.SIGTERM, signal.SIGINT)
 
     def processes(self) -> dict[str, int]:
         """Local processes by role, for /metrics and the console (read from the HTTP thread)."""
@@ -290,9 +332,10 @@ class Supervisor:
             multiprocess.mark_process_dead(process.pid, self.multiproc_dir)  # type: ignore[no-untyped-call]
 
     def _shutdown(self) -> None:
-        self._stop([s.process for s in self.slots if s.process is not None], self._stop_signal)
+        self._stop([s.process for s in self.slots if s.process is not None], self._stop_signal,
+                   hurried_by_signal=True)
         if self.gameserver is not None:
-            self._stop([self.gameserver])
+            self._stop([self.gameserver], hurried_by_signal=True)
         if self.metrics is not None:
             self.metrics.close()
         if self.redis is not None:

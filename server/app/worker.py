@@ -152,8 +152,11 @@ class Worker:
         """The player's path counts in memory (server/metrics.py); /metrics sees it from here."""
         while True:
             await asyncio.sleep(self.config.metrics.flush_interval_s)
-            self.flush_counters()
-            logthrottle.flush_due()
+            try:
+                self.flush_counters()
+                logthrottle.flush_due()
+            except Exception:  # task boundary: /metrics must not freeze for one failed write
+                log.exception("flushing metrics failed")
 
     def flush_counters(self) -> None:
         """Per-process counters kept as plain integers on the hot path, into Prometheus."""

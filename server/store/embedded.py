@@ -71,6 +71,9 @@ class EmbeddedRedis:
             # preexec_fn only calls prctl (async-signal-safe in practice) so it is safe with threads.
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=die_with_parent,  # noqa: PLW1509
+            # Its own session: a terminal's Ctrl-C (or SIGHUP) goes to the foreground group,
+            # and Redis must outlive the workers' drain; its owner stops it last.
+            start_new_session=True,
         )
         self._wait_ready(timeout_s)
         log.info("embedded redis %s pid %d on %s", self.binary, self.process.pid, self.url)

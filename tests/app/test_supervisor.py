@@ -396,3 +396,71 @@ def _child_and_its_pids(pid: int) -> tuple[str, str]:
     [child] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     status = Path(f"/proc/{child}/status").read_text().splitlines()
     return child, next(line for line in status if line.startswith("NSpid:"))
+
+
+def _embedded_redis_of(supervisor: int) -> int:
+    """The pid of the supervisor's embedded redis-server (or valkey-server) child; 0 while
+    it has none (between a death and the restart)."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    for child in children:
+        with contextlib.suppress(OSError):
+            if b"-server" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]:
+                return int(child)
+    return 0
+
+
+async def test_the_embedded_redis_is_started_again_when_it_exits() -> None:
+    """`make serve` with no Redis configured: the supervisor's own redis-server dies (OOM,
+    a stray kill). It is started again on the same socket; the players connected through it
+    are re-attached and served, as after any restart without persistence."""
+    served = Served("", 2).start()  # no redis.url: the embedded one
+    assert served.proc is not None
+    try:
+        async with asyncio.timeout(TIMEOUT * 4):
+            while (await _status_or_0(served.port, "/ready")) != 200:
+                await asyncio.sleep(0.05)
+        ws, welcome = await connect_player(served.port, "before")
+        assert welcome["type"] == "welcome"
+        first = await asyncio.to_thread(_embedded_redis_of, served.proc.pid)
+        assert first
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(TIMEOUT * 4):  # a new one, and the workers back on it
+            while (await asyncio.to_thread(_embedded_redis_of, served.proc.pid) in (0, first)
+                   or await _status_or_0(served.port, "/ready") != 200):
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(TIMEOUT * 2):  # the old player is served again
+            while (answer := await request(ws, {"type": "status"}))["type"] != "queue_status":
+                await asyncio.sleep(0.1)
+        assert answer["state"] == "idle"
+        ws2, welcome2 = await connect_player(served.port, "after")
+        assert welcome2["type"] == "welcome"
+        assert (await request(ws2, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+        assert "the embedded redis" in served.output()
+        await ws.close()
+        await ws2.close()
+    finally:
+        await asyncio.to_thread(served.stop)
+
+
+async def _status_or_0(port: int, path: str) -> int:
+    try:
+        return (await http_get(port, path))[0]
+    except (OSError, IndexError, TimeoutError):
+        return 0
+
+
+async def test_a_second_stop_signal_ends_the_drain_at_once(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    """SIGTERM starts a drain that may take drain_timeout_s; an operator who sends a second
+    one does not wait for it."""
+    served = serve(workers=2, FASTMATCH_SERVER__DRAIN_DELAY_S="20", FASTMATCH_SERVER__DRAIN_TIMEOUT_S="25")
+    pids = await wait_workers(admin, 2)
+    served.signal(signal.SIGTERM)  # the workers keep serving for the 20 s drain delay
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    served.signal(signal.SIGTERM)
+    await asyncio.to_thread(served.wait, TIMEOUT * 2)
+    assert time.monotonic() - started < TIMEOUT
+    assert not any(alive(pid) for pid in pids.values())
+    assert "a second stop signal" in served.output()
