@@ -115,11 +115,13 @@ class Housekeeper:
     async def _read_back(self) -> None:
         """Until it succeeds (a heartbeat retries it): the reaper took these players out of
         this worker's set, so neither the audit nor anything else would find them again."""
+        # Cleared before the read: a lapse reported while it runs asks for another one.
+        self._read_back_due = False
         try:
             if self.front.connections:
                 await self.front.resync()
-            self._read_back_due = False
         except StoreError as exc:
+            self._read_back_due = True
             log.warning("could not read the players back after a lapsed heartbeat (the next "
                         "heartbeat tries again): %s", exc)
         finally:

@@ -94,6 +94,7 @@ class Supervisor:
         self.metrics: MetricsServer | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._redis_restart_at = 0.0
+        self._hurry = False  # a second stop signal came: whatever is left is killed at once
         self._stop_signal = signal.SIGTERM  # what the workers get at shutdown: the one we got
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -269,13 +270,15 @@ class Supervisor:
         data is gone; the workers reconnect, re-attach their players and tell them (as after
         any Redis restart without persistence)."""
         redis = self.redis
-        if redis is None or redis.process is None or redis.process.poll() is None:
+        # No process while the loop runs: the last restart failed (tried again below).
+        if redis is None or (redis.process is not None and redis.process.poll() is None):
             return
         if now < self._redis_restart_at:
             return
         self._redis_restart_at = now + _REDIS_RESTART_EVERY_S
-        log.error("the embedded redis (pid %d) exited with %s; starting it again (its data is lost)",
-                  redis.process.pid, redis.process.returncode)
+        if redis.process is not None:
+            log.error("the embedded redis (pid %d) exited with %s; starting it again (its data "
+                      "is lost)", redis.process.pid, redis.process.returncode)
         try:
             redis.restart()
         except StoreError as exc:
@@ -290,13 +293,12 @@ class Supervisor:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, sig)
         deadline = time.monotonic() + self.config.server.drain_timeout_s + 2.0
-        hurry = False
         for process in processes:
-            while process.is_alive() and not hurry and time.monotonic() < deadline:
+            while process.is_alive() and not self._hurry and time.monotonic() < deadline:
                 process.join(0.1)
-                hurry = hurried_by_signal and self._second_signal()
+                self._hurry = hurried_by_signal and self._second_signal()
             if process.is_alive():
-                if hurry:
+                if self._hurry:
                     log.warning("a second stop signal: killing %s", process.name)
                 else:
                     log.error("%s did not drain in time; killing it", process.name)

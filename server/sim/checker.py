@@ -288,24 +288,23 @@ def _matched_twice(member: str, found: list[str], own: dict[tuple[str, str], str
     counted = [s for s in found if own.get((member, s)) not in ABSENT]
     if len(counted) > 1:
         problems.append(f"{member}: in {len(counted)} matches found: {', '.join(sorted(counted))}")
-    matched = [_formed(s) for s in found if own.get((member, s)) == "match_found"]
-    first = min((m for m in matched if m is not None), default=None)
     # A ready check formed after the one it was matched in: its ticket outlived the match.
     # (One formed before may have ended while the player was away and back in time.)
-    later = [s for s in unheard if first is not None
-             and (formed := _formed(s)) is not None and formed > first]
+    later = [s for s in unheard if any(_formed_after(s, m) for m in found
+                                       if own.get((member, m)) == "match_found")]
     if later:
         problems.append(f"{member}: put into {', '.join(sorted(later))} after it was matched")
     return problems
 
 
-def _formed(session: str) -> tuple[int, int] | None:
-    """When a loading session was formed: ``<epoch>.<leader tag>.<tick>.<n>``, ordered by
-    the lease's epoch, then the leader's tick (None for an id of another shape)."""
-    parts = session.split(".")
-    if len(parts) != 4 or not (parts[0].isdigit() and parts[2].isdigit()):
-        return None
-    return int(parts[0]), int(parts[2])
+def _formed_after(session: str, other: str) -> bool:
+    """Was ``session`` formed after ``other`` by the same leader? Ids are ``<epoch>.<leader
+    tag>.<tick>.<n>``: a leader's tag is its own and its ticks only grow, while epochs start
+    over when Redis loses its data, so only one leader's ticks compare (else False)."""
+    a, b = session.split("."), other.split(".")
+    if len(a) != 4 or len(b) != 4 or a[1] != b[1] or not (a[2].isdigit() and b[2].isdigit()):
+        return False
+    return int(a[2]) > int(b[2])
 
 
 def missed_matches(players: Iterable[tuple[str, list[SessionSeen]]]) -> int:

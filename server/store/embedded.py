@@ -61,6 +61,7 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        self._dir.mkdir(parents=True, exist_ok=True)  # again after a failed start removed it
         args = [
             self.binary, "--port", "0", "--unixsocket", str(self.socket_path),
             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
