@@ -138,11 +138,14 @@ async def test_resume_after_a_dropped_connection(worker: Worker, admin: aioredis
 
 
 async def test_a_token_function_that_fails_while_resuming_is_retried_then_ends_the_stream(
-    worker: Worker,
+    start_worker: WorkerFactory,
 ) -> None:
     """A token function that raises (a token service down during the outage) is retried like
     a network failure; once it works the player resumes. One that keeps failing ends the
     stream within the grace with TokenUnavailable (its exception the cause): nothing hangs."""
+    # Three attempts with full-jitter backoff take up to 0.7 s before the third one connects:
+    # the server's resume grace must outlast them (the fast test config's is 0.4 s).
+    worker = await start_worker(cfg=make_config(**{"server.resume_grace_ms": 10_000}))
     calls = {"flaky": 0, "doomed": 0}
 
     async def flaky() -> str:  # works, fails twice (the outage), works again
