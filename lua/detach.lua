@@ -19,12 +19,10 @@
 -- (the caller cancels that match: PROTOCOL 4, disconnect while loading).
 --#include clock
 --#include changes
+--#include alive
 local p = KEYS[1]
-if ARGV[8] == '1' then
-  local alive_until = redis.call('ZSCORE', KEYS[3], ARGV[2])
-  if alive_until and tonumber(alive_until) > now_ms() then
-    return {'alive'}
-  end
+if ARGV[8] == '1' and worker_alive(KEYS[3], ARGV[2]) then
+  return {'alive'}
 end
 local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode', 'match')
 local owner_worker, owner_conn = cur[1] or '', cur[2] or ''

@@ -4,14 +4,12 @@
 --         to life meanwhile stays registered)
 -- Returns 1 when forgotten, 0 when the worker still holds players (reap them first) or is alive.
 --#include clock
+--#include alive
 if redis.call('SCARD', KEYS[2]) > 0 then
   return 0
 end
-if ARGV[2] == '1' then
-  local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
-  if deadline and tonumber(deadline) > now_ms() then
-    return 0
-  end
+if ARGV[2] == '1' and worker_alive(KEYS[1], ARGV[1]) then
+  return 0
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Final, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
 
-from server.aio import raise_if_cancelling
+from server.aio import in_batches, raise_if_cancelling
 from server.store import keys
 from server.store.errors import StoreError
 from server.store.players import PlayerStore
@@ -26,7 +26,6 @@ from server.transport.frontend import FrontEnd
 from server.transport.services import MatchEvents
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 # Players released (or graces expired) at once: calls issued together leave in one write, so a
 # dead worker's thousands of players take a few round trips each way, not thousands.
 BATCH: Final = 64
@@ -50,7 +49,6 @@ class Housekeeper:
         self.interval = interval_s
         self.heartbeat_interval = heartbeat_interval_s
         self.ttl_ms = int(heartbeat_ttl_s * 1000)
-        self.lapses = 0  # heartbeats that found this worker past its deadline (or forgotten)
         self._read_back_due = False  # a lapse (or a heartbeat with no answer) not yet read back
         self._reading_back = False
         self.audit_interval_s = audit_interval_s
@@ -103,7 +101,6 @@ class Housekeeper:
             # Silent past the TTL: others may have released some of its players (and, once
             # none was left, forgotten it). From now on their detaches refuse (it is alive
             # again); read back what they did.
-            self.lapses += 1
             self._read_back_due = True
             if self.front.connections:
                 log.warning("worker %s was silent past its heartbeat deadline; reading its "
@@ -190,7 +187,7 @@ class Housekeeper:
                 return True
             return False
 
-        return sum(await _batched(await self.store.due(keys.grace(mode)), expire))
+        return sum(await in_batches(await self.store.due(keys.grace(mode)), expire, BATCH))
 
     async def reap(self, worker_id: str) -> None:
         """A worker missed its heartbeat: its players get the resume grace, then it is forgotten.
@@ -210,25 +207,8 @@ class Housekeeper:
                     log.warning("match %s of %s left to its leader: %s", result.match_id, player, exc)
             return result.outcome == "alive"
 
-        if any(await _batched(players, release, stop=any)):
+        if any(await in_batches(players, release, BATCH, stop=any)):
             log.warning("worker %s is alive again; stopped releasing its players", worker_id)
             return
         await self.store.forget_worker(worker_id, reaping=True)
 
-
-async def _batched(items: Sequence[str], call: Callable[[str], Awaitable[T]],
-                   stop: Callable[[list[T]], bool] | None = None) -> list[T]:
-    """``call`` for every item, ``BATCH`` at a time; the first failure is raised once its batch
-    has settled (nothing left running), and ``stop`` may end it after any batch."""
-    results: list[T] = []
-    for start in range(0, len(items), BATCH):
-        settled = await asyncio.gather(*(call(item) for item in items[start:start + BATCH]),
-                                       return_exceptions=True)
-        for outcome in settled:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        batch: list[T] = settled  # type: ignore[assignment]
-        results += batch
-        if stop is not None and stop(batch):
-            break
-    return results

@@ -22,6 +22,7 @@ from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from server import metrics
+from server.aio import in_batches
 from server.logthrottle import Throttled
 from server.protocol import notices
 from server.protocol.auth import AuthError
@@ -489,9 +490,7 @@ class FrontEnd:
         # Raised to the caller (the subscriber's resync runs again) if Redis refuses. In
         # batches: after a restart (or a reaper) thousands may need it, each 2-3 calls, and
         # all at once would run past the client's max_inflight.
-        for start in range(0, len(lost), RESYNC_BATCH):
-            await _settle_all([client.record_lost(gone) for client, gone
-                               in lost[start:start + RESYNC_BATCH]])
+        await in_batches(lost, lambda pair: pair[0].record_lost(pair[1]), RESYNC_BATCH)
         if busy and recheck:
             self.spawn(self._recheck(busy))
 
@@ -503,15 +502,6 @@ class FrontEnd:
             await self._catch_up([c for c in clients if c.open], recheck=False)
         except StoreError as exc:
             _resync_incomplete("%d connections not read back: %s", len(clients), exc)
-
-
-async def _settle_all(calls: list[Coroutine[Any, Any, None]]) -> None:
-    """Run ``calls`` together; the first failure is raised once all have settled, so nothing
-    is left running behind the caller."""
-    settled = await asyncio.gather(*calls, return_exceptions=True)
-    failed = next((e for e in settled if isinstance(e, BaseException)), None)
-    if failed is not None:
-        raise failed
 
 
 class _Refused(asyncio.Protocol):

@@ -15,6 +15,7 @@ from websockets.exceptions import InvalidStatus
 
 from server import metrics
 from server.app.worker import Worker
+from server.store import keys
 from server.store.embedded import EmbeddedRedis
 from tests.conftest import WorkerFactory, make_config
 from tests.helpers import (
@@ -47,6 +48,15 @@ def complaints(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Log records no client may cause: warnings and worse, and any traceback."""
     return [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records
             if r.levelno >= logging.WARNING or r.exc_info]
+
+
+async def serves_quietly(worker: Worker, player: str, caplog: pytest.LogCaptureFixture) -> None:
+    """After a hostile request: the next player is welcomed, and nothing was logged that a
+    client may not cause."""
+    ws, welcome = await connect_player(worker.front.port, player)
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    assert complaints(caplog) == []
 
 
 # -- deep nesting (the issue's report) --------------------------------------------------------------
@@ -98,10 +108,7 @@ async def test_unparsable_request_target_gets_400_not_a_traceback(
     response = await client.handshake()
     client.close()
     assert response is not None and response.status_code == 400
-    ws, welcome = await connect_player(worker.front.port, "after-target")
-    assert welcome["type"] == "welcome"
-    await ws.close()
-    assert complaints(caplog) == []
+    await serves_quietly(worker, "after-target", caplog)
 
 
 async def test_two_authorization_headers_get_400_not_a_traceback(
@@ -117,10 +124,7 @@ async def test_two_authorization_headers_get_400_not_a_traceback(
         client.close()
         assert response is not None and response.status_code == 400
         assert response.body == b"more than one Authorization header\n"
-    ws, welcome = await connect_player(worker.front.port, "twice")
-    assert welcome["type"] == "welcome"
-    await ws.close()
-    assert complaints(caplog) == []
+    await serves_quietly(worker, "twice", caplog)
 
 
 async def test_a_stray_crlf_after_the_request_closes_without_a_traceback(
@@ -131,8 +135,6 @@ async def test_a_stray_crlf_after_the_request_closes_without_a_traceback(
     answering the request after that (a refusal: 401 here) hit websockets' assertion (a
     traceback). Such a connection is closed without an answer, whatever it would have got,
     and nothing is attached."""
-    from server.store import keys
-
     caplog.set_level(logging.INFO)
     for player in ("crlf", None):  # a welcome to come, a 401 to come
         client = await RawClient.connect(worker.front.port, player, early=b"\r\n")
@@ -140,10 +142,7 @@ async def test_a_stray_crlf_after_the_request_closes_without_a_traceback(
         assert client.eof
         client.close()
     assert not await admin.exists(keys.player("crlf"))
-    ws, welcome = await connect_player(worker.front.port, "crlf")  # the next one is served
-    assert welcome["type"] == "welcome"
-    await ws.close()
-    assert complaints(caplog) == []
+    await serves_quietly(worker, "crlf", caplog)
 
 
 # -- keepalive (docs/protocol.md section 1) --------------------------------------------------------
@@ -155,8 +154,6 @@ async def test_a_silent_peer_is_pinged_then_closed_and_a_talking_one_never_pinge
     even the pong) within ping_timeout_s it is closed 1011 and its player let go. Any frame
     counts as a sign of life: a client that talks is never pinged."""
     from websockets.frames import Close, Opcode
-
-    from server.store import keys
 
     # A ping interval ten times the talker's pace: a stalled loop (stress runs) cannot make
     # the talker look silent.

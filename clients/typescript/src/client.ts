@@ -122,17 +122,17 @@ export class Client implements AsyncIterable<ServerMessage> {
 
   /** Join the queue of `gameMode`; rejects with the error's class if refused. */
   enqueue(gameMode: string, requestId?: string): Promise<Enqueued> {
-    const rid = requestId || this.newId(); // "" too: the server would echo it, and it names nothing
+    const rid = this.idFor(requestId);
     return this.request({ type: "enqueue", game_mode: gameMode, request_id: rid }, rid, "enqueued");
   }
 
   dequeue(requestId?: string): Promise<Dequeued> {
-    const rid = requestId || this.newId(); // "" too: the server would echo it, and it names nothing
+    const rid = this.idFor(requestId);
     return this.request({ type: "dequeue", request_id: rid }, rid, "dequeued");
   }
 
   status(requestId?: string): Promise<QueueStatus> {
-    const rid = requestId || this.newId(); // "" too: the server would echo it, and it names nothing
+    const rid = this.idFor(requestId);
     return this.request({ type: "status", request_id: rid }, rid, "queue_status");
   }
 
@@ -172,7 +172,9 @@ export class Client implements AsyncIterable<ServerMessage> {
     });
   }
 
-  private newId(): string { return `c${this.nextId++}`; }
+  /** The caller's request id, or a fresh one; "" too gets one: the server would echo it, and it
+   * names no request. */
+  private idFor(requestId?: string): string { return requestId || `c${this.nextId++}`; }
 
   private liveSocket(): WebSocketLike {
     if (this.ws === null || !this.established) {
@@ -362,9 +364,8 @@ export class Client implements AsyncIterable<ServerMessage> {
           // HandshakeFailed (503 while draining, a restart), 1006, internal_error, a token
           // function that failed (the service minting tokens may be back in a moment)
           last = error;
-        } else {  // not ours (a bug, a WebSocket constructor refusing the URL): end the stream
-          this.finish(new FastmatchClientError(`reconnect failed: ${String(error)}`));
-          return;
+        } else {
+          throw error;  // not ours (a bug, a WebSocket constructor refusing the URL): onClose ends the stream
         }
       }
     }
@@ -473,7 +474,7 @@ export class Client implements AsyncIterable<ServerMessage> {
     if (this.closing) {
       this.finish(null);
     } else if ((this.options.reconnect ?? true) && (RESUMABLE.has(code) || code === DROPPED)) {
-      this.resume(code, reason).catch((error: unknown) => {  // never an unhandled rejection
+      this.resume(code, reason).catch((error: unknown) => {  // never an unhandled rejection: the end
         this.finish(new FastmatchClientError(`reconnect failed: ${String(error)}`));
       });
     } else {
