@@ -344,6 +344,18 @@ class Client:
     async def _resume(self, code: int, reason: str) -> None:
         """Reconnect with full-jitter backoff, within the resume grace (docs/protocol.md
         "Resume"): a queued player gets its place back only if it returns in time."""
+        try:
+            await self._resume_within_grace(code, reason)
+        except Exception as exc:
+            # A bug below (here, in a library, in the caller's ssl context): nobody awaits this
+            # task, so without this the stream would wait forever for a client that is gone.
+            log.exception("reconnecting failed")
+            failure = ConnectionClosed(
+                CloseCode.ABNORMAL, f"reconnecting failed: {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
+            self._finish(failure)
+
+    async def _resume_within_grace(self, code: int, reason: str) -> None:
         deadline = time.monotonic() + self.resume_grace_s
         last: FastmatchClientError = connection_closed(code, reason)
         attempt, at_least = 0, 0.0

@@ -177,6 +177,28 @@ async def test_a_token_function_that_fails_while_resuming_is_retried_then_ends_t
     assert not doomed.connected
 
 
+async def test_a_bug_while_resuming_ends_the_stream_instead_of_hanging_it(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The resume runs in a task nobody awaits: an exception that is not a network or protocol
+    failure (a bug in the client or a library, a broken ssl context) must still end the stream,
+    with the exception as the cause, not leave recv() waiting for a client that is gone."""
+    client = await connect(url(worker), token("buggy"), resume_grace_s=5.0)
+
+    def broken(uri: object) -> dict[str, object]:
+        raise RuntimeError("a bug in the connect path")
+
+    monkeypatch.setattr(client, "_tls", broken)  # the next attempt fails outside the library
+    client.drop()
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(ConnectionClosed) as raised:
+            while True:
+                await client.recv()
+    assert raised.value.code == CloseCode.ABNORMAL and "a bug in the connect path" in raised.value.reason
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert not client.connected
+
+
 async def test_requests_the_server_would_refuse_unanswered_are_refused_before_sending(
     worker: Worker,
 ) -> None:
