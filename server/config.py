@@ -106,6 +106,7 @@ class RedisConfig(_Base, frozen=True):
 
 class MetricsConfig(_Base, frozen=True):
     port: int = 9100
+    host: str = ""  # "" = server.host; 127.0.0.1 keeps /metrics and /console on the host itself
     token: str = ""
     flush_interval_s: float = 1.0  # workers add their in-memory counts to /metrics this often
 
@@ -307,6 +308,13 @@ def _check_storage(config: Config) -> None:
         _fail("redis.url", "(or redis.sentinels) must name the Redis when production = true")
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _check_sentinels(r: RedisConfig) -> None:
     if bool(r.sentinels.strip()) != bool(r.sentinel_service):
         _fail("redis.sentinel_service", "and redis.sentinels must be set together")
@@ -360,6 +368,12 @@ def _check_matching(config: Config) -> None:
         _fail("gameserver.hold_initial_ms", "must be >= 0 and at most gameserver.hold_max_ms")
     if config.production and g.embedded:
         _fail("gameserver.embedded", "must be false when production = true")
+    mt = config.metrics
+    if config.production and mt.port and not mt.token and not _loopback(mt.host or config.server.host):
+        # /console/state lists player and match ids (a match id is a client's
+        # loading_session_id): not for anyone who can reach the host.
+        _fail("metrics.token", "must be set when production = true and the metrics port listens "
+              "beyond loopback (or set metrics.host = \"127.0.0.1\", or metrics.port = 0)")
     pen = config.penalty
     if pen.threshold < 1 or pen.window_s <= 0 or pen.block_s < 0:
         _fail("penalty", "needs threshold >= 1, window_s > 0 and block_s >= 0")

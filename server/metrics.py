@@ -17,7 +17,9 @@ from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_WAIT_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+# The edges include the shipped SLOs (30, 60, 90 s): histogram_quantile interpolates inside a
+# bucket, so an SLO inside a wide one would be judged on the interpolation, not on the data.
+_WAIT_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300)
 _RATING_BUCKETS: Final = (0, 10, 25, 50, 100, 200, 300, 500, 800, 1200, 2000)
 _TICK_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -68,6 +70,11 @@ PLAYERS_BLOCKED: Final = Counter(
     "fastmatch_players_blocked", "Enqueues refused with player_blocked", ["mode"])
 GAME_SERVER_MISSES: Final = Counter(
     "fastmatch_game_server_misses", "battle_request published with no game server listening")
+MATCHING_HELD: Final = Gauge(
+    "fastmatch_matching_held", "1 while the mode's leader forms no matches, by reason: game_server "
+    "(nobody listens to battle requests), allocation_failed (back-off after failed handoffs)",
+    ["mode", "reason"], multiprocess_mode="livemax")
+HOLD_REASONS: Final = ("game_server", "allocation_failed")
 GAME_SERVER_AVAILABLE: Final = Gauge(
     "fastmatch_game_server_available", "0 after a battle_request reached no game server",
     multiprocess_mode="livemin")
@@ -114,13 +121,17 @@ TLS_FAILED: Final = Counter(
 LOOP_LAG: Final = Gauge(
     "fastmatch_event_loop_lag_seconds", "How late the worker's event loop ran a timer (recent max)",
     multiprocess_mode="livemax")
+LOOP_ALIVE: Final = Gauge(
+    "fastmatch_event_loop_alive_timestamp_seconds", "Unix time a worker's event loop last ran its "
+    "lag timer (every second; the oldest of the host's workers): a wedged loop stops it",
+    multiprocess_mode="livemin")
 RETRY_AFTER: Final = Gauge(
     "fastmatch_overload_retry_after_seconds", "The Retry-After of the worker's 503s: "
     "server.overload_retry_after_s, more while it refuses a large share of handshakes",
     multiprocess_mode="livemax")
 # Incremented by the supervisor, whose process writes to the same multiprocess directory.
 WORKER_RESTARTS: Final = Counter(
-    "fastmatch_worker_restarts", "Dead workers the supervisor restarted")
+    "fastmatch_worker_restarts", "Worker starts after a death (each retry of a failed start counts)")
 
 
 class RedisMetrics:

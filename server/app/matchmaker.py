@@ -36,6 +36,7 @@ class Matchmaker:
         self.lease = Lease(matches, name, holder, config.lease_ttl_ms)
         self.trymatch = TryMatch(name, mode, config, matches, self.lease, hold)
         self.sweeper = sweeper
+        self.trymatch.export_held("")  # a zero from the start: every mode has its series
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
@@ -58,6 +59,7 @@ class Matchmaker:
         except StoreError as exc:
             log.warning("%s: could not release the lease (it will expire): %s", self.name, exc)
         metrics.LEADER.labels(self.name).set(0)
+        self.trymatch.step_down()
 
     async def wait_leading(self) -> None:
         await self._leading.wait()
@@ -106,6 +108,7 @@ class Matchmaker:
             self._leading.clear()
             metrics.LEADER.labels(self.name).set(0)
             metrics.QUEUE_SIZE.labels(self.name).set(0)
+            self.trymatch.step_down()
 
     async def _tick_loop(self, token: str) -> None:
         loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from server.app.console import Console, Observed
 from server.app.console_page import CSP, PAGE
 from server.app.procstats import ProcessCollector
+from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _TOKEN_IN_QUERY: Final = re.compile(r"(token=)[^&\s\"]*")
@@ -34,7 +35,8 @@ _PAGE_HEADERS: Final = {
 
 
 class MetricsServer:
-    def __init__(self, host: str, port: int, observed: Observed, token: str = "") -> None:
+    def __init__(self, host: str, port: int, observed: Observed, token: str = "",
+                 idle_timeout_s: float = 10.0) -> None:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=observed.multiproc_dir)  # type: ignore[no-untyped-call]
         registry.register(ProcessCollector(observed.processes))
@@ -55,6 +57,10 @@ class MetricsServer:
             return hmac.compare_digest(given.encode(), token.encode())
 
         class Handler(BaseHTTPRequestHandler):
+            # Each connection holds a supervisor thread: one that sends nothing is let go (the
+            # supervisor's death takes every worker with it; its threads must not pile up).
+            timeout = idle_timeout_s
+
             def do_GET(self) -> None:
                 path, _, query = self.path.partition("?")
                 route = routes.get(path)
@@ -84,7 +90,11 @@ class MetricsServer:
                             for a in args]
                 log.debug("metrics: " + format, *redacted)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # e.g. node_exporter's 9100 on the same host
+            raise ConfigError(f"metrics.port: cannot listen on {host or '*'}:{port} ({exc.strerror}); "
+                              "set metrics.port (0 disables it) or metrics.host") from exc
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
 

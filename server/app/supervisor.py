@@ -142,8 +142,8 @@ class Supervisor:
                 request_channel=self.config.gameserver.request_channel,
                 timeout_s=self.config.redis.operation_timeout_s,
                 multiproc_dir=self.multiproc_dir, processes=self.processes)
-            self.metrics = MetricsServer(self.config.server.host, self.config.metrics.port,
-                                         observed, self.config.metrics.token)
+            self.metrics = MetricsServer(self.config.metrics.host or self.config.server.host,
+                                         self.config.metrics.port, observed, self.config.metrics.token)
             self.metrics.start()
         if self.config.gameserver.embedded:
             # Dev only (refused with production = true): the whole lifecycle out of the box.
@@ -252,9 +252,13 @@ class Supervisor:
                 self._start(replacement)
                 self._wait_ready(replacement, interruptible=True)
             except (StartupFailed, OSError, Interrupted) as exc:
-                if replacement.process is not None and replacement.process.is_alive():
-                    replacement.process.kill()
-                    replacement.process.join()
+                if replacement.process is not None:
+                    if replacement.process.is_alive():
+                        replacement.process.kill()
+                        replacement.process.join()
+                    # Dead either way: its live gauges (a 0 for game_server_available, an open
+                    # breaker) must leave the host's aggregate, as every dead worker's do.
+                    self._forget(replacement.process)
                 why = "a stop signal came" if isinstance(exc, Interrupted) else str(exc)
                 log.error("rolling restart stopped, old workers kept: %s", why)
                 return

@@ -51,6 +51,7 @@ class TryMatch:
         self.lease = lease
         self.hold = hold
         self.held = ""  # why this mode forms no matches now ("" when it does)
+        self._exported: str | None = None  # the hold the gauge shows (None: not yet set)
         self.ticks = 0
         # Epochs start again at 1 when Redis loses its data: the tag keeps match ids unique
         # (a client's loading_session_id, a game server's match_id) across such a restart.
@@ -144,8 +145,12 @@ class TryMatch:
         try:
             plans, poison = await self.plan()
             await self.remove_poison(poison)
-            # Asked only when a match could form: a quiet mode costs no probe.
-            if not plans or await self._held():
+            # Asked only when a match could form: a quiet mode costs no probe (and nobody in it
+            # waits for a game server, so its gauge says not held).
+            if not plans:
+                self.export_held("")
+                return 0
+            if await self._held():
                 return 0
             # The budget is the commit's: a long load (a new leader) still commits after it.
             return await self.commit(token, plans, time.monotonic())
@@ -164,7 +169,23 @@ class TryMatch:
             else:
                 log.info("%s: forming matches again (was held: %s)", self.name, self.held)
             self.held = reason
+        self.export_held(reason)
         return bool(reason)
+
+    def export_held(self, reason: str) -> None:
+        """`fastmatch_matching_held{mode,reason}`: 1 while players who could be matched wait
+        for ``reason``. Only the leader checks the hold, so this is the one signal of a
+        game-server outage that does not wait for a match to fail."""
+        if reason == self._exported:
+            return
+        self._exported = reason
+        for known in metrics.HOLD_REASONS:
+            metrics.MATCHING_HELD.labels(self.name, known).set(1 if known == reason else 0)
+
+    def step_down(self) -> None:
+        """Leadership ended: the next leader checks (and exports) the hold itself."""
+        self.held = ""
+        self.export_held("")
 
     async def commit(self, token: str, plans: Sequence[MatchPlan], started: float) -> int:
         """Commit in fenced batches, a few in flight at once (Redis runs one while the next is

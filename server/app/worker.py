@@ -85,6 +85,10 @@ class Worker:
             # interval) and heartbeat again.
             reap_hold_s=config.server.heartbeat_ttl_s + config.redis.breaker_cooldown_s,
         )
+        for name in config.modes:
+            # A worker that never led exports a zero: without a series, "no leader" (a sum
+            # below 1) could not be seen when nobody ever took the lease.
+            metrics.LEADER.labels(name).set(0)
         hold = HoldCheck(config.gameserver.request_channel, hold_times(config).no_server_ms)
         self.matchmakers = {
             name: Matchmaker(name, mode, config.matching, MatchStore(self.client), self.worker_id,

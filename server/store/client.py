@@ -418,6 +418,7 @@ class RedisClient:
             await asyncio.sleep(max(breaker.next_probe_at - loop.time(), 0.0))
             if not breaker.probe_due(loop.time()):
                 continue
+            self.observer.breaker_changed(breaker.state)  # half-open while the probe runs
             probes += 1
             if await self._ping_alone():
                 if breaker.closed:
@@ -430,6 +431,7 @@ class RedisClient:
             if breaker.closed:
                 return  # a call's reply closed it while this probe failed: Redis is back
             breaker.probe_failed(loop.time())
+            self.observer.breaker_changed(breaker.state)
 
     async def recheck(self) -> None:
         """Redis answered on another connection (the subscriber just subscribed, e.g. to the

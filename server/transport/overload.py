@@ -40,6 +40,7 @@ class LoopLag:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        metrics.LOOP_ALIVE.set(time.time())
         self._expected = loop.time() + PERIOD
         self._handle = loop.call_at(self._expected, self._tick)
 
@@ -54,13 +55,16 @@ class LoopLag:
         self.lag_s = max(now - self._expected, 0.0)
         self._worst = max(self._worst, self.lag_s)
         self._ticks += 1
+        # Armed again first: were a gauge write below to raise, lag_s would freeze (above the
+        # bound: every handshake refused for good).
+        self._expected = now + PERIOD
+        self._handle = loop.call_at(self._expected, self._tick)
         if self._ticks % 20 == 0:  # the gauge shows the worst lag of the last second
             metrics.LOOP_LAG.set(self._worst)
+            metrics.LOOP_ALIVE.set(time.time())
             self._worst = 0.0
             if self._every_second is not None:
                 self._every_second()
-        self._expected = now + PERIOD
-        self._handle = loop.call_at(self._expected, self._tick)
 
 
 class RetryHint:

@@ -73,10 +73,28 @@ def test_production_with_a_real_secret_starts(tmp_path: Path) -> None:
     file = tmp_path / "prod.toml"
     file.write_text('production = true\n[auth]\nsecret = "' + "s" * 40 + '"\n'
                     '[redis]\nurl = "redis://redis.internal:6379/0"\n'
+                    '[metrics]\ntoken = "' + "t" * 32 + '"\n'
                     '[modes.duel]\nteam_size = 1\n')
     config = load_config(file, environ={})
     assert config.production and config.auth.secret != DEV_SECRET
     assert config.modes["duel"].teams == 2
+
+
+def test_production_keeps_the_console_to_itself_without_a_token() -> None:
+    """/console/state lists player and match ids: in production the metrics port needs a token
+    unless it listens on loopback only or is closed."""
+    prod = {"FASTMATCH_PRODUCTION": "true", "FASTMATCH_AUTH__SECRET": "s" * 40,
+            "FASTMATCH_REDIS__URL": "redis://redis.internal:6379/0",
+            "FASTMATCH_GAMESERVER__EMBEDDED": "false"}
+    with pytest.raises(ConfigError, match=r"metrics\.token"):
+        load_config(environ=prod)
+    with pytest.raises(ConfigError, match=r"metrics\.token"):
+        load_config(environ={**prod, "FASTMATCH_METRICS__HOST": "10.0.0.5"})
+    assert load_config(environ={**prod, "FASTMATCH_METRICS__TOKEN": "t" * 32}).metrics.token
+    assert load_config(environ={**prod, "FASTMATCH_METRICS__HOST": "127.0.0.1"}).metrics.host == "127.0.0.1"
+    assert load_config(environ={**prod, "FASTMATCH_METRICS__HOST": "::1"}).production
+    assert load_config(environ={**prod, "FASTMATCH_METRICS__PORT": "0"}).metrics.port == 0
+    assert load_config(environ={"FASTMATCH_METRICS__HOST": "10.0.0.5"}).metrics.host == "10.0.0.5"  # dev
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from server.app.console import Console, Observed, quantile
 from server.app.metrics_http import MetricsServer
+from server.errors import ConfigError
 from server.store import keys
 from server.store.embedded import EmbeddedRedis
 from tests.app.served import Served, http_get, sample, wait_workers
@@ -144,6 +146,27 @@ async def test_the_token_never_reaches_the_log(
     assert TOKEN not in logged and "guess" not in logged
 
 
+async def test_an_idle_connection_is_let_go_and_a_taken_port_names_the_key(
+    redis_url: str, tmp_path: Path,
+) -> None:
+    """Each connection holds a supervisor thread: one that sends nothing is closed after the
+    idle timeout instead of holding it forever. A port already taken (node_exporter's 9100)
+    stops start-up with the key named, not a traceback."""
+    observed = Observed(redis_url, ("1v1",), "battle:request", 1.0, str(tmp_path), dict)
+    server = MetricsServer("127.0.0.1", 0, observed, idle_timeout_s=0.3)
+    server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        async with asyncio.timeout(TIMEOUT):
+            assert await reader.read() == b""  # closed by the server, nothing sent either way
+        writer.close()
+        assert (await http_get(server.port, "/console"))[0] == 200  # still serving
+        with pytest.raises(ConfigError, match=r"metrics\.port: cannot listen on 127\.0\.0\.1:"):
+            MetricsServer("127.0.0.1", server.port, observed)
+    finally:
+        await asyncio.to_thread(server.close)
+
+
 async def test_console_without_token_and_restarts_counted(
     serve: ServeFactory, admin: aioredis.Redis
 ) -> None:
@@ -152,6 +175,9 @@ async def test_console_without_token_and_restarts_counted(
     _, text = await http_get(served.metrics_port, "/metrics")
     assert sample(text, "fastmatch_worker_restarts_total") == 0
     assert sample(text, "fastmatch_game_server_available") == 1
+    assert sample(text, "fastmatch_matching_held", mode="1v1", reason="game_server") == 0
+    alive = sample(text, "fastmatch_event_loop_alive_timestamp_seconds")
+    assert alive is not None and time.time() - 10 < alive <= time.time() + 1
     for role in ("supervisor", "worker-0", "worker-1"):
         assert (sample(text, "fastmatch_process_cpu_seconds_total", process=role) or 0) > 0
         assert (sample(text, "fastmatch_process_resident_memory_bytes", process=role) or 0) > 1e6
@@ -162,6 +188,19 @@ async def test_console_without_token_and_restarts_counted(
     assert sample(text, "fastmatch_worker_restarts_total") == 1
     status, body = await http_get(served.metrics_port, "/console/state")
     assert status == 200 and json.loads(body)["worker_restarts_total"] == 1
+
+
+async def test_hosts_that_never_lead_still_report_no_leader(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    """FastmatchNoLeader sums fastmatch_leader per mode: with no series at all (nobody ever
+    took the lease, here because matching is off) the sum would be empty and never below 1.
+    Every worker exports a zero for every mode from the start."""
+    served = serve(workers=1, FASTMATCH_MATCHING__ENABLED="false")
+    await wait_workers(admin, 1)
+    _, text = await http_get(served.metrics_port, "/metrics")
+    assert sample(text, "fastmatch_leader", mode="1v1") == 0
+    assert sample(text, "fastmatch_leader", mode="5v5") == 0
 
 
 def test_quantile_interpolates_like_prometheus() -> None:

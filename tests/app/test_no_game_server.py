@@ -26,6 +26,11 @@ def calls(op: str) -> float:
     return REGISTRY.get_sample_value("fastmatch_redis_call_seconds_count", {"op": op}) or 0.0
 
 
+def held(mode: str) -> dict[str, float | None]:
+    return {reason: REGISTRY.get_sample_value("fastmatch_matching_held", {"mode": mode, "reason": reason})
+            for reason in metrics.HOLD_REASONS}
+
+
 async def nothing_pending(ws: ClientConnection) -> bool:
     try:
         async with asyncio.timeout(0.05):
@@ -48,6 +53,8 @@ async def test_no_game_server_holds_the_queue_then_serves_everyone_in_wait_order
             await asyncio.sleep(0.02)
     assert calls("commit_matches") == commits
     assert await admin.get(keys.hold("1v1")) == "game_server"
+    assert held("1v1") == {"game_server": 1.0, "allocation_failed": 0.0}  # what the alert reads
+    assert held("5v5") == {"game_server": 0.0, "allocation_failed": 0.0}  # nobody waits there
     for ws in clients.values():
         assert await nothing_pending(ws)  # no ready check, no requeue
         status = await request(ws, {"type": "status"})
@@ -65,6 +72,7 @@ async def test_no_game_server_holds_the_queue_then_serves_everyone_in_wait_order
     for ws in clients.values():
         assert (await recv(ws))["type"] == "match_found"
     assert await admin.get(keys.hold("1v1")) is None
+    assert held("1v1") == {"game_server": 0.0, "allocation_failed": 0.0}
     await leave_and_check_clean(clients, admin)
 
 
