@@ -1,5 +1,6 @@
 -- commit_matches: the fenced TryMatch commit of a batch of matches (DESIGN invariants 2 and 3).
 -- KEYS[1] leader  KEYS[2] queue  KEYS[3] tickets  KEYS[4] grace  KEYS[5] changes  KEYS[6] loading
+-- KEYS[7] workers (keys.workers: heartbeat deadlines)
 --         then for each match: its match key, then one player key per player
 -- ARGV[1] lease token "<holder>|<epoch>"  ARGV[2] mode  ARGV[3] ready timeout ms
 -- ARGV[4] delivery channel prefix (keys.DELIVERY_PREFIX)
@@ -14,8 +15,11 @@
 -- under pcall: the matches committed before an error are still finished (queue, loading set,
 -- changes, notices) and reported, and the caller raises the error after recording them. A
 -- player whose record is not a hash is poison, not an error.
--- A match commits only if every player is still queued here and not in grace; players of a
--- skipped match stay queued. A queued entry whose player record is not queued in this mode is
+-- A match commits only if every player is still queued here, not in grace, and held by a
+-- worker whose heartbeat has not lapsed; players of a skipped match stay queued. (A dead
+-- worker's players wait for the reaper, which moves them into the resume grace: matched
+-- before that, nobody would hear the ready check, and they would time out into a dodge
+-- penalty instead of keeping their place.) A queued entry whose player record is not queued in this mode is
 -- poison and is removed. Retrying after a timeout is safe: an existing match id is not redone.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {'fenced'}
@@ -23,6 +27,7 @@ end
 --#include clock
 --#include notify
 --#include changes
+--#include alive
 local now = now_ms()
 local deadline = now + tonumber(ARGV[3])
 local mode = ARGV[2]
@@ -33,7 +38,19 @@ local committed, skipped, poisoned = {}, {}, {}
 -- a call commits ~50 matches, and each Redis call from Lua has a fixed cost). `taken` keeps a
 -- player named by two matches of one batch from committing twice before its ZREM.
 local taken, gone, loading = {}, {}, {}
-local ai, ki = 6, 7
+local ai, ki = 6, 8
+-- worker id -> heartbeat not lapsed, asked once per call; the caller (the lease's holder, the
+-- token's "<holder>|") is alive by running this.
+local live = {[string.match(ARGV[1], '^(.*)|%d+$')] = true}
+local function held_live(worker)
+  if not worker or worker == '' then
+    return true  -- no worker named: the grace check above speaks for such a player
+  end
+  if live[worker] == nil then
+    live[worker] = worker_alive(KEYS[7], worker) and true or false
+  end
+  return live[worker]
+end
 -- Usually nobody is in resume grace: then no player needs the check.
 local graced = redis.call('ZCARD', KEYS[4]) > 0
 
@@ -67,6 +84,8 @@ local function commit_all()
             redis.call('ZREM', KEYS[4], p)
             changed(KEYS[5], 'r', p)
             poisoned[#poisoned + 1] = p
+            ok = false
+          elseif not held_live(st[3]) then
             ok = false
           end
         end

@@ -193,8 +193,13 @@ if new_status == 'assigned' then
     redis.call('DEL', hold_key)
   end
 elseif reason == 'no_game_server' then
-  redis.call('SET', hold_key, 'game_server', 'PX', ARGV[12])
-elseif reason == 'allocation_failed' then
+  -- Never in place of a failure's back-off: it would cut a long hold down to a few ticks.
+  if redis.call('GET', hold_key) ~= 'allocation_failed' then
+    redis.call('SET', hold_key, 'game_server', 'PX', ARGV[12])
+  end
+elseif reason == 'allocation_failed' and redis.call('GET', hold_key) ~= 'allocation_failed' then
+  -- One step of the back-off per hold: the matches formed before it, failing together, are
+  -- one failure of the fleet, not fifty doublings straight to the longest hold.
   local n = redis.call('INCR', fails_key)
   redis.call('PEXPIRE', fails_key, tonumber(ARGV[11]) * 4)
   local hold = math.min(tonumber(ARGV[10]) * 2 ^ math.min(n - 1, 20), tonumber(ARGV[11]))

@@ -9,7 +9,11 @@
 local listeners = tonumber(ARGV[3]) or redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
 local held = redis.call('GET', KEYS[1])
 if listeners == 0 then
-  redis.call('SET', KEYS[1], 'game_server', 'PX', ARGV[2])
+  -- A failure's back-off is kept (not cut short when a listener comes back); once it ends,
+  -- the next tick holds for game_server.
+  if held ~= 'allocation_failed' then
+    redis.call('SET', KEYS[1], 'game_server', 'PX', ARGV[2])
+  end
   return 'game_server'
 end
 if held == 'game_server' then

@@ -8,7 +8,8 @@
 --       | {"final", status} (the match already ended; that outcome's message is on its way)
 --       | {"ready", ready count, size}
 --       | {"allocating", deadline_ms, teams JSON, created_ms, player1, ticket1, ...} for the last:
---         the caller publishes the battle_request.
+--         the caller publishes the battle_request (again for the last player's repeated ready
+--         on the same worker: the caller's allocator ignores a match it already hands off).
 -- The status is checked before anything else, so a ready racing a cancel or a timeout can never
 -- revive a finished match.
 local m = KEYS[1]
@@ -29,7 +30,29 @@ end
 if not info[2] then
   return {'wrong_session'}
 end
+local function allocating(deadline)
+  local rest = redis.call('HMGET', m, 'teams', 'players', 'created')
+  local out = {'allocating', tostring(deadline), rest[1], rest[3]}
+  local players, fields = {}, {}
+  for q in string.gmatch(rest[2], '[^,]+') do
+    players[#players + 1] = q
+    fields[#fields + 1] = 't:' .. q
+  end
+  local tickets = redis.call('HMGET', m, unpack(fields))
+  for j = 1, #players do
+    out[#out + 1] = players[j]
+    out[#out + 1] = tickets[j] or ''
+  end
+  return out
+end
 if status ~= 'loading' then
+  if status == 'allocating' and info[3] and redis.call('HGET', m, 'allocator') == ARGV[5] then
+    -- This worker's ready again for a player who made the match complete: its reply was lost
+    -- (a timeout after the script ran) or the client said it twice. Answered as the first
+    -- time, so a handoff that never started starts now instead of the mode failing it at its
+    -- deadline (the allocator ignores a match it already hands off).
+    return allocating(redis.call('HGET', m, 'deadline'))
+  end
   return {'final', status}
 end
 local ready
@@ -47,16 +70,4 @@ local deadline = now_ms() + tonumber(ARGV[4])
 redis.call('HSET', m, 'status', 'allocating', 'deadline', deadline, 'allocator', ARGV[5],
            'all_ready', deadline - tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[2], deadline, ARGV[2])
-local rest = redis.call('HMGET', m, 'teams', 'players', 'created')
-local out = {'allocating', tostring(deadline), rest[1], rest[3]}
-local players, fields = {}, {}
-for q in string.gmatch(rest[2], '[^,]+') do
-  players[#players + 1] = q
-  fields[#fields + 1] = 't:' .. q
-end
-local tickets = redis.call('HMGET', m, unpack(fields))
-for j = 1, #players do
-  out[#out + 1] = players[j]
-  out[#out + 1] = tickets[j] or ''
-end
-return out
+return allocating(deadline)

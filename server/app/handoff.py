@@ -75,13 +75,18 @@ class Allocator:
         self._pending: dict[str, asyncio.Future[gs.BattleReply]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._modes: dict[str, str] = {}
+        self._active: set[str] = set()  # match ids handed off (or requeued) by a task now
         self._closing = False
 
     def start(self, mode: str, match_id: str, ready: ReadyResult) -> None:
+        if match_id in self._active:
+            return  # a repeated ready (lua/ready.lua): this handoff runs already
+        self._active.add(match_id)
         work = self._requeue(mode, match_id, ready) if self._closing else self.allocate(mode, match_id, ready)
         task = asyncio.create_task(self._owned(work, mode, match_id), name=f"allocate:{match_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._active.discard(match_id))
 
     @staticmethod
     async def _owned(work: Coroutine[Any, Any, None], mode: str, match_id: str) -> None:

@@ -6,10 +6,14 @@ import logging
 
 from server import metrics
 from server.app.handoff import Allocator
+from server.logthrottle import Throttled
 from server.protocol.results import ReadyResult
+from server.store.errors import StoreUnavailable
 from server.store.matches import LoadingStore
 
 log = logging.getLogger(__name__)
+# Every tick meets the same bad record again: one line per interval, with the count.
+_sweep_failed = Throttled(log, "sweeping a match failed", level=logging.ERROR)
 
 
 class LoadingEvents:
@@ -40,11 +44,25 @@ class Sweeper:
     async def run(self) -> int:
         ended = 0
         for match_id in await self.loading.due(self.mode):
-            result = await self.loading.expire(self.mode, match_id)
+            try:
+                result = await self.loading.expire(self.mode, match_id)
+            except StoreUnavailable:
+                raise  # Redis is down: the next tick sweeps again
+            except Exception as exc:  # one bad record (DESIGN P1): the others still end
+                _sweep_failed("%s match %s: expiring it failed: %s", self.mode, match_id, exc)
+                continue
             ended += result.outcome == "done"
         # Leavers whose own worker did not get to cancel their match (issue 13).
         for match_id, player, action in await self.loading.left_due(self.mode):
-            result = await self.loading.cancel(self.mode, match_id, player, shutdown=action == "abort")
+            try:
+                result = await self.loading.cancel(self.mode, match_id, player,
+                                                   shutdown=action == "abort")
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                _sweep_failed("%s match %s: cancelling it for %s failed: %s", self.mode, match_id,
+                              player, exc)
+                continue
             if result.outcome == "done":
                 log.warning("%s match %s: cancelled for %s, who left its ready check, on behalf "
                             "of a worker that could not", self.mode, match_id, player)

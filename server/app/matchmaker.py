@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 
 from server import metrics
 from server.aio import raise_if_cancelling
@@ -81,6 +82,13 @@ class Matchmaker:
                 log.exception("%s: lease loop error", self.name)
             if not self.lease.holds():
                 await self._stop_ticking()
+            elif self._ticker is not None and self._ticker.done() and self.lease.token:
+                # The ticker ended while the lease is still ours (a bug in the loop itself): a
+                # leader that renews its lease but does not tick would stop the mode for good.
+                failed = None if self._ticker.cancelled() else self._ticker.exception()
+                log.error("%s: the ticker stopped while leading (%r); starting it again",
+                          self.name, failed)
+                await self._start_ticking(self.lease.token)
             await asyncio.sleep(interval)
 
     async def _step(self) -> None:
@@ -132,13 +140,18 @@ class Matchmaker:
         log.info("%s: stopped ticking (lease epoch %d gone)", self.name, self.lease.epoch)
 
     async def _tick(self, token: str) -> int:
+        # Each step on its own: a sweep that fails (one bad record) must not stop matching, nor
+        # a failing TryMatch the ready checks' deadlines.
+        await self._guarded("the sweeper", self.sweeper.run())
+        return await self._guarded("TryMatch", self.trymatch.run(token))
+
+    async def _guarded(self, what: str, step: Awaitable[int]) -> int:
         try:
-            await self.sweeper.run()
-            return await self.trymatch.run(token)
+            return await step
         except StoreError as exc:
             raise_if_cancelling()
-            _tick_failed("%s: %s", self.name, exc)
+            _tick_failed("%s: %s: %s", self.name, what, exc)
         except Exception:  # task boundary: one bad tick must not end matchmaking
             raise_if_cancelling()
-            log.exception("%s: TryMatch crashed", self.name)
+            log.exception("%s: %s crashed", self.name, what)
         return 0

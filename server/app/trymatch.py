@@ -215,6 +215,12 @@ class TryMatch:
         finally:
             for _, task in in_flight:  # cancelled mid-tick: the ids make a later retry safe
                 task.cancel()
+            # Batches that finished before a failure are recorded (metrics, poison), and the
+            # others' exceptions are retrieved here rather than at garbage collection.
+            left = await asyncio.gather(*(task for _, task in in_flight), return_exceptions=True)
+            for (batch, _), result in zip(in_flight, left, strict=True):
+                if isinstance(result, CommitResult) and not result.fenced:
+                    self._record(result, {plan.match_id: plan for plan in batch})
         return committed
 
     async def _settle(

@@ -155,7 +155,7 @@ class MatchStore:
     async def commit(
         self, mode: str, token: str, ready_timeout_ms: int, matches: Sequence[MatchPlan]
     ) -> CommitResult:
-        script_keys = [keys.leader(mode), *keys.mode_keys(mode), keys.loading(mode)]
+        script_keys = [keys.leader(mode), *keys.mode_keys(mode), keys.loading(mode), keys.workers()]
         args: list[str | int | float] = [token, mode, ready_timeout_ms, keys.DELIVERY_PREFIX,
                                           len(matches)]
         for match in matches:

@@ -52,6 +52,7 @@ async def test_the_pool_loads_once_then_follows(redis_url: str, admin: aioredis.
     client = RedisClient(redis_url, RedisConfig())
     try:
         store = PlayerStore(client, "w1", 60_000)
+        await store.heartbeat(600_000)  # alive: commit skips a dead worker's players
         for i, rating in enumerate((1500, 1900, 2300)):
             await enqueue(store, "1v1", f"p{i}", rating)
         tm = await leader(client, "1v1")
@@ -76,6 +77,7 @@ async def test_a_lost_position_or_a_hand_edit_loads_again(redis_url: str, admin:
     client = RedisClient(redis_url, RedisConfig())
     try:
         store = PlayerStore(client, "w1", 60_000)
+        await store.heartbeat(600_000)  # alive: commit skips a dead worker's players
         await enqueue(store, "1v1", "a", 1500)
         tm = await leader(client, "1v1")
         await tm.sync()
@@ -97,6 +99,7 @@ async def test_a_new_leader_loads_while_the_queue_changes(redis_url: str) -> Non
     client = RedisClient(redis_url, RedisConfig())
     try:
         store = PlayerStore(client, "w1", 60_000)
+        await store.heartbeat(600_000)  # alive: commit skips a dead worker's players
         for i in range(300):
             await enqueue(store, "1v1", f"p{i:03}", 1000 + 10 * i)
         tm = await leader(client, "1v1")
@@ -151,6 +154,7 @@ async def _equivalence(url: str, mode: str, ops: list[tuple[str, str, float]]) -
     client = RedisClient(url, RedisConfig())
     try:
         store = PlayerStore(client, "w1", resume_grace_ms=0)  # a disconnect is due at once
+        await store.heartbeat(600_000)  # alive: commit skips a dead worker's players
         loading = LoadingStore(client, resume_grace_ms=0, penalty_window_ms=60_000,
                                finished_ttl_ms=10_000, hold=HoldTimes(1000, 30_000, 1000))
         follower = await leader(client, mode)

@@ -7,10 +7,12 @@ in which Redis runs their scripts); the end states are then checked player by pl
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import redis.asyncio as aioredis
 
+from server.app.loading import Sweeper
 from server.config import RedisConfig
 from server.matching.plan import MatchPlan
 from server.store import keys
@@ -30,6 +32,7 @@ MATCH = "1.1.0"
 async def env(redis_url: str) -> tuple[PlayerStore, LoadingStore, MatchStore]:
     client = RedisClient(redis_url, RedisConfig(operation_timeout_s=1.0))
     players = PlayerStore(client, "w1", resume_grace_ms=60_000)
+    await players.heartbeat(600_000)  # a live worker holds the players (commit skips a dead one's)
     loading = LoadingStore(client, resume_grace_ms=60_000, penalty_window_ms=60_000,
                            finished_ttl_ms=60_000, hold=HoldTimes(1000, 30_000, 1000))
     yield players, loading, MatchStore(client)  # type: ignore[misc]
@@ -172,6 +175,26 @@ async def test_ready_checks_membership_and_session(env, admin: aioredis.Redis) -
     assert await admin.hget(keys.match(MODE, MATCH), "ready") == "1"
 
 
+async def test_the_last_ready_said_again_on_its_worker_hands_the_match_off_again(
+    env, admin: aioredis.Redis,
+) -> None:  # type: ignore[no-untyped-def]
+    """The reply to the last `ready` can be lost after the script ran (a timeout): the match is
+    `allocating`, but no worker publishes its battle request. The player's retried ready on
+    the same worker gets the same answer as the first time, so the handoff starts (the
+    allocator ignores a match it already hands off); another worker's gets the status."""
+    await make_match(env, 60_000)
+    assert (await ready(env, "a")).outcome == "ready"
+    first = await ready(env, "b")
+    assert first.outcome == "allocating"
+    again = await ready(env, "b")
+    assert again.outcome == "allocating" and again.deadline_ms == first.deadline_ms
+    assert again.teams == first.teams and again.tickets == first.tickets
+    assert (await ready(env, "a")).outcome == "allocating"  # an earlier ready said again: same
+    elsewhere = await env[1].ready(MODE, MATCH, "b", "b-c", 60_000, "w2")
+    assert elsewhere.outcome == "final" and elsewhere.status == "allocating"
+    assert await admin.hget(keys.match(MODE, MATCH), "ready") == "2"
+
+
 async def test_a_leaver_who_reconnected_before_the_cancel_stays_in_the_match(  # type: ignore[no-untyped-def]
     env, admin: aioredis.Redis
 ) -> None:
@@ -200,3 +223,53 @@ async def test_a_match_record_gone_without_an_outcome_leaves_the_loading_set(  #
     assert (await loading.expire(MODE, MATCH)).outcome == "absent"
     assert await admin.zscore(keys.loading(MODE), MATCH) is None
     assert MATCH not in await loading.due(MODE)
+
+
+async def test_one_bad_match_record_does_not_stop_the_sweep(
+    env: tuple[PlayerStore, LoadingStore, MatchStore], admin: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DESIGN P1, one poison item never blocks the rest: a match record the scripts cannot end
+    (written by hand, or by an older release during a rolling deploy) is due first every tick;
+    the sweeper logs it and still ends the ready checks behind it."""
+    await make_match(env, ready_timeout_ms=1)
+    bad = "0.0.0"
+    await admin.hset(keys.match(MODE, bad), mapping={"status": "loading", "mode": MODE})
+    await admin.zadd(keys.loading(MODE), {bad: 0})  # due before the real one
+    await wait_due(env[1])
+    with caplog.at_level(logging.ERROR, logger="server.app.loading"):
+        assert await Sweeper(MODE, env[1]).run() == 1
+    assert await status(admin) == "timed_out"
+    assert await admin.hget(keys.player("a"), "state") != "loading"
+    assert any(bad in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    await admin.delete(keys.match(MODE, bad))
+    await admin.zrem(keys.loading(MODE), bad)
+
+
+async def test_a_failure_back_off_is_neither_cut_short_nor_jumped_to_its_longest(
+    env: tuple[PlayerStore, LoadingStore, MatchStore], admin: aioredis.Redis,
+) -> None:
+    """Issue 16's hold after failed handoffs: matches that fail together are one step of the
+    back-off (not one doubling each), and neither the game servers vanishing (hold.lua) nor
+    a `no_game_server` ending replaces the longer back-off with a hold of a few ticks."""
+    players, loading, matches = env
+    ids = ["2.1.0", "2.1.1"]
+    for p in "abcd":
+        await players.attach(p, f"{p}-c")
+        await players.enqueue(p, f"{p}-c", MODE, 1500, {})
+    grant = await matches.acquire(MODE, "L", 60_000)
+    committed = await matches.commit(MODE, lease_token("L", grant.epoch), 60_000,
+                                     [MatchPlan(ids[0], [["a"], ["b"]]), MatchPlan(ids[1], [["c"], ["d"]])])
+    assert committed.committed == ids
+    for match_id, pair in zip(ids, ("ab", "cd"), strict=True):
+        for p in pair:
+            await loading.ready(MODE, match_id, p, f"{p}-c", 60_000, "w1")
+    for match_id, pair in zip(ids, ("ab", "cd"), strict=True):  # rejected together
+        assert (await loading.fail(MODE, match_id, "allocation_failed", list(pair))).outcome == "done"
+    assert await admin.get(keys.hold_failures(MODE)) == "1"  # one step, 1 s (HoldTimes(1000, ...))
+    await admin.pexpire(keys.hold(MODE), 20_000)  # as if it had doubled a few times already
+    assert await matches.hold(MODE, "nobody-listens-here", 1000) == "game_server"
+    assert await admin.get(keys.hold(MODE)) == "allocation_failed"
+    assert await admin.pttl(keys.hold(MODE)) > 15_000
+    await admin.delete(keys.hold(MODE), keys.hold_failures(MODE))
+    await admin.delete(*(keys.match(MODE, m) for m in ids))

@@ -27,8 +27,10 @@ async def client(redis_url: str) -> RedisClient:
     await c.close()
 
 
-async def queue_players(client: RedisClient, mode: str, *players: str, grace_ms: int = 60_000) -> PlayerStore:
-    store = PlayerStore(client, "w1", grace_ms)
+async def queue_players(client: RedisClient, mode: str, *players: str, grace_ms: int = 60_000,
+                        worker: str = "w1") -> PlayerStore:
+    store = PlayerStore(client, worker, grace_ms)
+    await store.heartbeat(600_000)  # a live worker holds them: commit skips a dead one's players
     for p in players:
         await store.attach(p, f"{p}-c")
         assert (await store.enqueue(p, f"{p}-c", mode, 1500, {})).outcome == "ok"
@@ -67,6 +69,32 @@ async def test_deposed_leader_cannot_commit(client: RedisClient, admin: aioredis
     assert result.fenced and not result.committed
     assert await admin.zcard(keys.queue("1v1")) == 2
     assert await admin.exists(keys.match("1v1", "1.1.0")) == 0
+
+
+async def test_commit_skips_the_players_of_a_worker_whose_heartbeat_lapsed(
+    client: RedisClient, admin: aioredis.Redis
+) -> None:
+    """A dead worker's queued players stay queued until the reaper moves them into the resume
+    grace: matched before that, nobody hears the ready check, and they would time out into a
+    dodge penalty (and put their opponents through a ready check that cannot pass). The
+    leader's own players need no heartbeat entry: it is alive by committing."""
+    await queue_players(client, "1v1", "a", "b", worker="dead")
+    await queue_players(client, "1v1", "c", "d", worker="live")
+    await queue_players(client, "1v1", "e", "f", worker="L")
+    await admin.zadd(keys.workers(), {"dead": 1})  # its deadline long past (Redis clock, ms)
+    await admin.zrem(keys.workers(), "L")  # the leader's heartbeat need not be there
+    m = MatchStore(client)
+    grant = await m.acquire("1v1", "L", 60_000)
+    plans = [MatchPlan("1.1.0", [["a"], ["c"]]), MatchPlan("1.1.1", [["b"], ["d"]]),
+             MatchPlan("1.1.2", [["e"], ["f"]])]
+    result = await m.commit("1v1", lease_token("L", grant.epoch), 10_000, plans)
+    assert result.skipped == ["1.1.0", "1.1.1"] and result.committed == ["1.1.2"]
+    assert result.poisoned == []  # not poison: their tickets and places are kept
+    assert sorted(await admin.zrange(keys.queue("1v1"), 0, -1)) == ["a", "b", "c", "d"]
+    assert {await admin.hget(keys.player(p), "state") for p in "abcd"} == {"queued"}
+    await admin.zadd(keys.workers(), {"dead": 2**50})  # it heartbeats again (was only stalled)
+    again = await m.commit("1v1", lease_token("L", grant.epoch), 10_000, plans[:2])
+    assert again.committed == ["1.1.0", "1.1.1"]
 
 
 async def test_commit_skips_a_match_whose_player_left_and_commits_the_rest(
@@ -176,7 +204,7 @@ async def test_a_script_error_midway_finishes_the_matches_committed_before_it(
     listener = admin.pubsub()
     await listener.subscribe(keys.worker_channel("w1"))
     # A malformed second match (its player count is not a number): the loop fails there.
-    script_keys = [keys.leader("1v1"), *keys.mode_keys("1v1"), keys.loading("1v1"),
+    script_keys = [keys.leader("1v1"), *keys.mode_keys("1v1"), keys.loading("1v1"), keys.workers(),
                    keys.match("1v1", "1.1.0"), keys.player("a"), keys.player("b"),
                    keys.match("1v1", "1.1.1"), keys.player("c"), keys.player("d")]
     args = [lease_token("L", grant.epoch), "1v1", 10_000, keys.DELIVERY_PREFIX, 2,
