@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Final
 
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
+from websockets.protocol import State
 
 from server import metrics
 from server.logthrottle import Throttled
@@ -70,6 +71,9 @@ class ClientConnection(WebSocketProtocol):
         self.attached = False  # set once Redis records this connection as the player's
         self._upgrade: Response | None = None  # the 101, sent together with the welcome
         self._attaching = False
+        # A close the session decided before the 101 went out (replaced, or the worker began
+        # draining, while the attach ran): sent after the 101 instead of the welcome.
+        self._early_close: tuple[int, str] | None = None
 
     @property
     def player_id(self) -> str:
@@ -124,19 +128,32 @@ class ClientConnection(WebSocketProtocol):
         finally:
             self._attaching = False
             front.handshake_ended()
-        self.attached = True
+        player = self.identity.player_id
         if self.lost or front.draining:
             # Gone while attaching, or the worker started draining: never welcomed, so the
             # client sees a close or an immediate 503 to retry elsewhere, never a 1001.
             if not self.lost:
                 self.respond(front.refusal(self, 503, "shutting down"))
-            await front.detach(self.identity.player_id, self.conn_id)
+            if result.previous_worker != front.worker_id:
+                # The attach took the record from a connection on another worker: it hears the
+                # 4009 this one would have caused, rather than stay open and untold.
+                await front.replace_previous(player, result, self.conn_id)
+            # Released as any ended connection is: an older open one here takes the record
+            # back (it never learns of this one), else the player goes into resume grace.
+            front.release(player, self.conn_id)
             return
-        await front.replace_previous(self.identity.player_id, result, self.conn_id)
+        self.attached = True
+        await front.replace_previous(player, result, self.conn_id)
         assert self.session is not None and self._upgrade is not None
         self.respond(self._upgrade, flush=False)
-        p = result.player
         self.release()
+        if self._early_close is not None:
+            # Replaced by a newer connection (4009) or the worker began draining (1001)
+            # while this one attached: the client hears that close, never a welcome.
+            self.close_with(*self._early_close)
+            self.flush()
+            return
+        p = result.player
         self._apply(self.session.welcome(p.state, p.mode, p.queued_at_ms, p.match_id))
         self.drain()
         self.flush()
@@ -236,7 +253,8 @@ class ClientConnection(WebSocketProtocol):
             self.flush()
 
     def shut_down(self) -> None:
-        """The worker is draining: 1001, the client reconnects elsewhere (PROTOCOL 6)."""
+        """The worker is draining: 1001, the client reconnects elsewhere (PROTOCOL 6). One
+        still attaching is refused with 503 when its attach returns (``_attach``)."""
         if self.session is not None and self.attached and not self.lost:
             self._apply(self.session.close(1001, "server shutting down"))
             self.flush()
@@ -256,7 +274,10 @@ class ClientConnection(WebSocketProtocol):
             if type(effect) is Send:
                 self._send(effect.message)
             elif type(effect) is Close:
-                self.close_with(effect.code, effect.reason)
+                if self.ws.state is State.CONNECTING:
+                    self._early_close = (effect.code, effect.reason)  # after the 101 (_attach)
+                else:
+                    self.close_with(effect.code, effect.reason)
             else:
                 self.hold()
                 self.front.spawn(self._request(effect, effects[i + 1:]))  # type: ignore[arg-type]

@@ -43,6 +43,10 @@ from server.transport.wsproto import WsLimits
 log = logging.getLogger(__name__)
 WS_PATHS: Final = frozenset({"/ws", "/ws/"})
 SETTLE_INTERVAL_S: Final = 0.5  # how often lost request outcomes are read back while Redis fails
+# A connection busy at a resync (a request or its attach in flight) is read back once it is
+# not, checked every SETTLE_INTERVAL_S for this many rounds (a request lasts at most about
+# two operation timeouts: longer means Redis fails, and the subscriber resyncs again).
+RECHECK_ROUNDS: Final = 20
 RESYNC_BATCH: Final = 64  # connections re-attached at once by a resync
 _refusing = Throttled(log, "refusing connections, storage unavailable")
 _shedding = Throttled(log, "refusing handshakes (HTTP 503), worker busy", level=logging.INFO)
@@ -342,7 +346,7 @@ class FrontEnd:
 
     async def catch_up_with(self, client: ClientConnection) -> None:
         """Read ``client``'s player back and tell it what it missed (one connection's resync)."""
-        await self._catch_up([client], recheck=False)
+        self._recheck_later(await self._catch_up([client]))
 
     def unregister(self, client: ClientConnection) -> None:
         self._all.discard(client)
@@ -458,10 +462,15 @@ class FrontEnd:
         hear is lost, so read every player it holds back from Redis. Close connections
         replaced meanwhile, re-attach those whose record Redis lost, and tell the rest what
         they missed (a ready check that began or ended)."""
-        # Only connections whose attach finished: one still attaching has no record yet.
-        await self._catch_up([c for c in self.connections.values() if c.attached], recheck=True)
+        # One still attaching has no record yet (or one whose notices may be lost already): it
+        # is read back with the busy ones, once its attach is done.
+        attaching = [c for c in self.connections.values() if c.handshaking]
+        busy = await self._catch_up([c for c in self.connections.values() if c.attached])
+        self._recheck_later(busy + attaching)
 
-    async def _catch_up(self, clients: list[ClientConnection], recheck: bool) -> None:
+    async def _catch_up(self, clients: list[ClientConnection]) -> list[ClientConnection]:
+        """Read ``clients`` back and act on what Redis says; returns those busy with a request
+        (their state settles when it answers: read them again then)."""
         seen = [c.delivered for c in clients]  # a session that moves on meanwhile heard it live
         records = await self.store.records([c.player_id for c in clients])
         behind: list[tuple[ClientConnection, PlayerState, int]] = []
@@ -491,17 +500,30 @@ class FrontEnd:
         # batches: after a restart (or a reaper) thousands may need it, each 2-3 calls, and
         # all at once would run past the client's max_inflight.
         await in_batches(lost, lambda pair: pair[0].record_lost(pair[1]), RESYNC_BATCH)
-        if busy and recheck:
-            self.spawn(self._recheck(busy))
+        return busy
+
+    def _recheck_later(self, clients: list[ClientConnection]) -> None:
+        if clients:
+            self.spawn(self._recheck(clients))
 
     async def _recheck(self, clients: list[ClientConnection]) -> None:
-        """Connections whose request was in flight during the resync: once it has had time
-        to answer, read them back too (a notice lost meanwhile is not on its way)."""
-        await asyncio.sleep(SETTLE_INTERVAL_S)
-        try:
-            await self._catch_up([c for c in clients if c.open], recheck=False)
-        except StoreError as exc:
-            _resync_incomplete("%d connections not read back: %s", len(clients), exc)
+        """Connections busy during a read-back (a request or their attach in flight): once
+        they are not, read them back too (a notice lost meanwhile is not on its way). A
+        connection that is still busy is waited for again, not given up after one look."""
+        for _ in range(RECHECK_ROUNDS):
+            await asyncio.sleep(SETTLE_INTERVAL_S)
+            clients = [c for c in clients if c.open]
+            ready = [c for c in clients if not c.handshaking and not c.busy and c.attached]
+            waiting = [c for c in clients if c.handshaking or c.busy]
+            try:
+                waiting += await self._catch_up(ready) if ready else []
+            except StoreError as exc:
+                _resync_incomplete("%d connections not read back: %s", len(clients), exc)
+                return
+            clients = waiting
+            if not clients:
+                return
+        _resync_incomplete("%d connections still busy, not read back", len(clients))
 
 
 class _Refused(asyncio.Protocol):

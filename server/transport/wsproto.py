@@ -86,7 +86,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self._responding = False  # the handshake response is among the writes to flush
         # When the handshake request reached the kernel, on the loop's clock (0: unknown); its
         # answer's wait is measured from there (fastmatch_handshake_wait_seconds).
-        self.arrived_at = 0.0
+        self.arrived_at = 0.0  # first bytes of the handshake (loop clock; 0 unknown)
+        self.request_at = 0.0  # the HTTP request itself (the same without TLS)
         # The edge layers (module docstring): set up in connection_made when configured.
         self._edge = False  # bytes go through _from_edge before websockets
         self._header: bytearray | None = None  # the PROXY header so far, until it is read
@@ -147,7 +148,7 @@ class WebSocketProtocol(asyncio.Protocol):
                     WebSocketProtocol.frames_in += 1
                     self._on_frame(event)
                 elif isinstance(event, Request):
-                    self._request_arrived()
+                    self._request_arrived(request=True)
                     if ws.eof_sent:
                         # Bytes after the request were no WebSocket frame (a stray CRLF, say):
                         # websockets failed the connection as it parsed them, and its end of
@@ -343,6 +344,10 @@ class WebSocketProtocol(asyncio.Protocol):
         # Ping, pong and close: websockets answers them; any frame proves the peer is alive.
 
     def _message(self, data: bytes, binary: bool) -> None:
+        if self.ws.state is not _OPEN:
+            # Closing already (a 1007 or 1008 earlier in this read, a drain's 1001): what the
+            # client sent after that is not acted on, as its answer could not be sent.
+            return
         message: str | bytes = data
         if not binary:
             try:
@@ -383,18 +388,29 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.ws.state is State.CONNECTING and self._header is None and self._tls is None:
             self._set_timer(max(remaining_s, 0.001), self._open_timed_out)
 
-    def _request_arrived(self) -> None:
+    def _request_arrived(self, request: bool = False) -> None:
+        """Called at the ClientHello (TLS) and at the request: ``arrived_at`` is the first (what
+        the client waits, TLS round trips included), ``request_at`` the request's own arrival
+        (what the worker has left it waiting: the shedding bound's measure; with TLS a slow
+        network's round trips would otherwise count, and a far client be refused every time)."""
         transport = self.transport
-        if self.arrived_at or transport is None:
+        if transport is None:
             return
-        waited = since_last_data_s(transport)
-        if waited is not None:
-            self.arrived_at = self._loop.time() - waited
+        if not self.arrived_at:
+            waited = since_last_data_s(transport)
+            if waited is not None:
+                self.arrived_at = self._loop.time() - waited
+            if request:
+                self.request_at = self.arrived_at
+        elif request and not self.request_at:
+            waited = since_last_data_s(transport)  # TLS only: the request's last record
+            if waited is not None:
+                self.request_at = self._loop.time() - waited
 
     @property
     def request_age_s(self) -> float:
         """How long the handshake request has waited since it arrived (0 when unknown)."""
-        return self._loop.time() - self.arrived_at if self.arrived_at else 0.0
+        return self._loop.time() - self.request_at if self.request_at else 0.0
 
     def _keepalive(self) -> None:
         """Ping a connection that has been silent for ``ping_interval``; one that sends nothing

@@ -4,9 +4,11 @@ log and file-descriptor bounds that hold under abuse."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -30,7 +32,7 @@ from tests.helpers import (
     send,
     token,
 )
-from tests.transport.rawws import RawClient
+from tests.transport.rawws import TEXT, RawClient, frame
 
 
 def counted(name: str, **labels: str) -> float:
@@ -143,6 +145,33 @@ async def test_a_stray_crlf_after_the_request_closes_without_a_traceback(
         client.close()
     assert not await admin.exists(keys.player("crlf"))
     await serves_quietly(worker, "crlf", caplog)
+
+
+def enqueues_received() -> float:
+    metrics.flush()
+    return REGISTRY.get_sample_value("fastmatch_messages_received_total", {"type": "enqueue"}) or 0.0
+
+
+async def test_a_request_after_invalid_utf8_in_the_same_read_is_not_acted_on(
+    worker: Worker, admin: aioredis.Redis,
+) -> None:
+    """Invalid UTF-8 closes the connection with 1007 (RFC 6455 8.1). An enqueue in the same
+    TCP segment, after the bad frame, must not run: its answer could not be sent, and the
+    player would be queued on a connection that is closing."""
+    client = await RawClient.connect(worker.front.port, "utf8")
+    response = await client.handshake()
+    assert response is not None and response.status_code == 101
+    assert json.loads(cast(bytes, (await client.next_frame()).data))["type"] == "welcome"
+    enqueue = json.dumps({"type": "enqueue", "game_mode": "1v1"}).encode()
+    enqueues = enqueues_received()
+    await client.write(frame(TEXT, b"\xff\xfe") + frame(TEXT, enqueue))
+    ending = await client.ending()
+    assert ending.close_code == 1007 and not ending.invalid
+    client.close()
+    assert enqueues_received() == enqueues  # never handled, so never sent to Redis either
+    async with asyncio.timeout(TIMEOUT):
+        while await admin.exists(keys.player("utf8")):  # detached; nothing kept it
+            await asyncio.sleep(0.01)
 
 
 # -- keepalive (docs/protocol.md section 1) --------------------------------------------------------
