@@ -116,15 +116,22 @@ class Allocator:
         self._modes[match_id] = mode
         try:
             try:
-                receivers = await self.store.publish(self.config.request_channel, gs.encode(request))
+                receivers: int | None = await self.store.publish(
+                    self.config.request_channel, gs.encode(request))
             except StoreError as exc:
                 _unpublished("%s match %s: %s", mode, match_id, exc)
-                await self.loading.fail(mode, match_id, "allocation_failed", players)
-                return
-            self.health.observe(receivers)
-            if receivers == 0:
-                await self.loading.fail(mode, match_id, "no_game_server", players)
-                return
+                if not (isinstance(exc, StoreUnavailable) and exc.maybe_ran):
+                    await self.loading.fail(mode, match_id, "allocation_failed", players)
+                    return
+                # The request may have reached a game server, whose answer is on its way:
+                # failing now would requeue players a server is about to host (and drop its
+                # battle_assigned as unknown). Wait for it as for any request.
+                receivers = None
+            if receivers is not None:
+                self.health.observe(receivers)
+                if receivers == 0:
+                    await self.loading.fail(mode, match_id, "no_game_server", players)
+                    return
             try:
                 async with asyncio.timeout(self.config.allocation_timeout_ms / 1000):
                     reply = await future

@@ -37,7 +37,8 @@ from server.store.sentinel import Locator
 
 log = logging.getLogger(__name__)
 _TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
-                     "NOREPLICAS")  # a primary under min-replicas-to-write that lost its replicas
+                     "NOREPLICAS",  # a primary under min-replicas-to-write that lost its replicas
+                     "OOM")  # at maxmemory: every write refused, the breaker's business
 # On a cluster, a call still redirected after _MAX_REDIRECTS did not run: unavailable. Without
 # cluster mode a redirection means a misconfiguration (a cluster node named as standalone):
 # an error, loudly, not a breaker flapping between refusals and a probe that answers.
@@ -108,7 +109,7 @@ class RedisClient:
         self.slots = cluster.SlotMap(spec) if spec is not None else None
         # Standalone and Sentinel: the one node, wherever the locator finds it. A cluster: a
         # node per primary, opened at its first call.
-        self._single = None if spec is not None else _Node("redis", self._open_located)
+        self._single = None if spec is not None else _Node("redis", self._open_located, self.timeout)
         self._nodes: dict[tuple[str, int], _Node] = {}
         self._watchdog: asyncio.TimerHandle | None = None
         # The watchdog looks at the oldest call this often: a call waits at most the timeout
@@ -272,7 +273,7 @@ class RedisClient:
             self._arm_watchdog()
             replies = await asyncio.gather(*futures)
             for reply in replies:
-                if type(reply) is hiredis.ReplyError and str(reply).startswith(_NOT_PRIMARY):
+                if type(reply) is hiredis.ReplyError and self._not_primary(str(reply)):
                     self._demoted(conn, reply)
             return replies
         if asking:  # the next command on this connection may use a slot being migrated here
@@ -280,7 +281,7 @@ class RedisClient:
         future = conn.send(packed)
         self._arm_watchdog()
         reply = await future
-        if type(reply) is hiredis.ReplyError and str(reply).startswith(_NOT_PRIMARY):
+        if type(reply) is hiredis.ReplyError and self._not_primary(str(reply)):
             self._demoted(conn, reply)
         elif script is not None and _is_noscript(reply):
             # Redis restarted (or flushed its scripts): load and run again, back to back.
@@ -374,8 +375,16 @@ class RedisClient:
             async def opener() -> RespProtocol:
                 return await open_connection(target, window_s=self.pipeline_window_s)
 
-            node = self._nodes[address] = _Node(f"{host}:{port}", opener)
+            node = self._nodes[address] = _Node(f"{host}:{port}", opener, self.timeout)
         return node
+
+    def _not_primary(self, text: str) -> bool:
+        """A reply saying this node will not take writes as a primary should. With Sentinel,
+        NOREPLICAS too: a primary cut off from its replicas (and its Sentinels) while the
+        worker still reaches it, where a new primary is likely elected already; the
+        connection is dropped and the Sentinels asked again, not kept pinned to it."""
+        return text.startswith(_NOT_PRIMARY) or (
+            self.locator.spec is not None and text.startswith("NOREPLICAS"))
 
     def _demoted(self, conn: RespProtocol, reply: Reply) -> None:
         """The node is a replica now (a failover demoted it while this connection stayed open):
@@ -522,9 +531,13 @@ class RedisClient:
 class _Node:
     """One Redis node's pipelined connection, opened on demand."""
 
-    def __init__(self, name: str, opener: Callable[[], Awaitable[RespProtocol]]) -> None:
+    def __init__(self, name: str, opener: Callable[[], Awaitable[RespProtocol]], timeout_s: float) -> None:
         self.name = name
         self._opener = opener
+        # The attempt is shared by every caller, and each bounds only its own wait: unbounded,
+        # an attempt stuck in TCP retransmission (a black-holed host) would fail every call
+        # for minutes while Redis, reached again, is fine.
+        self._timeout_s = timeout_s
         self.conn: RespProtocol | None = None
         self._connecting: asyncio.Task[RespProtocol] | None = None
         self._past_writes = 0  # of its connections that are gone
@@ -537,10 +550,17 @@ class _Node:
         """The attempt to (re)connect; concurrent callers share it."""
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._open())
+            # Its callers may all have stopped waiting (their own timeouts): the failure is
+            # theirs to report, not a "never retrieved" warning at garbage collection.
+            self._connecting.add_done_callback(_retrieved)
         return self._connecting
 
     async def _open(self) -> RespProtocol:
-        conn = await self._opener()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                conn = await self._opener()
+        except TimeoutError as exc:
+            raise RespConnectionError(f"connecting to {self.name} took over {self._timeout_s:g}s") from exc
         if self.conn is not None:
             self._past_writes += self.conn.writes
         self.conn = conn
@@ -553,6 +573,11 @@ class _Node:
         if conn is not None:
             conn.close()
             await conn.closed
+
+
+def _retrieved(task: asyncio.Task[RespProtocol]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _pinged(connecting: Awaitable[RespProtocol]) -> bool:

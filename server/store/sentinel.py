@@ -121,13 +121,25 @@ class Locator:
             raise RespConnectionError(f"no redis primary found within {self.timeout_s:g}s") from exc
 
     async def _from_sentinels(self, on_push: OnPush | None, window_s: float) -> RespProtocol:
+        """The primary a Sentinel names, if it is one. A Sentinel cut off from the others may
+        still name the old primary (dead, or demoted): its answer failing, the next Sentinel is
+        asked, not the same one again."""
         spec = self.spec
         assert spec is not None
+        first = 0
         while True:
-            host, port = await self.ask(spec)
+            (host, port), asked = await self.ask(spec, first)
+            first = asked + 1  # where a wrong answer sends the next question
             address = Address(host=host, port=port, db=spec.db, username=spec.username,
                               password=spec.password)
-            conn = await open_connection(address, window_s=window_s)
+            try:
+                conn = await open_connection(address, window_s=window_s)
+            except (OSError, RespConnectionError) as exc:
+                log.warning("redis %s:%d, named primary of %s by sentinel %s:%d, is unreachable "
+                            "(%s); asking the next sentinel", host, port, spec.service,
+                            *spec.sentinels[asked], exc)
+                await asyncio.sleep(_DEMOTED_PAUSE_S)
+                continue
             try:
                 role = await conn.send(pack("ROLE"))
             except BaseException:
@@ -138,8 +150,9 @@ class Locator:
                 self._arrived((host, port))
                 return conn
             conn.abort()
-            log.warning("redis %s:%d named primary of %s answers ROLE %r; asking again",
-                        host, port, spec.service, role[0] if isinstance(role, list) and role else role)
+            log.warning("redis %s:%d, named primary of %s by sentinel %s:%d, answers ROLE %r; "
+                        "asking the next sentinel", host, port, spec.service, *spec.sentinels[asked],
+                        role[0] if isinstance(role, list) and role else role)
             await asyncio.sleep(_DEMOTED_PAUSE_S)
 
     async def _home_primary(self, spec: cluster.ClusterSpec, on_push: OnPush | None,
@@ -180,10 +193,13 @@ class Locator:
         raise RespConnectionError("no redis cluster node named a primary for fastmatch: "
                                   + "; ".join(failures))
 
-    async def ask(self, spec: SentinelSpec) -> tuple[str, int]:
-        """The primary's address, from the first Sentinel that knows it."""
+    async def ask(self, spec: SentinelSpec, first: int = 0) -> tuple[tuple[str, int], int]:
+        """The primary's address, from the first Sentinel that knows it, starting with the
+        ``first``-th (wrapping round); and the index of the Sentinel that answered."""
         failures = []
-        for host, port in spec.sentinels:
+        count = len(spec.sentinels)
+        for index in ((first + i) % count for i in range(count)):
+            host, port = spec.sentinels[index]
             try:
                 async with asyncio.timeout(_ASK_TIMEOUT_S):
                     conn = await open_connection(Address(host=host, port=port))
@@ -195,7 +211,7 @@ class Locator:
                 failures.append(f"{host}:{port}: {type(exc).__name__} {exc}")
                 continue
             if isinstance(reply, list) and len(reply) == 2 and all(isinstance(r, bytes) for r in reply):
-                return reply[0].decode(), int(reply[1])
+                return (reply[0].decode(), int(reply[1])), index
             what = str(reply) if isinstance(reply, hiredis.ReplyError) else f"no primary ({reply!r})"
             failures.append(f"{host}:{port}: {what}")
         raise RespConnectionError(f"no sentinel named the primary of {spec.service!r}: "

@@ -181,6 +181,52 @@ async def test_the_breaker_closes_as_soon_as_redis_answers_without_user_traffic(
     await client.close()
 
 
+async def test_a_connection_attempt_that_never_completes_is_given_up() -> None:
+    """Every caller shares one connection attempt and bounds only its own wait. The attempt
+    itself must end too: one that waits forever for the AUTH answer of a host that accepted
+    the TCP connection and went silent (a black hole) would make every later call wait on it
+    and fail, long after Redis is reachable again."""
+    accepted: list[asyncio.StreamReader] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(reader)  # never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RedisClient(f"redis://:secret@127.0.0.1:{port}/0", RedisConfig(operation_timeout_s=0.3))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await client.command("PING")
+        async with asyncio.timeout(TIMEOUT):
+            while not accepted:
+                await asyncio.sleep(0.01)
+            # The attempt gave up and closed its socket: the silent host reads its end.
+            while not accepted[0].at_eof():
+                await accepted[0].read(1024)
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_a_redis_at_maxmemory_is_unavailable_not_an_error(private_redis: EmbeddedRedis) -> None:
+    """OOM refuses every write: Redis' condition, not the request's. The caller gets
+    StoreUnavailable (clients: `unavailable` with a retry hint) and the breaker counts it,
+    instead of an internal_error and a breaker that sees a healthy Redis."""
+    client = RedisClient(private_redis.url, RedisConfig(operation_timeout_s=1.0, breaker_threshold=2))
+    store = PlayerStore(client, "w1", resume_grace_ms=60_000)
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await admin.config_set("maxmemory", 1)
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                await store.attach("oom", "c1")
+        assert client.breaker.state is BreakerState.OPEN
+    finally:
+        await admin.config_set("maxmemory", 0)
+        await admin.aclose()
+        await client.close()
+
+
 async def test_calls_in_flight_when_the_breaker_opens_move_it_once(
     private_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -112,7 +112,7 @@ async def test_a_dead_sentinel_is_skipped(topology: SentinelTopology) -> None:
     dead = sentinel.SentinelSpec((("127.0.0.1", _closed_port()), *sentinel.parse(topology.locator).sentinels),  # type: ignore[union-attr]
                                  SERVICE)
     locator = sentinel.Locator(topology.locator, TIMEOUT)
-    assert await locator.ask(dead) == ("127.0.0.1", topology.primary())
+    assert await locator.ask(dead) == (("127.0.0.1", topology.primary()), 1)
     with pytest.raises(RespConnectionError, match="no sentinel named the primary"):
         await locator.ask(sentinel.SentinelSpec((("127.0.0.1", _closed_port()),), SERVICE))
     with pytest.raises(RespConnectionError, match="no sentinel named the primary"):
@@ -129,6 +129,25 @@ async def test_a_node_that_answers_as_a_replica_is_not_used(topology: SentinelTo
         with pytest.raises(RespConnectionError, match="no redis primary found"):
             await locator.connect()
         assert stand_in.asked >= 2  # asked again after each replica, until the timeout
+    finally:
+        await stand_in.close()
+
+
+async def test_a_sentinel_that_names_a_replica_is_passed_over_for_the_next(
+    topology: SentinelTopology,
+) -> None:
+    """A Sentinel cut off from the others may name the old primary, demoted since: its answer
+    fails the ROLE check, and the next Sentinel is asked (which names the real primary), not
+    the same one again until the timeout."""
+    replica = next(port for port in topology.nodes if port != topology.primary())
+    stand_in = await _StandInSentinel.start(replica)
+    real = ",".join(f"{h}:{p}" for h, p in sentinel.parse(topology.locator).sentinels)  # type: ignore[union-attr]
+    try:
+        locator = sentinel.Locator(f"redis+sentinel://127.0.0.1:{stand_in.port},{real}/{SERVICE}", TIMEOUT)
+        conn = await locator.connect()
+        conn.close()
+        assert locator.primary == ("127.0.0.1", topology.primary())
+        assert stand_in.asked == 1
     finally:
         await stand_in.close()
 
