@@ -125,6 +125,8 @@ class Housekeeper:
             self._reading_back = False
 
     async def tick(self) -> None:
+        for worker, player, conn in list(self.front.pending_replace):
+            await self.front.send_replace(worker, player, conn)
         if self.front.pending_detach:
             holders = self.front.holders()
             for player, conn in list(self.front.pending_detach):

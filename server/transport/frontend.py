@@ -73,6 +73,9 @@ class FrontEnd:
         # player -> its registered connections here (one, but for a moment while it reconnects)
         self._players: dict[str, tuple[ClientConnection, ...]] = {}
         self.pending_detach: set[tuple[str, str]] = set()
+        # Replacement notices (worker, player, old connection) whose publish failed: housekeeping
+        # sends them again, or the old connection would stay open and untold until it spoke.
+        self.pending_replace: set[tuple[str, str, str]] = set()
         self.detaching: set[tuple[str, str]] = set()  # (player, conn) being released right now
         proxy = ProxyPolicy(config.proxy_trusted, config.proxy_header_timeout_s) \
             if config.proxy_protocol else None
@@ -424,12 +427,21 @@ class FrontEnd:
         if old_worker == self.worker_id:
             self._close_replaced(old_conn)
             return
-        data = envelope.encode(envelope.Replace(player=player, conn=old_conn))
+        await self.send_replace(old_worker, player, old_conn)
+
+    async def send_replace(self, worker: str, player: str, conn: str) -> bool:
+        """Tell ``worker`` that its connection ``conn`` of ``player`` lost to a newer one; on
+        failure, housekeeping tries again (a resync of that worker would also catch it, but only
+        if its subscriber is the one that failed). Returns whether it was sent."""
+        data = envelope.encode(envelope.Replace(player=player, conn=conn))
         try:
-            await self.store.publish(keys.worker_channel(old_worker), data)
+            await self.store.publish(keys.worker_channel(worker), data)
         except StoreError as exc:
-            # The old worker's resync after its next reconnect closes it instead.
-            _unnotified("%s of %s: %s", old_worker, old_conn, exc)
+            _unnotified("%s of %s: %s", worker, conn, exc)
+            self.pending_replace.add((worker, player, conn))
+            return False
+        self.pending_replace.discard((worker, player, conn))
+        return True
 
     def _close_replaced(self, conn_id: str) -> None:
         client = self.connections.get(conn_id)

@@ -14,6 +14,7 @@ from websockets.frames import Close, Opcode
 
 from server.app.worker import Worker
 from server.store import keys
+from server.store.embedded import EmbeddedRedis
 from server.transport import envelope
 from server.transport.connection import ClientConnection
 from tests.conftest import WorkerFactory, make_config
@@ -120,3 +121,33 @@ async def test_dropped_while_attaching_tells_the_connection_it_replaced_on_anoth
         return await admin.zscore(keys.grace("1v1"), "moved") is not None
 
     await eventually(resumable)
+
+
+async def test_a_replacement_notice_that_failed_to_publish_is_sent_again(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis,
+) -> None:
+    """The newer connection's worker tells the older one's worker with a PUBLISH; when that
+    fails, housekeeping sends it again, instead of leaving the old connection open and untold
+    until it speaks (the other worker's subscriber did not fail, so no resync of its own
+    would catch it). The failure here is real: Redis refuses PUBLISH to the workers' user
+    (`ACL SETUSER ... -publish`) until the test allows it again."""
+    admin = aioredis.Redis.from_url(private_redis.url)
+    await admin.execute_command("ACL", "SETUSER", "fm", "on", ">pw", "~*", "&*", "+@all")
+    url = private_redis.url.replace("unix://", "unix://fm:pw@", 1)
+    there = await start_worker(url=url)
+    here = await start_worker(url=url)
+    a, _ = await connect_player(there.front.port, "told")
+    await admin.execute_command("ACL", "SETUSER", "fm", "-publish")
+    try:
+        b, welcome = await connect_player(here.front.port, "told")  # the attach is a script: allowed
+        assert welcome["type"] == "welcome"
+        async with asyncio.timeout(TIMEOUT):
+            while not here.front.pending_replace:
+                await asyncio.sleep(0.01)
+        assert a.close_code is None  # still open: nobody told it yet
+    finally:
+        await admin.execute_command("ACL", "SETUSER", "fm", "+publish")
+    assert await closed_code(a) == 4009  # housekeeping sent it once Redis took it
+    assert not here.front.pending_replace
+    await b.close()
+    await admin.aclose()
