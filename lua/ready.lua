@@ -8,8 +8,9 @@
 --       | {"final", status} (the match already ended; that outcome's message is on its way)
 --       | {"ready", ready count, size}
 --       | {"allocating", deadline_ms, teams JSON, created_ms, player1, ticket1, ...} for the last:
---         the caller publishes the battle_request (again for the last player's repeated ready
---         on the same worker: the caller's allocator ignores a match it already hands off).
+--         the caller publishes the battle_request (also for a member's repeated ready on the
+--         worker running the handoff, before its deadline: that allocator ignores a match it
+--         handed off already).
 -- The status is checked before anything else, so a ready racing a cancel or a timeout can never
 -- revive a finished match.
 local m = KEYS[1]
@@ -45,13 +46,17 @@ local function allocating(deadline)
   end
   return out
 end
+--#include clock
 if status ~= 'loading' then
-  if status == 'allocating' and info[3] and redis.call('HGET', m, 'allocator') == ARGV[5] then
-    -- This worker's ready again for a player who made the match complete: its reply was lost
-    -- (a timeout after the script ran) or the client said it twice. Answered as the first
-    -- time, so a handoff that never started starts now instead of the mode failing it at its
-    -- deadline (the allocator ignores a match it already hands off).
-    return allocating(redis.call('HGET', m, 'deadline'))
+  if status == 'allocating' and info[3] then
+    local handoff = redis.call('HMGET', m, 'allocator', 'deadline')
+    if handoff[1] == ARGV[5] and tonumber(handoff[2]) > now_ms() then
+      -- A member's ready said again on the worker that runs the handoff, before its deadline:
+      -- the reply to the ready that completed the match may have been lost (a timeout after
+      -- the script ran), so no handoff would start. Answered as that one was; the allocator
+      -- ignores a match it handed off already (until this deadline).
+      return allocating(handoff[2])
+    end
   end
   return {'final', status}
 end
@@ -65,7 +70,6 @@ end
 if ready < tonumber(info[4]) then
   return {'ready', tostring(ready), info[4]}
 end
---#include clock
 local deadline = now_ms() + tonumber(ARGV[4])
 redis.call('HSET', m, 'status', 'allocating', 'deadline', deadline, 'allocator', ARGV[5],
            'all_ready', deadline - tonumber(ARGV[4]))

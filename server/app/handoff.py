@@ -86,7 +86,11 @@ class Allocator:
         task = asyncio.create_task(self._owned(work, mode, match_id), name=f"allocate:{match_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _: self._active.discard(match_id))
+        # Kept past the handoff's own end, to its deadline: a handoff that ended without an
+        # outcome (Redis failed at assign) leaves the match `allocating`, and a repeated ready
+        # then must not publish a second request for the same match.
+        asyncio.get_running_loop().call_later(
+            self.config.allocation_timeout_ms / 1000 + 1.0, self._active.discard, match_id)
 
     @staticmethod
     async def _owned(work: Coroutine[Any, Any, None], mode: str, match_id: str) -> None:

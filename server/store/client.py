@@ -636,7 +636,10 @@ def _reply_error(op: str, reply: Reply, cluster_mode: bool = False) -> StoreErro
         return None
     text = str(reply)
     if text.startswith(_TRANSIENT) or (cluster_mode and text.startswith(_REDIRECTED)):
-        return StoreUnavailable(f"redis {op} refused: {text}")
+        # OOM from inside a script comes at its first write that may grow memory, after the
+        # writes that may not (DEL, ZREM, HDEL) have run: the caller reads the outcome back.
+        return StoreUnavailable(f"redis {op} refused: {text}",
+                                maybe_ran=text.startswith("OOM") and "script:" in text)
     return StoreError(f"redis {op} error: {text}")
 
 

@@ -106,6 +106,7 @@ class Locator:
         plain = self.spec is None and self.cluster is None
         self._fixed = Address.from_url(url) if plain else None
         self.primary: tuple[str, int] | None = None  # the last primary connected to
+        self._first = 0  # the Sentinel asked first: past one whose answer failed, for good
         self.failovers = 0  # times the primary moved to another address since the first
 
     async def connect(self, on_push: OnPush | None = None, window_s: float = 0.0) -> RespProtocol:
@@ -126,30 +127,34 @@ class Locator:
         asked, not the same one again."""
         spec = self.spec
         assert spec is not None
-        first = 0
         while True:
-            (host, port), asked = await self.ask(spec, first)
-            first = asked + 1  # where a wrong answer sends the next question
+            (host, port), asked = await self.ask(spec, self._first)
             address = Address(host=host, port=port, db=spec.db, username=spec.username,
                               password=spec.password)
             try:
-                conn = await open_connection(address, window_s=window_s)
-            except (OSError, RespConnectionError) as exc:
+                # Bounded on its own: a black-holed old primary would otherwise use up the
+                # whole connect timeout before the next Sentinel is asked.
+                async with asyncio.timeout(_ASK_TIMEOUT_S):
+                    conn = await open_connection(address, window_s=window_s)
+                    try:
+                        role = await conn.send(pack("ROLE"))
+                    except BaseException:
+                        conn.abort()
+                        raise
+            except (OSError, RespConnectionError, TimeoutError) as exc:
+                # The next question (and the next connect's) goes to the next Sentinel.
+                self._first = asked + 1
                 log.warning("redis %s:%d, named primary of %s by sentinel %s:%d, is unreachable "
                             "(%s); asking the next sentinel", host, port, spec.service,
-                            *spec.sentinels[asked], exc)
+                            *spec.sentinels[asked], str(exc) or type(exc).__name__)
                 await asyncio.sleep(_DEMOTED_PAUSE_S)
                 continue
-            try:
-                role = await conn.send(pack("ROLE"))
-            except BaseException:
-                conn.abort()
-                raise
             if isinstance(role, list) and role and role[0] == b"master":
                 conn.on_push = on_push
                 self._arrived((host, port))
                 return conn
             conn.abort()
+            self._first = asked + 1
             log.warning("redis %s:%d, named primary of %s by sentinel %s:%d, answers ROLE %r; "
                         "asking the next sentinel", host, port, spec.service, *spec.sentinels[asked],
                         role[0] if isinstance(role, list) and role else role)

@@ -131,7 +131,8 @@ class ClientConnection(WebSocketProtocol):
         player = self.identity.player_id
         if self.lost or front.draining:
             # Gone while attaching, or the worker started draining: never welcomed, so the
-            # client sees a close or an immediate 503 to retry elsewhere, never a 1001.
+            # client sees a close or an immediate 503 to retry elsewhere (a drain that begins
+            # after this check, during replace_previous, gets the 101 and then 1001).
             if not self.lost:
                 self.respond(front.refusal(self, 503, "shutting down"))
             if result.previous_worker != front.worker_id:

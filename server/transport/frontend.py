@@ -524,7 +524,8 @@ class FrontEnd:
         connection that is still busy is waited for again, not given up after one look."""
         for _ in range(RECHECK_ROUNDS):
             await asyncio.sleep(SETTLE_INTERVAL_S)
-            clients = [c for c in clients if c.open]
+            # Still attaching counts as alive: such a connection is not open (welcomed) yet.
+            clients = [c for c in clients if not c.lost and (c.open or c.handshaking)]
             ready = [c for c in clients if not c.handshaking and not c.busy and c.attached]
             waiting = [c for c in clients if c.handshaking or c.busy]
             try:

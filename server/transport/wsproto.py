@@ -87,6 +87,7 @@ class WebSocketProtocol(asyncio.Protocol):
         # When the handshake request reached the kernel, on the loop's clock (0: unknown); its
         # answer's wait is measured from there (fastmatch_handshake_wait_seconds).
         self.arrived_at = 0.0  # first bytes of the handshake (loop clock; 0 unknown)
+        self.closing_by_us = False  # this side began the closing handshake
         self.request_at = 0.0  # the HTTP request itself (the same without TLS)
         # The edge layers (module docstring): set up in connection_made when configured.
         self._edge = False  # bytes go through _from_edge before websockets
@@ -158,6 +159,7 @@ class WebSocketProtocol(asyncio.Protocol):
         except Exception:  # a bug must cost this connection only, and one log line per interval
             _crashed("connection from %s", self.peer, exc_info=True)
             if ws.state is _OPEN:
+                self.closing_by_us = True
                 ws.fail(CLOSE_INTERNAL, "internal error")
             elif self.transport is not None:
                 self.transport.abort()
@@ -216,6 +218,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def close_with(self, code: int, reason: str) -> None:
         """Start the closing handshake; the peer has ``close_timeout`` to finish it."""
         if self.ws.state is _OPEN:
+            self.closing_by_us = True
             self.ws.send_close(code, reason)
             self._set_timer(self.limits.close_timeout_s, self._abort)
 
@@ -344,15 +347,17 @@ class WebSocketProtocol(asyncio.Protocol):
         # Ping, pong and close: websockets answers them; any frame proves the peer is alive.
 
     def _message(self, data: bytes, binary: bool) -> None:
-        if self.ws.state is not _OPEN:
-            # Closing already (a 1007 or 1008 earlier in this read, a drain's 1001): what the
-            # client sent after that is not acted on, as its answer could not be sent.
+        if self.closing_by_us:
+            # We started closing (a 1007 earlier in this read, a 1008, a drain's 1001): what
+            # the client sent after that is not acted on, as its answer could not be sent.
+            # (Messages before a close the client starts are, as RFC 6455 has them valid.)
             return
         message: str | bytes = data
         if not binary:
             try:
                 message = data.decode()  # RFC 6455 8.1: text must be UTF-8, else close 1007
             except UnicodeDecodeError as exc:
+                self.closing_by_us = True
                 self.ws.fail(CLOSE_INVALID_DATA, f"invalid UTF-8 at position {exc.start}")
                 return
         if self._held or self._queue:
@@ -420,6 +425,7 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         now = self._loop.time()
         if self._ping_at and self._last_recv < self._ping_at:
+            self.closing_by_us = True
             self.ws.fail(CLOSE_INTERNAL, "keepalive ping timeout")
             self.flush()
             return

@@ -203,12 +203,12 @@ async def test_a_slow_tls_client_is_not_shed_for_its_own_round_trips(
     waited)."""
     worker = await start_worker(cfg=make_config(**{
         "server.tls_cert_file": str(cert.cert_file), "server.tls_key_file": str(cert.key_file),
-        "server.max_handshake_queue_ms": 200}))
+        "server.max_handshake_queue_ms": 1000}))
     wait_sum = ("fastmatch_handshake_wait_seconds_sum", {"status": "101"})
     waited_before = REGISTRY.get_sample_value(*wait_sum) or 0.0
     reader, writer = await asyncio.open_connection(
         "localhost", worker.front.port, ssl=client_context(cert), server_hostname="localhost")
-    await asyncio.sleep(0.6)  # the round trips of a far client, after the TLS handshake
+    await asyncio.sleep(2.0)  # the round trips of a far client, after the TLS handshake
     writer.write(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
                  b"Authorization: Bearer " + token("far").encode() + b"\r\n\r\n")
@@ -218,7 +218,7 @@ async def test_a_slow_tls_client_is_not_shed_for_its_own_round_trips(
     writer.close()
     metrics.flush()
     waited = REGISTRY.get_sample_value(*wait_sum) or 0.0
-    assert waited - waited_before >= 0.5  # the client's view: from its ClientHello
+    assert waited - waited_before >= 1.9  # the client's view: from its ClientHello
 
 
 async def test_proxy_header_then_tls_even_in_one_segment(

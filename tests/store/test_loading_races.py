@@ -195,6 +195,19 @@ async def test_the_last_ready_said_again_on_its_worker_hands_the_match_off_again
     assert await admin.hget(keys.match(MODE, MATCH), "ready") == "2"
 
 
+async def test_a_repeated_ready_after_the_handoff_deadline_starts_nothing(
+    env, admin: aioredis.Redis,
+) -> None:  # type: ignore[no-untyped-def]
+    """Past its deadline the handoff is the sweeper's to fail: a repeated ready then only hears
+    the status, so no second battle request can go out for a match being ended."""
+    await make_match(env, 60_000)
+    assert (await ready(env, "a")).outcome == "ready"
+    assert (await env[1].ready(MODE, MATCH, "b", "b-c", 1, "w1")).outcome == "allocating"
+    await asyncio.sleep(0.01)  # the 1 ms handoff deadline has passed (Redis clock)
+    late = await env[1].ready(MODE, MATCH, "b", "b-c", 1, "w1")
+    assert late.outcome == "final" and late.status == "allocating"
+
+
 async def test_a_leaver_who_reconnected_before_the_cancel_stays_in_the_match(  # type: ignore[no-untyped-def]
     env, admin: aioredis.Redis
 ) -> None:

@@ -21,8 +21,10 @@ from tests.conftest import WorkerFactory, make_config
 from tests.helpers import TIMEOUT, closed_code, connect_player, request
 from tests.transport.rawws import RawClient
 
-# Long enough that the paused attach never times out, however slow the machine.
-SLOW_OK = {"redis.operation_timeout_s": 10.0, "server.resume_grace_ms": 30_000}
+# Long enough that the paused attach never times out, nor a worker's heartbeat (a write, so
+# paused too) lapses, however slow the machine.
+SLOW_OK = {"redis.operation_timeout_s": 10.0, "server.resume_grace_ms": 30_000,
+           "server.heartbeat_ttl_s": 30.0}
 
 
 @asynccontextmanager

@@ -32,7 +32,7 @@ from tests.helpers import (
     send,
     token,
 )
-from tests.transport.rawws import TEXT, RawClient, frame
+from tests.transport.rawws import CLOSE, TEXT, RawClient, close_payload, frame
 
 
 def counted(name: str, **labels: str) -> float:
@@ -147,9 +147,9 @@ async def test_a_stray_crlf_after_the_request_closes_without_a_traceback(
     await serves_quietly(worker, "crlf", caplog)
 
 
-def enqueues_received() -> float:
+def received(kind: str) -> float:
     metrics.flush()
-    return REGISTRY.get_sample_value("fastmatch_messages_received_total", {"type": "enqueue"}) or 0.0
+    return REGISTRY.get_sample_value("fastmatch_messages_received_total", {"type": kind}) or 0.0
 
 
 async def test_a_request_after_invalid_utf8_in_the_same_read_is_not_acted_on(
@@ -163,15 +163,40 @@ async def test_a_request_after_invalid_utf8_in_the_same_read_is_not_acted_on(
     assert response is not None and response.status_code == 101
     assert json.loads(cast(bytes, (await client.next_frame()).data))["type"] == "welcome"
     enqueue = json.dumps({"type": "enqueue", "game_mode": "1v1"}).encode()
-    enqueues = enqueues_received()
+    enqueues = received("enqueue")
     await client.write(frame(TEXT, b"\xff\xfe") + frame(TEXT, enqueue))
     ending = await client.ending()
     assert ending.close_code == 1007 and not ending.invalid
     client.close()
-    assert enqueues_received() == enqueues  # never handled, so never sent to Redis either
+    assert received("enqueue") == enqueues  # never handled, so never sent to Redis either
     async with asyncio.timeout(TIMEOUT):
         while await admin.exists(keys.player("utf8")):  # detached; nothing kept it
             await asyncio.sleep(0.01)
+
+
+async def test_messages_before_the_clients_own_close_and_with_the_request_are_acted_on(
+    worker: Worker,
+) -> None:
+    """Only what comes after a close this side began is dropped. A dequeue followed by the
+    client's Close frame in one segment is still handled (RFC 6455: data before the Close is
+    valid; whether it or the detach reaches Redis first is the client's race, as with any
+    request it does not wait for). A request sent together with the upgrade request waits
+    for the welcome and is answered."""
+    status = json.dumps({"type": "status", "request_id": "early"}).encode()
+    client = await RawClient.connect(worker.front.port, "early", early=frame(TEXT, status))
+    response = await client.handshake()
+    assert response is not None and response.status_code == 101
+    kinds = [json.loads(cast(bytes, (await client.next_frame()).data))["type"] for _ in range(2)]
+    assert kinds == ["welcome", "queue_status"]
+    await client.write(frame(TEXT, json.dumps({"type": "enqueue", "game_mode": "1v1"}).encode()))
+    assert json.loads(cast(bytes, (await client.next_frame()).data))["type"] == "enqueued"
+    dequeues = received("dequeue")
+    await client.write(frame(TEXT, json.dumps({"type": "dequeue"}).encode())
+                       + frame(CLOSE, close_payload(1000)))
+    ending = await client.ending()
+    assert ending.close_code == 1000 and not ending.invalid
+    client.close()
+    assert received("dequeue") == dequeues + 1
 
 
 # -- keepalive (docs/protocol.md section 1) --------------------------------------------------------
