@@ -112,6 +112,9 @@ def _parse_v2(data: bytes | bytearray) -> ProxyHeader | None:
         return None
     if command == 0:  # PP 2.2 LOCAL: the balancer's own connection (health checks)
         return ProxyHeader(size, None, 2)
+    if family >> 4 > 3 or family & 0x0F > 2:
+        # PP 2.2: other values "must be rejected as invalid by receivers".
+        raise ProxyHeaderError("malformed", f"v2 header with address family byte {family:#04x}")
     if family & 0x0F == 0x02:
         raise ProxyHeaderError("malformed", "v2 header announces a datagram over a TCP connection")
     layout = {0x10: _V2_INET, 0x20: _V2_INET6}.get(family & 0xF0)

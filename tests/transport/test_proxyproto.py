@@ -93,6 +93,8 @@ MALFORMED = {
     "v2-version": v2(version=1, addresses=inet("1.2.3.4", "5.6.7.8")),
     "v2-command": v2(command=2, addresses=inet("1.2.3.4", "5.6.7.8")),
     "v2-datagram": v2(family=0x12, addresses=inet("1.2.3.4", "5.6.7.8")),
+    "v2-unknown-family": v2(family=0x41, addresses=inet("1.2.3.4", "5.6.7.8")),
+    "v2-unknown-transport": v2(family=0x13, addresses=inet("1.2.3.4", "5.6.7.8")),
     "v2-short-inet": v2(addresses=b"\x01\x02\x03\x04"),
     "v2-short-inet6": v2(family=0x21, addresses=inet("1.2.3.4", "5.6.7.8")),
     "v2-too-long": V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, V2_MAX),
