@@ -11,6 +11,7 @@ as TOML values when they parse (numbers, booleans, arrays) and kept as strings o
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -387,10 +388,19 @@ def _check_modes(modes: dict[str, ModeConfig]) -> None:
             _fail(f"modes.{name}", "name must be 1-32 characters of [A-Za-z0-9_-]")
         if mode.team_size < 1 or mode.teams < 1 or mode.match_size < 2:
             _fail(f"modes.{name}", "needs team_size >= 1, teams >= 1 and at least 2 players")
+        numbers = (mode.window_base, mode.window_max, mode.window_growth_per_s, mode.max_wait_s,
+                   mode.default_rating)
+        if not all(math.isfinite(v) for v in numbers):
+            # TOML has nan and inf; every comparison below is false for nan, and the compiled
+            # kernel and its twin would then disagree on who can be matched.
+            _fail(f"modes.{name}", "window_base, window_max, window_growth_per_s, max_wait_s and "
+                  "default_rating must be finite numbers")
         if mode.window_base < 0 or mode.window_max < mode.window_base:
             _fail(f"modes.{name}.window_max", "must be >= window_base >= 0")
-        if mode.window_growth_per_s < 0 or mode.max_wait_s <= 0:
-            _fail(f"modes.{name}", "needs window_growth_per_s >= 0 and max_wait_s > 0")
+        if mode.window_growth_per_s < 0 or not 0 < mode.max_wait_s <= 86_400:
+            _fail(f"modes.{name}", "needs window_growth_per_s >= 0 and 0 < max_wait_s <= 86400")
+        if abs(mode.default_rating) > 1e9:
+            _fail(f"modes.{name}.default_rating", "must be within +-1e9")
 
 
 def _parse_env_value(text: str) -> Any:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
@@ -17,7 +17,10 @@ from jwt.api_jws import PyJWS
 from server.config import AuthConfig
 from server.errors import ConfigError, FastmatchError
 
-PLAYER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+PLAYER_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # whole string: use fullmatch
+# Ratings beyond this are refused: team sums of ratings near a float's range overflow to inf
+# (then NaN), and no pairing can be made of them.
+MAX_RATING: Final = 1e9
 _MAX_ATTRS: Final = 16
 _MAX_ATTR_LEN: Final = 64
 
@@ -96,25 +99,33 @@ class TokenVerifier:
 
 def _identity(claims: Mapping[str, Any]) -> Identity:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not PLAYER_ID_RE.match(sub):
+    if not isinstance(sub, str) or not PLAYER_ID_RE.fullmatch(sub):
         raise AuthError("claim `sub` must be 1-64 characters of [A-Za-z0-9_.:-]")
     return Identity(sub, _mmr(claims.get("mmr")), _attrs(claims.get("attrs")))
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past a float's range (10**400): not a rating
+        return False
+
+
+def _rating(value: object) -> bool:
+    return _is_number(value) and abs(cast(float, value)) <= MAX_RATING
 
 
 def _mmr(value: object) -> float | dict[str, float] | None:
     if value is None:
         return None
-    if _is_number(value):
+    if _rating(value):
         return float(value)  # type: ignore[arg-type]
-    if isinstance(value, dict) and all(
-        isinstance(k, str) and _is_number(v) for k, v in value.items()
-    ):
+    if isinstance(value, dict) and all(isinstance(k, str) and _rating(v) for k, v in value.items()):
         return {k: float(v) for k, v in value.items()}
-    raise AuthError("claim `mmr` must be a number or an object of numbers per game mode")
+    raise AuthError("claim `mmr` must be a number or an object of numbers per game mode, "
+                    f"each within +-{MAX_RATING:.0e}")
 
 
 def _attrs(value: object) -> dict[str, str | int | float]:
@@ -137,7 +148,7 @@ def mint_token(
     now: float | None = None,
 ) -> str:
     """A development token signed with the configured HMAC secret (``fastmatch token``)."""
-    if not PLAYER_ID_RE.match(player_id):
+    if not PLAYER_ID_RE.fullmatch(player_id):
         raise AuthError("player id must be 1-64 characters of [A-Za-z0-9_.:-]")
     issued = int(now if now is not None else time.time())
     claims: dict[str, Any] = {"sub": player_id, "iat": issued, "exp": issued + ttl_s}

@@ -61,6 +61,11 @@ def test_environment_strings_stay_strings() -> None:
         ({"FASTMATCH_SERVER__HOUSEKEEPING_INTERVAL_S": "0"}, "server.heartbeat_interval_s"),
         ({"FASTMATCH_SERVER__PING_TIMEOUT_S": "0"}, "server.heartbeat_interval_s"),
         ({"FASTMATCH_REDIS__RECONNECT_BASE_S": "0"}, "redis.reconnect_base_s"),
+        # TOML has nan and inf: every comparison is false for nan, and the kernels would differ.
+        ({"FASTMATCH_MODES__1V1__WINDOW_BASE": "nan"}, "modes.1v1"),
+        ({"FASTMATCH_MODES__1V1__WINDOW_MAX": "inf"}, "modes.1v1"),
+        ({"FASTMATCH_MODES__1V1__MAX_WAIT_S": "inf"}, "modes.1v1"),
+        ({"FASTMATCH_MODES__1V1__DEFAULT_RATING": "1e300"}, "modes.1v1.default_rating"),
         ({"FASTMATCH_PRODUCTION": "true", "FASTMATCH_AUTH__SECRET": "s" * 40}, "redis.url"),
     ],
 )

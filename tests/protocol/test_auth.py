@@ -33,6 +33,12 @@ def test_per_mode_rating_and_default() -> None:
         {"sub": "x" * 65, "exp": 2**40},
         {"sub": "p", "exp": 2**40, "mmr": "high"},
         {"sub": "p", "exp": 2**40, "mmr": True},
+        {"sub": "p", "exp": 2**40, "mmr": 10**400},  # past a float: OverflowError, not 401
+        {"sub": "p", "exp": 2**40, "mmr": 5e307},  # finite, but team sums would overflow
+        {"sub": "p", "exp": 2**40, "mmr": {"2v2": -2e9}},
+        {"sub": "p", "exp": 2**40, "mmr": {"1v1": -(10**400)}},
+        {"sub": "p", "exp": 2**40, "attrs": {"level": 10**400}},
+        {"sub": "alice\n", "exp": 2**40},  # `$` would have let the newline through
         {"sub": "p", "exp": 2**40, "attrs": {"k": {"nested": 1}}},
         {"sub": "p", "exp": 100},  # expired
     ],
