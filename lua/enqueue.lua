@@ -7,12 +7,13 @@
 --       | {"gone"} (no record: Redis lost it, or a sweep released it; or a failover lost this
 --         connection's attach and an ended one of its worker released the record,
 --         lua/include/owner.lua: the caller re-attaches)
---       | {"already", state, mode, queued_at} (already queued or loading, in any mode)
+--       | {"already", state, mode, queued_at, match} (already queued or loading, in any mode;
+--         match: the loading session, "" when queued)
 --       | {"blocked", retry_after_ms} (too many dodged ready checks within the window).
 -- queued_at comes from the Redis clock so every worker and host agrees on wait times.
 --#include owner
 local p = KEYS[1]
-local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'queued_at', 'released')
+local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'queued_at', 'released', 'match')
 if not cur[1] and (not cur[2] or released_here(cur[5], ARGV[2])) then
   return {'gone'}
 elseif cur[1] ~= ARGV[2] then
@@ -20,7 +21,7 @@ elseif cur[1] ~= ARGV[2] then
 end
 local state = cur[2] or 'idle'
 if state ~= 'idle' then
-  return {'already', state, cur[3] or '', cur[4] or ''}
+  return {'already', state, cur[3] or '', cur[4] or '', state == 'loading' and cur[6] or ''}
 end
 --#include clock
 --#include changes

@@ -115,7 +115,11 @@ class Allocator:
             players={p: _player_info(t) for p, t in ready.tickets.items()},
             reply_to=self.reply_channel, deadline_ms=ready.deadline_ms,
         )
-        future: asyncio.Future[gs.BattleReply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        # The match's handoff deadline is all-ready + allocation_timeout_ms, which is about now:
+        # the wait for the answer ends there, however long the publish itself took.
+        until = loop.time() + self.config.allocation_timeout_ms / 1000
+        future: asyncio.Future[gs.BattleReply] = loop.create_future()
         self._pending[match_id] = future
         self._modes[match_id] = mode
         try:
@@ -137,7 +141,7 @@ class Allocator:
                     await self.loading.fail(mode, match_id, "no_game_server", players)
                     return
             try:
-                async with asyncio.timeout(self.config.allocation_timeout_ms / 1000):
+                async with asyncio.timeout_at(until):
                     reply = await future
             except TimeoutError:
                 log.warning("%s match %s: no game server answer in time", mode, match_id)

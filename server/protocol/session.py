@@ -136,7 +136,9 @@ class Session:
         self.game_mode: str | None = None
         self.queued_at_ms = 0
         self.loading_session_id: str | None = None
-        self.delivered = 0  # server messages followed: a resync's read is stale once it moves
+        self.delivered = 0  # server messages followed
+        self.answered = 0  # requests answered (``complete``)
+        self._awaiting = False  # a request of ours is in flight: server messages wait for it
         # Server messages that arrive while one of our requests is in flight wait for its
         # reply: a match notice may overtake the `enqueued` it follows (DESIGN requirement 3).
         self._held: list[ServerMessage] = []
@@ -200,7 +202,10 @@ class Session:
             self.last_type = "invalid"
             return self._bad_input(str(exc))
         self.last_type = message.__struct_config__.tag  # type: ignore[assignment]
-        return self._dispatch(message)
+        effects = self._dispatch(message)
+        if effects and not isinstance(effects[-1], Send | Close):
+            self._awaiting = True  # a request: what the server says meanwhile follows its answer
+        return effects
 
     def _dispatch(self, message: ClientMessage) -> list[Effect]:
         match message:
@@ -226,7 +231,7 @@ class Session:
         if self.phase is not Phase.LOADING or self.game_mode is None:
             return self._error("invalid_state", "no loading session is in progress", rid)
         if sid != self.loading_session_id:
-            current = self.loading_session_id
+            current = self.loading_session_id or "not known yet (its start_loading is on its way)"
             return self._error("wrong_session_id", f"loading session is {current}", rid)
         return [RunReady(sid, self.game_mode, rid)]
 
@@ -254,6 +259,8 @@ class Session:
         """The outcome of a request this session asked for, as storage reported it. Held
         server messages follow the answer (a match notice never overtakes its `enqueued`)."""
         rid = request.request_id
+        self._awaiting = False
+        self.answered += 1
         if isinstance(result, Failed):
             effects = self._failed(result, rid)
         elif isinstance(request, RunEnqueue) and isinstance(result, EnqueueResult):
@@ -261,7 +268,7 @@ class Session:
         elif isinstance(request, RunDequeue) and isinstance(result, DequeueResult):
             effects = self._dequeue_done(result, rid)
         elif isinstance(request, RunReady) and isinstance(result, ReadyResult):
-            effects = self._ready_done(result, rid)
+            effects = self._ready_done(result, rid, request.loading_session_id)
         elif isinstance(request, RunStatus) and isinstance(result, StatusResult):
             effects = self._status(result, rid)
         else:
@@ -276,9 +283,13 @@ class Session:
                 self.phase, self.game_mode, self.queued_at_ms = Phase.QUEUED, mode, result.queued_at_ms
                 return [Send(Enqueued(game_mode=mode, queued_at_ms=result.queued_at_ms, request_id=rid))]
             case "already" if result.current is not None:
-                # Already queued or loading, e.g. from another connection: trust Redis.
+                # Already queued or loading, e.g. from another connection: trust Redis, with
+                # the ticket's place (a requeue made up later carries it). Which ready check it
+                # is stays unknown here: its start_loading, held or on its way, tells the client.
                 current = result.current
                 self.phase, self.game_mode = Phase(current.state), current.mode or None
+                self.queued_at_ms = current.queued_at_ms
+                self.loading_session_id = None
                 return self._error("already_in_queue", f"already {current.state} for {current.mode}", rid)
             case "blocked":  # too many dodged ready checks recently (PROTOCOL 3 `player_blocked`)
                 self.phase, self.game_mode = Phase.IDLE, None
@@ -299,10 +310,14 @@ class Session:
                 return self._error("invalid_state", "a match is loading; it cannot be left", rid)
         return self.replaced()
 
-    def _ready_done(self, result: ReadyResult, rid: str | None) -> list[Effect]:
+    def _ready_done(self, result: ReadyResult, rid: str | None, sid: str) -> list[Effect]:
         match result.outcome:
             case "replaced":
                 return self.replaced()
+            case "unknown" if sid == self.loading_session_id:
+                # Our own ready check, whose record has expired since it ended: its outcome
+                # message is on its way (or comes with a catch-up), like a `final` answer.
+                return []
             case "unknown" | "wrong_session":
                 return self._error("wrong_session_id", "not a player of that loading session", rid)
         # Recorded, or the match already ended: no answer, its outcome message follows
@@ -334,7 +349,9 @@ class Session:
         """A server-initiated message (from the matchmaker, via this worker): follow it, send it."""
         if self.closed:
             return []
-        if self.phase in (Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
+        if self._awaiting or self.phase in (Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
+            # PROTOCOL 2: nothing the server says overtakes the answer to a request in flight
+            # (a `start_loading` before the `queue_status` that still says queued).
             self._held.append(message)
             return []
         out_of_step = self._out_of_step(message)
@@ -361,7 +378,8 @@ class Session:
         match message:
             case StartLoading(loading_session_id=sid) if sid == self.loading_session_id:
                 return []
-            case StartLoading() if self.phase is Phase.LOADING and self.game_mode:
+            case StartLoading() if self.phase is Phase.LOADING and self.game_mode \
+                    and self.loading_session_id:
                 # The last ready check's ending went unheard: requeued (by no fault of the
                 # player's) before the next one.
                 requeued = Requeued(game_mode=self.game_mode, reason="server_shutdown",
@@ -393,6 +411,12 @@ class Session:
             self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
             return [Send(Dequeued(game_mode=mode, reason="requested"))]
         return []
+
+    @property
+    def version(self) -> int:
+        """Moves with every notice followed and request answered: a read of Redis taken before
+        it moved is stale (it must not undo what the session learned meanwhile)."""
+        return self.delivered + self.answered
 
     @property
     def busy(self) -> bool:

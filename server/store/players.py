@@ -126,8 +126,9 @@ class PlayerStore:
                 return EnqueueResult(reply[0])  # type: ignore[arg-type]
             case ["blocked", retry_after]:
                 return EnqueueResult("blocked", retry_after_ms=to_int(retry_after))
-            case ["already", state, current_mode, queued_at]:
-                return EnqueueResult("already", current=_player_state(state, current_mode, queued_at))
+            case ["already", state, current_mode, queued_at, match_id]:
+                return EnqueueResult("already", current=_player_state(state, current_mode, queued_at,
+                                                                      match_id))
         raise ProtocolViolation(f"enqueue replied {reply!r}")
 
     async def dequeue(self, player: str, conn: str, mode_guess: str = "") -> DequeueResult:

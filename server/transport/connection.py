@@ -345,8 +345,8 @@ class ClientConnection(WebSocketProtocol):
         raise TypeError(f"not a request: {request!r}")
 
     @property
-    def delivered(self) -> int:
-        return self.session.delivered if self.session is not None else 0
+    def version(self) -> int:
+        return self.session.version if self.session is not None else 0
 
     @property
     def busy(self) -> bool:

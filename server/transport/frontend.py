@@ -309,13 +309,19 @@ class FrontEnd:
             await asyncio.sleep(SETTLE_INTERVAL_S)
             clients = [c for c in self._unsettled if not c.lost]
             self._unsettled.clear()
+            seen = [c.version for c in clients]
             try:
                 states = await self.store.states([c.player_id for c in clients])
             except StoreError:
                 self._unsettled.update(clients)  # still unanswered: next round
                 continue
-            for client, state in zip(clients, states, strict=True):
-                client.reconcile(state)
+            for client, state, before in zip(clients, states, seen, strict=True):
+                if client.version != before:
+                    # The session moved while Redis was read (a retried request answered, a
+                    # notice followed): this read may predate that, so read again.
+                    self._unsettled.add(client)
+                else:
+                    client.reconcile(state)
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -483,7 +489,7 @@ class FrontEnd:
     async def _catch_up(self, clients: list[ClientConnection]) -> list[ClientConnection]:
         """Read ``clients`` back and act on what Redis says; returns those busy with a request
         (their state settles when it answers: read them again then)."""
-        seen = [c.delivered for c in clients]  # a session that moves on meanwhile heard it live
+        seen = [c.version for c in clients]  # a session that moves on meanwhile heard it live
         records = await self.store.records([c.player_id for c in clients])
         behind: list[tuple[ClientConnection, PlayerState, int]] = []
         lost: list[tuple[ClientConnection, str]] = []
@@ -494,7 +500,7 @@ class FrontEnd:
             if (worker, conn) == (self.worker_id, client.conn_id):
                 if client.busy:
                     busy.append(client)  # a request in flight: read it again once it is done
-                elif client.delivered == before and client.behind(state):
+                elif client.version == before and client.behind(state):
                     behind.append((client, state, before))
             elif not (worker or conn) or (worker == self.worker_id and conn not in self.connections):
                 # No record, or one naming an ended connection of ours: this one's attach was
@@ -506,7 +512,7 @@ class FrontEnd:
             views = await self.services.loading.views(sorted(
                 {ref for client, state, _ in behind for ref in client.matches_involved(state)}))
             for client, state, before in behind:
-                if client.delivered == before:
+                if client.version == before:
                     client.catch_up(state, views)
         # Raised to the caller (the subscriber's resync runs again) if Redis refuses. In
         # batches: after a restart (or a reaper) thousands may need it, each 2-3 calls, and

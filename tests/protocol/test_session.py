@@ -7,7 +7,7 @@ import json
 import pytest
 
 from server.config import load_config
-from server.protocol.messages import Dequeued, Enqueued, Error, QueueStatus, Welcome
+from server.protocol.messages import Dequeued, Enqueued, Error, MatchFound, QueueStatus, StartLoading, Welcome
 from server.protocol.results import (
     DequeueResult,
     EnqueueResult,
@@ -369,3 +369,59 @@ def test_what_the_player_already_knows_is_not_sent_again() -> None:
                  Error(code="loading_timeout", message="x")):
         assert s.deliver(late) == [], late
     assert s.delivered == 2
+
+
+def start_loading(sid: str = "1.1.0", mode: str = "1v1") -> StartLoading:
+    return StartLoading(loading_session_id=sid, game_mode=mode, teams=[["p1"], ["p2"]], deadline_ms=9)
+
+
+def test_nothing_overtakes_the_answer_to_a_status_or_ready_in_flight() -> None:
+    """PROTOCOL 2: a match notice that arrives while `status` is in flight follows its answer,
+    so the client never reads `queue_status{queued}` after the `start_loading` that ended it."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(run, EnqueueResult("ok", queued_at_ms=5))
+    [status] = s.receive(frame(type="status", request_id="s1"))
+    assert s.deliver(start_loading()) == []  # held
+    effects = s.complete(status, StatusResult(PlayerState("queued", "1v1", 5), queue_size=3, now_ms=10))
+    sent = [type(e.message).__name__ for e in effects if isinstance(e, Send)]
+    assert sent == ["QueueStatus", "StartLoading"]
+    assert s.phase is Phase.LOADING
+    [ready] = s.receive(frame(type="loading_complete", loading_session_id="1.1.0"))
+    found = MatchFound(loading_session_id="1.1.0", game_mode="1v1", server_address="gs:1",
+                       server_session_id="x", teams=[["p1"], ["p2"]])
+    assert s.deliver(found) == []  # held behind the ready's answer
+    effects = s.complete(ready, ReadyResult("ready"))
+    assert [type(e.message).__name__ for e in effects if isinstance(e, Send)] == ["MatchFound"]
+
+
+def test_already_loading_keeps_the_place_and_invents_no_requeue() -> None:
+    """An enqueue that Redis answers "already loading" (its first try timed out after it ran,
+    and a match formed) learns the ticket's place; the held start_loading then follows the
+    error as it is, without a made-up `requeued` (the session never knew another ready check)."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1", request_id="r2"))
+    assert s.deliver(start_loading("7.1.0")) == []  # held while the enqueue is in flight
+    effects = s.complete(run, EnqueueResult("already", current=PlayerState("loading", "1v1", 42, "7.1.0")))
+    sent = [e.message for e in effects if isinstance(e, Send)]
+    assert [type(m).__name__ for m in sent] == ["Error", "StartLoading"], sent
+    assert s.phase is Phase.LOADING and s.loading_session_id == "7.1.0" and s.queued_at_ms == 42
+
+
+def test_a_ready_for_our_own_expired_match_is_not_wrong_session() -> None:
+    s = session()
+    s.welcome("loading", "1v1", 5, "3.1.0")
+    [ready] = s.receive(frame(type="loading_complete", loading_session_id="3.1.0", request_id="x"))
+    assert s.complete(ready, ReadyResult("unknown")) == []  # its outcome message is on its way
+
+
+def test_a_completed_request_makes_an_earlier_read_of_redis_stale() -> None:
+    """The front end reads Redis back after a request timed out; if the session moved while
+    it read (the client's retried dequeue answered), that read must not undo the move."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(run, EnqueueResult("ok", queued_at_ms=5))
+    before = s.version
+    [retry] = s.receive(frame(type="dequeue", request_id="r2"))
+    s.complete(retry, DequeueResult("ok", "1v1"))
+    assert s.version != before  # the front end re-reads instead of applying its old read
