@@ -82,6 +82,9 @@ class Failed:
     code: Literal["unavailable", "internal_error"]
     message: str
     retry_after_ms: int | None = None
+    # It may have run after all (a timeout after sending): the front end reads the player back
+    # and the session holds server messages until then (``Session.resync``).
+    unsettled: bool = False
 
 
 Result = EnqueueResult | DequeueResult | ReadyResult | StatusResult | Failed

@@ -139,6 +139,9 @@ class Session:
         self.delivered = 0  # server messages followed
         self.answered = 0  # requests answered (``complete``)
         self._awaiting = False  # a request of ours is in flight: server messages wait for it
+        # An enqueue or dequeue that timed out may have run: server messages wait for Redis'
+        # answer read back (``resync``), so that e.g. a start_loading follows its `enqueued`.
+        self._unsettled = False
         # Server messages that arrive while one of our requests is in flight wait for its
         # reply: a match notice may overtake the `enqueued` it follows (DESIGN requirement 3).
         self._held: list[ServerMessage] = []
@@ -261,6 +264,11 @@ class Session:
         rid = request.request_id
         self._awaiting = False
         self.answered += 1
+        if isinstance(request, RunEnqueue | RunDequeue):
+            # This answer settles the player's queue state, or leaves it unknown until read back.
+            was = self.phase
+            self._unsettled = (isinstance(result, Failed) and result.unsettled
+                               and was in (Phase.ENQUEUING, Phase.DEQUEUING))
         if isinstance(result, Failed):
             effects = self._failed(result, rid)
         elif isinstance(request, RunEnqueue) and isinstance(result, EnqueueResult):
@@ -349,7 +357,8 @@ class Session:
         """A server-initiated message (from the matchmaker, via this worker): follow it, send it."""
         if self.closed:
             return []
-        if self._awaiting or self.phase in (Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
+        if self._awaiting or self._unsettled or self.phase in (
+                Phase.CONNECTING, Phase.ENQUEUING, Phase.DEQUEUING):
             # PROTOCOL 2: nothing the server says overtakes the answer to a request in flight
             # (a `start_loading` before the `queue_status` that still says queued).
             self._held.append(message)
@@ -402,15 +411,19 @@ class Session:
         """After a request whose outcome was lost (a timeout after Redis ran it), Redis' view
         is read back: correct ours and tell the client what really happened."""
         if self.closed or self.phase in (Phase.ENQUEUING, Phase.DEQUEUING):
-            return []
-        if state == "queued" and self.phase is Phase.IDLE:
+            return []  # a request in flight settles it (and releases what is held)
+        told: list[Effect] = []
+        if state in ("queued", "loading") and self.phase is Phase.IDLE:
+            # The enqueue ran. Loading already: the `enqueued` still comes first, then the
+            # held start_loading (released below) moves the session on.
             self.phase, self.game_mode, self.queued_at_ms = Phase.QUEUED, game_mode, queued_at_ms
-            return [Send(Enqueued(game_mode=game_mode, queued_at_ms=queued_at_ms))]
-        if state == "idle" and self.phase is Phase.QUEUED and self.game_mode:
+            told = [Send(Enqueued(game_mode=game_mode, queued_at_ms=queued_at_ms))]
+        elif state == "idle" and self.phase is Phase.QUEUED and self.game_mode:
             mode = self.game_mode
             self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
-            return [Send(Dequeued(game_mode=mode, reason="requested"))]
-        return []
+            told = [Send(Dequeued(game_mode=mode, reason="requested"))]
+        self._unsettled = False
+        return [*told, *self._release()]
 
     @property
     def version(self) -> int:

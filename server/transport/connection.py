@@ -309,7 +309,7 @@ class ClientConnection(WebSocketProtocol):
             _failed("%s (player %s)", exc, self.identity.player_id)
             if exc.maybe_ran:
                 self.front.reconcile(self)
-            return Failed("unavailable", _UNAVAILABLE_MSG, exc.retry_after_ms)
+            return Failed("unavailable", _UNAVAILABLE_MSG, exc.retry_after_ms, unsettled=exc.maybe_ran)
         except StoreError as exc:
             _refused("%s (player %s)", exc, self.identity.player_id)
             return Failed("internal_error", "internal error")

@@ -425,3 +425,29 @@ def test_a_completed_request_makes_an_earlier_read_of_redis_stale() -> None:
     [retry] = s.receive(frame(type="dequeue", request_id="r2"))
     s.complete(retry, DequeueResult("ok", "1v1"))
     assert s.version != before  # the front end re-reads instead of applying its old read
+
+
+def test_an_enqueue_that_timed_out_but_ran_is_told_before_its_ready_check() -> None:
+    """An enqueue whose reply was lost after it ran (the front end reads the player back) and
+    whose match formed meanwhile: the client hears `enqueued` first, then `start_loading`,
+    never a ready check for a queue it was told it is not in (docs/protocol.md section 2)."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1", request_id="r1"))
+    [error] = s.complete(run, Failed("unavailable", "timeout", 500, unsettled=True))
+    assert isinstance(error, Send) and isinstance(error.message, Error)
+    assert s.phase is Phase.IDLE
+    assert s.deliver(start_loading("4.1.0")) == []  # held until Redis is read back
+    told = [e.message for e in s.resync("loading", "1v1", 77) if isinstance(e, Send)]
+    assert told == [Enqueued(game_mode="1v1", queued_at_ms=77), start_loading("4.1.0")]
+    assert s.phase is Phase.LOADING and s.loading_session_id == "4.1.0"
+    # Not held any more: the next notice goes out at once.
+    found = MatchFound(loading_session_id="4.1.0", game_mode="1v1", server_address="gs:1",
+                       server_session_id="x", teams=[["p1"], ["p2"]])
+    assert s.deliver(found) == [Send(found)]
+
+
+def test_a_failure_that_did_not_run_holds_nothing() -> None:
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(run, Failed("unavailable", "down", 500))  # refused before sending: settled
+    assert s.deliver(start_loading()) == [Send(start_loading())]
