@@ -50,6 +50,10 @@ class ServerConfig(_Base, frozen=True):
     # bounds the whole of it, delay included (then the supervisor kills the worker).
     drain_delay_s: float = 5.0
     drain_timeout_s: float = 15.0
+    # A worker whose event loop has not run for this long is killed (and restarted like a
+    # crashed one): a wedged loop still holds its listening socket, so new players would hang
+    # on it. 0 disables. Far above any legitimate stall (a big pool load takes ~0.5 s).
+    worker_stall_kill_s: float = 60.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     resume_grace_ms: int = 10_000
@@ -258,10 +262,16 @@ def _check_server(s: ServerConfig) -> None:
               "must be >= 0")
     if min(s.max_pending_handshakes, s.max_connections, s.backlog) < 1:
         _fail("server.max_connections", "and max_pending_handshakes and backlog must be >= 1")
+    _check_lifecycle(s)
+    _check_edge(s)
+
+
+def _check_lifecycle(s: ServerConfig) -> None:
+    if s.worker_stall_kill_s != 0 and not s.worker_stall_kill_s >= 5:
+        _fail("server.worker_stall_kill_s", "must be 0 (off) or at least 5")
     if not 0 <= s.drain_delay_s < s.drain_timeout_s:
         _fail("server.drain_delay_s", "must be >= 0 and less than server.drain_timeout_s, "
               "which bounds the whole drain (the delay included)")
-    _check_edge(s)
 
 
 def _check_edge(s: ServerConfig) -> None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import multiprocess
 
@@ -81,6 +81,9 @@ class Slot:
     failures: int = 0
     restart_at: float = field(default=0.0)
     starting: bool = False  # a restart is running and the worker is not ready yet
+    # When the worker's event loop last ran (time.monotonic(), written by the worker every
+    # second): the stall watchdog's evidence (server.worker_stall_kill_s).
+    alive: Any = None
 
 
 class Supervisor:
@@ -170,9 +173,10 @@ class Supervisor:
     def _start(self, slot: Slot) -> None:
         """Spawn the slot's worker (raises OSError when the process cannot even be created)."""
         slot.ready, writer = _ctx.Pipe(duplex=False)
+        slot.alive = _ctx.Value("d", time.monotonic(), lock=False)
         slot.process = _ctx.Process(
             target=run_worker, name=f"worker-{slot.index}",
-            args=(self.config, self.url, slot.index, writer),
+            args=(self.config, self.url, slot.index, writer, slot.alive),
         )
         slot.process.start()
         writer.close()  # the worker holds the only write end now
@@ -199,6 +203,8 @@ class Supervisor:
             if process is not None and slot.starting:
                 self._check_restart(slot, process, now)
                 continue
+            if process is not None and process.is_alive():
+                self._kill_if_stalled(slot, process)
             if process is not None and not process.is_alive():
                 self._forget(process)
                 lived = now - slot.started
@@ -218,6 +224,22 @@ class Supervisor:
                               slot.index, exc, slot.restart_at - now)
                     continue
                 slot.starting = True
+
+    def _kill_if_stalled(self, slot: Slot, process: SpawnProcess) -> None:
+        """A worker whose event loop stopped running (a busy loop, a blocking call, a stopped
+        process) still holds its listening socket: the kernel keeps handing it new players,
+        who hang. Killed, it is restarted like any worker that died, and its players
+        reconnect (Redis already counted it dead: its heartbeat has lapsed)."""
+        limit = self.config.server.worker_stall_kill_s
+        if not limit or slot.alive is None:
+            return
+        stalled = time.monotonic() - slot.alive.value
+        if stalled > limit:
+            log.error("worker-%d (pid %s): its event loop has not run for %.0fs "
+                      "(server.worker_stall_kill_s = %g); killing it", slot.index, process.pid,
+                      stalled, limit)
+            process.kill()
+            process.join(5.0)
 
     def _check_restart(self, slot: Slot, process: SpawnProcess, now: float) -> None:
         """A restarted worker is watched here, one look per loop turn, never waited on."""

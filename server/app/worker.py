@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import socket
+import time
 from typing import Final, Protocol
 
 from server import logthrottle, metrics
@@ -192,8 +193,16 @@ class _Ready(Protocol):
     def send_bytes(self, data: bytes) -> None: ...
 
 
-def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None = None) -> None:
-    """Entry point of a spawned worker process; sets ``ready`` once it is listening."""
+class _Stamp(Protocol):
+    """A float shared with the supervisor (``multiprocessing.Value("d")``)."""
+
+    value: float
+
+
+def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None = None,
+               alive: _Stamp | None = None) -> None:
+    """Entry point of a spawned worker process; sets ``ready`` once it is listening, and
+    stamps ``alive`` (shared with the supervisor) every second its event loop runs."""
     from server.app.logs import setup_logging
     from server.osutil import die_with_parent, exit_if_orphaned
 
@@ -202,10 +211,18 @@ def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None 
     setup_logging(f"worker-{index}")
     import uvloop
 
-    uvloop.run(_serve(config, redis_url, ready))
+    uvloop.run(_serve(config, redis_url, ready, alive))
 
 
-async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
+async def _stamp(alive: _Stamp) -> None:
+    """The supervisor's watchdog reads this (server.worker_stall_kill_s); CLOCK_MONOTONIC is
+    one clock for every process of the host."""
+    while True:
+        alive.value = time.monotonic()
+        await asyncio.sleep(1.0)
+
+
+async def _serve(config: Config, redis_url: str, ready: _Ready | None, alive: _Stamp | None) -> None:
     worker = Worker(config, redis_url)
     stop = asyncio.Event()  # SIGTERM: leave the balancer's rotation, then drain
     now = asyncio.Event()  # SIGINT (Ctrl-C, a rolling restart): drain at once
@@ -225,6 +242,7 @@ async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
         # Its background tasks are running already; stop them before the exception ends us.
         await worker.close()
         raise
+    stamping = asyncio.create_task(_stamp(alive), name="alive") if alive is not None else None
     if ready is not None:
         # One byte down a pipe: it cannot block on a dead supervisor (a multiprocessing.Event
         # can: its set() waits for the killed waiter's acknowledgement, freezing this loop).
@@ -244,3 +262,5 @@ async def _serve(config: Config, redis_url: str, ready: _Ready | None) -> None:
         log.error("worker %s: drain did not finish in time; exiting", worker.worker_id)
         logging.shutdown()
         os._exit(1)
+    if stamping is not None:
+        stamping.cancel()

@@ -61,6 +61,7 @@ def test_environment_strings_stay_strings() -> None:
         ({"FASTMATCH_SERVER__HOUSEKEEPING_INTERVAL_S": "0"}, "server.heartbeat_interval_s"),
         ({"FASTMATCH_SERVER__PING_TIMEOUT_S": "0"}, "server.heartbeat_interval_s"),
         ({"FASTMATCH_REDIS__RECONNECT_BASE_S": "0"}, "redis.reconnect_base_s"),
+        ({"FASTMATCH_SERVER__WORKER_STALL_KILL_S": "2"}, "server.worker_stall_kill_s"),
         # TOML has nan and inf: every comparison is false for nan, and the kernels would differ.
         ({"FASTMATCH_MODES__1V1__WINDOW_BASE": "nan"}, "modes.1v1"),
         ({"FASTMATCH_MODES__1V1__WINDOW_MAX": "inf"}, "modes.1v1"),

@@ -168,6 +168,28 @@ async def test_a_stalled_worker_reaped_by_the_others_takes_its_players_back(
         await ws.close()
 
 
+async def test_a_worker_whose_loop_stays_stalled_is_killed_and_replaced(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    """A wedged worker still holds its listening socket: the kernel keeps handing it new
+    players, who hang. Past server.worker_stall_kill_s without its event loop running (here a
+    SIGSTOP that nobody undoes) the supervisor kills it and starts another in its place."""
+    served = serve(workers=2, FASTMATCH_SERVER__WORKER_STALL_KILL_S="5")
+    pids = await wait_workers(admin, 2)
+    victim = next(iter(pids.values()))
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        after = await wait_workers(admin, 2, exclude={victim}, timeout=TIMEOUT * 6)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    assert victim not in after.values()
+    assert "its event loop has not run for" in served.output()
+    ws, welcome = await connect_player(served.port, "after-stall")  # both workers serve again
+    assert welcome["type"] == "welcome"
+    await ws.close()
+
+
 async def test_sigterm_drains_and_players_resume_elsewhere(
     serve: ServeFactory, admin: aioredis.Redis
 ) -> None:
