@@ -64,6 +64,8 @@ class TryMatch:
         # comes through the stream: the queue's size counts them.
         self.poison: dict[str, None] = {}
         self.loads = 0
+        self._reload_wait_s = 0.0  # the back-off of loads that still disagree with the queue
+        self._reload_at = 0.0
 
     async def plan(self) -> tuple[Sequence[MatchPlan], list[str]]:
         """Bring the pool up to date and pair: the matches to commit, and the poison seen."""
@@ -85,10 +87,13 @@ class TryMatch:
             log.warning("%s: the pool's stream position is gone; loading the queue again", self.name)
             return await self.load()
         if not self._agrees(sizes):
+            if time.monotonic() < self._reload_at:
+                return sizes.now_ms  # it disagreed right after a load too: see load()
             _disagrees("%s: the pool holds %d players (%d in grace, %d poison), the queue %d "
                        "(%d in grace); loading it again", self.name, len(self.pool),
                        self.pool.check().graced, len(self.poison), sizes.queue_size, sizes.graced)
             return await self.load()
+        self._reload_wait_s = 0.0
         return sizes.now_ms
 
     async def load(self) -> int:
@@ -107,9 +112,14 @@ class TryMatch:
             self.pool = None
             raise StoreError(f"{self.name}: the changes stream lost its position during a load")
         if not self._agrees(sizes):
-            # Something changed the queue without telling the stream (a script that does not
-            # append, or a hand edit): matching goes on with what was read; commits re-check.
-            _disagrees("%s: the queue changed outside the scripts during a load", self.name)
+            # Something changes the queue without telling the stream (a script that does not
+            # append, a hand edit, an older release in a rolling deploy): matching goes on with
+            # what was read (commits re-check every player), and the next full load waits, 1 s
+            # doubling to a minute, instead of costing every tick a read of the whole queue.
+            self._reload_wait_s = min(max(self._reload_wait_s * 2, 1.0), 60.0)
+            self._reload_at = time.monotonic() + self._reload_wait_s
+            _disagrees("%s: the queue changed outside the scripts during a load; the next "
+                       "load in %.0f s at the earliest", self.name, self._reload_wait_s)
         log.info("%s: loaded %d queued players in %.0f ms", self.name, len(pool),
                  (time.monotonic() - started) * 1000)
         return sizes.now_ms
@@ -122,7 +132,11 @@ class TryMatch:
             batch = await self.matches.changes(self.name, self.position, self.config.changes_chunk)
             if batch is None:
                 return None
-            found = self.pool.apply(batch.changes)
+            try:
+                found = self.pool.apply(batch.changes)
+            except BaseException:
+                self.pool = None  # half applied: never used, the next tick loads the queue
+                raise
             for change in batch.changes:
                 if isinstance(change, Added | Removed):
                     self.poison.pop(change.player, None)

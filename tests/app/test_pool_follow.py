@@ -94,6 +94,29 @@ async def test_a_lost_position_or_a_hand_edit_loads_again(redis_url: str, admin:
         await client.close()
 
 
+async def test_a_disagreement_a_load_does_not_cure_is_not_read_every_tick(
+    redis_url: str, admin: aioredis.Redis,
+) -> None:
+    """A resume-grace entry for a player who is not queued (left behind by hand, or by an older
+    release) keeps the sizes apart however often the queue is read: after one load that still
+    disagrees, loads back off (1 s, doubling) instead of reading the whole queue every tick."""
+    client = RedisClient(redis_url, RedisConfig())
+    try:
+        store = PlayerStore(client, "w1", 60_000)
+        await enqueue(store, "1v1", "a", 1500)
+        tm = await leader(client, "1v1")
+        await tm.sync()
+        assert tm.loads == 1
+        await admin.zadd(keys.grace("1v1"), {"ghost": 2**50})
+        for _ in range(20):
+            await tm.sync()
+        assert tm.loads == 2  # one load found it; the ticks after it do not read again
+        assert view(tm)[0] == ["a"]
+    finally:
+        await admin.zrem(keys.grace("1v1"), "ghost")
+        await client.close()
+
+
 async def test_a_new_leader_loads_while_the_queue_changes(redis_url: str) -> None:
     """A load in chunks while players come and go between the chunks ends up exact."""
     client = RedisClient(redis_url, RedisConfig())
