@@ -309,6 +309,10 @@ class Session:
         match result.outcome:
             case "ok":
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
+                # Redis took the ticket out just now, so a ready check held meanwhile (its
+                # start_loading, its requeue) came before the dequeue and is over: replayed
+                # after `dequeued`, it would leave the session queued with Redis idle.
+                self._held = [m for m in self._held if not isinstance(m, StartLoading | Requeued)]
                 return [Send(Dequeued(game_mode=result.mode, reason="requested", request_id=rid))]
             case "not_in_queue":  # Redis disagrees with our view: trust Redis, tell the client
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0

@@ -7,7 +7,16 @@ import json
 import pytest
 
 from server.config import load_config
-from server.protocol.messages import Dequeued, Enqueued, Error, MatchFound, QueueStatus, StartLoading, Welcome
+from server.protocol.messages import (
+    Dequeued,
+    Enqueued,
+    Error,
+    MatchFound,
+    QueueStatus,
+    Requeued,
+    StartLoading,
+    Welcome,
+)
 from server.protocol.results import (
     DequeueResult,
     EnqueueResult,
@@ -451,3 +460,23 @@ def test_a_failure_that_did_not_run_holds_nothing() -> None:
     [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
     s.complete(run, Failed("unavailable", "down", 500))  # refused before sending: settled
     assert s.deliver(start_loading()) == [Send(start_loading())]
+
+
+def test_a_ready_check_that_came_and_went_during_a_dequeue_is_not_replayed() -> None:
+    """Redis ran start_loading, then its requeue (another player left), then our dequeue: the
+    notices held while the dequeue was in flight are older than it. Replayed after `dequeued`,
+    they would leave the session queued while Redis says idle, and no match would ever come."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(run, EnqueueResult("ok", queued_at_ms=5))
+    [dequeue] = s.receive(frame(type="dequeue", request_id="d1"))
+    assert s.deliver(start_loading("5.1.0")) == []
+    assert s.deliver(Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)) == []
+    effects = s.complete(dequeue, DequeueResult("ok", "1v1"))
+    assert [e.message for e in effects if isinstance(e, Send)] == [
+        Dequeued(game_mode="1v1", reason="requested", request_id="d1")]
+    assert s.phase is Phase.IDLE
+    late = Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)
+    assert s.deliver(late) == []  # one still on its way is out of step, and dropped
+    [again] = s.receive(frame(type="enqueue", game_mode="1v1"))  # and the player can queue again
+    assert isinstance(again, RunEnqueue)
