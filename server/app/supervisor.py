@@ -84,6 +84,8 @@ class Slot:
     # When the worker's event loop last ran (time.monotonic(), written by the worker every
     # second): the stall watchdog's evidence (server.worker_stall_kill_s).
     alive: Any = None
+    seen: float = 0.0  # the stamp at the last look
+    stalled_s: float = 0.0  # supervisor time the stamp has not moved
 
 
 class Supervisor:
@@ -97,6 +99,8 @@ class Supervisor:
         self.metrics: MetricsServer | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._redis_restart_at = 0.0
+        self._last_turn = 0.0  # when _reap_and_restart last ran (the stall watchdog's clock)
+        self._turn_s = 0.0
         self._hurry = False  # a second stop signal came: whatever is left is killed at once
         self._stop_signal = signal.SIGTERM  # what the workers get at shutdown: the one we got
 
@@ -174,6 +178,7 @@ class Supervisor:
         """Spawn the slot's worker (raises OSError when the process cannot even be created)."""
         slot.ready, writer = _ctx.Pipe(duplex=False)
         slot.alive = _ctx.Value("d", time.monotonic(), lock=False)
+        slot.seen, slot.stalled_s = slot.alive.value, 0.0
         slot.process = _ctx.Process(
             target=run_worker, name=f"worker-{slot.index}",
             args=(self.config, self.url, slot.index, writer, slot.alive),
@@ -197,6 +202,11 @@ class Supervisor:
 
     def _reap_and_restart(self) -> None:
         now = time.monotonic()
+        # Time the watchdog counts in this turn: at most a second, so that a freeze of the whole
+        # host (Ctrl-Z, docker pause, a VM paused), the supervisor included, is not counted
+        # against workers that had no chance to stamp yet.
+        self._turn_s = min(max(now - self._last_turn, 0.0), 1.0) if self._last_turn else 0.0
+        self._last_turn = now
         self._watch_redis(now)
         for slot in self.slots:
             process = slot.process
@@ -233,11 +243,15 @@ class Supervisor:
         limit = self.config.server.worker_stall_kill_s
         if not limit or slot.alive is None:
             return
-        stalled = time.monotonic() - slot.alive.value
-        if stalled > limit:
+        stamp = slot.alive.value
+        if stamp != slot.seen:
+            slot.seen, slot.stalled_s = stamp, 0.0
+            return
+        slot.stalled_s += self._turn_s
+        if slot.stalled_s > limit:
             log.error("worker-%d (pid %s): its event loop has not run for %.0fs "
                       "(server.worker_stall_kill_s = %g); killing it", slot.index, process.pid,
-                      stalled, limit)
+                      slot.stalled_s, limit)
             process.kill()
             process.join(5.0)
 

@@ -66,6 +66,7 @@ class TryMatch:
         self.loads = 0
         self._reload_wait_s = 0.0  # the back-off of loads that still disagree with the queue
         self._reload_at = 0.0
+        self._after_load: tuple[int, int] = (0, 0)  # the difference the last load still saw
 
     async def plan(self) -> tuple[Sequence[MatchPlan], list[str]]:
         """Bring the pool up to date and pair: the matches to commit, and the poison seen."""
@@ -87,8 +88,8 @@ class TryMatch:
             log.warning("%s: the pool's stream position is gone; loading the queue again", self.name)
             return await self.load()
         if not self._agrees(sizes):
-            if time.monotonic() < self._reload_at:
-                return sizes.now_ms  # it disagreed right after a load too: see load()
+            if time.monotonic() < self._reload_at and self._residual(sizes) == self._after_load:
+                return sizes.now_ms  # the same difference a load just left: see load()
             _disagrees("%s: the pool holds %d players (%d in grace, %d poison), the queue %d "
                        "(%d in grace); loading it again", self.name, len(self.pool),
                        self.pool.check().graced, len(self.poison), sizes.queue_size, sizes.graced)
@@ -116,8 +117,11 @@ class TryMatch:
             # append, a hand edit, an older release in a rolling deploy): matching goes on with
             # what was read (commits re-check every player), and the next full load waits, 1 s
             # doubling to a minute, instead of costing every tick a read of the whole queue.
+            # Only that same difference waits: a new one (another change behind the stream's
+            # back) is read at once, as ever.
             self._reload_wait_s = min(max(self._reload_wait_s * 2, 1.0), 60.0)
             self._reload_at = time.monotonic() + self._reload_wait_s
+            self._after_load = self._residual(sizes)
             _disagrees("%s: the queue changed outside the scripts during a load; the next "
                        "load in %.0f s at the earliest", self.name, self._reload_wait_s)
         log.info("%s: loaded %d queued players in %.0f ms", self.name, len(pool),
@@ -144,6 +148,12 @@ class TryMatch:
             self.position = batch.position
             if batch.complete:
                 return batch
+
+    def _residual(self, sizes: ChangeBatch) -> tuple[int, int]:
+        """How the queue's sizes differ from the pool's (0, 0 when they agree exactly)."""
+        assert self.pool is not None
+        check = self.pool.check()
+        return sizes.queue_size - check.size - len(self.poison), sizes.graced - check.graced
 
     def _agrees(self, sizes: ChangeBatch) -> bool:
         assert self.pool is not None

@@ -142,6 +142,7 @@ class Session:
         # An enqueue or dequeue that timed out may have run: server messages wait for Redis'
         # answer read back (``resync``), so that e.g. a start_loading follows its `enqueued`.
         self._unsettled = False
+        self._dequeued_mode: str | None = None  # left by a dequeue of ours, not queued since
         # Server messages that arrive while one of our requests is in flight wait for its
         # reply: a match notice may overtake the `enqueued` it follows (DESIGN requirement 3).
         self._held: list[ServerMessage] = []
@@ -246,6 +247,7 @@ class Session:
             where = f" for {self.game_mode}" if self.game_mode else ""
             return self._error("already_in_queue", f"already {self.visible_state}{where}", rid)
         self.phase = Phase.ENQUEUING
+        self._dequeued_mode = None
         self.game_mode = mode
         return [RunEnqueue(mode, rid)]
 
@@ -265,10 +267,12 @@ class Session:
         self._awaiting = False
         self.answered += 1
         if isinstance(request, RunEnqueue | RunDequeue):
-            # This answer settles the player's queue state, or leaves it unknown until read back.
-            was = self.phase
-            self._unsettled = (isinstance(result, Failed) and result.unsettled
-                               and was in (Phase.ENQUEUING, Phase.DEQUEUING))
+            # Only an answer from Redis settles the player's queue state; a request that did not
+            # run (refused, not sent) leaves an earlier unknown outcome unknown.
+            if not isinstance(result, Failed):
+                self._unsettled = False
+            elif result.unsettled and self.phase in (Phase.ENQUEUING, Phase.DEQUEUING):
+                self._unsettled = True
         if isinstance(result, Failed):
             effects = self._failed(result, rid)
         elif isinstance(request, RunEnqueue) and isinstance(result, EnqueueResult):
@@ -309,10 +313,7 @@ class Session:
         match result.outcome:
             case "ok":
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
-                # Redis took the ticket out just now, so a ready check held meanwhile (its
-                # start_loading, its requeue) came before the dequeue and is over: replayed
-                # after `dequeued`, it would leave the session queued with Redis idle.
-                self._held = [m for m in self._held if not isinstance(m, StartLoading | Requeued)]
+                self._left_queue(result.mode)
                 return [Send(Dequeued(game_mode=result.mode, reason="requested", request_id=rid))]
             case "not_in_queue":  # Redis disagrees with our view: trust Redis, tell the client
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
@@ -382,6 +383,13 @@ class Session:
                 self.loading_session_id = None
         return [Send(message)]
 
+    def _left_queue(self, mode: str) -> None:
+        """A dequeue of ours ran in Redis: a ready check held meanwhile (its start_loading, its
+        requeue) came before it and is over, and so is one still on its way. Replayed after
+        `dequeued`, they would leave the session queued with Redis idle."""
+        self._held = [m for m in self._held if not isinstance(m, StartLoading | Requeued)]
+        self._dequeued_mode = mode
+
     def _out_of_step(self, message: ServerMessage) -> list[Effect] | None:
         """What to do instead with a notice out of step with this session (None: in step). One
         that says again what the player knows (it raced the catch-up after a resync, or a
@@ -389,7 +397,11 @@ class Session:
         ending the session never heard (published while its worker was deaf) is preceded or
         replaced by what the client must know first."""
         match message:
-            case StartLoading(loading_session_id=sid) if sid == self.loading_session_id:
+            case StartLoading(loading_session_id=sid, game_mode=mode) if (
+                    sid == self.loading_session_id
+                    or (self.phase is Phase.IDLE and mode == self._dequeued_mode)):
+                # Known already, or from before a dequeue of ours ran (the dequeue's answer
+                # overtook the notice).
                 return []
             case StartLoading() if self.phase is Phase.LOADING and self.game_mode \
                     and self.loading_session_id:
@@ -426,6 +438,7 @@ class Session:
             mode = self.game_mode
             self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
             told = [Send(Dequeued(game_mode=mode, reason="requested"))]
+            self._left_queue(mode)  # the dequeue ran: what is held predates it
         self._unsettled = False
         return [*told, *self._release()]
 
@@ -458,18 +471,22 @@ class Session:
         if not self.behind(redis):
             return []
         missed: list[ServerMessage] = []
+        told: list[Effect] = []
         now = redis.match_id if redis.state == "loading" else ""
         if self.phase is Phase.LOADING and self.loading_session_id and self.game_mode:
             missed.append(_ending(self.game_mode, views.get(self.loading_session_id), redis))
         elif self.phase is Phase.QUEUED and redis.state == "idle" and self.game_mode:
             missed.append(Dequeued(game_mode=self.game_mode, reason="removed"))
-        elif self.phase is Phase.IDLE and redis.state == "queued":
-            return self.resync(redis.state, redis.mode, redis.queued_at_ms)  # a late `enqueued`
+        elif self.phase is Phase.IDLE and redis.state in ("queued", "loading"):
+            # A late `enqueued` first (queued now, so a ready check it is in follows in step).
+            told = self.resync(redis.state, redis.mode, redis.queued_at_ms)
+            if redis.state == "queued":
+                return told
         current = views.get(now) if now else None
         if current is not None and current.status == "loading":
             missed.append(StartLoading(loading_session_id=now, game_mode=current.mode,
                                        teams=current.teams, deadline_ms=current.deadline_ms))
-        return [effect for message in missed for effect in self.deliver(message)]
+        return [*told, *(effect for message in missed for effect in self.deliver(message))]
 
     def ticket_lost(self) -> list[Effect]:
         """Redis lost the player's record: a ticket the player holds (queued, or in a ready

@@ -320,8 +320,11 @@ class FrontEnd:
                     # The session moved while Redis was read (a retried request answered, a
                     # notice followed): this read may predate that, so read again.
                     self._unsettled.add(client)
-                else:
+                    continue
+                try:
                     client.reconcile(state)
+                except Exception:  # one connection's bug must not leave the others holding
+                    _crashed("reconciling %s", client.conn_id, exc_info=True)
 
     # -- connections ------------------------------------------------------------------------------
 

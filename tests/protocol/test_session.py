@@ -480,3 +480,59 @@ def test_a_ready_check_that_came_and_went_during_a_dequeue_is_not_replayed() -> 
     assert s.deliver(late) == []  # one still on its way is out of step, and dropped
     [again] = s.receive(frame(type="enqueue", game_mode="1v1"))  # and the player can queue again
     assert isinstance(again, RunEnqueue)
+
+
+def test_a_retry_that_did_not_run_does_not_settle_an_unknown_enqueue() -> None:
+    """The first enqueue may have run (its reply timed out); a retry refused before it was
+    sent says nothing about that: notices stay held until the read-back."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1", request_id="r1"))
+    s.complete(run, Failed("unavailable", "timeout", 500, unsettled=True))
+    assert s.deliver(start_loading("6.1.0")) == []
+    [retry] = s.receive(frame(type="enqueue", game_mode="1v1", request_id="r2"))
+    s.complete(retry, Failed("unavailable", "breaker open", 500))  # not sent: did not run
+    assert s.phase is Phase.IDLE
+    told = [e.message for e in s.resync("loading", "1v1", 8) if isinstance(e, Send)]
+    assert told == [Enqueued(game_mode="1v1", queued_at_ms=8), start_loading("6.1.0")]
+
+
+def test_the_read_back_of_a_dequeue_that_ran_drops_the_ready_check_before_it() -> None:
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(run, EnqueueResult("ok", queued_at_ms=5))
+    [dequeue] = s.receive(frame(type="dequeue", request_id="d1"))
+    s.complete(dequeue, Failed("unavailable", "timeout", 500, unsettled=True))
+    assert s.phase is Phase.QUEUED
+    assert s.deliver(start_loading("8.1.0")) == []
+    assert s.deliver(Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)) == []
+    told = [e.message for e in s.resync("idle", "", 0) if isinstance(e, Send)]
+    assert told == [Dequeued(game_mode="1v1", reason="requested")]
+    assert s.phase is Phase.IDLE
+
+
+def test_a_ready_check_notice_overtaken_by_the_dequeues_answer_is_dropped() -> None:
+    """The dequeue's answer came before the pub/sub notice of a ready check that formed and
+    ended before the dequeue ran: neither its start_loading nor its requeue moves the session.
+    A new enqueue ends that: its ready checks are followed again."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(run, EnqueueResult("ok", queued_at_ms=5))
+    [dequeue] = s.receive(frame(type="dequeue"))
+    s.complete(dequeue, DequeueResult("ok", "1v1"))
+    assert s.deliver(start_loading("9.1.0")) == []
+    assert s.deliver(Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)) == []
+    assert s.phase is Phase.IDLE
+    [again] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(again, EnqueueResult("ok", queued_at_ms=12))
+    assert s.deliver(start_loading("9.2.0")) == [Send(start_loading("9.2.0"))]
+
+
+def test_a_catch_up_to_a_ready_check_of_an_unannounced_ticket_says_enqueued_first() -> None:
+    from server.protocol.results import MatchView
+
+    s = session()
+    view = MatchView("2.1.0", "1v1", "loading", teams=[["p1"], ["p2"]], deadline_ms=9)
+    effects = s.caught_up(PlayerState("loading", "1v1", 77, "2.1.0"), {"2.1.0": view})
+    told = [e.message for e in effects if isinstance(e, Send)]
+    assert told == [Enqueued(game_mode="1v1", queued_at_ms=77), start_loading("2.1.0")]
+    assert s.phase is Phase.LOADING
