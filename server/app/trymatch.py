@@ -112,6 +112,7 @@ class TryMatch:
         if sizes is None:
             self.pool = None
             raise StoreError(f"{self.name}: the changes stream lost its position during a load")
+        self._reload_at = 0.0  # agreeing, or told again below
         if not self._agrees(sizes):
             # Something changes the queue without telling the stream (a script that does not
             # append, a hand edit, an older release in a rolling deploy): matching goes on with
@@ -282,6 +283,10 @@ class TryMatch:
             metrics.observe(metrics.MATCH_TEAM_GAP, plan.team_gap, mode)
             for wait in plan.waits_ms:
                 metrics.observe(metrics.MATCH_WAIT, wait / 1000, mode)
+        if result.skipped:
+            # A player the pool holds may be gone from the queue (a ghost): a difference in
+            # the sizes is read at once again, back-off or not.
+            self._reload_at = 0.0
         if result.poisoned:
             metrics.inc(metrics.POISONED, mode, amount=len(result.poisoned))
             log.warning("%s: removed %d tickets whose owner is gone: %s",

@@ -316,6 +316,11 @@ class Session:
                 self._left_queue(result.mode)
                 return [Send(Dequeued(game_mode=result.mode, reason="requested", request_id=rid))]
             case "not_in_queue":  # Redis disagrees with our view: trust Redis, tell the client
+                mode = self.game_mode
+                if mode and not self._held_ends_the_ticket():
+                    # Idle, and no held ending explains it: an earlier dequeue of ours ran (its
+                    # answer was lost), so a ready check held since came before it.
+                    self._left_queue(mode)
                 self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
                 return self._error("not_in_queue", "not in a queue", rid)
             case "invalid_state":  # loading in Redis: the start_loading is held or on its way
@@ -390,6 +395,12 @@ class Session:
         self._held = [m for m in self._held if not isinstance(m, StartLoading | Requeued)]
         self._dequeued_mode = mode
 
+    def _held_ends_the_ticket(self) -> bool:
+        """Does a held message end the player's ticket (a match found, a ready check timed out,
+        a removal)? Then that, not a dequeue of ours, is why Redis has the player idle."""
+        return any(isinstance(m, MatchFound | Dequeued)
+                   or (isinstance(m, Error) and m.code == "loading_timeout") for m in self._held)
+
     def _out_of_step(self, message: ServerMessage) -> list[Effect] | None:
         """What to do instead with a notice out of step with this session (None: in step). One
         that says again what the player knows (it raced the catch-up after a resync, or a
@@ -434,11 +445,14 @@ class Session:
             # held start_loading (released below) moves the session on.
             self.phase, self.game_mode, self.queued_at_ms = Phase.QUEUED, game_mode, queued_at_ms
             told = [Send(Enqueued(game_mode=game_mode, queued_at_ms=queued_at_ms))]
-        elif state == "idle" and self.phase is Phase.QUEUED and self.game_mode:
+        elif state == "idle" and self.phase is Phase.QUEUED and self.game_mode \
+                and not self._held_ends_the_ticket():
+            # The dequeue ran (a held ready check that ended the ticket would explain the idle
+            # state instead: then the held messages, released below, tell what happened).
             mode = self.game_mode
             self.phase, self.game_mode, self.queued_at_ms = Phase.IDLE, None, 0
             told = [Send(Dequeued(game_mode=mode, reason="requested"))]
-            self._left_queue(mode)  # the dequeue ran: what is held predates it
+            self._left_queue(mode)  # what is held predates it
         self._unsettled = False
         return [*told, *self._release()]
 

@@ -316,9 +316,10 @@ class FrontEnd:
                 self._unsettled.update(clients)  # still unanswered: next round
                 continue
             for client, state, before in zip(clients, states, seen, strict=True):
-                if client.version != before:
+                if client.version != before or client.busy:
                     # The session moved while Redis was read (a retried request answered, a
-                    # notice followed): this read may predate that, so read again.
+                    # notice followed), or a request of its own is in flight and its answer may
+                    # settle nothing (not sent): read again, after.
                     self._unsettled.add(client)
                     continue
                 try:

@@ -536,3 +536,36 @@ def test_a_catch_up_to_a_ready_check_of_an_unannounced_ticket_says_enqueued_firs
     told = [e.message for e in effects if isinstance(e, Send)]
     assert told == [Enqueued(game_mode="1v1", queued_at_ms=77), start_loading("2.1.0")]
     assert s.phase is Phase.LOADING
+
+
+def test_a_dequeue_read_back_that_finds_a_held_ending_tells_that_ending() -> None:
+    """The dequeue timed out; a ready check had formed before it and then timed out (the
+    player never heard it), so Redis has the player idle for that reason, not the dequeue's.
+    The read-back tells what really happened (the held start_loading and loading_timeout),
+    not a made-up dequeued{requested}."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(run, EnqueueResult("ok", queued_at_ms=5))
+    [dequeue] = s.receive(frame(type="dequeue", request_id="d1"))
+    s.complete(dequeue, Failed("unavailable", "timeout", 500, unsettled=True))
+    timeout = Error(code="loading_timeout", message="missed")
+    assert s.deliver(start_loading("8.1.0")) == [] and s.deliver(timeout) == []
+    told = [e.message for e in s.resync("idle", "", 0) if isinstance(e, Send)]
+    assert told == [start_loading("8.1.0"), timeout]
+    assert s.phase is Phase.IDLE
+
+
+def test_not_in_queue_after_a_lost_dequeue_drops_the_ready_check_before_it() -> None:
+    """The first dequeue ran but its answer was lost; a ready check came and went before it
+    (held); the retry finds the player idle: that ready check is not replayed."""
+    s = session()
+    [run] = s.receive(frame(type="enqueue", game_mode="1v1"))
+    s.complete(run, EnqueueResult("ok", queued_at_ms=5))
+    [d1] = s.receive(frame(type="dequeue", request_id="d1"))
+    s.complete(d1, Failed("unavailable", "timeout", 500, unsettled=True))
+    assert s.deliver(start_loading("8.2.0")) == []
+    assert s.deliver(Requeued(game_mode="1v1", reason="player_left", queued_at_ms=5)) == []
+    [d2] = s.receive(frame(type="dequeue", request_id="d2"))
+    effects = s.complete(d2, DequeueResult("not_in_queue"))
+    assert [type(e.message).__name__ for e in effects if isinstance(e, Send)] == ["Error"]
+    assert s.phase is Phase.IDLE
