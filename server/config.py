@@ -26,6 +26,9 @@ from server.errors import ConfigError
 
 ENV_PREFIX: Final = "FASTMATCH_"
 DEV_SECRET: Final = "fastmatch-dev-secret-do-not-use-in-production"
+# Ratings beyond this are refused (a token's claim, a mode's default): team sums of ratings near
+# a float's range overflow to inf (then NaN), and no pairing can be made of them.
+MAX_RATING: Final = 1e9
 MODE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 SERVICE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -409,8 +412,8 @@ def _check_modes(modes: dict[str, ModeConfig]) -> None:
             _fail(f"modes.{name}.window_max", "must be >= window_base >= 0")
         if mode.window_growth_per_s < 0 or not 0 < mode.max_wait_s <= 86_400:
             _fail(f"modes.{name}", "needs window_growth_per_s >= 0 and 0 < max_wait_s <= 86400")
-        if abs(mode.default_rating) > 1e9:
-            _fail(f"modes.{name}.default_rating", "must be within +-1e9")
+        if abs(mode.default_rating) > MAX_RATING:
+            _fail(f"modes.{name}.default_rating", f"must be within +-{MAX_RATING:.0e}")
 
 
 def _parse_env_value(text: str) -> Any:

@@ -122,8 +122,8 @@ LOOP_LAG: Final = Gauge(
     "fastmatch_event_loop_lag_seconds", "How late the worker's event loop ran a timer (recent max)",
     multiprocess_mode="livemax")
 LOOP_ALIVE: Final = Gauge(
-    "fastmatch_event_loop_alive_timestamp_seconds", "Unix time a worker's event loop last ran its "
-    "lag timer (every second; the oldest of the host's workers): a wedged loop stops it",
+    "fastmatch_event_loop_alive_timestamp_seconds", "Unix time a worker's event loop last stamped "
+    "it (every second; the oldest of the host's workers): a wedged loop stops it",
     multiprocess_mode="livemin")
 RETRY_AFTER: Final = Gauge(
     "fastmatch_overload_retry_after_seconds", "The Retry-After of the worker's 503s: "

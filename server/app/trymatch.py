@@ -87,12 +87,13 @@ class TryMatch:
         if sizes is None:
             log.warning("%s: the pool's stream position is gone; loading the queue again", self.name)
             return await self.load()
-        if not self._agrees(sizes):
-            if time.monotonic() < self._reload_at and self._residual(sizes) == self._after_load:
+        residual = self._residual(sizes)
+        if not self._agrees(residual):
+            if time.monotonic() < self._reload_at and residual == self._after_load:
                 return sizes.now_ms  # the same difference a load just left: see load()
             _disagrees("%s: the pool holds %d players (%d in grace, %d poison), the queue %d "
                        "(%d in grace); loading it again", self.name, len(self.pool),
-                       self.pool.check().graced, len(self.poison), sizes.queue_size, sizes.graced)
+                       sizes.graced - residual[1], len(self.poison), sizes.queue_size, sizes.graced)
             return await self.load()
         self._reload_wait_s = 0.0
         return sizes.now_ms
@@ -113,7 +114,8 @@ class TryMatch:
             self.pool = None
             raise StoreError(f"{self.name}: the changes stream lost its position during a load")
         self._reload_at = 0.0  # agreeing, or told again below
-        if not self._agrees(sizes):
+        residual = self._residual(sizes)
+        if not self._agrees(residual):
             # Something changes the queue without telling the stream (a script that does not
             # append, a hand edit, an older release in a rolling deploy): matching goes on with
             # what was read (commits re-check every player), and the next full load waits, 1 s
@@ -122,7 +124,7 @@ class TryMatch:
             # back) is read at once, as ever.
             self._reload_wait_s = min(max(self._reload_wait_s * 2, 1.0), 60.0)
             self._reload_at = time.monotonic() + self._reload_wait_s
-            self._after_load = self._residual(sizes)
+            self._after_load = residual
             _disagrees("%s: the queue changed outside the scripts during a load; the next "
                        "load in %.0f s at the earliest", self.name, self._reload_wait_s)
         log.info("%s: loaded %d queued players in %.0f ms", self.name, len(pool),
@@ -156,13 +158,10 @@ class TryMatch:
         check = self.pool.check()
         return sizes.queue_size - check.size - len(self.poison), sizes.graced - check.graced
 
-    def _agrees(self, sizes: ChangeBatch) -> bool:
-        assert self.pool is not None
-        check = self.pool.check()
-        if check.size + len(self.poison) != sizes.queue_size:
-            return False
+    def _agrees(self, residual: tuple[int, int]) -> bool:
+        queued, graced = residual
         # Poison players are not in the pool, so the ones in grace are not counted there.
-        return check.graced == sizes.graced or (bool(self.poison) and check.graced < sizes.graced)
+        return queued == 0 and (graced == 0 or (bool(self.poison) and graced > 0))
 
     async def run(self, token: str) -> int:
         """One tick under ``token``'s lease; returns the number of matches committed."""

@@ -214,11 +214,14 @@ def run_worker(config: Config, redis_url: str, index: int, ready: _Ready | None 
     uvloop.run(_serve(config, redis_url, ready, alive))
 
 
-async def _stamp(alive: _Stamp) -> None:
-    """The supervisor's watchdog reads this (server.worker_stall_kill_s); CLOCK_MONOTONIC is
-    one clock for every process of the host."""
+async def _stamp(alive: _Stamp | None) -> None:
+    """Every second the event loop runs: the supervisor's watchdog reads ``alive``
+    (server.worker_stall_kill_s; CLOCK_MONOTONIC is one clock for every process of the host),
+    and the gauge behind FastmatchWorkerStalled is the same evidence for an operator."""
     while True:
-        alive.value = time.monotonic()
+        if alive is not None:
+            alive.value = time.monotonic()
+        metrics.LOOP_ALIVE.set(time.time())
         await asyncio.sleep(1.0)
 
 
@@ -242,7 +245,7 @@ async def _serve(config: Config, redis_url: str, ready: _Ready | None, alive: _S
         # Its background tasks are running already; stop them before the exception ends us.
         await worker.close()
         raise
-    stamping = asyncio.create_task(_stamp(alive), name="alive") if alive is not None else None
+    stamping = asyncio.create_task(_stamp(alive), name="alive")
     if ready is not None:
         # One byte down a pipe: it cannot block on a dead supervisor (a multiprocessing.Event
         # can: its set() waits for the killed waiter's acknowledgement, freezing this loop).
@@ -262,5 +265,4 @@ async def _serve(config: Config, redis_url: str, ready: _Ready | None, alive: _S
         log.error("worker %s: drain did not finish in time; exiting", worker.worker_id)
         logging.shutdown()
         os._exit(1)
-    if stamping is not None:
-        stamping.cancel()
+    stamping.cancel()

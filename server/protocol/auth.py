@@ -14,13 +14,10 @@ import jwt
 from jwt.algorithms import HMACAlgorithm
 from jwt.api_jws import PyJWS
 
-from server.config import AuthConfig
+from server.config import MAX_RATING, AuthConfig
 from server.errors import ConfigError, FastmatchError
 
 PLAYER_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # whole string: use fullmatch
-# Ratings beyond this are refused: team sums of ratings near a float's range overflow to inf
-# (then NaN), and no pairing can be made of them.
-MAX_RATING: Final = 1e9
 _MAX_ATTRS: Final = 16
 _MAX_ATTR_LEN: Final = 64
 

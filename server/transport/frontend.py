@@ -439,19 +439,18 @@ class FrontEnd:
             return
         await self.send_replace(old_worker, player, old_conn)
 
-    async def send_replace(self, worker: str, player: str, conn: str) -> bool:
+    async def send_replace(self, worker: str, player: str, conn: str) -> None:
         """Tell ``worker`` that its connection ``conn`` of ``player`` lost to a newer one; on
         failure, housekeeping tries again (a resync of that worker would also catch it, but only
-        if its subscriber is the one that failed). Returns whether it was sent."""
+        if its subscriber is the one that failed)."""
         data = envelope.encode(envelope.Replace(player=player, conn=conn))
         try:
             await self.store.publish(keys.worker_channel(worker), data)
         except StoreError as exc:
             _unnotified("%s of %s: %s", worker, conn, exc)
             self.pending_replace.add((worker, player, conn))
-            return False
+            return
         self.pending_replace.discard((worker, player, conn))
-        return True
 
     def _close_replaced(self, conn_id: str) -> None:
         client = self.connections.get(conn_id)

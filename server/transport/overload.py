@@ -40,7 +40,6 @@ class LoopLag:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        metrics.LOOP_ALIVE.set(time.time())
         self._expected = loop.time() + PERIOD
         self._handle = loop.call_at(self._expected, self._tick)
 
@@ -61,7 +60,6 @@ class LoopLag:
         self._handle = loop.call_at(self._expected, self._tick)
         if self._ticks % 20 == 0:  # the gauge shows the worst lag of the last second
             metrics.LOOP_LAG.set(self._worst)
-            metrics.LOOP_ALIVE.set(time.time())
             self._worst = 0.0
             if self._every_second is not None:
                 self._every_second()

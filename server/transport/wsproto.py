@@ -159,8 +159,7 @@ class WebSocketProtocol(asyncio.Protocol):
         except Exception:  # a bug must cost this connection only, and one log line per interval
             _crashed("connection from %s", self.peer, exc_info=True)
             if ws.state is _OPEN:
-                self.closing_by_us = True
-                ws.fail(CLOSE_INTERNAL, "internal error")
+                self._fail(CLOSE_INTERNAL, "internal error")
             elif self.transport is not None:
                 self.transport.abort()
         self.flush()
@@ -214,6 +213,11 @@ class WebSocketProtocol(asyncio.Protocol):
         """Queue one text message; it leaves with the next ``flush``."""
         if self.ws.state is _OPEN:
             self.ws.send_text(data)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close at once (websockets' fail: the close frame, then the end of the stream)."""
+        self.closing_by_us = True
+        self.ws.fail(code, reason)
 
     def close_with(self, code: int, reason: str) -> None:
         """Start the closing handshake; the peer has ``close_timeout`` to finish it."""
@@ -357,8 +361,7 @@ class WebSocketProtocol(asyncio.Protocol):
             try:
                 message = data.decode()  # RFC 6455 8.1: text must be UTF-8, else close 1007
             except UnicodeDecodeError as exc:
-                self.closing_by_us = True
-                self.ws.fail(CLOSE_INVALID_DATA, f"invalid UTF-8 at position {exc.start}")
+                self._fail(CLOSE_INVALID_DATA, f"invalid UTF-8 at position {exc.start}")
                 return
         if self._held or self._queue:
             self._queue.append(message)
@@ -425,8 +428,7 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         now = self._loop.time()
         if self._ping_at and self._last_recv < self._ping_at:
-            self.closing_by_us = True
-            self.ws.fail(CLOSE_INTERNAL, "keepalive ping timeout")
+            self._fail(CLOSE_INTERNAL, "keepalive ping timeout")
             self.flush()
             return
         self._ping_at = 0.0
