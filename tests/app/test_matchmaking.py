@@ -237,6 +237,24 @@ async def test_killed_leader_is_replaced_within_the_lease_ttl(
         leader.join()
 
 
+async def test_a_ticker_that_stops_while_leading_is_started_again(worker: Worker) -> None:
+    """The tick loop ends while the lease is still held (a bug in the loop, a stray cancel):
+    the lease loop keeps renewing, so without a restart the mode would form no match again
+    while nobody else may lead it."""
+    matchmaker = worker.matchmakers["1v1"]
+    await asyncio.wait_for(matchmaker.wait_leading(), TIMEOUT)
+    ticker = matchmaker._ticker
+    assert ticker is not None
+    ticker.cancel()
+    await asyncio.gather(ticker, return_exceptions=True)
+    assert matchmaker.leading
+    clients = await queued(worker.front.port, "1v1", ("t1", 1500), ("t2", 1500))
+    sessions = {(await start_loading(ws))["loading_session_id"] for ws in clients.values()}
+    assert len(sessions) == 1
+    assert matchmaker._ticker is not None and matchmaker._ticker is not ticker
+    assert not matchmaker._ticker.done()
+
+
 async def test_no_keys_left_after_players_leave(worker: Worker, admin: aioredis.Redis) -> None:
     clients = await queued(worker.front.port, "5v5", ("solo", 1500))
     await request(clients["solo"], {"type": "dequeue"})

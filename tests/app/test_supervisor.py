@@ -190,6 +190,39 @@ async def test_a_worker_whose_loop_stays_stalled_is_killed_and_replaced(
     await ws.close()
 
 
+async def test_a_freeze_of_the_whole_host_kills_no_worker(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    """Ctrl-Z, `docker pause`, a paused VM: the supervisor stops with its workers. When all
+    resume, its clock has jumped past server.worker_stall_kill_s while no worker could stamp;
+    counted as a stall, that would kill every worker at once."""
+    served = serve(workers=2, FASTMATCH_SERVER__WORKER_STALL_KILL_S="5")
+    pids = list((await wait_workers(admin, 2)).values())
+    async with asyncio.timeout(TIMEOUT):  # the supervisor is past start-up: its watchdog runs
+        while "workers on port" not in served.output():
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert served.proc is not None
+    frozen = [served.proc.pid, *pids]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(7)
+    finally:
+        # The supervisor first: its first turn after the thaw sees the whole jump before any
+        # worker could stamp (the order a thaw may take; the workers follow within its turn).
+        os.kill(served.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.3)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    await asyncio.sleep(3)  # several watchdog turns, each past the limit had it counted the jump
+    assert all(alive(pid) for pid in pids)
+    assert "its event loop has not run for" not in served.output()
+    ws, welcome = await connect_player(served.port, "after-freeze")
+    assert welcome["type"] == "welcome"
+    await ws.close()
+
+
 async def test_sigterm_drains_and_players_resume_elsewhere(
     serve: ServeFactory, admin: aioredis.Redis
 ) -> None:
