@@ -9,13 +9,15 @@
 --         else {"replaced"}, whoever wrote it since.
 -- Returns {"retry", mode} when the player's mode is not the expected one (caller re-reads and
 -- retries with the right keys), else
--- {"ok", state, mode, queued_at, previous worker, previous conn, match}; "" for absent values
--- (a re-attach over a released record names the released connection as the previous one).
+-- {"ok", state, mode, queued_at, previous worker, previous conn, match, found mode, found match};
+-- "" for absent values (a re-attach over a released record names the released connection as
+-- the previous one; `found`: the match the player was assigned to while no connection held it).
 -- A queued player in resume grace is taken out of grace: it is matchable again. `released` is
 -- cleared: only a release since this attach may be taken back (lua/include/owner.lua).
 --#include owner
 local p = KEYS[1]
-local cur = redis.call('HMGET', p, 'mode', 'state', 'queued_at', 'worker', 'conn', 'match', 'released')
+local cur = redis.call('HMGET', p, 'mode', 'state', 'queued_at', 'worker', 'conn', 'match', 'released',
+  'found', 'found_mode')
 local reattach = ARGV[5] == '1'
 if reattach and cur[2] and cur[5] ~= ARGV[3]
     and not (cur[5] and cur[5] == ARGV[6] and cur[4] == ARGV[2])
@@ -33,9 +35,15 @@ redis.call('HSET', p, 'state', state, 'worker', ARGV[2], 'conn', ARGV[3])
 -- an earlier release's id to let a connection this one replaced take the record back. (Read
 -- above: the common attach, over no release, pays no command for it.)
 if cur[7] then redis.call('HDEL', p, 'released') end
+-- Matched while no connection held it (lua/finish_match.lua): the record was kept for the
+-- resume grace so that this connection hears of the match; it is this connection's now.
+if cur[8] then
+  redis.call('PERSIST', p)
+  redis.call('HDEL', p, 'found', 'found_mode')
+end
 redis.call('SADD', KEYS[2], ARGV[1])
 --#include changes
 if mode ~= '' and state == 'queued' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
   changed(KEYS[6], 'u', ARGV[1])  -- resumed within the grace: matchable again
 end
-return {'ok', state, mode, cur[3] or '', cur[4] or '', previous, cur[6] or ''}
+return {'ok', state, mode, cur[3] or '', cur[4] or '', previous, cur[6] or '', cur[9] or '', cur[8] or ''}

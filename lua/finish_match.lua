@@ -137,19 +137,27 @@ local function requeue(j)
   tell(j, 'requeued', rec[2])
 end
 
--- Out of matchmaking: idle while connected, forgotten otherwise.
+-- Out of matchmaking: idle while connected, forgotten otherwise. Returns whether it cleared.
 local function clear(j, what)
   local pkey, rec = KEYS[6 + j], recs[j]
   if rec[1] ~= ARGV[2] then
-    return
+    return false
   end
   tell(j, what)
   if rec[3] then
     redis.call('HSET', pkey, 'state', 'idle')
     redis.call('HDEL', pkey, 'mode', 'match', 'queued_at')
+  elseif what == 'matched' then
+    -- Matched with no connection to tell (it dropped as the game server answered, before its
+    -- cancel ran): kept for the resume grace, so that a reconnect learns of its match
+    -- (lua/attach.lua `found`); the match record says where to play.
+    redis.call('HSET', pkey, 'state', 'idle', 'found', ARGV[2], 'found_mode', mode)
+    redis.call('HDEL', pkey, 'mode', 'match', 'queued_at')
+    redis.call('PEXPIRE', pkey, math.max(tonumber(ARGV[4]), 1))
   else
     redis.call('DEL', pkey)
   end
+  return true
 end
 
 -- A dodge: counts toward `player_blocked` (the earlier server's blacklist).
@@ -163,11 +171,10 @@ for j = 1, n do
   if new_status == 'assigned' then
     clear(j, 'matched')
   elseif action == 'cancel' and players[j] == ARGV[7] then
-    clear(j, 'removed')
-    penalise(j)
+    -- A record that moved on (or was lost) is not this ready check's to penalise.
+    if clear(j, 'removed') then penalise(j) end
   elseif new_status == 'timed_out' and redis.call('HEXISTS', m, 'r:' .. players[j]) == 0 then
-    clear(j, 'timed_out')
-    penalise(j)
+    if clear(j, 'timed_out') then penalise(j) end
   else
     requeue(j)
   end

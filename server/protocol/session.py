@@ -502,6 +502,14 @@ class Session:
                                        teams=current.teams, deadline_ms=current.deadline_ms))
         return [*told, *(effect for message in missed for effect in self.deliver(message))]
 
+    def missed_match(self, view: MatchView) -> list[Effect]:
+        """Right after the welcome: the player was matched while no connection held it (it
+        dropped as the game server answered, and reconnected within the grace). Its
+        `match_found`, composed as the live notice would have been."""
+        if self.phase is not Phase.IDLE or view.status != "assigned":
+            return []
+        return [Send(_ending(view.mode, view, PlayerState("idle")))]
+
     def ticket_lost(self) -> list[Effect]:
         """Redis lost the player's record: a ticket the player holds (queued, or in a ready
         check) is gone. A request in flight learns it from its own answer instead."""

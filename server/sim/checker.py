@@ -63,6 +63,9 @@ class SequenceChecker:
     pending: set[str] = field(default_factory=set)
     ambiguous: set[str] = field(default_factory=set)
     vanished: str = ""  # the ticket is gone and nobody said so: the player explains or flags it
+    # The ready check a drop cut, when the welcome after it said idle: the match_found the
+    # player missed while away may follow that welcome (the server keeps it for the grace).
+    missed: str = ""
 
     def connected(self) -> None:
         self.state = "welcome"
@@ -79,6 +82,11 @@ class SequenceChecker:
                 return
             self._take_welcome(msg)
             return
+        missed, self.missed = self.missed, ""
+        if type(msg) is MatchFound and missed and msg.loading_session_id == missed \
+                and self.state == "idle":
+            # Matched while away, told right after the welcome: as if it had stayed.
+            self.state = "loading"
         _HANDLERS[type(msg)](self, msg)
 
     def resumed(self, welcome: Welcome) -> None:
@@ -89,8 +97,11 @@ class SequenceChecker:
         self.pending.clear()
         same = welcome.state == "loading" and current is not None \
             and current.session == welcome.loading_session_id and before == "loading"
+        self.missed = ""
         if before == "loading" and current is not None and not current.outcome and not same:
             current.outcome = "dropped"
+            if welcome.state == "idle":
+                self.missed = current.session
         if welcome.state != "idle" and before == "idle" and "enqueue" not in self.ambiguous:
             self._bad(f"resumed {welcome.state} without having asked to queue")
         if welcome.state == "queued" and before in ("queued", "loading") and self.queued_at \

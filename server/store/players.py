@@ -28,6 +28,9 @@ class Attached:
     player: PlayerState
     previous_worker: str
     previous_conn: str
+    # (mode, match id): a match the player was assigned to while no connection held it (its
+    # drop raced the game server's answer); this connection tells it (lua/attach.lua).
+    found: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,8 @@ class PlayerStore:
         if reply[0] != "ok" or len(reply) < 7:
             raise ProtocolViolation(f"attach replied {reply!r}")
         state = _player_state(reply[1], reply[2], reply[3], reply[6])
-        return Attached(state, previous_worker=reply[4], previous_conn=reply[5])
+        found = (reply[7], reply[8]) if len(reply) >= 9 and reply[8] else None
+        return Attached(state, previous_worker=reply[4], previous_conn=reply[5], found=found)
 
     async def detach(
         self, player: str, conn: str, worker_id: str | None = None, mode_guess: str = "",

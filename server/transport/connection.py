@@ -145,6 +145,7 @@ class ClientConnection(WebSocketProtocol):
             return
         self.attached = True
         await front.replace_previous(player, result, self.conn_id)
+        missed = await self._missed_match(result.found) if result.found else None
         assert self.session is not None and self._upgrade is not None
         self.respond(self._upgrade, flush=False)
         self.release()
@@ -156,8 +157,23 @@ class ClientConnection(WebSocketProtocol):
             return
         p = result.player
         self._apply(self.session.welcome(p.state, p.mode, p.queued_at_ms, p.match_id))
+        if missed is not None:
+            self._apply(self.session.missed_match(missed))
         self.drain()
         self.flush()
+
+    async def _missed_match(self, found: tuple[str, str]) -> MatchView | None:
+        """The record of the match this player was assigned to while no connection held it,
+        read before the welcome so that nothing the client sends overtakes its `match_found`.
+        Unreadable (storage failing, the record expired), the player is not told: as before
+        the record kept it, and no worse than a lost notice."""
+        mode, match_id = found
+        try:
+            return (await self.services.loading.views([(mode, match_id)])).get(match_id)
+        except StoreError as exc:
+            _failed("reading the match %s found while disconnected: %s (player %s)",
+                    match_id, exc, self.identity.player_id)
+            return None
 
     def _attach_failed(self, exc: StoreError) -> None:
         if self.lost or self._upgrade is None:

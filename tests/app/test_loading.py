@@ -301,3 +301,40 @@ async def test_a_handoff_that_would_start_during_the_drain_is_requeued_at_once(
                                   "reason": "server_shutdown", "queued_at_ms": QUEUED_AT[player]}
     assert await admin.hget(keys.match("1v1", session), "status") == "failed"
     await leave_and_check_clean(clients, admin)
+
+
+async def test_a_player_matched_while_disconnected_hears_match_found_when_it_reconnects(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    """A connection drops as the game server answers: the assignment lands between the
+    detach and the cancel that would follow, and finds no connection to tell. The player
+    reconnecting within the grace is told its match (DESIGN "Routing and delivery": a message
+    lost must be recoverable); the record was deleted before, and the welcome said idle."""
+    worker = await start_worker(cfg=make_config(**{"server.resume_grace_ms": 10_000}))
+    await start_game_server()
+    clients = await queued(worker.front.port, "1v1", ("fa", 1500), ("fb", 1500))
+    loads = await matched(clients)
+    session = loads["fa"]["loading_session_id"]
+    conns = {c.player_id: c.conn_id for c in worker.front.connections.values()}
+    # Both ready through the store, so that no handoff starts: the test answers for the fleet.
+    await worker.loading.ready("1v1", session, "fb", conns["fb"], 60_000, worker.worker_id)
+    last = await worker.loading.ready("1v1", session, "fa", conns["fa"], 60_000, worker.worker_id)
+    assert last.outcome == "allocating"
+    # fa's connection ends: its detach has run, its cancel not yet, when the answer lands.
+    assert (await worker.store.detach("fa", conns["fa"], mode_guess="1v1")).outcome == "loading"
+    assert (await worker.loading.assign("1v1", session, "10.0.0.9:7777", "gs-9")).status == "assigned"
+    expected = {"type": "match_found", "loading_session_id": session, "game_mode": "1v1",
+                "server_address": "10.0.0.9:7777", "server_session_id": "gs-9",
+                "teams": loads["fb"]["teams"]}
+    assert await recv(clients["fb"]) == expected
+    await clients.pop("fa").close()  # the socket itself goes too (its detach finds nothing)
+    record = keys.player("fa")
+    assert await admin.hget(record, "found") == session and await admin.pttl(record) > 0
+    ws, welcome = await connect_player(worker.front.port, "fa", 1500)
+    assert welcome["state"] == "idle"
+    assert await recv(ws) == expected
+    assert await admin.pttl(record) == -1 and not await admin.hexists(record, "found")
+    assert (await request(ws, {"type": "status"}))["state"] == "idle"
+    assert await admin.exists(keys.penalty("fa")) == 0
+    clients["fa"] = ws
+    await leave_and_check_clean(clients, admin)

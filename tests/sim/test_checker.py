@@ -112,6 +112,25 @@ def test_a_ticket_gone_at_resume_must_be_explained_unless_a_dequeue_was_in_fligh
     assert asked.vanished == "" and asked.violations == []
 
 
+def test_a_match_found_while_away_may_follow_the_welcome_and_nothing_later() -> None:
+    told = run(WELCOME, ENQUEUED, start("s1"))
+    told.resumed(WELCOME)
+    told.received(found("s1"))  # kept for it through the grace, told after the welcome
+    assert told.violations == [] and told.matched == 1
+    assert [s.outcome for s in told.sessions] == ["match_found"]
+    others = [("b", [SessionSeen("s1", "a|b", "match_found")]), ("a", told.sessions)]
+    assert cross_check(others) == [] and missed_matches(others) == 0
+    other = run(WELCOME, ENQUEUED, start("s1"))
+    other.resumed(WELCOME)
+    other.received(found("s2"))  # not the ready check it was cut from
+    assert other.violations
+    late = run(WELCOME, ENQUEUED, start("s1"))
+    late.resumed(WELCOME)
+    late.received(ENQUEUED)
+    late.received(found("s1"))  # only right after the welcome
+    assert late.violations
+
+
 def test_resuming_into_a_queue_or_match_never_asked_for_is_a_violation() -> None:
     check = run(WELCOME)
     check.resumed(queued())

@@ -224,6 +224,20 @@ async def test_a_leaver_who_reconnected_before_the_cancel_stays_in_the_match(  #
     assert (await ready(env, "b")).outcome == "allocating"
 
 
+async def test_a_leaver_whose_record_moved_on_is_not_penalised_by_the_old_ready_check(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis
+) -> None:
+    """The leaver's record no longer names the match when its cancel runs (Redis lost it, or
+    it moved on): that ready check has nothing left to remove, and no dodge to count."""
+    await make_match(env, 60_000)
+    players, loading, _ = env
+    assert (await players.detach("a", "a-c")).outcome == "loading"
+    await admin.delete(keys.player("a"))
+    done = await loading.cancel(MODE, MATCH, "a")
+    assert done.status == "cancelled" and [p.what for p in done.players] == ["requeued"]
+    assert await admin.exists(keys.penalty("a")) == 0
+
+
 async def test_a_match_record_gone_without_an_outcome_leaves_the_loading_set(  # type: ignore[no-untyped-def]
     env, admin: aioredis.Redis
 ) -> None:
