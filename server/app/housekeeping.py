@@ -56,6 +56,7 @@ class Housekeeper:
         self.reap_hold_s = reap_hold_s
         self._reap_from = 0.0  # loop time: no reaping before (set by an unreachable Redis)
         self._tasks: list[asyncio.Task[None]] = []
+        self._policy_checked = False  # since the last heartbeat that failed (maybe another node)
         self._closing = False
 
     def start(self) -> None:
@@ -70,6 +71,21 @@ class Housekeeper:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _check_eviction(self) -> None:
+        """A Redis that evicts keys at its memory limit may drop a ready check's record or a
+        player's in the middle of its lifecycle, which no script can put right: players stuck
+        until their records expire, or told nothing. Said once per (re)connection; Redis'
+        own default, `noeviction`, refuses writes instead (the breaker's business)."""
+        try:
+            policy = await self.store.client.maxmemory_policy()
+        except StoreError:
+            return  # asked again after the next heartbeat
+        self._policy_checked = True
+        if policy and policy != "noeviction":
+            log.warning("redis maxmemory-policy is %s: at its memory limit Redis evicts keys, "
+                        "and players in the middle of a lifecycle may be lost; set "
+                        "maxmemory-policy noeviction (README \"Deployment\")", policy)
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
         while not self._closing:
@@ -93,10 +109,13 @@ class Housekeeper:
             # It may have run, its answer lost (and with it the news of a lapse): read the
             # players back once a heartbeat succeeds again.
             self._read_back_due = True
+            self._policy_checked = False
             raise
         if not self.front.ready:
             log.info("storage reachable, ready")
         self.front.ready = True
+        if not self._policy_checked:
+            await self._check_eviction()
         if beat.lapsed:
             # Silent past the TTL: others may have released some of its players (and, once
             # none was left, forgotten it). From now on their detaches refuse (it is alive

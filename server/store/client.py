@@ -125,6 +125,15 @@ class RedisClient:
         slot = _command_slot(args) if self.slots is not None else -1
         return await self._call(str(args[0]).lower(), pack(*args), None, slot)
 
+    async def maxmemory_policy(self) -> str:
+        """Redis' `maxmemory-policy` (from INFO, which managed services allow where CONFIG is
+        refused); "" when INFO does not say."""
+        text = as_str(await self.command("INFO", "memory"))
+        for line in text.splitlines():
+            if line.startswith("maxmemory_policy:"):
+                return line.partition(":")[2].strip()
+        return ""
+
     async def script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Reply:
         """EVALSHA the named script from ``lua/``; loaded again if Redis lost it (NOSCRIPT).
         On a cluster it runs where ``keys[0]`` lives: every key must share its slot."""

@@ -445,3 +445,24 @@ async def test_a_handoff_that_cannot_reach_redis_ends_quietly(
     assert any("handoffs not ended" in line for line in lines), lines
     assert not any(r.exc_info or "never retrieved" in r.getMessage() for r in caplog.records), lines
     assert sum("handoffs not ended" in line for line in lines) <= 2, lines  # one per interval
+
+
+async def test_a_redis_that_evicts_keys_is_named_in_a_warning(
+    start_worker: WorkerFactory, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At its memory limit an evicting Redis may drop a record in the middle of a lifecycle,
+    which no script repairs: every worker says so at start (and after each reconnection)."""
+    with caplog.at_level(logging.WARNING, "server.app.housekeeping"):
+        quiet = await start_worker()  # Redis' default, noeviction: nothing to say
+        async with asyncio.timeout(TIMEOUT):
+            while not quiet.housekeeper._policy_checked:
+                await asyncio.sleep(0.02)
+        assert "maxmemory-policy" not in caplog.text
+        await admin.config_set("maxmemory-policy", "volatile-lru")
+        try:
+            await start_worker()
+            async with asyncio.timeout(TIMEOUT):
+                while "redis maxmemory-policy is volatile-lru" not in caplog.text:
+                    await asyncio.sleep(0.02)
+        finally:
+            await admin.config_set("maxmemory-policy", "noeviction")
