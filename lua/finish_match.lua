@@ -4,7 +4,8 @@
 --      KEYS[6] changes (a requeued player is an `a` entry, and a `g` when disconnected)
 --      then the player hash of each player, then the penalty ZSET of each player (same order),
 --      then the mode's `left` ZSET (keys.left: leavers waiting for their cancel), hold and
---      hold_failures (keys.hold: the leader forms no matches while it exists)
+--      hold_failures (keys.hold: the leader forms no matches while it exists), and the
+--      workers ZSET (keys.workers: is the worker that ran a handoff alive?)
 -- ARGV[1] action: "cancel" | "abort" | "expire" | "fail" | "assign"
 -- ARGV[2] match id  ARGV[3] players, comma-separated, as the caller read them
 -- ARGV[4] resume grace ms  ARGV[5] penalty window ms  ARGV[6] finished-record ttl ms
@@ -23,11 +24,13 @@
 -- the others requeued, player_left; nothing happens if the leaver has reconnected meanwhile); abort (the leaver's worker is shutting down, not the
 -- player's doing): loading|allocating -> cancelled, everyone requeued, server_shutdown; expire: loading past deadline -> timed_out (ready players
 -- requeued, loading_timeout; the others removed with a penalty), allocating past deadline ->
--- failed (all requeued, allocation_failed); fail: allocating -> failed (all requeued, reason);
+-- failed (all requeued, allocation_failed; server_shutdown when the worker that ran the
+-- handoff is past its heartbeat); fail: allocating -> failed (all requeued, reason);
 -- assign: allocating -> assigned (every player's matchmaking state cleared).
 local m = KEYS[1]
 local action = ARGV[1]
-local left_key, hold_key, fails_key = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
+local left_key, hold_key, fails_key = KEYS[#KEYS - 3], KEYS[#KEYS - 2], KEYS[#KEYS - 1]
+local workers_key = KEYS[#KEYS]
 -- A cancel (or abort) settles the leaver's record in `left`, whatever the match's fate.
 local function settled()
   if action == 'cancel' or action == 'abort' then
@@ -47,6 +50,7 @@ if player_csv ~= ARGV[3] then
   return {'retry'}
 end
 --#include clock
+--#include alive
 local now = now_ms()
 local new_status, reason
 if status ~= 'loading' and status ~= 'allocating' then
@@ -63,6 +67,10 @@ elseif action == 'expire' then
   end
   if status == 'loading' then
     new_status, reason = 'timed_out', 'loading_timeout'
+  elseif not worker_alive(workers_key, redis.call('HGET', m, 'allocator') or '') then
+    -- Its handoff died with the worker that ran it: ended as that worker's drain would have
+    -- ended it, with no hold; the game servers did not fail (a hold would stop the mode).
+    new_status, reason = 'failed', 'server_shutdown'
   else
     new_status, reason = 'failed', 'allocation_failed'
   end

@@ -330,7 +330,8 @@ class LoadingStore:
             csv = ",".join(names)
             script_keys = [match_key, keys.loading(mode), *keys.mode_keys(mode),
                            *(keys.player(p) for p in names), *(keys.penalty(p) for p in names),
-                           keys.left(mode), keys.hold(mode), keys.hold_failures(mode)]
+                           keys.left(mode), keys.hold(mode), keys.hold_failures(mode),
+                           keys.workers()]
             raw = await self.client.script(
                 "finish_match", script_keys,
                 [action, match_id, csv, *self._finish_args, arg, arg2, keys.DELIVERY_PREFIX,

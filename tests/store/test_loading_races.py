@@ -300,3 +300,25 @@ async def test_a_failure_back_off_is_neither_cut_short_nor_jumped_to_its_longest
     assert await admin.pttl(keys.hold(MODE)) > 15_000
     await admin.delete(keys.hold(MODE), keys.hold_failures(MODE))
     await admin.delete(*(keys.match(MODE, m) for m in ids))
+
+
+@pytest.mark.parametrize("allocator", ["w1", "w-gone"], ids=["its-worker-alive", "its-worker-dead"])
+async def test_a_handoff_past_its_deadline_holds_the_mode_only_when_its_worker_lives(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis, allocator: str
+) -> None:
+    """A handoff that ran out its deadline on a live worker is the fleet's failure: the mode
+    holds (issue 16). One whose worker died (it crashed mid-handoff) is not: its players are
+    requeued as a drain would (server_shutdown), and the mode goes on matching."""
+    queued_at = await make_match(env, 60_000)
+    _, loading, _ = env
+    await loading.ready(MODE, MATCH, "a", "a-c", 1, allocator)
+    assert (await loading.ready(MODE, MATCH, "b", "b-c", 1, allocator)).outcome == "allocating"
+    await wait_due(loading)
+    done = await loading.expire(MODE, MATCH)
+    dead = allocator == "w-gone"
+    assert done.status == "failed"
+    assert done.reason == ("server_shutdown" if dead else "allocation_failed")
+    assert (await admin.get(keys.hold(MODE))) == (None if dead else "allocation_failed")
+    for p in "ab":
+        assert await requeued_with_place(admin, p, queued_at[p])
+    await admin.delete(keys.hold(MODE), keys.hold_failures(MODE))
