@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 # match keeps its allocation deadline in the loading set, where the mode's leader ends it.
 _unpublished = Throttled(log, "battle requests not published, storage unavailable")
 _unended = Throttled(log, "handoffs not ended, storage unavailable; their deadline ends them")
+_assign_retry = Throttled(log, "assignments not written yet, storage unavailable; retrying")
+# A game server's answer in hand when the worker shuts down: its assignment (one script call)
+# is waited for this long rather than cancelled, which would requeue a match a server took.
+_ANSWERED_WAIT_S = 2.0
+# Retrying the write of an assignment while Redis is unavailable: from this pause, doubling.
+_ASSIGN_RETRY_S = 0.05
 
 
 class HealthMonitor:
@@ -73,7 +79,7 @@ class Allocator:
         self.reply_channel = reply_channel
         self.health = HealthMonitor(config.misses_before_critical, config.critical_interval_s)
         self._pending: dict[str, asyncio.Future[gs.BattleReply]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by match id
         self._modes: dict[str, str] = {}
         self._active: set[str] = set()  # match ids handed off (or requeued) by a task now
         self._closing = False
@@ -84,8 +90,8 @@ class Allocator:
         self._active.add(match_id)
         work = self._requeue(mode, match_id, ready) if self._closing else self.allocate(mode, match_id, ready)
         task = asyncio.create_task(self._owned(work, mode, match_id), name=f"allocate:{match_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[match_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(match_id, None))
         # Kept past the handoff's own end, to its deadline: a handoff that ended without an
         # outcome (Redis failed at assign) leaves the match `allocating`, and a repeated ready
         # then must not publish a second request for the same match.
@@ -148,14 +154,36 @@ class Allocator:
                 await self.loading.fail(mode, match_id, "allocation_failed", players)
                 return
             if isinstance(reply, gs.BattleAssigned):
-                await self.loading.assign(mode, match_id, reply.server_address,
-                                         reply.server_session_id, players)
+                await self._assign(mode, match_id, reply, players, until + 1.0)
             else:
                 log.info("%s match %s rejected by game server: %s", mode, match_id, reply.reason)
                 await self.loading.fail(mode, match_id, "allocation_failed", players)
         finally:
             self._pending.pop(match_id, None)
             self._modes.pop(match_id, None)
+
+    async def _assign(self, mode: str, match_id: str, reply: gs.BattleAssigned,
+                      players: list[str], until: float) -> None:
+        """A game server took the match: write that, retrying while Redis is unavailable (until
+        a little past the handoff's deadline). Given up at the first failure, the match would
+        end `allocation_failed` at its deadline and be requeued, while the server holds a
+        session for it. Retrying is safe: an assignment that did run answers `final`, and the
+        sweep's expiry, if it comes first, is the one outcome (its notices go out as ever)."""
+        loop = asyncio.get_running_loop()
+        pause = _ASSIGN_RETRY_S
+        while True:
+            try:
+                await self.loading.assign(mode, match_id, reply.server_address,
+                                         reply.server_session_id, players)
+                return
+            except StoreUnavailable as exc:
+                # Refused before sending (the breaker open): no sooner than it says.
+                wait = pause if exc.maybe_ran else max(pause, exc.retry_after_ms / 1000)
+                if loop.time() + wait > until:
+                    raise
+                _assign_retry("%s match %s: %s", mode, match_id, exc)
+            await asyncio.sleep(wait)
+            pause = min(pause * 2, 1.0)
 
     def on_reply(self, data: bytes) -> None:
         try:
@@ -172,10 +200,18 @@ class Allocator:
     async def close(self) -> None:
         """Shutdown: requeue the matches still waiting for a game server (server_shutdown)."""
         self._closing = True
+        # A handoff with the game server's answer in hand is left to write it: cancelled, it
+        # would be requeued below while the server hosts it (and its players would be matched
+        # again elsewhere).
+        answered = [task for match_id, task in self._tasks.items()
+                    if (future := self._pending.get(match_id)) is not None and future.done()]
+        if answered:
+            await asyncio.wait(answered, timeout=_ANSWERED_WAIT_S)
         waiting = dict(self._modes)
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for match_id, mode in waiting.items():
             try:
                 await self.loading.fail(mode, match_id, "server_shutdown")

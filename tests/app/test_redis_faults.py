@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server.app.gameserver import ReferenceGameServer
 from server.app.worker import Worker
+from server.protocol import gameserver as gs
 from server.protocol.results import ReadyResult
 from server.store import keys
 from server.store.breaker import BreakerState
@@ -466,3 +467,45 @@ async def test_a_redis_that_evicts_keys_is_named_in_a_warning(
                     await asyncio.sleep(0.02)
         finally:
             await admin.config_set("maxmemory-policy", "noeviction")
+
+
+@pytest.mark.parametrize("draining", [False, True], ids=["serving", "draining"])
+async def test_an_assignment_redis_could_not_take_at_once_is_written_when_it_can(
+    start_worker: WorkerFactory, admin: aioredis.Redis, draining: bool
+) -> None:
+    """A game server took the match, and the write of that assignment times out (Redis
+    paused for writes a moment). Given up at once, the match would end `allocation_failed` at
+    its deadline and be requeued while the server holds a session for it; it is retried. A
+    drain that begins meanwhile lets it finish (it requeued such a match `server_shutdown`)."""
+    worker = await start_worker(cfg=make_config(**{"gameserver.allocation_timeout_ms": 4000}))
+    fleet = admin.pubsub()  # this test is the game server, to answer at the right moment
+    await fleet.subscribe(worker.config.gameserver.request_channel)
+    try:
+        clients = await queued(worker.front.port, "1v1", ("ga", 1500), ("gb", 1500))
+        session = ""
+        for ws in clients.values():
+            session = (await start_loading(ws))["loading_session_id"]
+        for ws in clients.values():
+            await send(ws, {"type": "loading_complete", "loading_session_id": session})
+        async with asyncio.timeout(TIMEOUT):
+            while (message := await fleet.get_message(ignore_subscribe_messages=True, timeout=1)) is None:
+                pass
+        request = gs.decode_request(message["data"].encode())
+        answer = gs.BattleAssigned(match_id=request.match_id, server_address="gs-7:7777",
+                                   server_session_id="s-7")
+        # The answer and the pause in one transaction: the assignment's script comes after.
+        async with admin.pipeline(transaction=True) as both:
+            both.publish(request.reply_to, gs.encode(answer))
+            both.execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # three call timeouts
+            await both.execute()
+        if draining:
+            async with asyncio.timeout(TIMEOUT):  # the answer is in hand, its write paused
+                while not ((f := worker.allocator._pending.get(session)) and f.done()):
+                    await asyncio.sleep(0.005)
+            await worker.allocator.close()
+        for ws in clients.values():
+            found = await recv(ws, TIMEOUT * 2)
+            assert found["type"] == "match_found" and found["server_address"] == "gs-7:7777"
+        assert await admin.hget(keys.match("1v1", session), "status") == "assigned"
+    finally:
+        await fleet.aclose()
