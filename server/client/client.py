@@ -61,6 +61,12 @@ T = TypeVar("T")
 
 _decoder: Final = msgspec.json.Decoder(ServerMessage)
 _encoder: Final = msgspec.json.Encoder()
+# Errors that say a loading_complete did not happen for a passing reason: auto_ready sends it
+# again, after the error's retry_after_ms (or this default).
+_ANSWER_AGAIN: Final = frozenset({"unavailable", "rate_limited", "internal_error"})
+# Errors that answer a loading_complete: those above, and those that refuse it for good.
+_ANSWER_ERRORS: Final = _ANSWER_AGAIN | {"wrong_session_id", "invalid_state"}
+_ANSWER_AGAIN_MS: Final = 1000
 # The server's own schema, to refuse before sending what it would answer with an
 # `invalid_message` that names no request (so no request could be told: it would hang).
 _outgoing: Final = msgspec.json.Decoder(ClientMessage)
@@ -214,6 +220,21 @@ class Client:
         except ConnectionClosed:
             return  # closing already: the server cancels the match as this player leaves
         self.messages_sent += 1
+
+    def _answer_refused(self, message: Error) -> None:
+        """The server did not take the ready answer: it may be sent again (``loading_complete``
+        would otherwise skip it as sent). With ``auto_ready`` an answer refused for a passing
+        reason (storage unavailable, a flood, an internal error) is sent again after the
+        server's retry hint, while that ready check runs: else the player would time out of
+        it, with a dodge counted, for the server's failure."""
+        sid, self._answered = self._answered, None
+        if sid and self._auto_ready and message.code in _ANSWER_AGAIN:
+            delay = (message.retry_after_ms or _ANSWER_AGAIN_MS) / 1000
+            asyncio.get_running_loop().call_later(delay, self._answer_again, sid)
+
+    def _answer_again(self, sid: str) -> None:
+        if self.state == "loading" and self.loading_session_id == sid and self._established:
+            self._answer(sid)
 
     # -- the message stream ---------------------------------------------------------------------
 
@@ -443,6 +464,12 @@ class Client:
                 future.set_result(message)
 
     def _settle_error(self, message: Error) -> None:
+        if message.request_id is None and self._answered is not None and self.state == "loading" \
+                and message.code in _ANSWER_ERRORS and not (message.code == "rate_limited" and self._pending):
+            # The ready answer refused: it carries no request_id, and every request of this
+            # client does (a refused flood frame echoes none: with none waiting, it was this).
+            self._answer_refused(message)
+            return
         future = self._pending.pop(message.request_id, None) if message.request_id else None
         if future is None and message.code == "rate_limited" and self._pending:
             # A refused flood frame is not echoed; frames are answered in order, so the refusal

@@ -107,6 +107,7 @@ class ServerError(FastmatchClientError):
     def __init__(self, message: Error) -> None:
         super().__init__(f"{message.code}: {message.message}")
         self.message = message
+        self.code = message.code  # this class's own for known codes; the server's for others
 
     @property
     def request_id(self) -> str | None:

@@ -331,6 +331,28 @@ async def test_loading_errors_timeout_and_block(
         assert blocked.value.retry_after_ms is not None and blocked.value.retry_after_ms > 0
 
 
+async def test_a_ready_answer_the_server_could_not_take_is_sent_again(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    """Redis is paused for writes as the automatic `loading_complete` arrives: the server
+    answers `unavailable` (the call was dropped with its connection, so it never ran). The
+    client sends it again after the retry hint, instead of counting it as sent, which let
+    the player time out of the ready check, with a dodge, for the server's failure."""
+    await start_game_server()
+    w = await start_worker(cfg=make_config(**{"matching.ready_timeout_ms": 10_000}))
+    async with player(w, "slow") as slow, player(w, "fast", auto_ready=True) as fast:
+        await slow.enqueue("1v1")
+        await fast.enqueue("1v1")
+        start = await next_of(slow, StartLoading)
+        await admin.execute_command("CLIENT", "PAUSE", 1200, "WRITE")  # past the call timeout
+        slow.auto_ready = True  # answers now, into the pause
+        assert isinstance(await next_error(slow), Unavailable)
+        found = await next_of(slow, MatchFound)
+        assert isinstance(found, MatchFound) and found.loading_session_id == start.loading_session_id
+        assert isinstance(await next_of(fast, MatchFound), MatchFound)
+        assert slow.messages_sent >= 3  # enqueue, the answer refused, the answer again (and again)
+
+
 async def test_flood_is_rate_limited_then_closed_4008(start_worker: WorkerFactory) -> None:
     w = await start_worker(cfg=make_config(**{"server.message_rate": 2, "server.message_burst": 2,
                                              "server.rate_limit_strikes": 1}))

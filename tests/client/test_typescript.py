@@ -32,7 +32,8 @@ async def test_typescript_client_suite(private_redis) -> None:  # type: ignore[n
     admin = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
     served = Served(private_redis.url, workers=2, **{
         "FASTMATCH_GAMESERVER__EMBEDDED": "true",
-        "FASTMATCH_MATCHING__READY_TIMEOUT_MS": "800",
+        # Room for a ready answer refused during a Redis pause to be sent again (1 s later).
+        "FASTMATCH_MATCHING__READY_TIMEOUT_MS": "3000",
         "FASTMATCH_PENALTY__THRESHOLD": "1",
         "FASTMATCH_REDIS__OPERATION_TIMEOUT_S": "0.5",
         "FASTMATCH_REDIS__BREAKER_COOLDOWN_S": "0.5",
@@ -44,6 +45,7 @@ async def test_typescript_client_suite(private_redis) -> None:  # type: ignore[n
         await admin.set(keys.player("ts-broken"), "not a hash")  # for the internal_error test
         env = {**os.environ, "FASTMATCH_URL": f"ws://127.0.0.1:{served.port}/ws",
                "FASTMATCH_SECRET": DEV_SECRET, "FASTMATCH_REDIS_PID": str(private_redis.process.pid),
+               "FASTMATCH_REDIS_SOCKET": str(private_redis.socket_path),
                "FASTMATCH_TEST_TIMEOUT": str(TIMEOUT)}
         # Node 20 has a global WebSocket only behind this flag (22+ has it by default).
         run = subprocess.run(

@@ -46,6 +46,12 @@ const RESUMABLE = new Set([1001, 1006, 1011, 1012, 1013, 1014]);
 const BACKOFF_BASE_MS = 100;
 const BACKOFF_MAX_MS = 2000;
 const DROPPED = 4000; // the close code drop() uses; the server treats every close alike
+// Errors that say a loading_complete did not happen for a passing reason: autoReady sends it
+// again, after the error's retry_after_ms (or this default).
+const ANSWER_AGAIN = new Set(["unavailable", "rate_limited", "internal_error"]);
+const ANSWER_AGAIN_MS = 1000;
+// Errors that answer a loading_complete: those above, and those that refuse it for good.
+const ANSWER_ERRORS = new Set([...ANSWER_AGAIN, "wrong_session_id", "invalid_state"]);
 // Every server message type; a newer server's others are skipped (docs/protocol.md section 2).
 // A Record, so the compiler says when the generated types gain or lose one.
 const SERVER_TYPES: Readonly<Record<ServerMessage["type"], true>> = {
@@ -189,6 +195,20 @@ export class Client implements AsyncIterable<ServerMessage> {
     this.answered = sid;
     this.ws.send(JSON.stringify({ type: "loading_complete", loading_session_id: sid }));
     this.messagesSent += 1;
+  }
+
+  /** The server did not take the ready answer: it may be sent again (`loadingComplete` would
+   * otherwise skip it as sent). With `autoReady` an answer refused for a passing reason
+   * (storage unavailable, a flood, an internal error) is sent again after the server's retry
+   * hint, while that ready check runs: else the player would time out of it, with a dodge
+   * counted, for the server's failure. */
+  private answerRefused(message: ErrorMessage): void {
+    const sid = this.answered;
+    this.answered = null;
+    if (sid === null || !this.autoReadyFlag || !ANSWER_AGAIN.has(message.code)) return;
+    setTimeout(() => {
+      if (this.state === "loading" && this.loadingSessionId === sid && this.established) this.answer(sid);
+    }, message.retry_after_ms ?? ANSWER_AGAIN_MS);
   }
 
   // -- the message stream --------------------------------------------------------------------
@@ -453,6 +473,13 @@ export class Client implements AsyncIterable<ServerMessage> {
   }
 
   private settleError(message: ErrorMessage): void {
+    if (message.request_id == null && this.answered !== null && this.state === "loading"
+        && ANSWER_ERRORS.has(message.code) && !(message.code === "rate_limited" && this.pending.size > 0)) {
+      // The ready answer refused: it carries no request_id, and every request of this client
+      // does (a refused flood frame echoes none: with none waiting, it was this).
+      this.answerRefused(message);
+      return;
+    }
     let key = message.request_id ?? null;
     if (key === null && message.code === "rate_limited" && this.pending.size > 0) {
       // A refused flood frame is not echoed; frames are answered in order, so the refusal

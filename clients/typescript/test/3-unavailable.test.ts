@@ -2,8 +2,51 @@
 // Redis call time out. Runs last: the other files need a working Redis.
 import assert from "node:assert/strict";
 import { test } from "node:test";
+import { connect as netConnect } from "node:net";
 import { Unavailable, connect } from "../src/index.js";
-import { URL, name, token } from "./support.js";
+import type { Client, ServerMessage } from "../src/index.js";
+import { URL, name, token, within } from "./support.js";
+
+/** `CLIENT PAUSE ms WRITE` on the server's Redis (pytest passes its socket), in plain RESP. */
+async function pauseWrites(ms: number): Promise<void> {
+  const path = process.env.FASTMATCH_REDIS_SOCKET ?? "";
+  assert.ok(path, "FASTMATCH_REDIS_SOCKET is not set");
+  const words = ["CLIENT", "PAUSE", String(ms), "WRITE"];
+  const command = `*${words.length}\r\n${words.map((w) => `$${w.length}\r\n${w}\r\n`).join("")}`;
+  await new Promise<void>((resolve, reject) => {
+    const socket = netConnect({ path }, () => socket.write(command));
+    socket.once("data", (reply) => {
+      socket.end();
+      if (reply.toString().startsWith("+OK")) resolve();
+      else reject(new Error(`CLIENT PAUSE answered ${reply.toString()}`));
+    });
+    socket.once("error", reject);
+  });
+}
+
+async function next(client: Client, type: ServerMessage["type"]): Promise<ServerMessage> {
+  return within((async () => {
+    for await (const message of client) if (message.type === type) return message;
+    throw new Error(`the stream ended before ${type}`);
+  })());
+}
+
+test("a ready answer the server could not take is sent again after the retry hint", async () => {
+  const slow = await connect(URL, { token: token(name("slow")) });
+  const fast = await connect(URL, { token: token(name("fast")), autoReady: true });
+  await slow.enqueue("1v1");
+  await fast.enqueue("1v1");
+  const start = await next(slow, "start_loading");
+  await pauseWrites(900); // past the server's call timeout (0.5 s): the answer is refused
+  slow.autoReady = true; // answers now, into the pause
+  const refused = await next(slow, "error");
+  assert.equal(refused.type === "error" && refused.code, "unavailable");
+  const found = await next(slow, "match_found");
+  assert.equal(found.type === "match_found" && found.loading_session_id,
+    start.type === "start_loading" && start.loading_session_id);
+  assert.ok(slow.messagesSent >= 3); // enqueue, the answer refused, the answer again
+  await Promise.all([slow.close(), fast.close()]);
+});
 
 test("unavailable storage: requests and new connections get Unavailable", async () => {
   const pid = Number(process.env.FASTMATCH_REDIS_PID);
