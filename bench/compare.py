@@ -5,7 +5,8 @@ in place; both trees run with this checkout's interpreter, Redis binary and load
 Runs alternate (base, new, base, new, ...) so that a machine that drifts during the sitting
 drifts for both, and the ratios are printed with every figure. `--find-rate` also looks for
 each tree's sustainable rate (>= 99% of players matched, p99 enqueue -> start_loading under
-250 ms, no violation) in short steps and holds the best one.
+250 ms, no violation, at least 97% of the offered rate delivered in the window) in short
+steps and holds the best one.
 """
 
 from __future__ import annotations
@@ -35,9 +36,16 @@ def worktree(ref: str) -> Path:
     return path
 
 
+# Lifecycles completed in the window against those offered: arrivals are paced, not random,
+# so a run that keeps up delivers the offered rate to within the window's edges (about 1%);
+# a backlog growing through the window does not, however many players it matches in the end.
+DELIVERED_SHARE = 0.97
+
+
 def sustainable(s: dict[str, Any]) -> bool:
     p99 = (s["start_loading_ms"] or {}).get("99") or (s["start_loading_ms"] or {}).get(99)
-    return (s["violations"] == 0 and s["matched_share"] >= 0.99 and p99 is not None and p99 < 250)
+    return (s["violations"] == 0 and s["matched_share"] >= 0.99 and p99 is not None and p99 < 250
+            and s["lifecycles_per_s"] >= DELIVERED_SHARE * s["rate"])
 
 
 def _said(label: str, what: str, s: dict[str, Any], ok: bool) -> None:
@@ -72,9 +80,17 @@ def find_rate(tree: Path, label: str, steps: list[float], step_s: float, hold_s:
     return {"steps": tried, "best": best, "held": held, "failed_holds": failed_holds}
 
 
-def _row(name: str, base: float, new: float) -> str:
-    ratio = f"{new / base:6.2f}x" if base else "     -"
-    return f"  {name:34} {base:10.3f} {new:10.3f} {ratio}"
+def _row(name: str, base: float | None, new: float | None) -> str:
+    """One figure of both trees; one that was not measured prints as "-", never as 0."""
+    def shown(value: float | None) -> str:
+        return f"{value:10.3f}" if value is not None else f"{'-':>10}"
+    ratio = f"{new / base:6.2f}x" if base and new is not None else "     -"
+    return f"  {name:34} {shown(base)} {shown(new)} {ratio}"
+
+
+def _p99(s: dict[str, Any]) -> float | None:
+    value = (s.get("start_loading_ms") or {}).get("99")
+    return float(value) if value is not None else None
 
 
 def print_pair(base: dict[str, Any], new: dict[str, Any]) -> None:
@@ -87,8 +103,7 @@ def print_pair(base: dict[str, Any], new: dict[str, Any]) -> None:
                new["redis_commands_per_lifecycle"]))
     for key in ("matched_share", "violations", "unfinished"):
         print(_row(key, float(base[key] or 0), float(new[key] or 0)))
-    p = ("start_loading_ms", "99")
-    print(_row("p99 enqueue->start_loading ms", float(base[p[0]][p[1]] or 0), float(new[p[0]][p[1]] or 0)))
+    print(_row("p99 enqueue->start_loading ms", _p99(base), _p99(new)))
 
 
 def main() -> None:

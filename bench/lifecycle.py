@@ -35,6 +35,10 @@ from server.store.embedded import EmbeddedRedis
 ROOT = Path(__file__).resolve().parents[1]
 _TICK = os.sysconf("SC_CLK_TCK")
 GROUPS = ("workers", "redis", "gameserver", "supervisor", "loadgen")
+# Arrivals go on this long past the window's planned end: the window starts at the first
+# match plus the warm-up, a few seconds after the arrivals began, and must not reach past them
+# into the idle tail (whose CPU would count against fewer lifecycles).
+_TAIL_S = 6.0
 
 
 def free_port() -> int:
@@ -50,6 +54,15 @@ def cpu_s(pid: int, kernel_only: bool = False) -> float:
     except OSError:
         return 0.0
     return (int(fields[12]) + (0 if kernel_only else int(fields[11]))) / _TICK
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None once it is gone: a pid that names
+    the same process at both ends of a window has the same start time."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def io_ops(pid: int) -> tuple[int, int]:
@@ -223,18 +236,28 @@ def measure(tree: Path, rate: float, seconds: float, warmup: float = 8.0, worker
             report = logdir / "sim.json"
             sim = subprocess.Popen(
                 [sys.executable, "-m", "server.app.cli", "sim", "--url", f"ws://127.0.0.1:{port}/ws",
-                 "--redis-url", store.url, "--rate", str(rate), "--duration", str(warmup + seconds + 2),
+                 "--redis-url", store.url, "--rate", str(rate), "--duration", str(warmup + seconds + _TAIL_S),
                  "--procs", str(procs), "--mix", "normal=1", "--rating-sd", "0", "--no-progress",
                  "--lifetime", "20", "--report", str(report), "--plot", str(logdir / "sim.png")],
                 cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT)
             wait_playing(sim, metrics_port, logdir, warmup)
             pids = groups(proc.pid, sim.pid, store.process.pid if store.process else 0, r)
+            if len(pids["workers"]) != workers or len(pids["gameserver"]) != 1:
+                raise RuntimeError(f"process groups not as started: {pids}; see {logdir}")
+            born = {p: start_time(p) for ps in pids.values() for p in ps}
             io0, cpu0, done0 = sample_io(pids), sample(pids), assigned(metrics_port)
             cmd0, t0 = commands(r), time.monotonic()
             time.sleep(seconds)
             io1, cpu1, done1 = sample_io(pids), sample(pids), assigned(metrics_port)
             cmd1, t1 = commands(r), time.monotonic()
+            # A process that ended (or a worker restarted) in the window would read as CPU
+            # not spent: the figures would be wrong, and nothing else would say so.
+            ended = sorted(p for p, t in born.items() if start_time(p) != t)
             sim.wait()
+            if ended:
+                raise RuntimeError(f"processes {ended} ended during the window; see {logdir}")
+            if done1 <= done0:
+                raise RuntimeError(f"no match was completed in the window; see {logdir}")
         r.close()
     window = Window(seconds=t1 - t0, lifecycles=(done1 - done0) * 2,
                     cpu_s={g: cpu1[g] - cpu0[g] for g in cpu0}, redis_commands=cmd1 - cmd0,

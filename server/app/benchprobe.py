@@ -16,6 +16,8 @@ import threading
 import time
 import urllib.parse
 
+from server.quantile import nearest_rank
+
 _READ = b"*3\r\n$4\r\nHGET\r\n$11\r\nbench:probe\r\n$1\r\nx\r\n"
 _STALL_S = 30.0  # no answer this long: Redis is stuck, and the probe fails rather than hangs
 
@@ -42,7 +44,7 @@ def _percentiles(waits: list[float]) -> dict[str, float]:
         return {"samples": 0}
 
     def at(q: float) -> float:
-        return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 2)
+        return round(nearest_rank(ordered, q), 2)
 
     return {"samples": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99),
             "p999_ms": at(0.999), "max_ms": round(ordered[-1], 2)}

@@ -36,6 +36,7 @@ from server.config import Config, RedisConfig
 from server.matching import kernel, tickets
 from server.matching.tickets import Ticket
 from server.osutil import machine
+from server.quantile import nearest_rank
 from server.store import keys
 from server.store.client import RedisClient, as_str, to_int
 from server.store.embedded import EmbeddedRedis
@@ -252,5 +253,4 @@ async def _longest_call(client: RedisClient) -> tuple[float, str]:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0
+    return nearest_rank(sorted(values), q) if values else 0.0

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from server.osutil import machine
+from server.quantile import nearest_rank
 from server.sim.player import PlayerResult
 from server.sim.runner import RunResult
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
+    """The ``q``-th percentile (0-100) of ``values``; None when there are none."""
+    return nearest_rank(sorted(values), q / 100) if values else None
 
 
 def summarize(r: RunResult, ceiling: float | None = None) -> dict[str, Any]:

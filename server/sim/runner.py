@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Final, cast
 
 import redis.asyncio as aioredis
 
@@ -180,6 +180,9 @@ async def check(result: RunResult) -> None:
     finally:
         await admin.aclose()
     result.violations += [f"leftover key {k}" for k in result.leftover_keys]
+    # A run that names a fault and never applied it tested something else than it says.
+    result.violations += [f"fault {a.fault} {a.did}" for a in result.faults
+                          if a.did.startswith(("could not be applied", "not applied"))]
     if result.config.final_batch:
         await _final_batch(result)
 
@@ -276,6 +279,19 @@ async def _sample(admin: aioredis.Redis, result: RunResult, t0: float, stop: asy
                 await stop.wait()
 
 
+async def _dead_workers(admin: aioredis.Redis, names: list[str]) -> list[str]:
+    """What the registry and the per-worker player sets hold for workers that are gone: an
+    entry past its heartbeat deadline, a set whose worker is not registered. Both may outlive
+    the players only while their worker runs; a dead worker nobody reaped is a leak too."""
+    seconds, micros = await admin.time()
+    now_ms = seconds * 1000 + micros // 1000
+    entries = cast(list[tuple[str, float]], await admin.zrange(keys.workers(), 0, -1, withscores=True))
+    live = {w for w, deadline in entries if deadline > now_ms}
+    out = [f"{keys.workers()} entry {w} (past its heartbeat deadline)"
+           for w, deadline in entries if deadline <= now_ms]
+    return out + sorted(k for k in names if (w := keys.players_worker(k)) is not None and w not in live)
+
+
 async def leftover_keys(admin: aioredis.Redis, wait_s: float) -> list[str]:
     """DESIGN invariant 6: once every player left and the timeouts passed, nothing remains."""
     deadline = time.monotonic() + wait_s
@@ -283,7 +299,7 @@ async def leftover_keys(admin: aioredis.Redis, wait_s: float) -> list[str]:
         # SCAN, not KEYS: a cluster client sends KEYS to one node, and SCAN to every one. On a
         # cluster only fastmatch's slot (it may share the cluster with other data).
         names = [str(k) async for k in admin.scan_iter(keys.pattern(), count=1000)]
-        found = sorted(k for k in names if not keys.outlives_players(k))
+        found = sorted(k for k in names if not keys.outlives_players(k)) + await _dead_workers(admin, names)
         if not found or time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.25)

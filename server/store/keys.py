@@ -54,6 +54,12 @@ def worker_players(worker_id: str) -> str:
     return f"{_prefix}fm:worker:{{{worker_id}}}:players"
 
 
+def players_worker(key: str) -> str | None:
+    """The worker whose ``worker_players`` set ``key`` is; None for any other key."""
+    head, tail = f"{_prefix}fm:worker:{{", "}:players"
+    return key[len(head):-len(tail)] if key.startswith(head) and key.endswith(tail) else None
+
+
 def worker_channel(worker_id: str) -> str:
     """Pub/sub channel the worker subscribes to for delivery to its connections."""
     return f"{DELIVERY_PREFIX}{worker_id}"

@@ -75,3 +75,17 @@ def test_killing_the_leader_hands_matching_to_a_new_term(tmp_path: Path) -> None
     # The lease (3 s) lapses, then the new leader's first tick loads the pool and matches.
     assert killed["new_term_match_after_s"] is not None, killed
     assert killed["drops"] > 0, killed  # the dead worker's players were cut and came back
+
+
+def test_a_fault_the_run_never_applied_fails_it(tmp_path: Path) -> None:
+    """A run that names a fault and ends before it (or cannot apply it) has not tested what
+    it says: that is a violation, never a clean report."""
+    report = tmp_path / "sim.json"
+    out = subprocess.run(
+        [FASTMATCH, "sim", "--serve", "--workers", "1", "--rate", "10", "--duration", "1",
+         "--lifetime", "1", "--no-progress", "--report", str(report), "--faults", "kill-worker@60"],
+        capture_output=True, text=True, timeout=TIMEOUT * 12, check=False, env={**os.environ, **FAST},
+    )
+    summary: dict[str, Any] = json.loads(report.read_text())
+    assert out.returncode != 0
+    assert summary["violations"] == ["fault kill-worker@60 not applied: the run ended first"]
