@@ -36,10 +36,11 @@ redis.call('HSET', p, 'state', state, 'worker', ARGV[2], 'conn', ARGV[3])
 -- above: the common attach, over no release, pays no command for it.)
 if cur[7] then redis.call('HDEL', p, 'released') end
 -- Matched while no connection held it (lua/finish_match.lua): the record was kept for the
--- resume grace so that this connection hears of the match; it is this connection's now.
+-- resume grace so that a connection hears of the match. It is this connection's now, so it
+-- no longer expires; `found` stays until the match_found is sent (lua/found_told.lua): a
+-- connection that ends before its welcome leaves it for the next (lua/detach.lua).
 if cur[8] then
   redis.call('PERSIST', p)
-  redis.call('HDEL', p, 'found', 'found_mode')
 end
 redis.call('SADD', KEYS[2], ARGV[1])
 --#include changes

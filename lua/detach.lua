@@ -24,7 +24,7 @@ local p = KEYS[1]
 if ARGV[8] == '1' and worker_alive(KEYS[3], ARGV[2]) then
   return {'alive'}
 end
-local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode', 'match')
+local cur = redis.call('HMGET', p, 'worker', 'conn', 'state', 'mode', 'match', 'found')
 local owner_worker, owner_conn = cur[1] or '', cur[2] or ''
 local mine = owner_worker == ARGV[2] and (ARGV[3] == '' or owner_conn == ARGV[3])
 if not mine then
@@ -56,6 +56,13 @@ elseif state == 'loading' then
   release()
   redis.call('ZADD', KEYS[8], now_ms() + tonumber(ARGV[7]), (cur[5] or '') .. '|' .. ARGV[1] .. '|' .. ARGV[6])
   return {'loading', cur[5] or '', mode}
+end
+if cur[6] then
+  -- Matched while away and not told yet (lua/finish_match.lua, lua/attach.lua): kept for
+  -- another resume grace, so that the next connection hears its match_found.
+  release()
+  redis.call('PEXPIRE', p, math.max(tonumber(ARGV[5]), 1))
+  return {'removed'}
 end
 redis.call('DEL', p)
 return {'removed'}

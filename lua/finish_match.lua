@@ -158,10 +158,10 @@ local function clear(j, what)
   elseif what == 'matched' then
     -- Matched with no connection to tell (it dropped as the game server answered, before its
     -- cancel ran): kept for the resume grace, so that a reconnect learns of its match
-    -- (lua/attach.lua `found`); the match record says where to play.
+    -- (lua/attach.lua `found`), and no longer than the match record that says where to play.
     redis.call('HSET', pkey, 'state', 'idle', 'found', ARGV[2], 'found_mode', mode)
     redis.call('HDEL', pkey, 'mode', 'match', 'queued_at')
-    redis.call('PEXPIRE', pkey, math.max(tonumber(ARGV[4]), 1))
+    redis.call('PEXPIRE', pkey, math.max(math.min(tonumber(ARGV[4]), tonumber(ARGV[6])), 1))
   else
     redis.call('DEL', pkey)
   end

@@ -185,6 +185,13 @@ class Allocator:
             await asyncio.sleep(wait)
             pause = min(pause * 2, 1.0)
 
+    def answered(self, match_id: str) -> bool:
+        """A game server took ``match_id`` and this worker is writing that (or will): its end
+        is the assignment's, not a drain's (LoadingEvents.left_loading)."""
+        future = self._pending.get(match_id)
+        return (future is not None and future.done() and not future.cancelled()
+                and isinstance(future.result(), gs.BattleAssigned))
+
     def on_reply(self, data: bytes) -> None:
         try:
             reply = gs.decode_reply(data)
@@ -203,11 +210,13 @@ class Allocator:
         # A handoff with the game server's answer in hand is left to write it: cancelled, it
         # would be requeued below while the server hosts it (and its players would be matched
         # again elsewhere).
-        answered = [task for match_id, task in self._tasks.items()
-                    if (future := self._pending.get(match_id)) is not None and future.done()]
+        answered = {match_id: task for match_id, task in self._tasks.items()
+                    if (future := self._pending.get(match_id)) is not None and future.done()}
         if answered:
-            await asyncio.wait(answered, timeout=_ANSWERED_WAIT_S)
-        waiting = dict(self._modes)
+            await asyncio.wait(answered.values(), timeout=_ANSWERED_WAIT_S)
+        # Still writing its answer after that: not requeued here either (a server took it);
+        # the leader's sweep ends it at its deadline if the write never lands.
+        waiting = {m: mode for m, mode in self._modes.items() if m not in answered}
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

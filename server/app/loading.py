@@ -27,6 +27,11 @@ class LoadingEvents:
         self.allocator.start(mode, match_id, ready)
 
     async def left_loading(self, mode: str, match_id: str, player: str, shutdown: bool) -> None:
+        if shutdown and self.allocator.answered(match_id):
+            # The drain closes the players of a match a game server has just taken, whose
+            # assignment this worker is writing: that is its end (the players hear
+            # match_found when they reconnect), not a requeue while the server hosts it.
+            return
         await self.loading.cancel(mode, match_id, player, shutdown=shutdown)
 
     def enqueue_blocked(self, mode: str) -> None:

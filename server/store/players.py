@@ -159,6 +159,11 @@ class PlayerStore:
         return StatusResult(_player_state(reply[1], reply[2], reply[3]), to_int(reply[4]),
                             to_int(reply[5]), waiting_for=reply[6])
 
+    async def found_told(self, player: str, match_id: str) -> None:
+        """``match_id``, found while the player had no connection (``Attached.found``), has
+        been told (or its record is gone): no later connection hears it again."""
+        await self.client.script("found_told", [keys.player(player)], [match_id])
+
     async def heartbeat(self, ttl_ms: int) -> Heartbeat:
         reply = as_list(await self.client.script("heartbeat", [keys.workers()], [self.worker_id, ttl_ms]),
                         "heartbeat")

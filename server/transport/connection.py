@@ -145,7 +145,7 @@ class ClientConnection(WebSocketProtocol):
             return
         self.attached = True
         await front.replace_previous(player, result, self.conn_id)
-        missed = await self._missed_match(result.found) if result.found else None
+        missed, readable = await self._missed_match(result.found) if result.found else (None, False)
         assert self.session is not None and self._upgrade is not None
         self.respond(self._upgrade, flush=False)
         self.release()
@@ -161,19 +161,28 @@ class ClientConnection(WebSocketProtocol):
             self._apply(self.session.missed_match(missed))
         self.drain()
         self.flush()
+        if result.found and readable:  # told now, or its record is gone: nothing to tell again
+            front.spawn(self._found_told(result.found[1]))
 
-    async def _missed_match(self, found: tuple[str, str]) -> MatchView | None:
+    async def _missed_match(self, found: tuple[str, str]) -> tuple[MatchView | None, bool]:
         """The record of the match this player was assigned to while no connection held it,
-        read before the welcome so that nothing the client sends overtakes its `match_found`.
-        Unreadable (storage failing, the record expired), the player is not told: as before
-        the record kept it, and no worse than a lost notice."""
+        read before the welcome so that nothing the client sends overtakes its `match_found`,
+        and whether Redis answered (the record may have expired: nothing to tell). Unread
+        (storage failing), the player's record keeps it for a later connection."""
         mode, match_id = found
         try:
-            return (await self.services.loading.views([(mode, match_id)])).get(match_id)
+            return (await self.services.loading.views([(mode, match_id)])).get(match_id), True
         except StoreError as exc:
             _failed("reading the match %s found while disconnected: %s (player %s)",
                     match_id, exc, self.identity.player_id)
-            return None
+            return None, False
+
+    async def _found_told(self, match_id: str) -> None:
+        try:
+            await self.services.store.found_told(self.identity.player_id, match_id)
+        except StoreError as exc:  # a later connection may hear it again: no worse than twice
+            _failed("forgetting the match %s told: %s (player %s)",
+                    match_id, exc, self.identity.player_id)
 
     def _attach_failed(self, exc: StoreError) -> None:
         if self.lost or self._upgrade is None:

@@ -476,7 +476,8 @@ async def test_an_assignment_redis_could_not_take_at_once_is_written_when_it_can
     """A game server took the match, and the write of that assignment times out (Redis
     paused for writes a moment). Given up at once, the match would end `allocation_failed` at
     its deadline and be requeued while the server holds a session for it; it is retried. A
-    drain that begins meanwhile lets it finish (it requeued such a match `server_shutdown`)."""
+    drain that begins meanwhile lets it finish (it requeued such a match `server_shutdown`,
+    and its players' closes aborted it)."""
     worker = await start_worker(cfg=make_config(**{"gameserver.allocation_timeout_ms": 4000}))
     fleet = admin.pubsub()  # this test is the game server, to answer at the right moment
     await fleet.subscribe(worker.config.gameserver.request_channel)
@@ -502,6 +503,9 @@ async def test_an_assignment_redis_could_not_take_at_once_is_written_when_it_can
             async with asyncio.timeout(TIMEOUT):  # the answer is in hand, its write paused
                 while not ((f := worker.allocator._pending.get(session)) and f.done()):
                     await asyncio.sleep(0.005)
+            # The drain closes its players first: no abort of the match for them (it would
+            # wait for Redis and end a match a game server took), then the allocator's close.
+            await asyncio.wait_for(worker.events.left_loading("1v1", session, "ga", True), 0.2)
             await worker.allocator.close()
         for ws in clients.values():
             found = await recv(ws, TIMEOUT * 2)

@@ -322,3 +322,32 @@ async def test_a_handoff_past_its_deadline_holds_the_mode_only_when_its_worker_l
     for p in "ab":
         assert await requeued_with_place(admin, p, queued_at[p])
     await admin.delete(keys.hold(MODE), keys.hold_failures(MODE))
+
+
+async def test_a_match_found_while_away_waits_for_a_connection_that_tells_it(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis
+) -> None:
+    """Assigned while the player had no connection: its record keeps the match for the grace.
+    A connection that ends before telling it (refused by a draining worker, replaced before its
+    welcome) leaves it for the next; once told, it is forgotten."""
+    await make_match(env, 60_000)
+    players, loading, _ = env
+    await ready(env, "b")
+    assert (await ready(env, "a")).outcome == "allocating"
+    assert (await players.detach("a", "a-c")).outcome == "loading"
+    assert (await loading.assign(MODE, MATCH, "gs:1", "s-1")).status == "assigned"
+    record = keys.player("a")
+    assert 0 < await admin.pttl(record) <= 60_000
+    first = await players.attach("a", "a-c2")
+    assert first.player.state == "idle" and first.found == (MODE, MATCH)
+    assert await admin.pttl(record) == -1  # connected: no expiry
+    assert (await players.detach("a", "a-c2")).outcome == "removed"  # ended before telling it
+    assert 0 < await admin.pttl(record) <= 60_000 and await admin.hget(record, "found") == MATCH
+    second = await players.attach("a", "a-c3")
+    assert second.found == (MODE, MATCH)
+    await players.found_told("a", "another-match")  # not the one it names: kept
+    assert await admin.hget(record, "found") == MATCH
+    await players.found_told("a", MATCH)
+    assert not await admin.hexists(record, "found") and not await admin.hexists(record, "found_mode")
+    assert (await players.detach("a", "a-c3")).outcome == "removed"
+    assert await admin.exists(record) == 0  # nothing left to tell: an idle player's record goes
