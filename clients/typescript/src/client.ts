@@ -213,12 +213,29 @@ export class Client implements AsyncIterable<ServerMessage> {
 
   // -- the message stream --------------------------------------------------------------------
 
-  /** The next server message; rejects with ConnectionClosed once the client is finished. */
-  async recv(): Promise<ServerMessage> {
+  /** The next server message; rejects with ConnectionClosed once the client is finished.
+   * A caller that may stop waiting (a timeout, `Promise.race`) passes a `signal`: once it is
+   * aborted the call rejects with its reason and takes no message. Without one, a `recv()`
+   * nobody awaits any more still takes the next message when it comes, and nobody sees it. */
+  async recv(options: { signal?: AbortSignal } = {}): Promise<ServerMessage> {
+    const { signal } = options;
     while (this.inbox.length === 0) {
+      signal?.throwIfAborted();
       if (this.finished) throw this.terminal ?? new ConnectionClosed(1000, "closed by the client");
-      await new Promise<void>((resolve) => { this.waiters.push(resolve); });
+      await new Promise<void>((resolve, reject) => {
+        const wake = (): void => {
+          signal?.removeEventListener("abort", aborted);
+          resolve();
+        };
+        const aborted = (): void => {
+          this.waiters = this.waiters.filter((w) => w !== wake);
+          reject(signal?.reason);
+        };
+        this.waiters.push(wake);
+        signal?.addEventListener("abort", aborted, { once: true });
+      });
     }
+    signal?.throwIfAborted();
     return this.inbox.shift() as ServerMessage;
   }
 

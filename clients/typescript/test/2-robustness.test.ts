@@ -63,6 +63,19 @@ test("two readers of the stream each get a message", async () => {
   await client.close();
 });
 
+test("a recv() given up through its signal takes no message", async () => {
+  const client = await connect(URL, { token: token(name("giveup")) });
+  assert.equal((await client.recv()).type, "welcome");
+  const gaveUp = new AbortController();
+  const abandoned = client.recv({ signal: gaveUp.signal });
+  gaveUp.abort(new Error("gave up"));
+  await assert.rejects(abandoned, /gave up/);
+  await client.status();
+  assert.equal((await within(client.recv())).type, "queue_status"); // not eaten by the first
+  await assert.rejects(client.recv({ signal: AbortSignal.abort(new Error("already")) }), /already/);
+  await client.close();
+});
+
 test("close() while a reconnect waits for its token opens no socket afterwards", async () => {
   const sockets = counting();
   let calls = 0;
