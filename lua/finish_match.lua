@@ -20,8 +20,8 @@
 --       | {"absent"} | {"not_due"} | {"final", status} (already ended: nothing changes)
 --       | {"done", status, reason, player1, what1, player2, what2, ...}
 --         what: "requeued" | "removed" | "timed_out" | "matched"
--- Transitions: cancel: loading|allocating -> cancelled (the leaver removed with a penalty,
--- the others requeued, player_left; nothing happens if the leaver has reconnected meanwhile); abort (the leaver's worker is shutting down, not the
+-- Transitions: cancel: loading|allocating -> cancelled (the leaver removed with a penalty, and
+-- so is another player who left it too and whose own cancel is pending; the others requeued, player_left; nothing happens if the leaver has reconnected meanwhile); abort (the leaver's worker is shutting down, not the
 -- player's doing): loading|allocating -> cancelled, everyone requeued, server_shutdown; expire: loading past deadline -> timed_out (ready players
 -- requeued, loading_timeout; the others removed with a penalty), allocating past deadline ->
 -- failed (all requeued, allocation_failed; server_shutdown when the worker that ran the
@@ -183,6 +183,11 @@ for j = 1, n do
     if clear(j, 'removed') then penalise(j) end
   elseif new_status == 'timed_out' and redis.call('HEXISTS', m, 'r:' .. players[j]) == 0 then
     if clear(j, 'timed_out') then penalise(j) end
+  elseif (action == 'cancel' or action == 'abort') and not recs[j][3]
+      and redis.call('ZREM', left_key, ARGV[2] .. '|' .. players[j] .. '|cancel') == 1 then
+    -- Another player who left this ready check too, whose own cancel has not run yet: a
+    -- leaver as well (PROTOCOL 4), not requeued into a grace with its dodge uncounted.
+    if clear(j, 'removed') then penalise(j) end
   else
     requeue(j)
   end

@@ -351,3 +351,24 @@ async def test_a_match_found_while_away_waits_for_a_connection_that_tells_it(  #
     assert not await admin.hexists(record, "found") and not await admin.hexists(record, "found_mode")
     assert (await players.detach("a", "a-c3")).outcome == "removed"
     assert await admin.exists(record) == 0  # nothing left to tell: an idle player's record goes
+
+
+async def test_two_players_leaving_one_ready_check_are_both_leavers(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis
+) -> None:
+    """Both leave before either cancel runs: the first cancel ends the match, and the second
+    leaver is not requeued into a grace with its dodge uncounted (PROTOCOL 4: a leaver ends
+    idle, with a penalty); its own cancel then finds the match ended."""
+    await make_match(env, 60_000)
+    players, loading, _ = env
+    for p in "ab":
+        assert (await players.detach(p, f"{p}-c")).outcome == "loading"
+    done = await loading.cancel(MODE, MATCH, "a")
+    assert done.status == "cancelled" and {p.player: p.what for p in done.players} == {
+        "a": "removed", "b": "removed"}
+    for p in "ab":
+        assert await admin.exists(keys.player(p)) == 0
+        assert await admin.zcard(keys.penalty(p)) == 1
+    assert await admin.zcard(keys.queue(MODE)) == 0 and await admin.zcard(keys.left(MODE)) == 0
+    assert (await loading.cancel(MODE, MATCH, "b")).outcome == "final"
+    assert await admin.zcard(keys.penalty("b")) == 1
