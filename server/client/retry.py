@@ -10,6 +10,7 @@ from server.client.errors import (
     ERROR_CLASSES,
     ConnectionClosed,
     FastmatchClientError,
+    HandshakeRefused,
     RateLimited,
     ServerError,
     ServiceUnavailable,
@@ -47,6 +48,10 @@ def verdict(exc: BaseException, fresh_token: bool) -> float | None:
         return 0.0 if exc.code in RESUMABLE else None
     if isinstance(exc, ServerError) and (exc.code == "internal_error" or exc.code not in ERROR_CLASSES):
         return 0.0  # an unknown code counts as internal_error (docs/protocol.md section 5)
+    if isinstance(exc, HandshakeRefused) and (exc.status == 429 or 500 <= exc.status < 600):
+        # An HTTP-aware proxy in front (a 502 while the backends restart, a 504, a 429):
+        # passing, like the server's own 503.
+        return exc.retry_after_s or 0.0
     if isinstance(exc, FastmatchClientError):
         return None
     raise exc

@@ -9,6 +9,7 @@ import pytest
 from server.client import retry
 from server.client.errors import (
     ConnectionClosed,
+    HandshakeRefused,
     NotFound,
     PlayerBlocked,
     RateLimited,
@@ -39,6 +40,10 @@ def test_full_jitter_grows_to_the_cap_and_honours_the_server() -> None:
     (Unauthorized(401, "token expired"), False, None),  # the same token fails again
     (Unauthorized(401, "token expired"), True, 0.0),  # a token function may mint a fresh one
     (NotFound(404), False, None),
+    (HandshakeRefused(502, "bad gateway"), False, 0.0),  # a proxy while the backends restart
+    (HandshakeRefused(504, "", 3.0), False, 3.0),
+    (HandshakeRefused(429, "slow down", 1.0), False, 1.0),
+    (HandshakeRefused(400, "bad request"), False, None),
     (ConnectionClosed(1006), False, 0.0),
     (ConnectionClosed(1001), False, 0.0),
     (ConnectionClosed(1008), False, None),
