@@ -350,7 +350,13 @@ class Client:
         try:
             token = self._token()
             if inspect.isawaitable(token):
-                token = await token
+                # Bounded like the rest of an attempt: a token service that hangs would
+                # otherwise hold a reconnect past its grace, and the stream would never end.
+                async with asyncio.timeout(self._open_timeout_s):
+                    token = await token
+        except TimeoutError as exc:
+            raise TokenUnavailable(
+                f"the token function took longer than {self._open_timeout_s:g}s") from exc
         except Exception as exc:  # whatever the caller's function raises: a fetch, a bug
             raise TokenUnavailable(f"the token function failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(token, str):

@@ -177,6 +177,29 @@ async def test_a_token_function_that_fails_while_resuming_is_retried_then_ends_t
     assert not doomed.connected
 
 
+async def test_a_token_function_that_hangs_while_resuming_ends_the_stream_within_the_grace(
+    worker: Worker,
+) -> None:
+    """A token service that never answers during the outage: each attempt gives it up after
+    the open timeout, and the stream ends with TokenUnavailable once the grace has passed
+    instead of waiting for it forever."""
+    first = asyncio.Event()
+
+    async def hanging() -> str:
+        if first.is_set():
+            await asyncio.Event().wait()  # never answers again
+        first.set()
+        return token("hanging")
+
+    client = await connect(url(worker), hanging, resume_grace_s=1.0, open_timeout_s=0.3)
+    client.drop()
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(TokenUnavailable, match="took longer than 0.3s"):
+            while True:
+                await client.recv()
+    assert not client.connected
+
+
 async def test_a_bug_while_resuming_ends_the_stream_instead_of_hanging_it(
     worker: Worker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -315,7 +315,7 @@ export class Client implements AsyncIterable<ServerMessage> {
   /** One attempt: handshake and first message. */
   async connectOnce(): Promise<Welcome> {
     const source = this.options.token;
-    const token = typeof source === "string" ? source : await freshToken(source);
+    const token = typeof source === "string" ? source : await freshToken(source, this.options.openTimeoutMs ?? 10000);
     if (this.closing) throw new ConnectionClosed(1000, "closed by the client"); // while it waited
     const WS = (this.options.WebSocket ?? (globalThis as { WebSocket?: unknown }).WebSocket) as
       WebSocketConstructor | undefined;
@@ -536,12 +536,21 @@ export async function connect(url: string, options: ConnectOptions): Promise<Cli
   return client;
 }
 
-async function freshToken(source: () => string | Promise<string>): Promise<string> {
+/** The token function's answer, bounded like the rest of an attempt: a token service that
+ * hangs would otherwise hold a reconnect past its grace, and the stream would never end. */
+async function freshToken(source: () => string | Promise<string>, timeoutMs: number): Promise<string> {
   let token: unknown;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new TokenUnavailable(`the token function took longer than ${timeoutMs} ms`)), timeoutMs);
+  });
   try {
-    token = await source();
+    token = await Promise.race([source(), late]);
   } catch (error) {
+    if (error instanceof TokenUnavailable) throw error;
     throw new TokenUnavailable(`the token function failed: ${String(error)}`, error);
+  } finally {
+    clearTimeout(timer);
   }
   if (typeof token !== "string") throw new TokenUnavailable(`the token function returned ${typeof token}, not a string`);
   return token;

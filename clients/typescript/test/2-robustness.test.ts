@@ -103,6 +103,23 @@ test("close() while a reconnect waits for its token opens no socket afterwards",
   await drained(client); // the stream ended quietly (our own close)
 });
 
+test("a token function that hangs while resuming ends the stream within the grace", async () => {
+  let calls = 0;
+  const player = name("hanging");
+  const client = await connect(URL, {
+    resumeGraceMs: 1000,
+    openTimeoutMs: 300,
+    token: () => {
+      calls += 1;
+      return calls > 1 ? new Promise<string>(() => { /* never answers */ }) : token(player);
+    },
+  });
+  client.drop();
+  await assert.rejects(drained(client), (error: unknown) =>
+    error instanceof TokenUnavailable && /took longer than 300 ms/.test(error.message));
+  assert.equal(client.connected, false);
+});
+
 test("a token function that throws while resuming ends the stream with TokenUnavailable", async () => {
   let calls = 0;
   const player = name("doomed");
