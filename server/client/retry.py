@@ -13,7 +13,6 @@ from server.client.errors import (
     HandshakeRefused,
     RateLimited,
     ServerError,
-    ServiceUnavailable,
     TokenUnavailable,
     Unauthorized,
     Unavailable,
@@ -38,27 +37,24 @@ def verdict(exc: BaseException, fresh_token: bool) -> float | None:
 
     ``fresh_token``: the token comes from a function, so a 401 may be fixed by the next call.
     """
+    wait: float | None
     if isinstance(exc, OSError | TimeoutError | TokenUnavailable):
-        return 0.0
-    if isinstance(exc, ServiceUnavailable | Unavailable | RateLimited):
-        return _asked_wait(exc)
-    if isinstance(exc, Unauthorized):
-        return 0.0 if fresh_token else None
-    if isinstance(exc, ConnectionClosed):
-        return 0.0 if exc.code in RESUMABLE else None
-    if isinstance(exc, ServerError) and (exc.code == "internal_error" or exc.code not in ERROR_CLASSES):
-        return 0.0  # an unknown code counts as internal_error (docs/protocol.md section 5)
-    if isinstance(exc, HandshakeRefused) and (exc.status == 429 or 500 <= exc.status < 600):
-        # An HTTP-aware proxy in front (a 502 while the backends restart, a 504, a 429):
-        # passing, like the server's own 503.
-        return exc.retry_after_s or 0.0
-    if isinstance(exc, FastmatchClientError):
-        return None
-    raise exc
-
-
-def _asked_wait(exc: ServiceUnavailable | Unavailable | RateLimited) -> float:
-    """The wait the server asked for: HTTP Retry-After, or an error's retry_after_ms."""
-    if isinstance(exc, ServiceUnavailable):
-        return exc.retry_after_s or 0.0
-    return (exc.retry_after_ms or 0) / 1000
+        wait = 0.0
+    elif isinstance(exc, Unavailable | RateLimited):
+        wait = (exc.retry_after_ms or 0) / 1000  # what the server asked for
+    elif isinstance(exc, HandshakeRefused) and (exc.status == 429 or 500 <= exc.status < 600):
+        # The server's own 503 (shedding load, draining), or an HTTP-aware proxy in front (a
+        # 502 while the backends restart, a 504, a 429): passing, after its Retry-After.
+        wait = exc.retry_after_s or 0.0
+    elif isinstance(exc, Unauthorized):
+        wait = 0.0 if fresh_token else None
+    elif isinstance(exc, ConnectionClosed):
+        wait = 0.0 if exc.code in RESUMABLE else None
+    elif isinstance(exc, ServerError):
+        # An unknown code counts as internal_error (docs/protocol.md section 5).
+        wait = 0.0 if exc.code == "internal_error" or exc.code not in ERROR_CLASSES else None
+    elif isinstance(exc, FastmatchClientError):
+        wait = None
+    else:
+        raise exc
+    return wait
