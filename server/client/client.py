@@ -90,7 +90,7 @@ class Client:
         self, url: str, token: Token, *, auto_ready: bool = False, reconnect: bool = True,
         resume_grace_s: float = 10.0, token_in_query: bool = False, open_timeout_s: float = 10.0,
         close_timeout_s: float = 5.0, ssl: ssl_module.SSLContext | None = None,
-        max_size: int = 2**20,
+        max_size: int = 2**20, ping_interval_s: float | None = 20.0, ping_timeout_s: float = 20.0,
     ) -> None:
         self.url = url
         self._uri = _parse_uri(url)
@@ -103,6 +103,8 @@ class Client:
         self._close_timeout_s = close_timeout_s
         self._ssl = ssl
         self._max_size = max_size
+        self._ping_interval_s = ping_interval_s
+        self._ping_timeout_s = ping_timeout_s
 
         self.welcome: Welcome | None = None
         """The ``welcome`` of the current (or last) connection: who we are, what was resumed."""
@@ -332,7 +334,8 @@ class Client:
         first: asyncio.Future[Welcome] = loop.create_future()
         self._first = first
         self._established = False
-        wire = self._wire = Wire(uri, headers, self, self._max_size, self._close_timeout_s)
+        wire = self._wire = Wire(uri, headers, self, self._max_size, self._close_timeout_s,
+                                 self._ping_interval_s, self._ping_timeout_s)
         try:
             async with asyncio.timeout(self._open_timeout_s):
                 await loop.create_connection(lambda: wire, uri.host, uri.port, **self._tls(uri))

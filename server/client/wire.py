@@ -3,6 +3,8 @@
 No streams, no task, no per-message future: bytes from the socket go into the protocol, the
 events it yields are handed to a :class:`Handler` synchronously, and whatever the handler sends
 meanwhile (an automatic ``loading_complete``, a pong) leaves in the same ``transport.write``.
+A connection the server has been silent on for ``ping_interval_s`` is pinged, and dropped
+(1006, resumed like any network failure) if nothing arrives within ``ping_timeout_s``.
 """
 
 from __future__ import annotations
@@ -51,12 +53,16 @@ class Handler(Protocol):
 class Wire(asyncio.Protocol):
     def __init__(
         self, uri: WebSocketURI, headers: dict[str, str], handler: Handler, max_size: int,
-        close_timeout_s: float,
+        close_timeout_s: float, ping_interval_s: float | None = None, ping_timeout_s: float = 20.0,
     ) -> None:
         self.protocol = ClientProtocol(uri, max_size=max_size)
         self.headers = headers
         self.handler = handler
         self.close_timeout_s = close_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self._last_rx = 0.0  # loop time of the last bytes from the server
+        self._keepalive: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self._busy = False  # inside data_received: sends wait for the one flush at its end
         self._fragments: list[Data] = []
@@ -76,6 +82,7 @@ class Wire(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self._last_rx = asyncio.get_running_loop().time()
         protocol = self.protocol
         protocol.receive_data(data)
         self._busy = True
@@ -98,6 +105,8 @@ class Wire(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._abort_timer is not None:
             self._abort_timer.cancel()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self._ended:
             return
         self._ended = True
@@ -167,6 +176,9 @@ class Wire(asyncio.Protocol):
         self._answered = True
         exc = self.protocol.handshake_exc
         if exc is None:
+            if self.ping_interval_s:
+                self._keepalive = asyncio.get_running_loop().call_later(
+                    self.ping_interval_s, self._check_alive)
             self.handler.opened()
             return
         if isinstance(exc, InvalidStatus):
@@ -190,6 +202,34 @@ class Wire(asyncio.Protocol):
                 self.handler.frame(data)
         # Binary frames are not part of the protocol; pings are answered by the protocol;
         # a close frame is reported by connection_lost, once the socket has really ended.
+
+
+    # -- keepalive --------------------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        """Nothing from the server for ``ping_interval_s``: ping it. A half-open connection (a
+        NAT that forgot it, a mobile handover, a host gone without a FIN) otherwise shows only
+        when the kernel gives up, minutes later, long after the resume grace: requests hang
+        and the player's place is lost without a word."""
+        interval = self.ping_interval_s
+        if interval is None or self.protocol.state is not State.OPEN:
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_rx
+        if quiet < interval:  # heard from since: look again when it would be quiet that long
+            self._keepalive = loop.call_later(interval - quiet, self._check_alive)
+            return
+        self.protocol.send_ping(b"")
+        if not self._busy:
+            self._flush()
+        self._keepalive = loop.call_later(self.ping_timeout_s, self._check_answered, loop.time())
+
+    def _check_answered(self, pinged_at: float) -> None:
+        if self._last_rx >= pinged_at:  # any frame counts, the pong or another
+            self._check_alive()
+        elif self.transport is not None:
+            # Ends as a network failure does (1006): the client resumes within the grace.
+            self.transport.abort()
 
 
 def _retry_after(response: Response) -> float | None:

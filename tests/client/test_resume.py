@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import redis.asyncio as aioredis
 
 from server.client import CloseCode, Enqueued, Welcome, connect
+from server.store import keys
 from tests.app.served import Served, wait_workers
 from tests.helpers import TIMEOUT, next_of, token
 
@@ -36,4 +38,33 @@ async def test_rolling_restart_is_resumed_with_a_fresh_token(redis_url: str, adm
             assert (await client.status()).state == "queued"
             await client.dequeue()
     finally:
+        served.stop()
+
+
+async def test_a_silent_server_is_pinged_and_left_for_another_worker(
+    redis_url: str, admin: aioredis.Redis
+) -> None:
+    """Half-open: the worker holding the connection stops (SIGSTOP: no FIN, no RST, as a NAT
+    that forgot the flow or a host gone). The client pings the silent connection, hears
+    nothing, drops it and resumes on the other worker within the grace, place kept; without
+    the ping its requests would hang until the kernel gave up, minutes later."""
+    served = Served(redis_url, workers=2, FASTMATCH_SERVER__RESUME_GRACE_MS="10000").start()
+    stopped = 0
+    try:
+        await wait_workers(admin, 2)
+        async with connect(f"ws://127.0.0.1:{served.port}/ws", token("quiet"), open_timeout_s=1.0,
+                           resume_grace_s=10.0, ping_interval_s=0.3, ping_timeout_s=0.3) as client:
+            queued = await client.enqueue("5v5")
+            await next_of(client, Enqueued)  # past this connection's own welcome in the stream
+            holder = await admin.hget(keys.player("quiet"), "worker")
+            stopped = int(str(holder).rsplit("-", 2)[1])
+            os.kill(stopped, signal.SIGSTOP)
+            welcome = await next_of(client, Welcome, timeout=TIMEOUT * 3)
+            assert welcome.state == "queued" and welcome.queued_at_ms == queued.queued_at_ms
+            assert await admin.hget(keys.player("quiet"), "worker") != holder
+            assert (await client.status()).state == "queued"
+            await client.dequeue()
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGCONT)
         served.stop()
