@@ -38,8 +38,11 @@ if cur[7] then redis.call('HDEL', p, 'released') end
 -- Matched while no connection held it (lua/finish_match.lua): the record was kept for the
 -- resume grace so that a connection hears of the match. It is this connection's now, so it
 -- no longer expires; `found` stays until the match_found is sent (lua/found_told.lua): a
--- connection that ends before its welcome leaves it for the next (lua/detach.lua).
-if cur[8] then
+-- connection that ends before its welcome leaves it for the next (lua/detach.lua). A record
+-- released with an expiry whose `found` was told meanwhile (its detach and found_told
+-- crossed) must not expire under this connection either: every released record is made
+-- lasting (the common attach, over no record, pays nothing).
+if cur[8] or cur[7] then
   redis.call('PERSIST', p)
 end
 redis.call('SADD', KEYS[2], ARGV[1])

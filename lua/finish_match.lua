@@ -22,7 +22,8 @@
 --         what: "requeued" | "removed" | "timed_out" | "matched"
 -- Transitions: cancel: loading|allocating -> cancelled (the leaver removed with a penalty, and
 -- so is another player who left it too and whose own cancel is pending; the others requeued, player_left; nothing happens if the leaver has reconnected meanwhile); abort (the leaver's worker is shutting down, not the
--- player's doing): loading|allocating -> cancelled, everyone requeued, server_shutdown; expire: loading past deadline -> timed_out (ready players
+-- player's doing): loading|allocating -> cancelled, everyone requeued, server_shutdown (but a
+-- player who left by itself, its own cancel pending, is removed and penalised as in a cancel); expire: loading past deadline -> timed_out (ready players
 -- requeued, loading_timeout; the others removed with a penalty), allocating past deadline ->
 -- failed (all requeued, allocation_failed; server_shutdown when the worker that ran the
 -- handoff is past its heartbeat); fail: allocating -> failed (all requeued, reason);

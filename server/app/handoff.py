@@ -211,7 +211,7 @@ class Allocator:
         # would be requeued below while the server hosts it (and its players would be matched
         # again elsewhere).
         answered = {match_id: task for match_id, task in self._tasks.items()
-                    if (future := self._pending.get(match_id)) is not None and future.done()}
+                    if self.answered(match_id)}
         if answered:
             await asyncio.wait(answered.values(), timeout=_ANSWERED_WAIT_S)
         # Still writing its answer after that: not requeued here either (a server took it);

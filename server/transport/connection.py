@@ -161,7 +161,7 @@ class ClientConnection(WebSocketProtocol):
             self._apply(self.session.missed_match(missed))
         self.drain()
         self.flush()
-        if result.found and readable:  # told now, or its record is gone: nothing to tell again
+        if result.found and readable and not self.lost:  # told now, or its record is gone
             front.spawn(self._found_told(result.found[1]))
 
     async def _missed_match(self, found: tuple[str, str]) -> tuple[MatchView | None, bool]:

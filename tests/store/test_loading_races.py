@@ -372,3 +372,27 @@ async def test_two_players_leaving_one_ready_check_are_both_leavers(  # type: ig
     assert await admin.zcard(keys.queue(MODE)) == 0 and await admin.zcard(keys.left(MODE)) == 0
     assert (await loading.cancel(MODE, MATCH, "b")).outcome == "final"
     assert await admin.zcard(keys.penalty("b")) == 1
+
+
+async def test_a_released_record_whose_match_was_told_meanwhile_does_not_expire_under_a_connection(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis
+) -> None:
+    """A told connection ends and its detach reaches Redis before its found_told: the record is
+    kept for another grace, then found_told forgets the match. The next connection must make
+    the record lasting all the same, or it would expire under a live player."""
+    await make_match(env, 60_000)
+    players, loading, _ = env
+    await ready(env, "b")
+    await ready(env, "a")
+    await players.detach("a", "a-c")
+    await loading.assign(MODE, MATCH, "gs:1", "s-1")
+    await players.attach("a", "a-c2")
+    assert (await players.detach("a", "a-c2")).outcome == "removed"  # before its found_told
+    await players.found_told("a", MATCH)
+    record = keys.player("a")
+    assert await admin.pttl(record) > 0 and not await admin.hexists(record, "found")
+    back = await players.attach("a", "a-c3")
+    assert back.found is None and back.player.state == "idle"
+    assert await admin.pttl(record) == -1
+    await players.detach("a", "a-c3")
+    assert await admin.exists(record) == 0
