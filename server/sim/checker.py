@@ -255,7 +255,7 @@ _HANDLERS: Final[dict[type, Callable[[SequenceChecker, ServerMessage], None]]] =
 }
 
 
-def cross_check(players: Iterable[tuple[str, list[SessionSeen]]]) -> list[str]:
+def cross_check(players: Iterable[tuple[str, list[SessionSeen]]], epochs_ordered: bool = False) -> list[str]:
     """All players of a session saw the same teams and no contradictory outcome; no match was
     found while one of its players had walked out of the ready check (and not come back to
     it); nobody was in two matches that were found (unless it missed the first,
@@ -289,33 +289,37 @@ def cross_check(players: Iterable[tuple[str, list[SessionSeen]]]) -> list[str]:
             if (member, session) not in own:
                 unheard[member].append(session)
     for member, found in found_in.items():
-        problems += _matched_twice(member, found, own, unheard.get(member, []))
+        problems += _matched_twice(member, found, own, unheard.get(member, []), epochs_ordered)
     return problems
 
 
 def _matched_twice(member: str, found: list[str], own: dict[tuple[str, str], str],
-                   unheard: list[str]) -> list[str]:
+                   unheard: list[str], epochs_ordered: bool) -> list[str]:
     problems = []
     counted = [s for s in found if own.get((member, s)) not in ABSENT]
     if len(counted) > 1:
         problems.append(f"{member}: in {len(counted)} matches found: {', '.join(sorted(counted))}")
     # A ready check formed after the one it was matched in: its ticket outlived the match.
     # (One formed before may have ended while the player was away and back in time.)
-    later = [s for s in unheard if any(_formed_after(s, m) for m in found
+    later = [s for s in unheard if any(_formed_after(s, m, epochs_ordered) for m in found
                                        if own.get((member, m)) == "match_found")]
     if later:
         problems.append(f"{member}: put into {', '.join(sorted(later))} after it was matched")
     return problems
 
 
-def _formed_after(session: str, other: str) -> bool:
-    """Was ``session`` formed after ``other`` by the same leader? Ids are ``<epoch>.<leader
-    tag>.<tick>.<n>``: a leader's tag is its own and its ticks only grow, while epochs start
-    over when Redis loses its data, so only one leader's ticks compare (else False)."""
+def _formed_after(session: str, other: str, epochs_ordered: bool = False) -> bool:
+    """Was ``session`` formed after ``other``? Ids are ``<epoch>.<leader tag>.<tick>.<n>``: a
+    leader's tag is its own and its ticks only grow, so one leader's ticks compare. Across
+    leaders the lease epochs do (each acquisition increments them), but only with
+    ``epochs_ordered``: they start over when Redis loses its data (a restart without it).
+    Anything else: False (no order to trust)."""
     a, b = session.split("."), other.split(".")
-    if len(a) != 4 or len(b) != 4 or a[1] != b[1] or not (a[2].isdigit() and b[2].isdigit()):
+    if len(a) != 4 or len(b) != 4 or not all(x.isdigit() for x in (a[0], a[2], b[0], b[2])):
         return False
-    return int(a[2]) > int(b[2])
+    if a[1] == b[1]:
+        return int(a[2]) > int(b[2])
+    return epochs_ordered and int(a[0]) > int(b[0])
 
 
 def missed_matches(players: Iterable[tuple[str, list[SessionSeen]]]) -> int:

@@ -240,11 +240,17 @@ def test_a_ready_check_formed_after_a_match_the_player_never_heard_of_is_flagged
                    ("b", [SessionSeen("4.t.9.0", "a|b", "requeued")]),
                    ("c", [SessionSeen("3.t.7.0", "a|c", "match_found")])]
     assert any("a: put into 4.t.9.0" in p for p in cross_check(same_leader))
-    # Another leader, or the epochs started over (Redis lost its data): no order to trust.
+    # Another leader, a later lease: the epochs order them (a failover, a killed leader) ...
     other_leader = [("a", [SessionSeen("1.u.3.0", "a|c", "match_found")]),
                     ("b", [SessionSeen("2.t.140.0", "a|b", "requeued")]),
                     ("c", [SessionSeen("1.u.3.0", "a|c", "match_found")])]
+    assert any("a: put into 2.t.140.0" in p for p in cross_check(other_leader, epochs_ordered=True))
+    # ... unless they started over (Redis lost its data): then no order to trust.
     assert cross_check(other_leader) == []
+    earlier_leader = [("a", [SessionSeen("2.u.3.0", "a|c", "match_found")]),
+                      ("b", [SessionSeen("1.t.140.0", "a|b", "requeued")]),
+                      ("c", [SessionSeen("2.u.3.0", "a|c", "match_found")])]
+    assert cross_check(earlier_leader, epochs_ordered=True) == []
 
 
 def test_fault_schedules() -> None:
