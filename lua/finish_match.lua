@@ -229,5 +229,17 @@ end
 -- The record stays a short while so late answers meet a clear status, then it expires.
 redis.call('PEXPIRE', m, ARGV[6])
 post(head, by_worker)
-flush(ARGV[9])
+local unheard = flush(ARGV[9])
+if new_status == 'assigned' and next(unheard) then
+  -- Nobody heard the match_found of a connection whose worker died (killed: its connection
+  -- is in the record until the reapers release it) or is resubscribing: kept as for a player
+  -- with no connection, so that the next connection hears it (lua/attach.lua); the reaper's
+  -- release gives the record its expiry (lua/detach.lua).
+  for j = 1, n do
+    local rec = recs[j]
+    if rec[1] == ARGV[2] and rec[3] and unheard[rec[4]] then
+      redis.call('HSET', KEYS[6 + j], 'found', ARGV[2], 'found_mode', mode)
+    end
+  end
+end
 return out

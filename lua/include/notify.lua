@@ -28,8 +28,15 @@ local function post(head, by_worker)
     events[#events + 1] = head .. ',"to":[' .. table.concat(entries, ',') .. ']}'
   end
 end
+-- Returns the workers whose channel nobody heard (PUBLISH counts the receivers): a worker
+-- that died (its subscriber's connection ended with it), or one resubscribing.
 local function flush(prefix)
+  local unheard = {}
   for worker, events in pairs(outbox) do
-    redis.call('PUBLISH', prefix .. worker, '{"kind":"notices","events":[' .. table.concat(events, ',') .. ']}')
+    if redis.call('PUBLISH', prefix .. worker,
+        '{"kind":"notices","events":[' .. table.concat(events, ',') .. ']}') == 0 then
+      unheard[worker] = true
+    end
   end
+  return unheard
 end

@@ -16,7 +16,7 @@ from server.logthrottle import Throttled
 from server.protocol import codec
 from server.protocol.auth import Identity
 from server.protocol.messages import Error as ErrorMessage
-from server.protocol.messages import ServerMessage
+from server.protocol.messages import MatchFound, ServerMessage
 from server.protocol.results import (
     DequeueResult,
     EnqueueResult,
@@ -392,8 +392,14 @@ class ClientConnection(WebSocketProtocol):
     def catch_up(self, state: PlayerState, views: Mapping[str, MatchView]) -> None:
         """Tell the player what was published while this worker could not hear (resync)."""
         if self.session is not None and not self.lost:
-            self._apply(self.session.caught_up(state, views))
+            effects = self.session.caught_up(state, views)
+            self._apply(effects)
             self.flush()
+            for effect in effects:
+                # A match_found nobody heard is also kept in the record for the next
+                # connection (lua/finish_match.lua): told now, so forgotten.
+                if isinstance(effect, Send) and isinstance(effect.message, MatchFound):
+                    self.front.spawn(self._found_told(effect.message.loading_session_id))
 
     def reconcile(self, state: PlayerState) -> None:
         """Redis' view of the player after a request whose outcome was lost: correct ours

@@ -18,10 +18,14 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from server.config import RedisConfig
 from server.store import keys
+from server.store.client import RedisClient
+from server.store.matches import HoldTimes, LoadingStore
 from tests.app.served import Served, alive, http_get, sample, wait_workers, worker_pids
 from tests.app.test_matchmaking import start_loading
-from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request
+from tests.conftest import GameServerFactory
+from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request, send
 
 ServeFactory = Callable[..., Served]
 
@@ -109,6 +113,75 @@ async def test_sigkill_a_worker_while_players_queue_and_match(
         await start_loading(ws)
     for ws in [*clients.values(), *duo]:
         await ws.close()
+
+
+async def test_a_match_found_for_a_killed_workers_player_is_told_to_its_next_connection(
+    serve: ServeFactory, admin: aioredis.Redis, redis_url: str,
+    start_game_server: GameServerFactory,
+) -> None:
+    """The worker holding one player of a handoff is SIGKILLed; the game server answers
+    before the reapers release that player (the record still names the dead connection), so
+    its match_found is published to a channel nobody hears. The player's next connection,
+    on whichever worker, is welcomed idle and then told where to play; the other player hears
+    it live as always."""
+    served = serve(workers=2, FASTMATCH_GAMESERVER__EMBEDDED="false",
+                   FASTMATCH_GAMESERVER__ALLOCATION_TIMEOUT_MS="60000",
+                   FASTMATCH_SERVER__HEARTBEAT_TTL_S="60",  # no reaping within the test
+                   FASTMATCH_SERVER__RESUME_GRACE_MS="60000")
+    await start_game_server(silent=True)  # listens, never answers: the test answers for it
+    pids = await wait_workers(admin, 2)
+    pair: dict[str, ClientConnection] = {}
+    for i in range(40):  # one player on each worker, same rating, far from everyone else
+        ws, _ = await connect_player(served.port, f"k{i}", 90_000)
+        where = (await owners(admin, [f"k{i}"]))[f"k{i}"]
+        if where in {w for w in (await owners(admin, list(pair))).values()}:
+            await ws.close()
+            continue
+        pair[f"k{i}"] = ws
+        if len(pair) == 2:
+            break
+    where = await owners(admin, list(pair))
+    victim = next(p for p in pair if where[p] == next(iter(pids)))
+    survivor = next(p for p in pair if p != victim)
+    for ws in pair.values():
+        assert (await request(ws, {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    loads = {p: await start_loading(ws) for p, ws in pair.items()}
+    session = loads[victim]["loading_session_id"]
+    for ws in pair.values():
+        await send(ws, {"type": "loading_complete", "loading_session_id": session})
+    match = keys.match("1v1", session)
+    async with asyncio.timeout(TIMEOUT):
+        while await admin.hget(match, "status") != "allocating":
+            await asyncio.sleep(0.01)
+    os.kill(pids[where[victim]], signal.SIGKILL)
+    channel = keys.worker_channel(where[victim])
+    async with asyncio.timeout(TIMEOUT):  # its subscriber's connection ended with it
+        while (await admin.pubsub_numsub(channel))[0][1]:
+            await asyncio.sleep(0.01)
+    assert await admin.hget(keys.player(victim), "worker") == where[victim]  # not reaped
+    client = RedisClient(redis_url, RedisConfig(operation_timeout_s=TIMEOUT))
+    try:
+        loading = LoadingStore(client, resume_grace_ms=60_000, penalty_window_ms=60_000,
+                               finished_ttl_ms=60_000, hold=HoldTimes(1000, 30_000, 1000))
+        done = await loading.assign("1v1", session, "10.0.0.7:7777", "gs-7")
+    finally:
+        await client.close()
+    assert done.status == "assigned"
+    found = {"type": "match_found", "loading_session_id": session, "game_mode": "1v1",
+             "server_address": "10.0.0.7:7777", "server_session_id": "gs-7",
+             "teams": loads[survivor]["teams"]}
+    assert await recv(pair[survivor]) == found
+    assert not await admin.hexists(keys.player(survivor), "found")  # heard live: nothing kept
+    ws, welcome = await connect_player(served.port, victim, 90_000)
+    assert welcome["state"] == "idle"
+    assert await recv(ws) == found
+    async with asyncio.timeout(TIMEOUT):  # told: forgotten, so no later connection hears it
+        while await admin.hexists(keys.player(victim), "found"):
+            await asyncio.sleep(0.01)
+    assert (await request(ws, {"type": "status"}))["state"] == "idle"
+    assert not await admin.keys(keys.penalty("*"))
+    for client_ws in (ws, pair[survivor]):
+        await client_ws.close()
 
 
 async def test_a_stalled_worker_reaped_by_the_others_takes_its_players_back(

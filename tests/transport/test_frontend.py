@@ -298,6 +298,48 @@ async def test_a_ready_check_formed_while_deaf_is_told_after_resync(
         await ws.close()
 
 
+async def test_a_match_found_while_deaf_is_told_after_resync_and_only_once(
+    start_worker: WorkerFactory, start_game_server: GameServerFactory, admin: aioredis.Redis
+) -> None:
+    """The game server's answer lands while the worker has no subscriber: nobody heard the
+    match_found, so the records keep it (as for a player with no connection). The resync
+    tells it, and that forgets it: a later connection of the player is not told it again."""
+    await start_game_server()
+    w = await start_worker()
+    await asyncio.wait_for(w.matchmakers["1v1"].wait_leading(), TIMEOUT)
+    clients = {}
+    for player in ("ria", "sol"):
+        clients[player], _ = await connect_player(w.front.port, player, 1500)
+        assert (await request(clients[player], {"type": "enqueue", "game_mode": "1v1"}))["type"] == "enqueued"
+    loads = {p: await recv(ws, TIMEOUT * 2) for p, ws in clients.items()}
+    sid = loads["ria"]["loading_session_id"]
+    conns = {c.player_id: c.conn_id for c in w.front.connections.values()}
+    # Ready through the store, so that no handoff starts: the test answers for the fleet.
+    for player in ("ria", "sol"):
+        await w.loading.ready("1v1", sid, player, conns[player], 60_000, w.worker_id)
+    await w.subscriber.close()
+    assert (await w.loading.assign("1v1", sid, "10.0.0.8:7777", "gs-8")).status == "assigned"
+    for player in clients:
+        assert await admin.hget(keys.player(player), "found") == sid  # nobody heard it
+    w.subscriber.start()
+    for player, ws in clients.items():
+        assert await recv(ws, TIMEOUT * 2) == {
+            "type": "match_found", "loading_session_id": sid, "game_mode": "1v1",
+            "server_address": "10.0.0.8:7777", "server_session_id": "gs-8",
+            "teams": loads[player]["teams"]}
+    async with asyncio.timeout(TIMEOUT):  # told: forgotten
+        while await admin.hexists(keys.player("ria"), "found") or await admin.hexists(
+                keys.player("sol"), "found"):
+            await asyncio.sleep(0.01)
+    await clients["ria"].close()
+    await _until(lambda: admin.exists(keys.player("ria")), present=False)  # idle: not kept
+    again, welcome = await connect_player(w.front.port, "ria", 1500)
+    assert welcome["state"] == "idle"
+    assert (await request(again, {"type": "status"}))["type"] == "queue_status"  # nothing else
+    for ws in (again, clients["sol"]):
+        await ws.close()
+
+
 async def test_a_ready_check_that_ended_while_deaf_is_told_after_resync(
     start_worker: WorkerFactory, start_game_server: GameServerFactory, admin: aioredis.Redis
 ) -> None:
