@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 
@@ -11,6 +11,15 @@ PROTOCOL_VERSION: Final = 1
 ShortStr = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 RequestId = Annotated[str, msgspec.Meta(max_length=128)]
 StateName = Literal["idle", "queued", "loading"]
+
+
+def known(values: Any, meaning: str) -> msgspec.Meta:
+    """For a string field whose values a newer server may add to (a reason, an error code):
+    this server sends only ``values`` (the JSON Schema lists them as ``x-known-values``), and
+    a client accepts any other as ``meaning`` says, instead of failing to read the message."""
+    listed = list(get_args(values))
+    return msgspec.Meta(description=f"{', '.join(listed)}; {meaning}",
+                        extra_json_schema={"x-known-values": listed})
 
 
 class _Client(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
@@ -71,11 +80,14 @@ class Enqueued(_Server, tag="enqueued", frozen=True):
     request_id: str | None = None
 
 
+DequeueReason = Literal["requested", "removed"]
+
+
 class Dequeued(_Server, tag="dequeued", frozen=True):
     """The player left the queue: on request, or removed by the server (`reason: removed`)."""
 
     game_mode: str
-    reason: Literal["requested", "removed"]
+    reason: Annotated[str, known(DequeueReason, "clients treat an unknown reason like removed")]
     request_id: str | None = None
 
 
@@ -107,7 +119,8 @@ class Requeued(_Server, tag="requeued", frozen=True):
     """The match fell through, not by this player's fault: back in the queue, same place."""
 
     game_mode: str
-    reason: RequeueReason
+    reason: Annotated[str, known(RequeueReason, "clients treat an unknown reason like any other: "
+                                                "back in the queue, same place")]
     queued_at_ms: int
 
 
@@ -126,12 +139,12 @@ class QueueStatus(_Server, tag="queue_status", frozen=True):
     waiting_for: str | None = None
 
 
-ErrorCode = Annotated[str, msgspec.Meta(
-    description="invalid_message, unsupported_game_mode, already_in_queue, not_in_queue, "
-                "wrong_session_id, invalid_state, loading_timeout, player_blocked, rate_limited, "
-                "unavailable, internal_error; clients treat an unknown code like internal_error",
-    examples=["already_in_queue"],
-)]
+ErrorCodeName = Literal[
+    "invalid_message", "unsupported_game_mode", "already_in_queue", "not_in_queue",
+    "wrong_session_id", "invalid_state", "loading_timeout", "player_blocked", "rate_limited",
+    "unavailable", "internal_error",
+]
+ErrorCode = Annotated[str, known(ErrorCodeName, "clients treat an unknown code like internal_error")]
 
 
 class Error(_Server, tag="error", frozen=True):

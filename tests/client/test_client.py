@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from websockets.asyncio.server import ServerConnection, serve
 
 from server.app.worker import Worker
 from server.client import (
@@ -16,6 +18,7 @@ from server.client import (
     Client,
     CloseCode,
     ConnectionClosed,
+    Dequeued,
     Enqueued,
     Error,
     InternalError,
@@ -27,6 +30,7 @@ from server.client import (
     NotInQueue,
     PlayerBlocked,
     RateLimited,
+    Requeued,
     ServerError,
     ServiceUnavailable,
     SessionReplaced,
@@ -314,6 +318,45 @@ async def test_503_carries_retry_after() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_newer_servers_fields_types_and_values_do_not_cost_a_message() -> None:
+    """docs/protocol.md 2: a newer server may add fields, message types and values of a
+    reason or an error code. The client skips only the message type it does not know; a
+    `requeued` or `dequeued` with a reason it does not know still moves its state, and an
+    unknown code is a plain ServerError (from a small real WebSocket server)."""
+    frames = [
+        {"type": "welcome", "player_id": "p", "state": "queued", "protocol": 1,
+         "game_mode": "1v1", "queued_at_ms": 5, "region": "eu-west"},
+        {"type": "party_invite", "from": "q"},
+        {"type": "start_loading", "loading_session_id": "m1", "game_mode": "1v1",
+         "teams": [["p"], ["q"]], "deadline_ms": 9, "map": "dust"},
+        {"type": "requeued", "game_mode": "1v1", "reason": "match_cancelled", "queued_at_ms": 5},
+        {"type": "dequeued", "game_mode": "1v1", "reason": "season_ended"},
+        {"type": "error", "code": "quota_exceeded", "message": "too many games today"},
+    ]
+
+    async def newer(ws: ServerConnection) -> None:
+        for frame in frames:
+            await ws.send(json.dumps(frame))
+        await ws.wait_closed()
+
+    async with serve(newer, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = await connect(f"ws://127.0.0.1:{port}/ws", token("p"), auto_ready=False,
+                               open_timeout_s=TIMEOUT)
+        async with client:
+            got = [await asyncio.wait_for(client.recv(), TIMEOUT) for _ in range(5)]
+            assert [type(m).__name__ for m in got] == [
+                "Welcome", "StartLoading", "Requeued", "Dequeued", "Error"]
+            welcome, _, requeued, dequeued, error = got
+            assert isinstance(welcome, Welcome) and welcome.state == "queued"
+            assert isinstance(requeued, Requeued) and requeued.reason == "match_cancelled"
+            assert isinstance(dequeued, Dequeued) and dequeued.reason == "season_ended"
+            assert client.state == "idle" and client.game_mode is None
+            assert isinstance(error, Error)
+            raised = error_for(error)
+            assert type(raised) is ServerError and raised.code == "quota_exceeded"
 
 
 # -- every error code, as its own exception ---------------------------------------------------------------

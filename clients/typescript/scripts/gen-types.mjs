@@ -18,6 +18,9 @@ function typeOf(s) {
   if (s.$ref) return s.$ref.split("/").pop();
   if (s.anyOf) return s.anyOf.map(typeOf).join(" | ");
   if (s.enum) return s.enum.map((v) => JSON.stringify(v)).join(" | ");
+  // A string a newer server may send other values of: the known ones for the editor, and
+  // `string & {}` so that code must handle the rest (and the union is not folded into string).
+  if (s["x-known-values"]) return [...s["x-known-values"].map((v) => JSON.stringify(v)), "(string & {})"].join(" | ");
   switch (s.type) {
     case "string": return "string";
     case "integer": case "number": return "number";

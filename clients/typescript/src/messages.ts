@@ -57,7 +57,8 @@ export interface Enqueued {
 export interface Dequeued {
   type: "dequeued";
   game_mode: string;
-  reason: "removed" | "requested";
+  /** requested, removed; clients treat an unknown reason like removed */
+  reason: "requested" | "removed" | (string & {});
   request_id?: string | null;
 }
 
@@ -84,7 +85,8 @@ export interface MatchFound {
 export interface Requeued {
   type: "requeued";
   game_mode: string;
-  reason: "allocation_failed" | "loading_timeout" | "no_game_server" | "player_left" | "server_shutdown";
+  /** player_left, loading_timeout, no_game_server, allocation_failed, server_shutdown; clients treat an unknown reason like any other: back in the queue, same place */
+  reason: "player_left" | "loading_timeout" | "no_game_server" | "allocation_failed" | "server_shutdown" | (string & {});
   queued_at_ms: number;
 }
 
@@ -105,7 +107,7 @@ export interface QueueStatus {
 export interface Error {
   type: "error";
   /** invalid_message, unsupported_game_mode, already_in_queue, not_in_queue, wrong_session_id, invalid_state, loading_timeout, player_blocked, rate_limited, unavailable, internal_error; clients treat an unknown code like internal_error */
-  code: string;
+  code: "invalid_message" | "unsupported_game_mode" | "already_in_queue" | "not_in_queue" | "wrong_session_id" | "invalid_state" | "loading_timeout" | "player_blocked" | "rate_limited" | "unavailable" | "internal_error" | (string & {});
   message: string;
   request_id?: string | null;
   retry_after_ms?: number | null;
