@@ -13,7 +13,7 @@
 -- queued_at comes from the Redis clock so every worker and host agrees on wait times.
 --#include owner
 local p = KEYS[1]
-local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'queued_at', 'released', 'match')
+local cur = redis.call('HMGET', p, 'conn', 'state', 'mode', 'queued_at', 'released', 'match', 'found')
 if not cur[1] and (not cur[2] or released_here(cur[5], ARGV[2])) then
   return {'gone'}
 elseif cur[1] ~= ARGV[2] then
@@ -43,4 +43,9 @@ redis.call('HSET', KEYS[3], ARGV[1], ticket)
 redis.call('ZREM', KEYS[4], ARGV[1])
 changed(KEYS[5], 'a', ARGV[1], ticket)
 redis.call('HSET', p, 'state', 'queued', 'mode', ARGV[3], 'queued_at', now)
+if cur[7] then
+  -- A match found while away and not forgotten (its connection's found_told failed): the
+  -- player has moved on, and no later connection must hear it (lua/finish_match.lua).
+  redis.call('HDEL', p, 'found', 'found_mode')
+end
 return {'ok', tostring(now)}

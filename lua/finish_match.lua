@@ -13,6 +13,8 @@
 -- ARGV[8] assign: server session id  ARGV[9] delivery channel prefix (keys.DELIVERY_PREFIX)
 -- ARGV[10] hold after the first failed handoff (ms; doubles per failure in a row)
 -- ARGV[11] the longest hold (ms)  ARGV[12] the hold when no game server listens (ms)
+-- ARGV[13] "1": a PUBLISH here counts every subscriber (one node; server/store/client.py
+--          `one_node`), so one that reached nobody was not heard
 -- The workers holding the players hear an "ended" notice with each player's outcome:
 -- requeued, removed (the leaver: dequeued{removed}), timed_out (error{loading_timeout}), or
 -- matched (match_found).
@@ -230,7 +232,7 @@ end
 redis.call('PEXPIRE', m, ARGV[6])
 post(head, by_worker)
 local unheard = flush(ARGV[9])
-if new_status == 'assigned' and next(unheard) then
+if new_status == 'assigned' and ARGV[13] == '1' and next(unheard) then
   -- Nobody heard the match_found of a connection whose worker died (killed: its connection
   -- is in the record until the reapers release it) or is resubscribing: kept as for a player
   -- with no connection, so that the next connection hears it (lua/attach.lua); the reaper's

@@ -203,6 +203,14 @@ class RedisClient:
         return sum(await asyncio.gather(*(asked(a) for a in added)))
 
     @property
+    def one_node(self) -> bool:
+        """A plain Redis URL: every connection fastmatch opens (each worker's subscriber
+        included) is to the node where the scripts run, so a PUBLISH counts every subscriber.
+        Not so on a cluster (a node counts its own) nor under Sentinel (a subscriber may stay
+        on a demoted primary that still hears everything through replication)."""
+        return self.locator.spec is None and self.locator.cluster is None
+
+    @property
     def writes(self) -> int:
         """Writes to Redis so far (round trips: calls of one pipeline window share one)."""
         nodes = [self._single] if self._single is not None else self._nodes.values()

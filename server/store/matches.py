@@ -240,7 +240,9 @@ class LoadingStore:
         self.client = client
         self.observer = observer
         self._finish_args = [resume_grace_ms, penalty_window_ms, finished_ttl_ms]
-        self._hold_args = [hold.initial_ms, hold.max_ms, hold.no_server_ms]
+        self._tail_args = [hold.initial_ms, hold.max_ms, hold.no_server_ms,
+                           # A PUBLISH that reached nobody means nobody heard (finish_match)
+                           "1" if client.one_node else "0"]
 
     async def views(self, matches: Sequence[tuple[str, str]]) -> dict[str, MatchView]:
         """The records of these (mode, match id) loading sessions that Redis still has,
@@ -335,7 +337,7 @@ class LoadingStore:
             raw = await self.client.script(
                 "finish_match", script_keys,
                 [action, match_id, csv, *self._finish_args, arg, arg2, keys.DELIVERY_PREFIX,
-                 *self._hold_args]
+                 *self._tail_args]
             )
             result = _finish_result(raw)
             if result is not None:

@@ -16,7 +16,7 @@ from server.logthrottle import Throttled
 from server.protocol import codec
 from server.protocol.auth import Identity
 from server.protocol.messages import Error as ErrorMessage
-from server.protocol.messages import MatchFound, ServerMessage
+from server.protocol.messages import ServerMessage
 from server.protocol.results import (
     DequeueResult,
     EnqueueResult,
@@ -392,14 +392,15 @@ class ClientConnection(WebSocketProtocol):
     def catch_up(self, state: PlayerState, views: Mapping[str, MatchView]) -> None:
         """Tell the player what was published while this worker could not hear (resync)."""
         if self.session is not None and not self.lost:
-            effects = self.session.caught_up(state, views)
-            self._apply(effects)
+            was_in = self.session.loading_session_id
+            self._apply(self.session.caught_up(state, views))
             self.flush()
-            for effect in effects:
-                # A match_found nobody heard is also kept in the record for the next
-                # connection (lua/finish_match.lua): told now, so forgotten.
-                if isinstance(effect, Send) and isinstance(effect.message, MatchFound):
-                    self.front.spawn(self._found_told(effect.message.loading_session_id))
+            ended = views.get(was_in) if was_in else None
+            if was_in and ended is not None and ended.status == "assigned":
+                # Its match_found, which nobody heard, is also kept in the record for the
+                # next connection (lua/finish_match.lua): told now (or held behind the
+                # request in flight, told right after its answer), so forgotten.
+                self.front.spawn(self._found_told(was_in))
 
     def reconcile(self, state: PlayerState) -> None:
         """Redis' view of the player after a request whose outcome was lost: correct ours

@@ -353,6 +353,29 @@ async def test_a_match_found_while_away_waits_for_a_connection_that_tells_it(  #
     assert await admin.exists(record) == 0  # nothing left to tell: an idle player's record goes
 
 
+async def test_an_enqueue_forgets_a_match_found_while_away_that_was_not_forgotten(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis
+) -> None:
+    """The connection that heard the match_found could not forget it (its found_told
+    failed), and the player queues again: the old match is not told to a later connection."""
+    await make_match(env, 60_000)
+    players, loading, _ = env
+    await ready(env, "b")
+    await ready(env, "a")
+    await players.detach("a", "a-c")
+    await loading.assign(MODE, MATCH, "gs:1", "s-1")
+    assert (await players.attach("a", "a-c2")).found == (MODE, MATCH)  # told, not forgotten
+    assert (await players.enqueue("a", "a-c2", MODE, 1500, {})).queued_at_ms > 0
+    record = keys.player("a")
+    assert not await admin.hexists(record, "found") and not await admin.hexists(record, "found_mode")
+    assert (await players.detach("a", "a-c2")).outcome == "grace"
+    assert (await players.attach("a", "a-c3")).found is None
+    assert (await players.dequeue("a", "a-c3")).outcome == "ok"
+    await players.detach("a", "a-c3")
+    await players.detach("b", "b-c")
+    assert await admin.exists(record) == 0
+
+
 async def test_two_players_leaving_one_ready_check_are_both_leavers(  # type: ignore[no-untyped-def]
     env, admin: aioredis.Redis
 ) -> None:
