@@ -150,7 +150,9 @@ class SequenceChecker:
         asked = "dequeue" in self.pending or "dequeue" in self.ambiguous
         self.pending.discard("dequeue")
         self.ambiguous.discard("dequeue")
-        if msg.reason == "removed":  # told: the server took the ticket (or the ready check)
+        # Told: the server took the ticket (or the ready check); a reason this checker does
+        # not know reads as removed (docs/protocol.md 2).
+        if msg.reason != "requested":
             if self._expect("queued", "loading", what="dequeued{removed}"):
                 self._end_current("removed")
                 self.state, self.queued_at = "idle", None

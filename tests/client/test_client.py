@@ -359,6 +359,31 @@ async def test_a_newer_servers_fields_types_and_values_do_not_cost_a_message() -
             assert type(raised) is ServerError and raised.code == "quota_exceeded"
 
 
+async def test_a_ready_answer_refused_with_an_unknown_code_is_sent_again() -> None:
+    """docs/protocol.md: an unknown error code counts as internal_error, so auto_ready sends a
+    loading_complete the server refused with one again, after its retry_after_ms."""
+    answers: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+
+    async def newer(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "welcome", "player_id": "p", "state": "idle", "protocol": 1}))
+        await ws.send(json.dumps({"type": "start_loading", "loading_session_id": "m1",
+                                  "game_mode": "1v1", "teams": [["p"], ["q"]], "deadline_ms": 9}))
+        await answers.put(json.loads(await ws.recv()))
+        await ws.send(json.dumps({"type": "error", "code": "shard_moving", "message": "soon",
+                                  "retry_after_ms": 20}))
+        await answers.put(json.loads(await ws.recv()))
+        await ws.wait_closed()
+
+    async with serve(newer, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = await connect(f"ws://127.0.0.1:{port}/ws", token("p"), auto_ready=True,
+                               open_timeout_s=TIMEOUT)
+        async with client:
+            for _ in range(2):
+                answer = await asyncio.wait_for(answers.get(), TIMEOUT)
+                assert answer["type"] == "loading_complete" and answer["loading_session_id"] == "m1"
+
+
 # -- every error code, as its own exception ---------------------------------------------------------------
 
 async def test_request_errors_raise_their_exception(worker: Worker) -> None:

@@ -52,6 +52,9 @@ const ANSWER_AGAIN = new Set(["unavailable", "rate_limited", "internal_error"]);
 const ANSWER_AGAIN_MS = 1000;
 // Errors that answer a loading_complete: those above, and those that refuse it for good.
 const ANSWER_ERRORS = new Set([...ANSWER_AGAIN, "wrong_session_id", "invalid_state"]);
+// A code this client does not know (a newer server's) counts as internal_error
+// (docs/protocol.md "Errors").
+const asKnown = (code: string): string => (Object.hasOwn(ERROR_CLASSES, code) ? code : "internal_error");
 // Every server message type; a newer server's others are skipped (docs/protocol.md section 2).
 // A Record, so the compiler says when the generated types gain or lose one.
 const SERVER_TYPES: Readonly<Record<ServerMessage["type"], true>> = {
@@ -205,7 +208,7 @@ export class Client implements AsyncIterable<ServerMessage> {
   private answerRefused(message: ErrorMessage): void {
     const sid = this.answered;
     this.answered = null;
-    if (sid === null || !this.autoReadyFlag || !ANSWER_AGAIN.has(message.code)) return;
+    if (sid === null || !this.autoReadyFlag || !ANSWER_AGAIN.has(asKnown(message.code))) return;
     setTimeout(() => {
       if (this.state === "loading" && this.loadingSessionId === sid && this.established) this.answer(sid);
     }, message.retry_after_ms ?? ANSWER_AGAIN_MS);
@@ -491,7 +494,7 @@ export class Client implements AsyncIterable<ServerMessage> {
 
   private settleError(message: ErrorMessage): void {
     if (message.request_id == null && this.answered !== null && this.state === "loading"
-        && ANSWER_ERRORS.has(message.code) && !(message.code === "rate_limited" && this.pending.size > 0)) {
+        && ANSWER_ERRORS.has(asKnown(message.code)) && !(message.code === "rate_limited" && this.pending.size > 0)) {
       // The ready answer refused: it carries no request_id, and every request of this client
       // does (a refused flood frame echoes none: with none waiting, it was this).
       this.answerRefused(message);
