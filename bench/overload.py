@@ -14,13 +14,16 @@ players admitted (a welcome): each should reach `match_found`, with no invariant
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +82,36 @@ def wait_summary(after: dict[str, float], before: dict[str, float]) -> dict[str,
             "over_1s": int(total - within_1s)}
 
 
-def run(rate: float, seconds: float, workers: int, lifetime: float, tree: Path = ROOT) -> dict[str, Any]:
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Run what this process starts meanwhile on ``cpus`` only (children inherit it)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def run(rate: float, seconds: float, workers: int, lifetime: float, tree: Path = ROOT,
+        pin: bool = False) -> dict[str, Any]:
+    """``pin``: the server (its workers, Redis, the game server) on the first CPU and the load
+    generator on the others, so that the generator's retries cannot take the server's CPU:
+    what clients on their own machines would see."""
     logdir = Path(tempfile.mkdtemp(prefix="fastmatch-overload-"))
     report = logdir / "sim.json"
-    with EmbeddedRedis() as store, server(tree, workers, store.url, logdir / "serve.log") as (
-            port, metrics_port, _):
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin and len(cpus) < 2:
+        raise SystemExit("--pin needs at least two CPUs")
+    server_cpus, sim_cpus = ({cpus[0]}, set(cpus[1:])) if pin else (None, None)
+    with contextlib.ExitStack() as stack:
+        with pinned(server_cpus):
+            store = stack.enter_context(EmbeddedRedis())
+            port, metrics_port, _ = stack.enter_context(
+                server(tree, workers, store.url, logdir / "serve.log"))
         before = refused(metrics_port)
         waits_before = waits(metrics_port)
         sim = subprocess.run(
@@ -92,7 +120,8 @@ def run(rate: float, seconds: float, workers: int, lifetime: float, tree: Path =
              "--procs", "2", "--mix", "normal=1", "--rating-sd", "0", "--no-progress",
              "--lifetime", str(lifetime), "--report", str(report), "--plot", str(logdir / "sim.png")],
             cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT,
-            timeout=seconds + lifetime + 120, check=False)  # its exit status is about SLOs
+            timeout=seconds + lifetime + 120, check=False,  # its exit status is about SLOs
+            preexec_fn=None if sim_cpus is None else lambda: os.sched_setaffinity(0, sim_cpus))
         after = refused(metrics_port)
         waits_after = waits(metrics_port)
     if not report.exists():
@@ -113,12 +142,16 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, default=ROOT,
                         help="serve this checkout (built) instead, e.g. the commit before a change; "
                              "the load is this tree's `fastmatch sim` either way")
+    parser.add_argument("--pin", action="store_true",
+                        help="the server on the first CPU, the load generator on the others")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-overload.json")
     args = parser.parse_args()
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     print(f"fastmatch bench overload {date} on {machine()}: {args.rate:.0f} lifecycles/s offered "
-          f"for {args.seconds:.0f} s, {args.workers} workers, serving {args.tree.resolve()}", flush=True)
-    result = run(args.rate, args.seconds, args.workers, args.lifetime, args.tree.resolve())
+          f"for {args.seconds:.0f} s, {args.workers} workers, serving {args.tree.resolve()}"
+          + (f"; pinned: server on CPU {min(os.sched_getaffinity(0))}, load on the others"
+             if args.pin else ""), flush=True)
+    result = run(args.rate, args.seconds, args.workers, args.lifetime, args.tree.resolve(), args.pin)
     s = result["summary"]
     hs = s["handshakes"]
     admitted = s["admitted"]
@@ -144,7 +177,7 @@ def main() -> None:
     print(f"  invariant violations {s['violation_count']}, enqueue -> start_loading p99 "
           f"{s['start_loading_ms']['99']} ms")
     args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps({"date": date, "machine": machine(), "rate": args.rate,
+    args.out.write_text(json.dumps({"date": date, "machine": machine(), "rate": args.rate, "pin": args.pin,
                                     "seconds": args.seconds, **result}, indent=2))
     print(f"report: {args.out} (logs {result['logs']})")
 
