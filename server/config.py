@@ -233,10 +233,26 @@ def _fail(key: str, why: str) -> NoReturn:
 
 
 def _check_semantics(config: Config) -> None:
+    _check_finite(config)
     _check_server(config.server)
     _check_storage(config)
     _check_matching(config)
     _check_modes(config.modes)
+
+
+def _check_finite(config: Config) -> None:
+    """TOML (and so an environment override) has nan and inf: every comparison is false for
+    nan, so no range check below would catch it, and an inf timeout or interval never ends
+    (the compiled matching kernel and its twin would also disagree on who can be matched)."""
+    sections: list[tuple[str, msgspec.Struct]] = [
+        (name, getattr(config, name))
+        for name in ("server", "auth", "redis", "metrics", "matching", "gameserver", "penalty")]
+    sections += [(f"modes.{name}", mode) for name, mode in config.modes.items()]
+    for prefix, section in sections:
+        for field in msgspec.structs.fields(section):
+            value = getattr(section, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f"{prefix}.{field.name}", f"must be a finite number, not {value}")
 
 
 def _check_server(s: ServerConfig) -> None:
@@ -255,9 +271,8 @@ def _check_server(s: ServerConfig) -> None:
     if min(s.heartbeat_interval_s, s.housekeeping_interval_s, s.ping_interval_s, s.ping_timeout_s) <= 0:
         _fail("server.heartbeat_interval_s", "and server.housekeeping_interval_s, "
               "server.ping_interval_s, server.ping_timeout_s must be > 0")
-    if s.heartbeat_ttl_s < 2 * s.heartbeat_interval_s:
-        # One late or lost heartbeat must not get a live worker reaped by the others.
-        _fail("server.heartbeat_ttl_s", "must be at least twice server.heartbeat_interval_s")
+    if s.audit_interval_s < 0:
+        _fail("server.audit_interval_s", "must be >= 0 (0 disables the audit)")
     if s.overload_retry_after_max_s < s.overload_retry_after_s:
         _fail("server.overload_retry_after_max_s", "must be >= server.overload_retry_after_s")
     if min(s.max_loop_lag_ms, s.max_handshake_queue_ms, s.overload_retry_after_s) < 0:
@@ -296,6 +311,16 @@ def _check_storage(config: Config) -> None:
     r = config.redis
     if r.operation_timeout_s <= 0:
         _fail("redis.operation_timeout_s", "must be > 0")
+    s = config.server
+    if s.heartbeat_ttl_s <= 2 * s.heartbeat_interval_s + r.operation_timeout_s:
+        # One lost heartbeat must not get a live worker reaped by the others. The heartbeat
+        # loop calls, then sleeps an interval: after the last heartbeat Redis took, it sleeps,
+        # the next call is lost and fails only after the operation timeout, it sleeps again,
+        # and only then does a heartbeat reach Redis.
+        _fail("server.heartbeat_ttl_s", "must be greater than 2 x server.heartbeat_interval_s "
+              "+ redis.operation_timeout_s (a lost heartbeat fails only after the operation "
+              f"timeout): {s.heartbeat_ttl_s:g} <= 2 x {s.heartbeat_interval_s:g} + "
+              f"{r.operation_timeout_s:g}")
     if r.max_inflight < 1:
         _fail("redis.max_inflight", "must be >= 1")
     if not 0 < r.reconnect_base_s <= r.reconnect_max_s:
@@ -304,8 +329,7 @@ def _check_storage(config: Config) -> None:
     _check_cluster(r)
     if not 0 <= r.pipeline_window_ms <= 50:
         _fail("redis.pipeline_window_ms", "must be between 0 and 50")
-    if config.metrics.flush_interval_s <= 0:
-        _fail("metrics.flush_interval_s", "must be > 0")
+    _check_metrics(config)
     if r.breaker_threshold < 1 or r.breaker_cooldown_s <= 0 or r.breaker_probe_s <= 0:
         _fail("redis.breaker_threshold", "must be >= 1 (and redis.breaker_cooldown_s, "
               "redis.breaker_probe_s > 0)")
@@ -320,6 +344,16 @@ def _check_storage(config: Config) -> None:
     if config.production and not (r.url or r.sentinels.strip()):
         # The embedded Redis is a development convenience: one process's memory, no replica.
         _fail("redis.url", "(or redis.sentinels) must name the Redis when production = true")
+
+
+def _check_metrics(config: Config) -> None:
+    mt = config.metrics
+    if mt.flush_interval_s <= 0:
+        _fail("metrics.flush_interval_s", "must be > 0")
+    if not 0 <= mt.port <= 65535:
+        _fail("metrics.port", "must be between 1 and 65535 (or 0 to disable it)")
+    if mt.port and mt.port == config.server.port:
+        _fail("metrics.port", f"must differ from server.port (both are {mt.port})")
 
 
 def _loopback(host: str) -> bool:
@@ -401,13 +435,7 @@ def _check_modes(modes: dict[str, ModeConfig]) -> None:
             _fail(f"modes.{name}", "name must be 1-32 characters of [A-Za-z0-9_-]")
         if mode.team_size < 1 or mode.teams < 1 or mode.match_size < 2:
             _fail(f"modes.{name}", "needs team_size >= 1, teams >= 1 and at least 2 players")
-        numbers = (mode.window_base, mode.window_max, mode.window_growth_per_s, mode.max_wait_s,
-                   mode.default_rating)
-        if not all(math.isfinite(v) for v in numbers):
-            # TOML has nan and inf; every comparison below is false for nan, and the compiled
-            # kernel and its twin would then disagree on who can be matched.
-            _fail(f"modes.{name}", "window_base, window_max, window_growth_per_s, max_wait_s and "
-                  "default_rating must be finite numbers")
+        # Finite numbers, every one (_check_finite).
         if mode.window_base < 0 or mode.window_max < mode.window_base:
             _fail(f"modes.{name}.window_max", "must be >= window_base >= 0")
         if mode.window_growth_per_s < 0 or not 0 < mode.max_wait_s <= 86_400:

@@ -12,6 +12,7 @@ so a scrape sees exact counts at most a second late.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from typing import Any, Final
 
@@ -125,6 +126,11 @@ LOOP_ALIVE: Final = Gauge(
     "fastmatch_event_loop_alive_timestamp_seconds", "Unix time a worker's event loop last stamped "
     "it (every second; the oldest of the host's workers): a wedged loop stops it",
     multiprocess_mode="livemin")
+# Stamped at the import, the first thing a worker process does (it unpickles its entry point
+# from server.app.worker): declared, the gauge reads 0 (1970) in this process's file, and so
+# in the host's minimum, until the worker's loop stamps it once started. The supervisor, which
+# also imports this module and never stamps it, marks its own live gauges dead.
+LOOP_ALIVE.set(time.time())
 RETRY_AFTER: Final = Gauge(
     "fastmatch_overload_retry_after_seconds", "The Retry-After of the worker's 503s: "
     "server.overload_retry_after_s, more while it refuses a large share of handshakes",

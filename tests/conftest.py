@@ -35,7 +35,7 @@ FAST: dict[str, Any] = {
     "server.resume_grace_ms": 400,
     "server.housekeeping_interval_s": 0.05,
     "server.heartbeat_interval_s": 0.1,
-    "server.heartbeat_ttl_s": 0.6,
+    "server.heartbeat_ttl_s": 0.8,  # > 2 x interval + redis.operation_timeout_s
     "server.bad_message_budget": 3,
     # Within any machine's descriptor limit (`ulimit -n` 1024 and up): the default 50,000 is
     # shrunk to fit, with a warning, where the limit is lower (server/transport/fdlimit.py).

@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 from server.aio import in_batches, raise_if_cancelling
+from server.logthrottle import Throttled
 from server.store import keys
-from server.store.errors import StoreError
+from server.store.client import as_str
+from server.store.errors import StoreError, StoreUnavailable
 from server.store.players import PlayerStore
 from server.transport.connection import ClientConnection
 from server.transport.frontend import FrontEnd
@@ -29,6 +31,16 @@ log = logging.getLogger(__name__)
 # Players released (or graces expired) at once: calls issued together leave in one write, so a
 # dead worker's thousands of players take a few round trips each way, not thousands.
 BATCH: Final = 64
+# A dead worker that could not be reaped in full (a player record no script can read) is tried
+# again after this long, doubling up to the maximum: not at every tick, and not in the way of
+# the other dead workers.
+REAP_RETRY_S: Final = 1.0
+REAP_RETRY_MAX_S: Final = 60.0
+_step_failed = Throttled(log, "housekeeping step failed", level=logging.ERROR)
+_unreleased = Throttled(log, "players of a dead worker not released (retried later)")
+_poison = Throttled(log, "unreadable player records dropped from a dead worker's players",
+                    level=logging.ERROR)
+_not_reaped = Throttled(log, "dead workers not reaped in full (retried later)")
 
 
 class Housekeeper:
@@ -55,8 +67,11 @@ class Housekeeper:
         self._audit_at = 0.0
         self.reap_hold_s = reap_hold_s
         self._reap_from = 0.0  # loop time: no reaping before (set by an unreachable Redis)
+        # Dead workers whose last reap was incomplete: (loop time of the next try, its backoff).
+        self._reap_retry: dict[str, tuple[float, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._policy_checked = False  # since the last heartbeat that failed (maybe another node)
+        self._checking_policy = False
         self._closing = False
 
     def start(self) -> None:
@@ -76,11 +91,14 @@ class Housekeeper:
         """A Redis that evicts keys at its memory limit may drop a ready check's record or a
         player's in the middle of its lifecycle, which no script can put right: players stuck
         until their records expire, or told nothing. Said once per (re)connection; Redis'
-        own default, `noeviction`, refuses writes instead (the breaker's business)."""
+        own default, `noeviction`, refuses writes instead (the breaker's business). Run
+        beside the heartbeat, never on its timer (config: the heartbeat TTL's bound)."""
         try:
             policy = await self.store.client.maxmemory_policy()
         except StoreError:
             return  # asked again after the next heartbeat
+        finally:
+            self._checking_policy = False
         self._policy_checked = True
         if policy and policy != "noeviction":
             log.warning("redis maxmemory-policy is %s: at its memory limit Redis evicts keys, "
@@ -91,31 +109,44 @@ class Housekeeper:
         while not self._closing:
             try:
                 await step()
-            except StoreError as exc:
+            except StoreUnavailable as exc:  # Redis unreachable: an outage, maybe everyone's
                 raise_if_cancelling()
                 self._reap_from = asyncio.get_running_loop().time() + self.reap_hold_s
                 if self.front.ready:
                     log.warning("storage unavailable, not ready: %s", exc)
                 self.front.ready = False
-            except Exception:  # task boundary: log and keep the loop alive
+            except StoreError as exc:
+                # Redis answered with an error (a script's, a key of the wrong type, an ACL):
+                # no outage, and no reason to hold every reap or leave the balancers' rotation.
                 raise_if_cancelling()
-                log.exception("housekeeping step %s failed", getattr(step, "__name__", step))
+                _step_failed("%s: %s", getattr(step, "__name__", step), exc)
+            except Exception:  # task boundary: a bug; log it and keep the loop alive
+                raise_if_cancelling()
+                _step_failed("%s", getattr(step, "__name__", step), exc_info=True)
+            # Call, then sleep: a heartbeat whose call failed after the operation timeout is
+            # followed by the next one interval later (config: the heartbeat TTL's bound).
             await asyncio.sleep(interval)
 
     async def heartbeat(self) -> None:
         try:
             beat = await self.store.heartbeat(self.ttl_ms)
-        except StoreError:
+        except StoreError as exc:
             # It may have run, its answer lost (and with it the news of a lapse): read the
             # players back once a heartbeat succeeds again.
             self._read_back_due = True
             self._policy_checked = False
+            if not isinstance(exc, StoreUnavailable) and self.front.ready:
+                # Redis answers, but this worker's registration is not renewed: the others
+                # would reap it under its players. Not ready (no reap hold: no outage).
+                log.error("heartbeat failed, not ready: %s", exc)
+                self.front.ready = False
             raise
         if not self.front.ready:
             log.info("storage reachable, ready")
         self.front.ready = True
-        if not self._policy_checked:
-            await self._check_eviction()
+        if not self._policy_checked and not self._checking_policy:
+            self._checking_policy = True
+            self.front.spawn(self._check_eviction())
         if beat.lapsed:
             # Silent past the TTL: others may have released some of its players (and, once
             # none was left, forgotten it). From now on their detaches refuse (it is alive
@@ -154,12 +185,34 @@ class Housekeeper:
             await self.expire_grace(mode)
         loop = asyncio.get_running_loop()
         if loop.time() >= self._reap_from:
-            for worker_id in await self.store.due(keys.workers()):
-                if worker_id != self.store.worker_id:
-                    await self.reap(worker_id)
+            await self._reap_due(loop)
         if self.audit_interval_s and loop.time() >= self._audit_at:
             self._audit_at = loop.time() + self.audit_interval_s
             await self.audit()
+
+    async def _reap_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reap every dead worker; one that cannot be reaped in full is tried again later, with
+        a backoff, and is not in the way of the others (they come back in deadline order)."""
+        due = [w for w in await self.store.due(keys.workers()) if w != self.store.worker_id]
+        retry = {w: when for w, when in self._reap_retry.items() if w in due}
+        self._reap_retry = retry
+        for worker_id in due:
+            if worker_id in retry and loop.time() < retry[worker_id][0]:
+                continue
+            try:
+                done = await self.reap(worker_id)
+            except StoreUnavailable:
+                raise  # an outage: _every holds every reap for a while
+            except Exception as exc:  # this worker's keys only: the others go on
+                raise_if_cancelling()
+                _not_reaped("worker %s: %s", worker_id, exc, exc_info=not isinstance(exc, StoreError))
+                done = False
+            if done:
+                retry.pop(worker_id, None)
+            else:
+                backoff = min(max(retry.get(worker_id, (0.0, 0.0))[1] * 2, REAP_RETRY_S),
+                              REAP_RETRY_MAX_S)
+                retry[worker_id] = (loop.time() + backoff, backoff)
 
     async def audit(self) -> int:
         """Release records Redis says this worker holds but no connection of its own has (an
@@ -210,26 +263,63 @@ class Housekeeper:
 
         return sum(await in_batches(await self.store.due(keys.grace(mode)), expire, BATCH))
 
-    async def reap(self, worker_id: str) -> None:
+    async def reap(self, worker_id: str) -> bool:
         """A worker missed its heartbeat: its players get the resume grace, then it is forgotten.
         Released as a drain would release them (``abort``): a worker that crashed is the
         server's fault, so a player of it in a ready check is not penalised, and the others of
         that match are requeued with ``server_shutdown``. Stops as soon as the worker turns
-        out to be alive again (its heartbeat came back)."""
+        out to be alive again (its heartbeat came back).
+
+        A player whose release fails with an error of Redis' (not an outage) is logged and
+        the others go on. Its record is not a hash (a key written by hand: poison, as
+        lua/commit_matches.lua calls it): no script can ever release it, so it only leaves the
+        worker's set, the key itself left as it is for an operator. Any other failure keeps
+        the player in the set and the worker registered: False, and the caller tries again
+        later. True once the worker is forgotten or found alive."""
         players = await self.store.worker_members(worker_id)
         log.warning("worker %s is gone; releasing %d players", worker_id, len(players))
 
-        async def release(player: str) -> bool:
-            result = await self.store.detach(player, "", worker_id, shutdown=True, reaping=True)
+        async def release(player: str) -> str:
+            try:
+                result = await self.store.detach(player, "", worker_id, shutdown=True, reaping=True)
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                return "dropped" if await self._drop_poison(worker_id, player, exc) else "failed"
             if result.outcome == "loading" and result.match_id:
                 try:
                     await self.events.left_loading(result.mode, result.match_id, player, shutdown=True)
                 except StoreError as exc:  # recorded by the detach: the mode's leader ends it
                     log.warning("match %s of %s left to its leader: %s", result.match_id, player, exc)
-            return result.outcome == "alive"
+            return result.outcome
 
-        if any(await in_batches(players, release, BATCH, stop=any)):
+        outcomes = await in_batches(players, release, BATCH, stop=lambda batch: "alive" in batch)
+        if "alive" in outcomes:
             log.warning("worker %s is alive again; stopped releasing its players", worker_id)
-            return
+            return True
+        if failed := outcomes.count("failed"):
+            _not_reaped("worker %s: %d of its players could not be released; it stays "
+                        "registered and is tried again later", worker_id, failed)
+            return False
         await self.store.forget_worker(worker_id, reaping=True)
+        return True
+
+    async def _drop_poison(self, worker_id: str, player: str, exc: StoreError) -> bool:
+        """After ``player``'s detach failed: drop it from the dead worker's set if its record
+        is not a hash (True); else log the failure (False: the player stays, retried later)."""
+        key = keys.player(player)
+        try:
+            kind = as_str(await self.store.client.command("TYPE", key))
+            if kind not in ("hash", "none"):
+                await self.store.client.command("SREM", keys.worker_players(worker_id), player)
+                _poison("player %s of dead worker %s: its record %s is a %s, not a hash, and "
+                        "cannot be released; dropped from the worker's players, the key left "
+                        "as it is (%s)", player, worker_id, key, kind, exc)
+                return True
+        except StoreUnavailable:
+            raise
+        except StoreError as other:
+            exc = other
+        _unreleased("player %s of dead worker %s: %s", player, worker_id, exc)
+        return False
 

@@ -48,6 +48,9 @@ _NOT_PRIMARY: Final = ("READONLY", "MASTERDOWN")
 # Commands whose second argument is not a key: on a cluster any node answers them.
 _KEYLESS: Final = frozenset({"PUBLISH", "PING", "TIME", "INFO", "CONFIG", "SLOWLOG", "SCRIPT",
                              "CLUSTER", "ROLE", "DBSIZE", "CLIENT", "MEMORY", "LATENCY", "WAIT"})
+# Scripts sent whatever the back-pressure (``redis.max_inflight``): a busy worker's heartbeat
+# refused here would get it reaped by the others under its live players.
+_UNCAPPED: Final = frozenset({"heartbeat"})
 # Redirections one call follows before it fails (a resharding in progress moves a slot twice).
 _MAX_REDIRECTS: Final = 5
 _ASKING: Final = hiredis.pack_command(("ASKING",))
@@ -283,7 +286,7 @@ class RedisClient:
                 conn = await self._connected(node, started)
             except (RespConnectionError, OSError) as exc:
                 raise _NotSent from exc
-        if conn.in_flight >= self.max_inflight:
+        if conn.in_flight >= self.max_inflight and (script is None or script.name not in _UNCAPPED):
             raise _Overloaded(f"{self.max_inflight} calls already in flight")
         if isinstance(packed, list):
             futures = [conn.send(p) for p in packed]

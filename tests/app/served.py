@@ -24,7 +24,10 @@ FAST_ENV = {
     "FASTMATCH_SERVER__HOST": "127.0.0.1",
     "FASTMATCH_SERVER__RESUME_GRACE_MS": "1500",
     "FASTMATCH_SERVER__HEARTBEAT_INTERVAL_S": "0.1",
-    "FASTMATCH_SERVER__HEARTBEAT_TTL_S": "0.6",
+    # The TTL must exceed 2 x the interval + redis.operation_timeout_s (a heartbeat lost in
+    # flight fails only after that timeout).
+    "FASTMATCH_SERVER__HEARTBEAT_TTL_S": "1.3",
+    "FASTMATCH_REDIS__OPERATION_TIMEOUT_S": "1.0",
     "FASTMATCH_SERVER__HOUSEKEEPING_INTERVAL_S": "0.05",
     "FASTMATCH_SERVER__DRAIN_TIMEOUT_S": "3",
     "FASTMATCH_SERVER__DRAIN_DELAY_S": "0",  # no balancer in front: drain at once

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from server.config import DEV_SECRET, load_config
+from server.config import (
+    DEV_SECRET,
+    AuthConfig,
+    GameServerConfig,
+    MatchingConfig,
+    MetricsConfig,
+    ModeConfig,
+    PenaltyConfig,
+    RedisConfig,
+    ServerConfig,
+    load_config,
+)
 from server.errors import ConfigError
 
 
@@ -58,6 +71,11 @@ def test_environment_strings_stay_strings() -> None:
           "FASTMATCH_SERVER__OVERLOAD_RETRY_AFTER_MAX_S": "4"}, "server.overload_retry_after_max_s"),
         # A heartbeat period the TTL does not cover twice would get live workers reaped.
         ({"FASTMATCH_SERVER__HEARTBEAT_INTERVAL_S": "3"}, "server.heartbeat_ttl_s"),
+        # Nor one lost heartbeat, which takes the operation timeout to fail: 1 + 2 + 1 >= 4.
+        ({"FASTMATCH_SERVER__HEARTBEAT_TTL_S": "4"}, "server.heartbeat_ttl_s"),
+        ({"FASTMATCH_SERVER__HEARTBEAT_INTERVAL_S": "1", "FASTMATCH_SERVER__HEARTBEAT_TTL_S": "2",
+          "FASTMATCH_REDIS__OPERATION_TIMEOUT_S": "2"}, "server.heartbeat_ttl_s"),
+        ({"FASTMATCH_REDIS__OPERATION_TIMEOUT_S": "3"}, "server.heartbeat_ttl_s"),
         ({"FASTMATCH_SERVER__HOUSEKEEPING_INTERVAL_S": "0"}, "server.heartbeat_interval_s"),
         ({"FASTMATCH_SERVER__PING_TIMEOUT_S": "0"}, "server.heartbeat_interval_s"),
         ({"FASTMATCH_REDIS__RECONNECT_BASE_S": "0"}, "redis.reconnect_base_s"),
@@ -67,12 +85,47 @@ def test_environment_strings_stay_strings() -> None:
         ({"FASTMATCH_MODES__1V1__WINDOW_MAX": "inf"}, "modes.1v1"),
         ({"FASTMATCH_MODES__1V1__MAX_WAIT_S": "inf"}, "modes.1v1"),
         ({"FASTMATCH_MODES__1V1__DEFAULT_RATING": "1e300"}, "modes.1v1.default_rating"),
+        ({"FASTMATCH_SERVER__AUDIT_INTERVAL_S": "-1"}, "server.audit_interval_s"),
+        ({"FASTMATCH_METRICS__PORT": "70000"}, "metrics.port"),
+        ({"FASTMATCH_METRICS__PORT": "-1"}, "metrics.port"),
+        ({"FASTMATCH_METRICS__PORT": "99999999999999999999999"}, "metrics.port"),  # no OverflowError
+        ({"FASTMATCH_METRICS__PORT": "8080"}, "metrics.port"),  # server.port's default
+        ({"FASTMATCH_SERVER__PORT": "9200", "FASTMATCH_METRICS__PORT": "9200"}, "metrics.port"),
         ({"FASTMATCH_PRODUCTION": "true", "FASTMATCH_AUTH__SECRET": "s" * 40}, "redis.url"),
     ],
 )
 def test_bad_values_name_the_key(environ: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace("$", r"\$").replace(".", r"\.")):
         load_config(environ=environ)
+
+
+FLOAT_KEYS = [
+    (section, field.name) for section, struct in [
+        ("server", ServerConfig), ("auth", AuthConfig), ("redis", RedisConfig),
+        ("metrics", MetricsConfig), ("matching", MatchingConfig), ("gameserver", GameServerConfig),
+        ("penalty", PenaltyConfig), ("modes.1v1", ModeConfig)]
+    for field in msgspec.structs.fields(struct) if field.type is float]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize(("section", "name"), FLOAT_KEYS, ids=[f"{s}.{n}" for s, n in FLOAT_KEYS])
+def test_every_float_key_must_be_finite(section: str, name: str, value: str) -> None:
+    """TOML has nan and inf: every comparison is false for nan, so no range check catches
+    it, and an infinite interval or timeout never ends. Each key is named."""
+    assert {"server", "redis", "metrics", "penalty"} < {s for s, _ in FLOAT_KEYS}  # not only modes
+    env = {f"FASTMATCH_{section.replace('.', '__').upper()}__{name.upper()}": value}
+    with pytest.raises(ConfigError, match=rf"`{re.escape(section)}\.{name}` must be a finite number"):
+        load_config(environ=env)
+
+
+def test_the_default_ports_and_heartbeat_pass() -> None:
+    """The shipped defaults satisfy the rules above: a TTL above 2 x interval + timeout, and
+    two ports of their own (0 turns the metrics port off)."""
+    config = load_config(environ={})
+    s, r = config.server, config.redis
+    assert s.heartbeat_ttl_s > 2 * s.heartbeat_interval_s + r.operation_timeout_s
+    assert config.metrics.port not in (0, s.port)
+    assert load_config(environ={"FASTMATCH_METRICS__PORT": "0", "FASTMATCH_SERVER__PORT": "0"})
 
 
 def test_production_with_a_real_secret_starts(tmp_path: Path) -> None:

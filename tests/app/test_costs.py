@@ -77,7 +77,7 @@ async def test_a_lifecycle_costs_what_the_budget_says(private_redis: EmbeddedRed
     url = private_redis.url
     # Periodic calls (housekeeping, heartbeat) are not a lifecycle's: out of the window.
     config = make_config(**{"matching.enabled": False, "server.housekeeping_interval_s": 3600,
-                            "server.heartbeat_interval_s": 1800, "server.heartbeat_ttl_s": 3600,
+                            "server.heartbeat_interval_s": 1800, "server.heartbeat_ttl_s": 4000,
                             "server.connect_rate_per_ip": 1e6, "server.connect_burst_per_ip": 1e6,
                             "matching.lease_ttl_ms": 600_000, "matching.tick_budget_ms": 300_000})
     worker = Worker(config, url)
