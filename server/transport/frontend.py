@@ -476,7 +476,10 @@ class FrontEnd:
                         # A connection replaced since the script looked is skipped: the new
                         # one learned the same state from its welcome.
                         if client is not None and client.identity.player_id == player:
-                            client.deliver(server_message)
+                            try:
+                                client.deliver(server_message)
+                            except Exception:  # one connection's bug: the others still hear theirs
+                                _crashed("delivering to %s", conn, exc_info=True)
 
     async def resync(self) -> None:
         """After (re)subscribing: whatever was published to this worker while it could not

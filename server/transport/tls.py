@@ -72,17 +72,23 @@ class TlsStream:
     """Server-side TLS over memory buffers: ciphertext in, plaintext out, and back.
     No I/O of its own: the connection feeds ``receive`` and writes what ``send`` returns."""
 
-    __slots__ = ("_incoming", "_object", "_outgoing", "established")
+    __slots__ = ("_incoming", "_object", "_outgoing", "established", "peer_closed")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self.established = False  # the handshake is done: application data may flow
+        # The peer sent close_notify: the end of its stream. Nothing after it is read (OpenSSL
+        # would leave it in the buffer for good), so the caller ends the connection.
+        self.peer_closed = False
 
     def receive(self, data: bytes) -> bytes:
         """Ciphertext from the peer; returns the plaintext it completes (``b""`` while the
-        handshake runs: call ``send`` to get its answer). Raises ``ssl.SSLError``."""
+        handshake runs: call ``send`` to get its answer; and once ``peer_closed``).
+        Raises ``ssl.SSLError``."""
+        if self.peer_closed:
+            return b""
         self._incoming.write(data)
         tls = self._object
         if not self.established:
@@ -97,9 +103,11 @@ class TlsStream:
                 chunk = tls.read(_READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # close_notify: the peer's TCP close follows
+            except ssl.SSLZeroReturnError:  # close_notify: the peer's TCP close should follow
+                self.peer_closed = True
                 break
             if not chunk:
+                self.peer_closed = True  # read returns b"" only at the end of the stream
                 break
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)

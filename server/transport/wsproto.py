@@ -32,6 +32,7 @@ from websockets.server import ServerProtocol
 
 from server import metrics
 from server.logthrottle import Throttled
+from server.protocol.ratelimit import TokenBucket
 from server.transport import proxyproto
 from server.transport.tcpinfo import since_last_data_s
 from server.transport.tls import TlsStream
@@ -43,8 +44,16 @@ CLOSE_INTERNAL: Final = 1011
 CLOSE_INVALID_DATA: Final = 1007
 MAX_QUEUED: Final = 64
 MAX_WRITE_BUFFER: Final = 1 << 20  # a client that stops reading is dropped past this
+# Frames that carry no message of their own cost the worker as much to parse as those that do,
+# and no message budget counts them: at most this many fragments per message (a message is
+# at most server.max_message_bytes), and pings and pongs at this rate, past a burst.
+MAX_FRAGMENTS: Final = 64
+CONTROL_RATE_PER_S: Final = 5.0
+CONTROL_BURST: Final = 20.0
+CLOSE_POLICY: Final = 1008
 _OPEN: Final = State.OPEN
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+_PING, _PONG = Opcode.PING, Opcode.PONG
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self._paused = False
         self._fragments: list[bytes] = []
         self._fragment_binary = False
+        self._controls: TokenBucket | None = None  # made at the first ping or pong
         self._last_recv = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._ping_at = 0.0  # when the unanswered keepalive ping left (0: none out)
@@ -139,8 +149,18 @@ class WebSocketProtocol(asyncio.Protocol):
                 # ClientHello: the wait starts with that first record.
                 self._request_arrived()
             data = self._from_edge(data)
+            tls = self._tls
+            if tls is not None and tls.peer_closed:
+                # close_notify: the peer's stream has ended, whatever it sends after it.
+                if data:
+                    self._receive(data)
+                self.eof_received()
+                return
             if not data:
                 return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         ws = self.ws
         ws.receive_data(data)
         try:
@@ -242,6 +262,10 @@ class WebSocketProtocol(asyncio.Protocol):
         transport.write(b"".join(writes))
         if eof:
             transport.close()
+            if transport.get_write_buffer_size():
+                # close() waits for the buffer to drain: a client that stopped reading would
+                # hold the connection (and its player) for good. It gets close_timeout.
+                self._set_timer(self.limits.close_timeout_s, self._abort)
         elif transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             transport.abort()
 
@@ -348,7 +372,18 @@ class WebSocketProtocol(asyncio.Protocol):
             if frame.fin:
                 data, self._fragments = b"".join(self._fragments), []
                 self._message(data, self._fragment_binary)
-        # Ping, pong and close: websockets answers them; any frame proves the peer is alive.
+            elif len(self._fragments) >= MAX_FRAGMENTS:
+                self._fragments = []
+                self._fail(CLOSE_POLICY, f"more than {MAX_FRAGMENTS} fragments in a message")
+        elif opcode is _PING or opcode is _PONG:
+            # websockets answers pings; any frame proves the peer is alive. A flood of them
+            # would cost the worker's loop (each one parsed, each ping answered).
+            now = self._loop.time()
+            controls = self._controls
+            if controls is None:
+                controls = self._controls = TokenBucket(CONTROL_RATE_PER_S, CONTROL_BURST, now)
+            if not controls.take(now) and self.ws.state is _OPEN:
+                self._fail(CLOSE_POLICY, "too many ping or pong frames")
 
     def _message(self, data: bytes, binary: bool) -> None:
         if self.closing_by_us:

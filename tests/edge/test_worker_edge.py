@@ -11,11 +11,13 @@ import ssl
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection, connect
 
 from server import metrics
 from server.app.worker import Worker
+from server.store import keys
 from tests.conftest import WorkerFactory, make_config
 from tests.edge.certs import Cert, client_context, make_cert
 from tests.helpers import TIMEOUT, closed_code, recv, request, token
@@ -219,6 +221,51 @@ async def test_a_slow_tls_client_is_not_shed_for_its_own_round_trips(
     metrics.flush()
     waited = REGISTRY.get_sample_value(*wait_sum) or 0.0
     assert waited - waited_before >= 1.9  # the client's view: from its ClientHello
+
+
+async def test_a_tls_close_notify_ends_the_connection_whatever_follows(
+    start_worker: WorkerFactory, cert: Cert, admin: aioredis.Redis,
+) -> None:
+    """close_notify is the end of the client's stream: the connection ends (the player is
+    detached), and bytes the client sends after it are not buffered (OpenSSL would keep them
+    unread for good, the connection open and growing)."""
+    worker = await start_worker(cfg=make_config(**{
+        "server.tls_cert_file": str(cert.cert_file), "server.tls_key_file": str(cert.key_file)}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", worker.front.port)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(cert).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    writer.write(outgoing.read())
+                    incoming.write(await reader.read(65536))
+            tls.write(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer "
+                      + token("notify").encode() + b"\r\n\r\n")
+            writer.write(outgoing.read())
+            answer = b""
+            while b"welcome" not in answer:
+                incoming.write(await reader.read(65536))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    while chunk := tls.read(65536):  # every record that arrived
+                        answer += chunk
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        assert await admin.exists(keys.player("notify")) == 1
+        with contextlib.suppress(ssl.SSLWantReadError):  # it does not wait for the server's
+            tls.unwrap()
+        writer.write(outgoing.read() + b"\x17\x03\x03" + bytes(60_000))  # then more, never read
+        async with asyncio.timeout(TIMEOUT):
+            while await reader.read(65536):  # the server's close_notify, then the end
+                pass
+            while await admin.exists(keys.player("notify")):  # detached: idle, so forgotten
+                await asyncio.sleep(0.01)
+    finally:
+        writer.close()
 
 
 async def test_proxy_header_then_tls_even_in_one_segment(

@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.app.worker import Worker
 from server.store import keys
+from server.transport.connection import ClientConnection
 from tests.conftest import GameServerFactory, WorkerFactory, make_config, on_cluster
 from tests.helpers import (
     TIMEOUT,
@@ -344,6 +345,41 @@ async def test_a_match_found_while_deaf_is_told_after_resync_and_only_once(
     assert welcome["state"] == "idle"
     assert (await request(again, {"type": "status"}))["type"] == "queue_status"  # nothing else
     for ws in (again, clients["sol"]):
+        await ws.close()
+
+
+async def test_a_delivery_that_fails_for_one_connection_still_reaches_the_others(
+    worker: Worker, start_game_server: GameServerFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One envelope carries the notices of every player of a worker that a script touched:
+    a bug while delivering to one connection must not cost the others theirs."""
+    await start_game_server()
+    await asyncio.wait_for(worker.matchmakers["1v1"].wait_leading(), TIMEOUT)
+    failed: list[str] = []
+    deliver = ClientConnection.deliver
+
+    def first_fails(self: ClientConnection, message: object) -> None:
+        if not failed:
+            failed.append(self.player_id)
+            raise RuntimeError("a bug in one connection's delivery")
+        deliver(self, message)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ClientConnection, "deliver", first_fails)
+    clients = {}
+    for player in ("uma", "vic"):
+        clients[player], _ = await connect_player(worker.front.port, player, 1500)
+    for ws in clients.values():  # one commit: both start_loading in one envelope
+        await send(ws, {"type": "enqueue", "game_mode": "1v1"})
+    for ws in clients.values():
+        assert (await recv(ws, TIMEOUT * 2))["type"] == "enqueued"
+    async with asyncio.timeout(TIMEOUT * 2):  # the match is committed and its notices fail
+        while not failed:
+            await asyncio.sleep(0.01)
+    other = next(p for p in clients if p not in failed)
+    assert (await recv(clients[other], TIMEOUT * 2))["type"] == "start_loading"
+    assert any("delivering to" in r.getMessage() for r in caplog.records)
+    for ws in clients.values():
         await ws.close()
 
 

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from websockets.exceptions import InvalidStatus
+from websockets.frames import Opcode
 
 from server import metrics
 from server.app.worker import Worker
@@ -32,7 +33,7 @@ from tests.helpers import (
     send,
     token,
 )
-from tests.transport.rawws import CLOSE, TEXT, RawClient, close_payload, frame
+from tests.transport.rawws import CLOSE, CONT, PING, TEXT, RawClient, close_payload, frame
 
 
 def counted(name: str, **labels: str) -> float:
@@ -334,6 +335,38 @@ async def _refused_status(port: int, player: str) -> tuple[int, str | None]:
         return exc.response.status_code, exc.response.headers.get("Retry-After")
     await ws.close()
     return 101, None
+
+
+async def test_a_ping_flood_is_closed_1008(worker: Worker) -> None:
+    """Pings cost the worker a parse and a pong each and no message budget counts them: past a
+    burst they close the connection (policy violation); a connection pinging now and then, as
+    a keepalive does, is answered."""
+    client = await RawClient.connect(worker.front.port, "pinger")
+    assert (await client.handshake()) is not None
+    assert (await client.next_frame()).opcode is Opcode.TEXT  # the welcome
+    await client.write(frame(PING, b"once"))
+    pong = await client.next_frame()
+    assert pong is not None and pong.opcode is Opcode.PONG and pong.data == b"once"
+    await client.write(b"".join(frame(PING, b"%d" % i) for i in range(200)))
+    ending = await client.ending()
+    assert ending.close_code == 1008 and "ping" in ending.close_reason, ending
+    client.close()
+    ws, welcome = await connect_player(worker.front.port, "after-pings")
+    assert welcome["type"] == "welcome"
+    await ws.close()
+
+
+async def test_a_message_in_endless_empty_fragments_is_closed_1008(worker: Worker) -> None:
+    """Empty continuation frames add nothing to a message's size, so the size limit never
+    stops them: past a bound on fragments per message the connection is closed."""
+    client = await RawClient.connect(worker.front.port, "fragments")
+    assert (await client.handshake()) is not None
+    assert (await client.next_frame()).opcode is Opcode.TEXT  # the welcome
+    await client.write(frame(TEXT, b'{"type":', fin=False)
+                       + b"".join(frame(CONT, b"", fin=False) for _ in range(500)))
+    ending = await client.ending()
+    assert ending.close_code == 1008 and "fragments" in ending.close_reason, ending
+    client.close()
 
 
 async def test_past_max_connections_handshakes_get_503_at_once(start_worker: WorkerFactory) -> None:

@@ -1,0 +1,76 @@
+"""The WebSocket connection layer on its own (server/transport/wsproto.py), over real sockets:
+what holds whatever the subclass (the worker's connection) does."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from websockets.client import ClientProtocol
+from websockets.http11 import Request
+from websockets.uri import parse_uri
+
+from server.transport.wsproto import WebSocketProtocol, WsLimits
+from tests.helpers import TIMEOUT
+
+
+class Talker(WebSocketProtocol):
+    """Accepts every upgrade and sends one big message at once."""
+
+    ended: asyncio.Event
+    buffered = 0  # bytes left in the process's buffer once the message was sent
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A small kernel buffer, so that the message cannot all leave the process: what a
+        # long-stalled reader of a busy server looks like, without sending megabytes.
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        super().connection_made(transport)
+
+    def handle_request(self, request: Request) -> None:
+        self.respond(self.ws.accept(request), flush=False)
+        self.send_message(b"x" * 600_000)  # under the 1 MiB a slow reader is dropped at
+        self.flush()
+        assert self.transport is not None
+        self.buffered = self.transport.get_write_buffer_size()
+
+    def handle_message(self, data: str | bytes) -> None:
+        pass
+
+    def handle_lost(self) -> None:
+        self.ended.set()
+
+
+async def test_a_close_with_unsent_bytes_is_aborted_after_the_close_timeout() -> None:
+    """A client that stops reading (its window closed) while the server ends the connection,
+    here at the keepalive's timeout: close() would wait for the buffer to drain for good,
+    holding the connection and its player. It is aborted after close_timeout_s."""
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    made_here: list[Talker] = []
+    limits = WsLimits(max_size=4096, ping_interval_s=0.1, ping_timeout_s=0.1, close_timeout_s=0.3)
+
+    def made() -> Talker:
+        protocol = Talker(limits)
+        protocol.ended = ended
+        made_here.append(protocol)
+        return protocol
+
+    server = await loop.create_server(made, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        client = ClientProtocol(parse_uri("ws://127.0.0.1/ws"))
+        client.send_request(client.connect())
+        await loop.sock_sendall(sock, b"".join(client.data_to_send()))
+        # Nothing is read: the pings go unanswered, the keepalive closes 1011 with most of
+        # the message still in the server's buffer, and the close timeout must end it.
+        async with asyncio.timeout(TIMEOUT):
+            await ended.wait()
+        assert made_here[0].buffered > 0  # the case at hand: bytes were still waiting
+    finally:
+        sock.close()
+        server.close()
+        await server.wait_closed()
