@@ -12,6 +12,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from server import metrics
+from server.aio import raise_if_cancelling
 from server.logthrottle import Throttled
 from server.protocol import codec
 from server.protocol.auth import Identity
@@ -58,6 +59,7 @@ _refused = Throttled(log, "requests failed, storage error", level=logging.ERROR)
 # A Redis restart without its data loses every record at once: one line per interval.
 _record_lost = Throttled(log, "player records lost in Redis; re-attached as idle")
 _replaced = Throttled(log, "sessions replaced by a newer connection", level=logging.INFO)
+_crashed = Throttled(log, "connection handler failed", level=logging.ERROR)
 
 
 class ClientConnection(WebSocketProtocol):
@@ -69,6 +71,7 @@ class ClientConnection(WebSocketProtocol):
         self.conn_id = ""
         self.session: Session | None = None
         self.attached = False  # set once Redis records this connection as the player's
+        self._took = False  # the attach succeeded in Redis (whatever happened after)
         self._upgrade: Response | None = None  # the 101, sent together with the welcome
         self._attaching = False
         # A close the session decided before the 101 went out (replaced, or the worker began
@@ -115,9 +118,24 @@ class ClientConnection(WebSocketProtocol):
         self.front.spawn(self._attach())
 
     async def _attach(self) -> None:
+        """Attach, then welcome. The open timeout does not run while this does, so a bug in
+        it must not leave the handshake hanging with the client waiting: the connection is
+        aborted, and a record the attach took is released as any ended connection's is."""
+        try:
+            await self._attach_and_welcome()
+        except Exception:
+            raise_if_cancelling()
+            _crashed("attaching player %s", self.identity.player_id, exc_info=True)
+            if self._took and not self.attached:
+                self.front.release(self.identity.player_id, self.conn_id)
+            if self.transport is not None and not self.lost:
+                self.transport.abort()  # its connection_lost releases an attached record
+
+    async def _attach_and_welcome(self) -> None:
         front = self.front
         try:
             result = await self.services.store.attach(self.identity.player_id, self.conn_id)
+            self._took = True
         except StoreError as exc:
             if isinstance(exc, StoreUnavailable) and exc.maybe_ran:
                 # Redis may have recorded this connection as the player's after all; nothing

@@ -369,6 +369,30 @@ async def test_a_message_in_endless_empty_fragments_is_closed_1008(worker: Worke
     client.close()
 
 
+async def test_a_bug_during_the_attach_ends_the_handshake_and_releases_the_record(
+    worker: Worker, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The open timeout does not run while a connection attaches: a bug after Redis took the
+    attach must not leave the client waiting for an answer that never comes, nor the record
+    held by a connection that will never be welcomed."""
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug after the attach")
+
+    monkeypatch.setattr(worker.front, "replace_previous", broken)
+    client = await RawClient.connect(worker.front.port, "unlucky")
+    assert await client.handshake() is None  # closed without an answer, not left hanging
+    client.close()
+    async with asyncio.timeout(TIMEOUT):  # released: idle, so forgotten
+        while await admin.exists(keys.player("unlucky")):
+            await asyncio.sleep(0.01)
+    assert any("a bug after the attach" in str(r.exc_info) for r in caplog.records if r.exc_info)
+    monkeypatch.undo()
+    ws, welcome = await connect_player(worker.front.port, "unlucky")
+    assert welcome["type"] == "welcome"
+    await ws.close()
+
+
 async def test_past_max_connections_handshakes_get_503_at_once(start_worker: WorkerFactory) -> None:
     # Loop-lag shedding off: on a machine busy on every core the event loop runs late and the
     # worker may refuse for `loop_lag` first (the same 503), which is not what is tested here
