@@ -47,6 +47,9 @@ class ServerConfig(_Base, frozen=True):
     message_burst: float = 40.0  # ... with this burst
     connect_rate_per_ip: float = 20.0  # new connections per second per client IP (per worker)
     connect_burst_per_ip: float = 50.0
+    # An IPv6 client is counted by its network of this many bits: one host commonly holds a
+    # whole /64 and may use a new address of it for every connection.
+    connect_ipv6_prefix: int = 64
     rate_limit_strikes: int = 3  # refused messages tolerated before close 4008
     # SIGTERM: /ready turns 503 and players are still served for drain_delay_s (balancers'
     # health checks take the host out), then clients are closed with 1001; drain_timeout_s
@@ -266,6 +269,8 @@ def _check_server(s: ServerConfig) -> None:
         _fail("server.resume_grace_ms", "must be >= 0")
     if min(s.message_rate, s.message_burst, s.connect_rate_per_ip, s.connect_burst_per_ip) <= 0:
         _fail("server.message_rate", "and the other rate limits must be > 0")
+    if not 32 <= s.connect_ipv6_prefix <= 128:
+        _fail("server.connect_ipv6_prefix", "must be between 32 and 128 (128: each address alone)")
     if s.rate_limit_strikes < 0 or s.drain_timeout_s <= 0:
         _fail("server.rate_limit_strikes", "must be >= 0 (and server.drain_timeout_s > 0)")
     if min(s.heartbeat_interval_s, s.housekeeping_interval_s, s.ping_interval_s, s.ping_timeout_s) <= 0:

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
+
+
+def address_key(peer: str, ipv6_prefix: int) -> str:
+    """What the per-address limits count by: an IPv4 address itself (also when it comes as an
+    IPv4-mapped IPv6 address from a dual-stack socket), an IPv6 address by its network of
+    ``ipv6_prefix`` bits (a host holds a whole /64 and may pick a new address from it for every
+    connection). Anything else (no address known) as given."""
+    if ":" not in peer:
+        return peer  # IPv4, the common case: no parsing
+    try:
+        address = ipaddress.IPv6Address(peer.split("%", 1)[0])
+    except ValueError:
+        return peer
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if ipv6_prefix >= 128:
+        return str(address)
+    return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
 
 
 class TokenBucket:

@@ -27,7 +27,7 @@ from server.logthrottle import Throttled
 from server.protocol import notices
 from server.protocol.auth import AuthError
 from server.protocol.messages import Error
-from server.protocol.ratelimit import KeyedBuckets
+from server.protocol.ratelimit import KeyedBuckets, address_key
 from server.protocol.results import PlayerState
 from server.store import keys
 from server.store.errors import StoreError
@@ -88,6 +88,7 @@ class FrontEnd:
         self.caps = fdlimit.caps_for(config.max_connections, config.max_pending_handshakes)
         self.handshakes = 0  # upgrades waiting for their welcome (attach in flight)
         self._per_ip = KeyedBuckets(config.connect_rate_per_ip, config.connect_burst_per_ip)
+        self._ipv6_prefix = config.connect_ipv6_prefix
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -285,7 +286,7 @@ class FrontEnd:
 
     def flood_error(self, peer: str, now: float) -> Error | None:
         """PROTOCOL 5: too many new connections from one address (per worker)."""
-        refused = self._per_ip.take(peer, now)
+        refused = self._per_ip.take(address_key(peer, self._ipv6_prefix), now)
         if refused is None:
             return None
         metrics.inc(metrics.RATE_LIMITED, "connection")

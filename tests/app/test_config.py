@@ -86,6 +86,8 @@ def test_environment_strings_stay_strings() -> None:
         ({"FASTMATCH_MODES__1V1__MAX_WAIT_S": "inf"}, "modes.1v1"),
         ({"FASTMATCH_MODES__1V1__DEFAULT_RATING": "1e300"}, "modes.1v1.default_rating"),
         ({"FASTMATCH_SERVER__AUDIT_INTERVAL_S": "-1"}, "server.audit_interval_s"),
+        ({"FASTMATCH_SERVER__CONNECT_IPV6_PREFIX": "16"}, "server.connect_ipv6_prefix"),
+        ({"FASTMATCH_SERVER__CONNECT_IPV6_PREFIX": "129"}, "server.connect_ipv6_prefix"),
         ({"FASTMATCH_METRICS__PORT": "70000"}, "metrics.port"),
         ({"FASTMATCH_METRICS__PORT": "-1"}, "metrics.port"),
         ({"FASTMATCH_METRICS__PORT": "99999999999999999999999"}, "metrics.port"),  # no OverflowError

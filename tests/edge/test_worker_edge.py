@@ -121,6 +121,24 @@ async def test_per_address_limits_count_the_address_in_the_header(
         await ws.close()
 
 
+async def test_ipv6_clients_are_counted_by_their_network(start_worker: WorkerFactory) -> None:
+    """A host holds a whole /64 and may use a new address of it for every connection: the
+    per-address limit counts the /64 (server.connect_ipv6_prefix)."""
+    worker = await start_worker(cfg=make_config(**PROXIED, **{
+        "server.connect_rate_per_ip": 0.01, "server.connect_burst_per_ip": 2}))
+    port = worker.front.port
+    first = [await proxied_client(port, v1(f"2001:db8:7:7::{i + 1}"), f"s{i}") for i in range(2)]
+    for ws in first:
+        assert (await recv(ws))["type"] == "welcome"
+    third = await proxied_client(port, v1("2001:db8:7:7:ffff::3"), "s2")  # another address, same /64
+    assert (await recv(third))["code"] == "rate_limited"
+    assert await closed_code(third) == 4008
+    other = await proxied_client(port, v1("2001:db8:7:8::1"), "t0")  # the next /64
+    assert (await recv(other))["type"] == "welcome"
+    for ws in [*first, other]:
+        await ws.close()
+
+
 REFUSED: dict[str, tuple[list[bytes], str]] = {
     "missing": ([HEALTH], "missing"),
     "tls-without-header": ([b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"], "missing"),
