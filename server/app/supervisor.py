@@ -24,6 +24,7 @@ import os
 import queue
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
@@ -301,8 +302,13 @@ class Supervisor:
             self.slots[i] = replacement
             if old is not None:
                 # SIGINT: no drain delay; the host stays in rotation, and a 503 from /ready
-                # while the old worker still shares the port could take it out.
-                self._stop([old], signal.SIGINT)
+                # while the old worker still shares the port could take it out. The drain
+                # may take drain_timeout_s: meanwhile the other workers are still watched
+                # (restarted if they die, killed if they stall); the old one is in no slot.
+                self._stop([old], signal.SIGINT, tick=self._reap_and_restart)
+            if not self._signals.empty():
+                log.error("rolling restart stopped after worker-%d: a signal came", slot.index)
+                return
         log.info("rolling restart done")
 
     def _watch_redis(self, now: float) -> None:
@@ -325,10 +331,10 @@ class Supervisor:
             log.error("the embedded redis did not start again: %s", exc)
 
     def _stop(self, processes: list[SpawnProcess], sig: int = signal.SIGTERM,
-              hurried_by_signal: bool = False) -> None:
+              hurried_by_signal: bool = False, tick: Callable[[], None] | None = None) -> None:
         """``sig`` (a graceful drain), then SIGKILL what outlives the drain timeout, or, with
         ``hurried_by_signal`` (the final shutdown), at once on a second stop signal: an
-        operator who will not wait."""
+        operator who will not wait. ``tick`` runs every 0.1 s of the wait."""
         for process in processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, sig)
@@ -337,6 +343,8 @@ class Supervisor:
             while process.is_alive() and not self._hurry and time.monotonic() < deadline:
                 process.join(0.1)
                 self._hurry = hurried_by_signal and self._second_signal()
+                if tick is not None:
+                    tick()
             if process.is_alive():
                 if self._hurry:
                     log.warning("a second stop signal: killing %s", process.name)

@@ -367,6 +367,39 @@ async def test_sighup_rolls_every_worker_without_refusing_a_connection(
     assert len(results) > 20 and not failures, failures[:3]
 
 
+async def test_workers_are_still_watched_while_a_rolling_restart_waits_for_a_drain(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    """SIGHUP replaces the workers one at a time, waiting up to the drain timeout for each old
+    one to go. A worker that dies meanwhile is restarted then, not after the whole rolling
+    restart: here the first old worker cannot drain (stopped), and the other is killed."""
+    served = serve(workers=2, FASTMATCH_SERVER__DRAIN_TIMEOUT_S="60")
+    before = await wait_workers(admin, 2)
+    olds = sorted(before.values())  # slot 0 was forked first: the lower pid
+    for pid in olds:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        served.signal(signal.SIGHUP)
+        async with asyncio.timeout(TIMEOUT * 4):  # the first replacement is up
+            while len(set((await worker_pids(admin)).values()) - set(olds)) < 1:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the supervisor now waits for the stopped old worker
+        os.kill(olds[1], signal.SIGKILL)
+        async with asyncio.timeout(TIMEOUT * 2):  # restarted while that wait goes on
+            while len(set((await worker_pids(admin)).values()) - set(olds)) < 2:
+                await asyncio.sleep(0.05)
+        assert alive(olds[0])  # still waited for: the rolling restart has not moved on
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(olds[0], signal.SIGCONT)  # it drains now (its SIGINT was waiting)
+    async with asyncio.timeout(TIMEOUT * 6):
+        while "rolling restart done" not in served.output():
+            await asyncio.sleep(0.1)
+    after = await wait_workers(admin, 2, exclude=set(olds))
+    assert len(after) == 2
+    assert f"worker-1 (pid {olds[1]}) exited" in served.output()
+
+
 async def test_metrics_add_up_across_workers_and_forget_dead_ones(
     serve: ServeFactory, admin: aioredis.Redis
 ) -> None:
