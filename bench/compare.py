@@ -55,13 +55,13 @@ def _said(label: str, what: str, s: dict[str, Any], ok: bool) -> None:
 
 
 def find_rate(tree: Path, label: str, steps: list[float], step_s: float, hold_s: float,
-              holds: int = 4) -> dict[str, Any]:
+              holds: int = 4, pin: bool = False) -> dict[str, Any]:
     """Short steps up to the first that fails, then the best step held for ``hold_s``; a hold
     that fails (a backlog that a short step did not show) steps down, at most ``holds`` times.
     ``best`` is the highest rate that held, None if none did."""
     passed, tried = [], []
     for rate in steps:
-        s = measure(tree, rate, step_s, label=label).summary()
+        s = measure(tree, rate, step_s, label=label, pin=pin).summary()
         ok = sustainable(s)
         tried.append({**s, "sustainable": ok})
         _said(label, f"step {rate:5.0f}/s", s, ok)
@@ -70,7 +70,7 @@ def find_rate(tree: Path, label: str, steps: list[float], step_s: float, hold_s:
         passed.append(rate)
     best, held, failed_holds = None, None, []
     for rate in list(reversed(passed))[:holds]:
-        held = measure(tree, rate, hold_s, label=label).summary()
+        held = measure(tree, rate, hold_s, label=label, pin=pin).summary()
         held["sustainable"] = sustainable(held)
         _said(label, f"hold {rate:5.0f}/s for {hold_s:.0f} s", held, held["sustainable"])
         if held["sustainable"]:
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--find-rate", action="store_true", help="also find each sustainable rate")
     parser.add_argument("--steps", default="200,400,600,800,900,1000,1100,1200,1400,1600,1800,2000,2400")
     parser.add_argument("--step-seconds", type=float, default=15)
+    parser.add_argument("--pin", action="store_true",
+                        help="the servers on the first CPU, the load generator on the others")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-compare.json")
     args = parser.parse_args()
     base_tree = worktree(args.base)
@@ -123,15 +125,17 @@ def main() -> None:
         "machine": machine(),
         "base": args.base, "new": subprocess.check_output(
             ["git", "describe", "--always", "--dirty"], cwd=ROOT, text=True).strip(),
-        "rate": args.rate, "seconds": args.seconds, "rounds": [],
+        "rate": args.rate, "seconds": args.seconds, "pin": args.pin, "rounds": [],
     }
     args.out.parent.mkdir(exist_ok=True)
     print(f"fastmatch bench compare {out['date']} on {out['machine']}: base {args.base} vs {out['new']}, "
-          f"{args.rate:.0f} lifecycles/s offered, {args.seconds:.0f} s windows", flush=True)
+          f"{args.rate:.0f} lifecycles/s offered, {args.seconds:.0f} s windows"
+          + ("; pinned: the server on the first CPU, the load generator on the others" if args.pin else ""),
+          flush=True)
     for i in range(args.rounds):
         pair = []
         for label, tree in (("base", base_tree), ("new", ROOT)):
-            result: Result = measure(tree, args.rate, args.seconds, label=label)
+            result: Result = measure(tree, args.rate, args.seconds, label=label, pin=args.pin)
             pair.append(result.summary())
         print(f"round {i + 1}:")
         print_pair(*pair)
@@ -141,7 +145,8 @@ def main() -> None:
         steps = [float(x) for x in args.steps.split(",")]
         for label, tree in (("base", base_tree), ("new", ROOT)):
             print(f"sustainable rate, {label}:", flush=True)
-            out[f"rate_{label}"] = find_rate(tree, label, steps, args.step_seconds, args.seconds)
+            out[f"rate_{label}"] = find_rate(tree, label, steps, args.step_seconds, args.seconds,
+                                             pin=args.pin)
             args.out.write_text(json.dumps(out, indent=2))
         b, n = out["rate_base"]["best"], out["rate_new"]["best"]
         print(f"sustainable: base {b}/s, new {n}/s" + (f" ({n / b:.2f}x)" if b and n else ""))

@@ -226,39 +226,71 @@ def commands(r: redis.Redis) -> int:
     return sum(int(v["calls"]) for k, v in r.info("commandstats").items() if k.startswith("cmdstat_"))
 
 
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Run what this process starts meanwhile on ``cpus`` only (children inherit it)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def split_cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """``pin``: the server (workers, Redis, the game server) on the first CPU, the load
+    generator on the others, so that neither takes the other's CPU (clients on their own
+    machines); else (None, None), everything shares every CPU."""
+    if not pin:
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("pinning needs at least two CPUs")
+    return {cpus[0]}, set(cpus[1:])
+
+
 def measure(tree: Path, rate: float, seconds: float, warmup: float = 8.0, workers: int = 2,
-            procs: int = 2, label: str = "") -> Result:
-    """One steady run of ``tree`` at ``rate`` lifecycles/s; the window is ``seconds`` long."""
+            procs: int = 2, label: str = "", pin: bool = False) -> Result:
+    """One steady run of ``tree`` at ``rate`` lifecycles/s; the window is ``seconds`` long.
+    ``pin``: see ``split_cpus``."""
     logdir = Path(tempfile.mkdtemp(prefix="fastmatch-bench-"))
-    with EmbeddedRedis() as store:
+    server_cpus, sim_cpus = split_cpus(pin)
+    with contextlib.ExitStack() as stack:
+        with pinned(server_cpus):
+            store = stack.enter_context(EmbeddedRedis())
+            port, metrics_port, proc = stack.enter_context(
+                server(tree, workers, store.url, logdir / "serve.log"))
         r = redis.Redis(unix_socket_path=str(store.socket_path), decode_responses=True)
-        with server(tree, workers, store.url, logdir / "serve.log") as (port, metrics_port, proc):
-            report = logdir / "sim.json"
+        stack.callback(r.close)
+        report = logdir / "sim.json"
+        with pinned(sim_cpus):
             sim = subprocess.Popen(
                 [sys.executable, "-m", "server.app.cli", "sim", "--url", f"ws://127.0.0.1:{port}/ws",
                  "--redis-url", store.url, "--rate", str(rate), "--duration", str(warmup + seconds + _TAIL_S),
                  "--procs", str(procs), "--mix", "normal=1", "--rating-sd", "0", "--no-progress",
                  "--lifetime", "20", "--report", str(report), "--plot", str(logdir / "sim.png")],
                 cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT)
-            wait_playing(sim, metrics_port, logdir, warmup)
-            pids = groups(proc.pid, sim.pid, store.process.pid if store.process else 0, r)
-            if len(pids["workers"]) != workers or len(pids["gameserver"]) != 1:
-                raise RuntimeError(f"process groups not as started: {pids}; see {logdir}")
-            born = {p: start_time(p) for ps in pids.values() for p in ps}
-            io0, cpu0, done0 = sample_io(pids), sample(pids), assigned(metrics_port)
-            cmd0, t0 = commands(r), time.monotonic()
-            time.sleep(seconds)
-            io1, cpu1, done1 = sample_io(pids), sample(pids), assigned(metrics_port)
-            cmd1, t1 = commands(r), time.monotonic()
-            # A process that ended (or a worker restarted) in the window would read as CPU
-            # not spent: the figures would be wrong, and nothing else would say so.
-            ended = sorted(p for p, t in born.items() if start_time(p) != t)
-            sim.wait()
-            if ended:
-                raise RuntimeError(f"processes {ended} ended during the window; see {logdir}")
-            if done1 <= done0:
-                raise RuntimeError(f"no match was completed in the window; see {logdir}")
-        r.close()
+        wait_playing(sim, metrics_port, logdir, warmup)
+        pids = groups(proc.pid, sim.pid, store.process.pid if store.process else 0, r)
+        if len(pids["workers"]) != workers or len(pids["gameserver"]) != 1:
+            raise RuntimeError(f"process groups not as started: {pids}; see {logdir}")
+        born = {p: start_time(p) for ps in pids.values() for p in ps}
+        io0, cpu0, done0 = sample_io(pids), sample(pids), assigned(metrics_port)
+        cmd0, t0 = commands(r), time.monotonic()
+        time.sleep(seconds)
+        io1, cpu1, done1 = sample_io(pids), sample(pids), assigned(metrics_port)
+        cmd1, t1 = commands(r), time.monotonic()
+        # A process that ended (or a worker restarted) in the window would read as CPU
+        # not spent: the figures would be wrong, and nothing else would say so.
+        ended = sorted(p for p, t in born.items() if start_time(p) != t)
+        sim.wait()
+        if ended:
+            raise RuntimeError(f"processes {ended} ended during the window; see {logdir}")
+        if done1 <= done0:
+            raise RuntimeError(f"no match was completed in the window; see {logdir}")
     window = Window(seconds=t1 - t0, lifecycles=(done1 - done0) * 2,
                     cpu_s={g: cpu1[g] - cpu0[g] for g in cpu0}, redis_commands=cmd1 - cmd0,
                     io={g: (io1[g][0] - io0[g][0], io1[g][1] - io0[g][1]) for g in io0})

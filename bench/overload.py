@@ -23,11 +23,10 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.lifecycle import ROOT, server
+from bench.lifecycle import ROOT, pinned, server, split_cpus
 from server.osutil import machine
 from server.store.embedded import EmbeddedRedis
 
@@ -82,20 +81,6 @@ def wait_summary(after: dict[str, float], before: dict[str, float]) -> dict[str,
             "over_1s": int(total - within_1s)}
 
 
-@contextlib.contextmanager
-def pinned(cpus: set[int] | None) -> Iterator[None]:
-    """Run what this process starts meanwhile on ``cpus`` only (children inherit it)."""
-    if cpus is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def run(rate: float, seconds: float, workers: int, lifetime: float, tree: Path = ROOT,
         pin: bool = False) -> dict[str, Any]:
     """``pin``: the server (its workers, Redis, the game server) on the first CPU and the load
@@ -103,10 +88,7 @@ def run(rate: float, seconds: float, workers: int, lifetime: float, tree: Path =
     what clients on their own machines would see."""
     logdir = Path(tempfile.mkdtemp(prefix="fastmatch-overload-"))
     report = logdir / "sim.json"
-    cpus = sorted(os.sched_getaffinity(0))
-    if pin and len(cpus) < 2:
-        raise SystemExit("--pin needs at least two CPUs")
-    server_cpus, sim_cpus = ({cpus[0]}, set(cpus[1:])) if pin else (None, None)
+    server_cpus, sim_cpus = split_cpus(pin)
     with contextlib.ExitStack() as stack:
         with pinned(server_cpus):
             store = stack.enter_context(EmbeddedRedis())
@@ -114,14 +96,14 @@ def run(rate: float, seconds: float, workers: int, lifetime: float, tree: Path =
                 server(tree, workers, store.url, logdir / "serve.log"))
         before = refused(metrics_port)
         waits_before = waits(metrics_port)
-        sim = subprocess.run(
-            [sys.executable, "-m", "server.app.cli", "sim", "--url", f"ws://127.0.0.1:{port}/ws",
-             "--redis-url", store.url, "--rate", str(rate), "--duration", str(seconds),
-             "--procs", "2", "--mix", "normal=1", "--rating-sd", "0", "--no-progress",
-             "--lifetime", str(lifetime), "--report", str(report), "--plot", str(logdir / "sim.png")],
-            cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT,
-            timeout=seconds + lifetime + 120, check=False,  # its exit status is about SLOs
-            preexec_fn=None if sim_cpus is None else lambda: os.sched_setaffinity(0, sim_cpus))
+        with pinned(sim_cpus):  # the bench itself only waits meanwhile
+            sim = subprocess.run(
+                [sys.executable, "-m", "server.app.cli", "sim", "--url", f"ws://127.0.0.1:{port}/ws",
+                 "--redis-url", store.url, "--rate", str(rate), "--duration", str(seconds),
+                 "--procs", "2", "--mix", "normal=1", "--rating-sd", "0", "--no-progress",
+                 "--lifetime", str(lifetime), "--report", str(report), "--plot", str(logdir / "sim.png")],
+                cwd=ROOT, stdout=(logdir / "sim.log").open("wb"), stderr=subprocess.STDOUT,
+                timeout=seconds + lifetime + 120, check=False)  # its exit status is about SLOs
         after = refused(metrics_port)
         waits_after = waits(metrics_port)
     if not report.exists():
