@@ -357,8 +357,12 @@ def _check_metrics(config: Config) -> None:
         _fail("metrics.flush_interval_s", "must be > 0")
     if not 0 <= mt.port <= 65535:
         _fail("metrics.port", "must be between 1 and 65535 (or 0 to disable it)")
-    if mt.port and mt.port == config.server.port:
-        _fail("metrics.port", f"must differ from server.port (both are {mt.port})")
+    metrics_host, server_host = mt.host or config.server.host, config.server.host
+    wildcard = ("", "0.0.0.0", "::")
+    if mt.port and mt.port == config.server.port and (
+            metrics_host == server_host or metrics_host in wildcard or server_host in wildcard):
+        # On two distinct addresses one port binds twice; on one (or a wildcard) it cannot.
+        _fail("metrics.port", f"must differ from server.port on the same address (both are {mt.port})")
 
 
 def _loopback(host: str) -> bool:

@@ -67,8 +67,10 @@ class Housekeeper:
         self._audit_at = 0.0
         self.reap_hold_s = reap_hold_s
         self._reap_from = 0.0  # loop time: no reaping before (set by an unreachable Redis)
-        # Dead workers whose last reap was incomplete: (loop time of the next try, its backoff).
-        self._reap_retry: dict[str, tuple[float, float]] = {}
+        # Dead workers whose last reap was incomplete: (loop time of the next try, its backoff,
+        # the players it still held at that try).
+        self._reap_retry: dict[str, tuple[float, float, int | None]] = {}
+        self._members_seen: dict[str, int] = {}  # players a reap found (read by _reap_due)
         self._tasks: list[asyncio.Task[None]] = []
         self._policy_checked = False  # since the last heartbeat that failed (maybe another node)
         self._checking_policy = False
@@ -109,12 +111,18 @@ class Housekeeper:
         while not self._closing:
             try:
                 await step()
-            except StoreUnavailable as exc:  # Redis unreachable: an outage, maybe everyone's
+            except StoreUnavailable as exc:
                 raise_if_cancelling()
-                self._reap_from = asyncio.get_running_loop().time() + self.reap_hold_s
-                if self.front.ready:
-                    log.warning("storage unavailable, not ready: %s", exc)
-                self.front.ready = False
+                if self.store.client.breaker.closed:
+                    # One call failed (a timeout under load, this worker's own back-pressure)
+                    # while Redis answers the rest: no outage. (A lost heartbeat is covered
+                    # by the TTL: config's bound.)
+                    _step_failed("%s: %s", getattr(step, "__name__", step), exc)
+                else:  # Redis unreachable: an outage, maybe everyone's
+                    self._reap_from = asyncio.get_running_loop().time() + self.reap_hold_s
+                    if self.front.ready:
+                        log.warning("storage unavailable, not ready: %s", exc)
+                    self.front.ready = False
             except StoreError as exc:
                 # Redis answered with an error (a script's, a key of the wrong type, an ACL):
                 # no outage, and no reason to hold every reap or leave the balancers' rotation.
@@ -201,18 +209,27 @@ class Housekeeper:
                 continue
             try:
                 done = await self.reap(worker_id)
-            except StoreUnavailable:
-                raise  # an outage: _every holds every reap for a while
+            except StoreUnavailable as exc:
+                if not self.store.client.breaker.closed:
+                    raise  # an outage: _every holds every reap for a while
+                # One call failed (a timeout under load, this worker's own back-pressure)
+                # while Redis answers the rest: this worker is tried again soon.
+                _not_reaped("worker %s: %s", worker_id, exc)
+                done = False
             except Exception as exc:  # this worker's keys only: the others go on
                 raise_if_cancelling()
                 _not_reaped("worker %s: %s", worker_id, exc, exc_info=not isinstance(exc, StoreError))
                 done = False
+            seen = self._members_seen.pop(worker_id, None)
             if done:
                 retry.pop(worker_id, None)
-            else:
-                backoff = min(max(retry.get(worker_id, (0.0, 0.0))[1] * 2, REAP_RETRY_S),
-                              REAP_RETRY_MAX_S)
-                retry[worker_id] = (loop.time() + backoff, backoff)
+                continue
+            _, backoff, before = retry.get(worker_id, (0.0, 0.0, None))
+            # Doubling while nothing moves; back to the first step while players are released
+            # (a failure of some of them must not slow the release of thousands).
+            moved = before is None or seen is None or seen < before
+            backoff = REAP_RETRY_S if moved else min(backoff * 2, REAP_RETRY_MAX_S)
+            retry[worker_id] = (loop.time() + backoff, backoff, seen)
 
     async def audit(self) -> int:
         """Release records Redis says this worker holds but no connection of its own has (an
@@ -277,6 +294,7 @@ class Housekeeper:
         the player in the set and the worker registered: False, and the caller tries again
         later. True once the worker is forgotten or found alive."""
         players = await self.store.worker_members(worker_id)
+        self._members_seen[worker_id] = len(players)
         log.warning("worker %s is gone; releasing %d players", worker_id, len(players))
 
         async def release(player: str) -> str:

@@ -481,6 +481,9 @@ class FrontEnd:
                                 client.deliver(server_message)
                             except Exception:  # one connection's bug: the others still hear theirs
                                 _crashed("delivering to %s", conn, exc_info=True)
+                                # It missed a notice: closed, so that it resumes and its
+                                # welcome says where it stands, rather than stay out of step.
+                                client.fail_internal()
 
     async def resync(self) -> None:
         """After (re)subscribing: whatever was published to this worker while it could not

@@ -178,10 +178,7 @@ class WebSocketProtocol(asyncio.Protocol):
                     self.handle_request(event)
         except Exception:  # a bug must cost this connection only, and one log line per interval
             _crashed("connection from %s", self.peer, exc_info=True)
-            if ws.state is _OPEN:
-                self._fail(CLOSE_INTERNAL, "internal error")
-            elif self.transport is not None:
-                self.transport.abort()
+            self.fail_internal()
         self.flush()
 
     def eof_received(self) -> bool:
@@ -238,6 +235,14 @@ class WebSocketProtocol(asyncio.Protocol):
         """Close at once (websockets' fail: the close frame, then the end of the stream)."""
         self.closing_by_us = True
         self.ws.fail(code, reason)
+
+    def fail_internal(self) -> None:
+        """Close 1011 at once (a bug in handling this connection); abort if not open."""
+        if self.ws.state is _OPEN:
+            self._fail(CLOSE_INTERNAL, "internal error")
+            self.flush()
+        elif self.transport is not None and not self.lost:
+            self.transport.abort()
 
     def close_with(self, code: int, reason: str) -> None:
         """Start the closing handshake; the peer has ``close_timeout`` to finish it."""
@@ -355,6 +360,8 @@ class WebSocketProtocol(asyncio.Protocol):
             for alert in self._tls.send([]):
                 transport.write(alert)
             transport.close()
+            if transport.get_write_buffer_size():  # as in flush: a reader that stopped
+                self._set_timer(self.limits.close_timeout_s, self._abort)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -375,9 +382,10 @@ class WebSocketProtocol(asyncio.Protocol):
             elif len(self._fragments) >= MAX_FRAGMENTS:
                 self._fragments = []
                 self._fail(CLOSE_POLICY, f"more than {MAX_FRAGMENTS} fragments in a message")
-        elif opcode is _PING or opcode is _PONG:
+        elif opcode is _PING or (opcode is _PONG and not self._ping_at):
             # websockets answers pings; any frame proves the peer is alive. A flood of them
-            # would cost the worker's loop (each one parsed, each ping answered).
+            # would cost the worker's loop (each one parsed, each ping answered). A pong while
+            # our keepalive ping is out is its answer, however short server.ping_interval_s.
             now = self._loop.time()
             controls = self._controls
             if controls is None:

@@ -93,6 +93,8 @@ def test_environment_strings_stay_strings() -> None:
         ({"FASTMATCH_METRICS__PORT": "99999999999999999999999"}, "metrics.port"),  # no OverflowError
         ({"FASTMATCH_METRICS__PORT": "8080"}, "metrics.port"),  # server.port's default
         ({"FASTMATCH_SERVER__PORT": "9200", "FASTMATCH_METRICS__PORT": "9200"}, "metrics.port"),
+        ({"FASTMATCH_SERVER__PORT": "9200", "FASTMATCH_METRICS__PORT": "9200",
+          "FASTMATCH_METRICS__HOST": "127.0.0.1"}, "metrics.port"),  # the server on every address
         ({"FASTMATCH_PRODUCTION": "true", "FASTMATCH_AUTH__SECRET": "s" * 40}, "redis.url"),
     ],
 )
@@ -128,6 +130,9 @@ def test_the_default_ports_and_heartbeat_pass() -> None:
     assert s.heartbeat_ttl_s > 2 * s.heartbeat_interval_s + r.operation_timeout_s
     assert config.metrics.port not in (0, s.port)
     assert load_config(environ={"FASTMATCH_METRICS__PORT": "0", "FASTMATCH_SERVER__PORT": "0"})
+    # One port on two distinct addresses binds twice: allowed.
+    assert load_config(environ={"FASTMATCH_SERVER__HOST": "10.0.0.5", "FASTMATCH_SERVER__PORT": "9300",
+                                "FASTMATCH_METRICS__HOST": "127.0.0.1", "FASTMATCH_METRICS__PORT": "9300"})
 
 
 def test_production_with_a_real_secret_starts(tmp_path: Path) -> None:

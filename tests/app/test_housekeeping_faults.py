@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from server.app.housekeeping import REAP_RETRY_S
 from server.app.worker import Worker
 from server.config import RedisConfig
 from server.store import keys
@@ -93,8 +94,8 @@ async def test_a_dead_worker_that_cannot_be_reaped_waits_and_the_others_do_not(
     await housekeeper.tick()
     assert await admin.exists(keys.player("idle")) == 0
     assert await admin.zrange(keys.workers(), 0, -1) == ["dead-broken"]
-    retry_at, _ = housekeeper._reap_retry["dead-broken"]
-    assert retry_at > asyncio.get_running_loop().time()
+    _, backoff, _ = housekeeper._reap_retry["dead-broken"]
+    assert backoff == REAP_RETRY_S  # the first step of the backoff
 
 
 async def test_an_error_redis_answers_is_no_outage(reaper: Worker, admin: aioredis.Redis) -> None:
@@ -116,6 +117,40 @@ async def test_an_error_redis_answers_is_no_outage(reaper: Worker, admin: aiored
         await housekeeper._every(0, once)
     assert reaper.front.ready
     assert housekeeper._reap_from == 0.0
+
+
+async def test_a_call_refused_while_redis_answers_is_no_outage(
+    reaper: Worker, admin: aioredis.Redis
+) -> None:
+    """A housekeeping call that fails while the breaker stays closed (here the worker's own
+    back-pressure, redis.max_inflight; a timeout under load looks the same) is one failed call,
+    not an outage: the worker stays ready and reaping is not held for a minute, just when a
+    dead worker's players need their grace."""
+    housekeeper, client = reaper.housekeeper, reaper.client
+    reaper.front.ready = True
+    await client.command("PING")  # connected
+    client.max_inflight = 1
+    block = keys.player("blocker")
+    blocked = asyncio.create_task(client.command("BLPOP", block, 0))  # until the test pushes
+
+    async def once() -> None:
+        housekeeper._closing = True  # _every ends after this step
+        await housekeeper.tick()
+
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while client._conn is None or client._conn.in_flight < 1:
+                await asyncio.sleep(0.001)
+        with pytest.raises(StoreUnavailable):
+            await housekeeper.tick()  # refused: the cap
+        async with asyncio.timeout(TIMEOUT):
+            await housekeeper._every(0, once)
+        assert client.breaker.closed
+        assert reaper.front.ready
+        assert housekeeper._reap_from == 0.0
+    finally:
+        await admin.rpush(block, "x")
+        await asyncio.gather(blocked, return_exceptions=True)
 
 
 async def test_a_busy_workers_heartbeat_is_not_refused_locally(

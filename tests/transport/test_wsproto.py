@@ -4,13 +4,18 @@ what holds whatever the subclass (the worker's connection) does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import ssl
+from pathlib import Path
 
 from websockets.client import ClientProtocol
 from websockets.http11 import Request
 from websockets.uri import parse_uri
 
+from server.transport.tls import load_context
 from server.transport.wsproto import WebSocketProtocol, WsLimits
+from tests.edge.certs import client_context, make_cert
 from tests.helpers import TIMEOUT
 
 
@@ -72,5 +77,54 @@ async def test_a_close_with_unsent_bytes_is_aborted_after_the_close_timeout() ->
         assert made_here[0].buffered > 0  # the case at hand: bytes were still waiting
     finally:
         sock.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_broken_tls_record_from_a_reader_that_stopped_is_aborted_too(tmp_path: Path) -> None:
+    """The same over TLS, ended by a corrupt record from the client instead of the keepalive:
+    the server's alert and close must not wait for good behind the unsent message."""
+    loop = asyncio.get_running_loop()
+    cert = make_cert(tmp_path, "server")
+    ended = asyncio.Event()
+    made_here: list[Talker] = []
+    limits = WsLimits(max_size=4096, ping_interval_s=60, ping_timeout_s=60, close_timeout_s=0.3,
+                      tls=load_context(str(cert.cert_file), str(cert.key_file)))
+
+    def made() -> Talker:
+        protocol = Talker(limits)
+        protocol.ended = ended
+        made_here.append(protocol)
+        return protocol
+
+    server = await loop.create_server(made, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(cert).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await loop.sock_sendall(sock, outgoing.read())
+                    incoming.write(await loop.sock_recv(sock, 4096))
+            client = ClientProtocol(parse_uri("ws://127.0.0.1/ws"))
+            client.send_request(client.connect())
+            tls.write(b"".join(client.data_to_send()))
+            await loop.sock_sendall(sock, outgoing.read())
+            while not made_here or not made_here[0].buffered:  # the answer and the message sent
+                await asyncio.sleep(0.01)
+            # A record whose MAC cannot be right: the server's TLS layer fails.
+            await loop.sock_sendall(sock, b"\x17\x03\x03\x00\x20" + bytes(32))
+            await ended.wait()
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
         server.close()
         await server.wait_closed()
