@@ -376,6 +376,9 @@ async def test_workers_are_still_watched_while_a_rolling_restart_waits_for_a_dra
     served = serve(workers=2, FASTMATCH_SERVER__DRAIN_TIMEOUT_S="60")
     before = await wait_workers(admin, 2)
     olds = sorted(before.values())  # slot 0 was forked first: the lower pid
+    async with asyncio.timeout(TIMEOUT * 4):  # both ready (registered comes first): started
+        while "2 workers on port" not in served.output():
+            await asyncio.sleep(0.05)
     for pid in olds:
         os.kill(pid, signal.SIGSTOP)
     try:
