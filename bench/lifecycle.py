@@ -252,6 +252,16 @@ def split_cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, set(cpus[1:])
 
 
+def start_serving(stack: contextlib.ExitStack, tree: Path, workers: int, log: Path,
+                  cpus: set[int] | None) -> tuple[EmbeddedRedis, int, int, subprocess.Popen[bytes]]:
+    """An embedded Redis and `fastmatch serve` of ``tree`` on it, on ``cpus`` (None: any), both
+    stopped when ``stack`` closes: (Redis, port, metrics port, the supervisor process)."""
+    with pinned(cpus):
+        store = stack.enter_context(EmbeddedRedis())
+        port, metrics_port, proc = stack.enter_context(server(tree, workers, store.url, log))
+    return store, port, metrics_port, proc
+
+
 def measure(tree: Path, rate: float, seconds: float, warmup: float = 8.0, workers: int = 2,
             procs: int = 2, label: str = "", pin: bool = False) -> Result:
     """One steady run of ``tree`` at ``rate`` lifecycles/s; the window is ``seconds`` long.
@@ -259,10 +269,8 @@ def measure(tree: Path, rate: float, seconds: float, warmup: float = 8.0, worker
     logdir = Path(tempfile.mkdtemp(prefix="fastmatch-bench-"))
     server_cpus, sim_cpus = split_cpus(pin)
     with contextlib.ExitStack() as stack:
-        with pinned(server_cpus):
-            store = stack.enter_context(EmbeddedRedis())
-            port, metrics_port, proc = stack.enter_context(
-                server(tree, workers, store.url, logdir / "serve.log"))
+        store, port, metrics_port, proc = start_serving(stack, tree, workers, logdir / "serve.log",
+                                                        server_cpus)
         r = redis.Redis(unix_socket_path=str(store.socket_path), decode_responses=True)
         stack.callback(r.close)
         report = logdir / "sim.json"

@@ -26,9 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.lifecycle import ROOT, pinned, server, split_cpus
+from bench.lifecycle import ROOT, pinned, split_cpus, start_serving
 from server.osutil import machine
-from server.store.embedded import EmbeddedRedis
 
 
 def refused(metrics_port: int) -> dict[str, float]:
@@ -90,10 +89,8 @@ def run(rate: float, seconds: float, workers: int, lifetime: float, tree: Path =
     report = logdir / "sim.json"
     server_cpus, sim_cpus = split_cpus(pin)
     with contextlib.ExitStack() as stack:
-        with pinned(server_cpus):
-            store = stack.enter_context(EmbeddedRedis())
-            port, metrics_port, _ = stack.enter_context(
-                server(tree, workers, store.url, logdir / "serve.log"))
+        store, port, metrics_port, _ = start_serving(stack, tree, workers, logdir / "serve.log",
+                                                     server_cpus)
         before = refused(metrics_port)
         waits_before = waits(metrics_port)
         with pinned(sim_cpus):  # the bench itself only waits meanwhile

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from websockets.client import ClientProtocol
@@ -45,14 +46,11 @@ class Talker(WebSocketProtocol):
         self.ended.set()
 
 
-async def test_a_close_with_unsent_bytes_is_aborted_after_the_close_timeout() -> None:
-    """A client that stops reading (its window closed) while the server ends the connection,
-    here at the keepalive's timeout: close() would wait for the buffer to drain for good,
-    holding the connection and its player. It is aborted after close_timeout_s."""
-    loop = asyncio.get_running_loop()
+@contextlib.asynccontextmanager
+async def serving(limits: WsLimits) -> AsyncIterator[tuple[int, list[Talker], asyncio.Event]]:
+    """A listener of Talkers: (its port, the protocols made so far, set when one is lost)."""
     ended = asyncio.Event()
     made_here: list[Talker] = []
-    limits = WsLimits(max_size=4096, ping_interval_s=0.1, ping_timeout_s=0.1, close_timeout_s=0.3)
 
     def made() -> Talker:
         protocol = Talker(limits)
@@ -60,25 +58,46 @@ async def test_a_close_with_unsent_bytes_is_aborted_after_the_close_timeout() ->
         made_here.append(protocol)
         return protocol
 
-    server = await loop.create_server(made, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server = await asyncio.get_running_loop().create_server(made, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], made_here, ended
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def stalled_reader(port: int) -> AsyncIterator[socket.socket]:
+    """A client connected with a small window, which the test (hardly) reads."""
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        client = ClientProtocol(parse_uri("ws://127.0.0.1/ws"))
-        client.send_request(client.connect())
-        await loop.sock_sendall(sock, b"".join(client.data_to_send()))
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        yield sock
+    finally:
+        sock.close()
+
+
+def upgrade_request() -> bytes:
+    client = ClientProtocol(parse_uri("ws://127.0.0.1/ws"))
+    client.send_request(client.connect())
+    return b"".join(client.data_to_send())
+
+
+async def test_a_close_with_unsent_bytes_is_aborted_after_the_close_timeout() -> None:
+    """A client that stops reading (its window closed) while the server ends the connection,
+    here at the keepalive's timeout: close() would wait for the buffer to drain for good,
+    holding the connection and its player. It is aborted after close_timeout_s."""
+    limits = WsLimits(max_size=4096, ping_interval_s=0.1, ping_timeout_s=0.1, close_timeout_s=0.3)
+    async with serving(limits) as (port, made_here, ended), stalled_reader(port) as sock:
+        await asyncio.get_running_loop().sock_sendall(sock, upgrade_request())
         # Nothing is read: the pings go unanswered, the keepalive closes 1011 with most of
         # the message still in the server's buffer, and the close timeout must end it.
         async with asyncio.timeout(TIMEOUT):
             await ended.wait()
         assert made_here[0].buffered > 0  # the case at hand: bytes were still waiting
-    finally:
-        sock.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_broken_tls_record_from_a_reader_that_stopped_is_aborted_too(tmp_path: Path) -> None:
@@ -86,27 +105,12 @@ async def test_a_broken_tls_record_from_a_reader_that_stopped_is_aborted_too(tmp
     the server's alert and close must not wait for good behind the unsent message."""
     loop = asyncio.get_running_loop()
     cert = make_cert(tmp_path, "server")
-    ended = asyncio.Event()
-    made_here: list[Talker] = []
     limits = WsLimits(max_size=4096, ping_interval_s=60, ping_timeout_s=60, close_timeout_s=0.3,
                       tls=load_context(str(cert.cert_file), str(cert.key_file)))
-
-    def made() -> Talker:
-        protocol = Talker(limits)
-        protocol.ended = ended
-        made_here.append(protocol)
-        return protocol
-
-    server = await loop.create_server(made, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = client_context(cert).wrap_bio(incoming, outgoing, server_hostname="localhost")
-    try:
+    async with serving(limits) as (port, made_here, ended), stalled_reader(port) as sock:
         async with asyncio.timeout(TIMEOUT):
-            await loop.sock_connect(sock, ("127.0.0.1", port))
             while True:
                 try:
                     tls.do_handshake()
@@ -114,17 +118,10 @@ async def test_a_broken_tls_record_from_a_reader_that_stopped_is_aborted_too(tmp
                 except ssl.SSLWantReadError:
                     await loop.sock_sendall(sock, outgoing.read())
                     incoming.write(await loop.sock_recv(sock, 4096))
-            client = ClientProtocol(parse_uri("ws://127.0.0.1/ws"))
-            client.send_request(client.connect())
-            tls.write(b"".join(client.data_to_send()))
+            tls.write(upgrade_request())
             await loop.sock_sendall(sock, outgoing.read())
             while not made_here or not made_here[0].buffered:  # the answer and the message sent
                 await asyncio.sleep(0.01)
             # A record whose MAC cannot be right: the server's TLS layer fails.
             await loop.sock_sendall(sock, b"\x17\x03\x03\x00\x20" + bytes(32))
             await ended.wait()
-    finally:
-        with contextlib.suppress(OSError):
-            sock.close()
-        server.close()
-        await server.wait_closed()
