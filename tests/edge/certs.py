@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,3 +55,17 @@ def make_cert(directory: Path, name: str) -> Cert:
 def client_context(*trusted: Cert) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata="".join(c.pem for c in trusted))
     return context
+
+
+async def tls_handshake(tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                        send: Callable[[bytes], Awaitable[None]],
+                        receive: Callable[[], Awaitable[bytes]]) -> None:
+    """A client's TLS handshake over memory buffers: what it writes goes out with ``send``,
+    what ``receive`` reads goes in, until the handshake is done."""
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await send(outgoing.read())
+            incoming.write(await receive())

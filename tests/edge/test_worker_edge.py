@@ -19,7 +19,7 @@ from server import metrics
 from server.app.worker import Worker
 from server.store import keys
 from tests.conftest import WorkerFactory, make_config
-from tests.edge.certs import Cert, client_context, make_cert
+from tests.edge.certs import Cert, client_context, make_cert, tls_handshake
 from tests.helpers import TIMEOUT, closed_code, recv, request, token
 from tests.transport.test_proxyproto import VALID, inet, v2
 
@@ -252,15 +252,12 @@ async def test_a_tls_close_notify_ends_the_connection_whatever_follows(
     reader, writer = await asyncio.open_connection("127.0.0.1", worker.front.port)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = client_context(cert).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    async def send(data: bytes) -> None:
+        writer.write(data)
+
     try:
         async with asyncio.timeout(TIMEOUT):
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    writer.write(outgoing.read())
-                    incoming.write(await reader.read(65536))
+            await tls_handshake(tls, incoming, outgoing, send, lambda: reader.read(65536))
             tls.write(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                       b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                       b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer "

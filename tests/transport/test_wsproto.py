@@ -16,7 +16,7 @@ from websockets.uri import parse_uri
 
 from server.transport.tls import load_context
 from server.transport.wsproto import WebSocketProtocol, WsLimits
-from tests.edge.certs import client_context, make_cert
+from tests.edge.certs import client_context, make_cert, tls_handshake
 from tests.helpers import TIMEOUT
 
 
@@ -111,13 +111,8 @@ async def test_a_broken_tls_record_from_a_reader_that_stopped_is_aborted_too(tmp
     tls = client_context(cert).wrap_bio(incoming, outgoing, server_hostname="localhost")
     async with serving(limits) as (port, made_here, ended), stalled_reader(port) as sock:
         async with asyncio.timeout(TIMEOUT):
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    await loop.sock_sendall(sock, outgoing.read())
-                    incoming.write(await loop.sock_recv(sock, 4096))
+            await tls_handshake(tls, incoming, outgoing, lambda data: loop.sock_sendall(sock, data),
+                                lambda: loop.sock_recv(sock, 4096))
             tls.write(upgrade_request())
             await loop.sock_sendall(sock, outgoing.read())
             while not made_here or not made_here[0].buffered:  # the answer and the message sent
