@@ -69,14 +69,14 @@ _ANSWER_AGAIN: Final = frozenset({"unavailable", "rate_limited", "internal_error
 # Errors that answer a loading_complete: those above, and those that refuse it for good.
 _ANSWER_ERRORS: Final = _ANSWER_AGAIN | {"wrong_session_id", "invalid_state"}
 _KNOWN_CODES: Final = frozenset(get_args(ErrorCodeName))
-
-
-def _as_known(code: str) -> str:
-    return code if code in _KNOWN_CODES else "internal_error"
 _ANSWER_AGAIN_MS: Final = 1000
 # The server's own schema, to refuse before sending what it would answer with an
 # `invalid_message` that names no request (so no request could be told: it would hang).
 _outgoing: Final = msgspec.json.Decoder(ClientMessage)
+
+
+def _as_known(code: str) -> str:
+    return code if code in _KNOWN_CODES else "internal_error"
 
 
 @functools.lru_cache(maxsize=64)

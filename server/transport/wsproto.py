@@ -266,11 +266,7 @@ class WebSocketProtocol(asyncio.Protocol):
         eof = not writes[-1]
         transport.write(b"".join(writes))
         if eof:
-            transport.close()
-            if transport.get_write_buffer_size():
-                # close() waits for the buffer to drain: a client that stopped reading would
-                # hold the connection (and its player) for good. It gets close_timeout.
-                self._set_timer(self.limits.close_timeout_s, self._abort)
+            self._close(transport)
         elif transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             transport.abort()
 
@@ -359,9 +355,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._tls is not None and transport is not None and not self.lost:
             for alert in self._tls.send([]):
                 transport.write(alert)
-            transport.close()
-            if transport.get_write_buffer_size():  # as in flush: a reader that stopped
-                self._set_timer(self.limits.close_timeout_s, self._abort)
+            self._close(transport)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -483,6 +477,14 @@ class WebSocketProtocol(asyncio.Protocol):
         self.flush()
         self._ping_at = now
         self._set_timer(self.limits.ping_timeout_s, self._keepalive)
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Close TCP once what was written has left. close() waits for the buffer to drain: a
+        client that stopped reading would hold the connection (and its player) for good, so
+        it gets close_timeout, then the connection is aborted."""
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._set_timer(self.limits.close_timeout_s, self._abort)
 
     def _abort(self) -> None:
         self._timer = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -320,6 +320,19 @@ async def test_503_carries_retry_after() -> None:
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def newer_server(
+    handler: Callable[[ServerConnection], Awaitable[None]], *, auto_ready: bool,
+) -> AsyncIterator[Client]:
+    """A client of a small real WebSocket server that plays a newer fastmatch (``handler``)."""
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = await connect(f"ws://127.0.0.1:{port}/ws", token("p"), auto_ready=auto_ready,
+                               open_timeout_s=TIMEOUT)
+        async with client:
+            yield client
+
+
 async def test_a_newer_servers_fields_types_and_values_do_not_cost_a_message() -> None:
     """docs/protocol.md 2: a newer server may add fields, message types and values of a
     reason or an error code. The client skips only the message type it does not know; a
@@ -341,22 +354,18 @@ async def test_a_newer_servers_fields_types_and_values_do_not_cost_a_message() -
             await ws.send(json.dumps(frame))
         await ws.wait_closed()
 
-    async with serve(newer, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        client = await connect(f"ws://127.0.0.1:{port}/ws", token("p"), auto_ready=False,
-                               open_timeout_s=TIMEOUT)
-        async with client:
-            got = [await asyncio.wait_for(client.recv(), TIMEOUT) for _ in range(5)]
-            assert [type(m).__name__ for m in got] == [
-                "Welcome", "StartLoading", "Requeued", "Dequeued", "Error"]
-            welcome, _, requeued, dequeued, error = got
-            assert isinstance(welcome, Welcome) and welcome.state == "queued"
-            assert isinstance(requeued, Requeued) and requeued.reason == "match_cancelled"
-            assert isinstance(dequeued, Dequeued) and dequeued.reason == "season_ended"
-            assert client.state == "idle" and client.game_mode is None
-            assert isinstance(error, Error)
-            raised = error_for(error)
-            assert type(raised) is ServerError and raised.code == "quota_exceeded"
+    async with newer_server(newer, auto_ready=False) as client:
+        got = [await asyncio.wait_for(client.recv(), TIMEOUT) for _ in range(5)]
+        assert [type(m).__name__ for m in got] == [
+            "Welcome", "StartLoading", "Requeued", "Dequeued", "Error"]
+        welcome, _, requeued, dequeued, error = got
+        assert isinstance(welcome, Welcome) and welcome.state == "queued"
+        assert isinstance(requeued, Requeued) and requeued.reason == "match_cancelled"
+        assert isinstance(dequeued, Dequeued) and dequeued.reason == "season_ended"
+        assert client.state == "idle" and client.game_mode is None
+        assert isinstance(error, Error)
+        raised = error_for(error)
+        assert type(raised) is ServerError and raised.code == "quota_exceeded"
 
 
 async def test_a_ready_answer_refused_with_an_unknown_code_is_sent_again() -> None:
@@ -374,14 +383,10 @@ async def test_a_ready_answer_refused_with_an_unknown_code_is_sent_again() -> No
         await answers.put(json.loads(await ws.recv()))
         await ws.wait_closed()
 
-    async with serve(newer, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        client = await connect(f"ws://127.0.0.1:{port}/ws", token("p"), auto_ready=True,
-                               open_timeout_s=TIMEOUT)
-        async with client:
-            for _ in range(2):
-                answer = await asyncio.wait_for(answers.get(), TIMEOUT)
-                assert answer["type"] == "loading_complete" and answer["loading_session_id"] == "m1"
+    async with newer_server(newer, auto_ready=True):
+        for _ in range(2):
+            answer = await asyncio.wait_for(answers.get(), TIMEOUT)
+            assert answer["type"] == "loading_complete" and answer["loading_session_id"] == "m1"
 
 
 # -- every error code, as its own exception ---------------------------------------------------------------

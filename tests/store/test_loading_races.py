@@ -324,18 +324,25 @@ async def test_a_handoff_past_its_deadline_holds_the_mode_only_when_its_worker_l
     await admin.delete(keys.hold(MODE), keys.hold_failures(MODE))
 
 
-async def test_a_match_found_while_away_waits_for_a_connection_that_tells_it(  # type: ignore[no-untyped-def]
-    env, admin: aioredis.Redis
-) -> None:
-    """Assigned while the player had no connection: its record keeps the match for the grace.
-    A connection that ends before telling it (refused by a draining worker, replaced before its
-    welcome) leaves it for the next; once told, it is forgotten."""
+async def assigned_while_a_is_away(env) -> None:  # type: ignore[no-untyped-def]
+    """Both ready; a's connection ends (its detach ran, its cancel not yet) as the game server's
+    answer lands: the match is assigned with no connection of a's to tell."""
     await make_match(env, 60_000)
     players, loading, _ = env
     await ready(env, "b")
     assert (await ready(env, "a")).outcome == "allocating"
     assert (await players.detach("a", "a-c")).outcome == "loading"
     assert (await loading.assign(MODE, MATCH, "gs:1", "s-1")).status == "assigned"
+
+
+async def test_a_match_found_while_away_waits_for_a_connection_that_tells_it(  # type: ignore[no-untyped-def]
+    env, admin: aioredis.Redis
+) -> None:
+    """Assigned while the player had no connection: its record keeps the match for the grace.
+    A connection that ends before telling it (refused by a draining worker, replaced before its
+    welcome) leaves it for the next; once told, it is forgotten."""
+    await assigned_while_a_is_away(env)
+    players = env[0]
     record = keys.player("a")
     assert 0 < await admin.pttl(record) <= 60_000
     first = await players.attach("a", "a-c2")
@@ -358,12 +365,8 @@ async def test_an_enqueue_forgets_a_match_found_while_away_that_was_not_forgotte
 ) -> None:
     """The connection that heard the match_found could not forget it (its found_told
     failed), and the player queues again: the old match is not told to a later connection."""
-    await make_match(env, 60_000)
-    players, loading, _ = env
-    await ready(env, "b")
-    await ready(env, "a")
-    await players.detach("a", "a-c")
-    await loading.assign(MODE, MATCH, "gs:1", "s-1")
+    await assigned_while_a_is_away(env)
+    players = env[0]
     assert (await players.attach("a", "a-c2")).found == (MODE, MATCH)  # told, not forgotten
     assert (await players.enqueue("a", "a-c2", MODE, 1500, {})).queued_at_ms > 0
     record = keys.player("a")
@@ -403,12 +406,8 @@ async def test_a_released_record_whose_match_was_told_meanwhile_does_not_expire_
     """A told connection ends and its detach reaches Redis before its found_told: the record is
     kept for another grace, then found_told forgets the match. The next connection must make
     the record lasting all the same, or it would expire under a live player."""
-    await make_match(env, 60_000)
-    players, loading, _ = env
-    await ready(env, "b")
-    await ready(env, "a")
-    await players.detach("a", "a-c")
-    await loading.assign(MODE, MATCH, "gs:1", "s-1")
+    await assigned_while_a_is_away(env)
+    players = env[0]
     await players.attach("a", "a-c2")
     assert (await players.detach("a", "a-c2")).outcome == "removed"  # before its found_told
     await players.found_told("a", MATCH)
