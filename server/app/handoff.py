@@ -83,19 +83,30 @@ class Allocator:
         self._modes: dict[str, str] = {}
         self._active: set[str] = set()  # match ids handed off (or requeued) by a task now
         self._closing = False
+        self._bound: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once: asyncio.get_running_loop() (and create_task,
+        timeout_at, which call it) makes a getpid() system call on Python 3.11, several per
+        match on this path."""
+        if self._bound is None:
+            self._bound = asyncio.get_running_loop()
+        return self._bound
 
     def start(self, mode: str, match_id: str, ready: ReadyResult) -> None:
         if match_id in self._active:
             return  # a repeated ready (lua/ready.lua): this handoff runs already
         self._active.add(match_id)
         work = self._requeue(mode, match_id, ready) if self._closing else self.allocate(mode, match_id, ready)
-        task = asyncio.create_task(self._owned(work, mode, match_id), name=f"allocate:{match_id}")
+        loop = self._loop
+        task = loop.create_task(self._owned(work, mode, match_id), name=f"allocate:{match_id}")
         self._tasks[match_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(match_id, None))
         # Kept past the handoff's own end, to its deadline: a handoff that ended without an
         # outcome (Redis failed at assign) leaves the match `allocating`, and a repeated ready
         # then must not publish a second request for the same match.
-        asyncio.get_running_loop().call_later(
+        loop.call_later(
             self.config.allocation_timeout_ms / 1000 + 1.0, self._active.discard, match_id)
 
     @staticmethod
@@ -121,7 +132,7 @@ class Allocator:
             players={p: _player_info(t) for p, t in ready.tickets.items()},
             reply_to=self.reply_channel, deadline_ms=ready.deadline_ms,
         )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         # The match's handoff deadline is all-ready + allocation_timeout_ms, which is about now:
         # the wait for the answer ends there, however long the publish itself took.
         until = loop.time() + self.config.allocation_timeout_ms / 1000
@@ -146,13 +157,17 @@ class Allocator:
                 if receivers == 0:
                     await self.loading.fail(mode, match_id, "no_game_server", players)
                     return
+            # A timer on the future itself rather than asyncio.timeout_at, which asks for the
+            # running loop twice (two getpid() system calls on Python 3.11) every match.
+            timer = loop.call_at(until, _expire, future)
             try:
-                async with asyncio.timeout_at(until):
-                    reply = await future
+                reply = await future
             except TimeoutError:
                 log.warning("%s match %s: no game server answer in time", mode, match_id)
                 await self.loading.fail(mode, match_id, "allocation_failed", players)
                 return
+            finally:
+                timer.cancel()
             if isinstance(reply, gs.BattleAssigned):
                 await self._assign(mode, match_id, reply, players, until + 1.0)
             else:
@@ -169,7 +184,7 @@ class Allocator:
         end `allocation_failed` at its deadline and be requeued, while the server holds a
         session for it. Retrying is safe: an assignment that did run answers `final`, and the
         sweep's expiry, if it comes first, is the one outcome (its notices go out as ever)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         pause = _ASSIGN_RETRY_S
         while True:
             try:
@@ -235,3 +250,9 @@ def _player_info(raw: bytes) -> gs.PlayerInfo:
     except ValueError:
         return gs.PlayerInfo(mmr=0.0)
     return gs.PlayerInfo(mmr=ticket.rating, attrs=ticket.attrs)
+
+
+def _expire(future: asyncio.Future[gs.BattleReply]) -> None:
+    """The handoff's deadline: the wait for the game server's answer ends (TimeoutError)."""
+    if not future.done():
+        future.set_exception(TimeoutError())

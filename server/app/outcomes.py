@@ -1,4 +1,5 @@
-"""What every match ending records: metrics and one log line (LoadingStore's EndingObserver)."""
+"""What every match ending records: metrics and one log line (LoadingStore's EndingObserver;
+INFO except for the routine `assigned`, at DEBUG)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ class EndingMetrics:
         metrics.inc(metrics.MATCHES_ENDED, mode, result.status, reason)
         if result.status == "assigned":
             metrics.inc(metrics.MATCHES_ASSIGNED, mode)
-        log.info("%s match %s %s (%s)", mode, match_id, result.status, reason)
+        # The routine ending at DEBUG: a line per match would be hundreds a second at capacity
+        # (and 5% of a worker's CPU); the metrics count them. The others are worth a line each.
+        log.log(logging.DEBUG if result.status == "assigned" else logging.INFO,
+                "%s match %s %s (%s)", mode, match_id, result.status, reason)
         for p in result.players:
             if p.what == "requeued":
                 metrics.inc(metrics.PLAYERS_REQUEUED, mode, result.reason)

@@ -90,6 +90,7 @@ class RespProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
+        self.loop = self._loop  # its callers' too (see RedisClient._call)
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.on_push = on_push
         self.broken = False  # set once the connection can carry no more calls

@@ -64,7 +64,7 @@ _crashed = Throttled(log, "connection handler failed", level=logging.ERROR)
 
 class ClientConnection(WebSocketProtocol):
     def __init__(self, front: FrontEnd) -> None:
-        super().__init__(front.ws_limits)
+        super().__init__(front.ws_limits, front.loop)
         self.front = front
         self.services = front.services
         self.identity = Identity("")

@@ -97,6 +97,9 @@ class FrontEnd:
         self._all_gone = asyncio.Event()
         self._unsettled: set[ClientConnection] = set()  # lost a request's outcome: reconcile
         self._settler: asyncio.Task[None] | None = None
+        # The loop it serves on, looked up once in start(): asyncio.get_running_loop() makes a
+        # getpid() system call on Python 3.11, and the per-player path would ask many times.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -105,7 +108,7 @@ class FrontEnd:
             # Read now, at each worker's start: a rolling restart serves a renewed certificate.
             tls = load_context(self.config.tls_cert_file, self.config.tls_key_file)
             self.ws_limits = dataclasses.replace(self.ws_limits, tls=tls)
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         options: dict[str, Any] = {"sock": sock} if sock is not None else {
             "host": host, "port": port, "reuse_port": True,
         }
@@ -202,7 +205,7 @@ class FrontEnd:
             await self._server.wait_closed()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = (self.loop or asyncio.get_running_loop()).create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

@@ -52,6 +52,7 @@ class Subscriber:
         self._confirmed = 0
         self._all_confirmed: asyncio.Future[None] | None = None
         self._last_heard = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None  # its session's (see _on_push)
 
     def start(self) -> None:
         self._closing = False
@@ -93,7 +94,7 @@ class Subscriber:
                 attempt = 0
 
     async def _session(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._confirmed = 0
         self._all_confirmed = loop.create_future()
         async with asyncio.timeout(self._timeout):
@@ -104,7 +105,7 @@ class Subscriber:
                 conn.write(pack("SUBSCRIBE", *self.handlers))
                 await self._all_confirmed
             await self._subscribed()
-            resync = asyncio.get_running_loop().create_task(self._resync(), name="resync")
+            resync = loop.create_task(self._resync(), name="resync")
             try:
                 await self._listen(conn)
             finally:
@@ -161,7 +162,9 @@ class Subscriber:
                 raise RespConnectionError("no answer to PING on the subscriber connection")
 
     def _on_push(self, reply: Reply) -> None:
-        self._last_heard = asyncio.get_running_loop().time()
+        # Every push: asyncio.get_running_loop() would make a getpid() system call each time
+        # (Python 3.11).
+        self._last_heard = (self._loop or asyncio.get_running_loop()).time()
         if not isinstance(reply, list) or not reply:
             return
         kind = reply[0]

@@ -77,13 +77,13 @@ class WebSocketProtocol(asyncio.Protocol):
     frames_in = 0
     frames_out = 0
 
-    def __init__(self, limits: WsLimits) -> None:
+    def __init__(self, limits: WsLimits, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.limits = limits
         self.ws = ServerProtocol(max_size=limits.max_size)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.lost = False
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()  # given: see FrontEnd.loop
         self._held = False
         self._queue: deque[str | bytes] = deque()  # text as str, binary as bytes
         self._paused = False
