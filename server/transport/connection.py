@@ -71,7 +71,6 @@ class ClientConnection(WebSocketProtocol):
         self.conn_id = ""
         self.session: Session | None = None
         self.attached = False  # set once Redis records this connection as the player's
-        self._took = False  # the attach succeeded in Redis (whatever happened after)
         self._upgrade: Response | None = None  # the 101, sent together with the welcome
         self._attaching = False
         # A close the session decided before the 101 went out (replaced, or the worker began
@@ -126,7 +125,9 @@ class ClientConnection(WebSocketProtocol):
         except Exception:
             raise_if_cancelling()
             _crashed("attaching player %s", self.identity.player_id, exc_info=True)
-            if self._took and not self.attached:
+            if not self.attached:
+                # Released whether or not the attach returned: a bug inside it may come after
+                # Redis took the record. A release the record does not name changes nothing.
                 self.front.release(self.identity.player_id, self.conn_id)
             if self.transport is not None and not self.lost:
                 self.transport.abort()  # its connection_lost releases an attached record
@@ -135,9 +136,13 @@ class ClientConnection(WebSocketProtocol):
         front = self.front
         try:
             result = await self.services.store.attach(self.identity.player_id, self.conn_id)
-            self._took = True
         except StoreError as exc:
-            if isinstance(exc, StoreUnavailable) and exc.maybe_ran:
+            if not isinstance(exc, StoreUnavailable):
+                # Redis answered, so the attach ran, but its reply could not be used (a player
+                # state this server does not know, written by a newer one in a rolling deploy):
+                # the record names this connection, which will never be welcomed. Released now.
+                front.release(self.identity.player_id, self.conn_id)
+            elif exc.maybe_ran:
                 # Redis may have recorded this connection as the player's after all; nothing
                 # else would ever release that record (issue 13): settle it once Redis answers.
                 front.pending_detach.add((self.identity.player_id, self.conn_id))

@@ -18,7 +18,7 @@ from websockets.frames import Opcode
 
 from server import metrics
 from server.app.worker import Worker
-from server.store import keys
+from server.store import keys, players
 from server.store.embedded import EmbeddedRedis
 from tests.conftest import WorkerFactory, make_config
 from tests.helpers import (
@@ -392,6 +392,45 @@ async def test_a_bug_during_the_attach_ends_the_handshake_and_releases_the_recor
     ws, welcome = await connect_player(worker.front.port, "unlucky")
     assert welcome["type"] == "welcome"
     await ws.close()
+
+
+async def test_a_bug_inside_the_attach_after_redis_ran_it_releases_the_record(
+    start_worker: WorkerFactory, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug raised inside the store's attach, after Redis ran the script (its reply being
+    read): the attach never returned, but the record names this connection; it is released
+    all the same (audit off: nothing else would)."""
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug reading the attach's reply")
+
+    w = await start_worker(cfg=make_config(**{"server.audit_interval_s": 0}))
+    monkeypatch.setattr(players, "_player_state", broken)
+    client = await RawClient.connect(w.front.port, "unread")
+    assert await client.handshake(timeout=5.0) is None  # aborted, not left waiting
+    client.close()
+    monkeypatch.undo()
+    async with asyncio.timeout(TIMEOUT):  # released: idle, so forgotten
+        while await admin.exists(keys.player("unread")):
+            await asyncio.sleep(0.01)
+
+
+async def test_an_attach_whose_reply_cannot_be_read_releases_the_record_it_took(
+    start_worker: WorkerFactory, admin: aioredis.Redis,
+) -> None:
+    """Redis ran the attach (the record names this connection), but its reply cannot be read:
+    here a player state this server does not know, as a newer server may write during a
+    rolling deploy. The client is told `internal_error` and closed 1011, and the record the
+    attach took is released at once, not left naming a dead connection until the audit (off
+    here) or for good."""
+    w = await start_worker(cfg=make_config(**{"server.audit_interval_s": 0}))
+    await admin.hset(keys.player("newer"), mapping={"state": "parked", "mode": ""})
+    ws = await open_client(w.front.port, "newer")
+    error = await recv(ws)
+    assert error["type"] == "error" and error["code"] == "internal_error", error
+    assert await closed_code(ws) == 1011
+    async with asyncio.timeout(TIMEOUT):
+        while await admin.hget(keys.player("newer"), "conn") is not None:
+            await asyncio.sleep(0.01)
 
 
 async def test_past_max_connections_handshakes_get_503_at_once(start_worker: WorkerFactory) -> None:
