@@ -52,6 +52,9 @@ class Subscriber:
         self._confirmed = 0
         self._all_confirmed: asyncio.Future[None] | None = None
         self._last_heard = 0.0
+        # Failed (re)connections in a row: the backoff starts over at every subscription, so
+        # a later loss (the next failover) is not waited out as if it were the same outage.
+        self._attempt = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # its session's (see _on_push)
 
     def start(self) -> None:
@@ -74,7 +77,6 @@ class Subscriber:
             return self.generation
 
     async def _run(self) -> None:
-        attempt = 0
         while not self._closing:
             try:
                 await self._session()
@@ -83,15 +85,13 @@ class Subscriber:
             except Exception as exc:  # task boundary: any failure means "reconnect"
                 raise_if_cancelling()
                 self.connected = False
-                attempt += 1
-                delay = random.uniform(0, min(self._max, self._base * 2 ** min(attempt, 16)))
+                self._attempt += 1
+                delay = random.uniform(0, min(self._max, self._base * 2 ** min(self._attempt, 16)))
                 log.warning(
                     "delivery subscriber for %s lost (%s: %s); reconnect attempt %d in %.2fs",
-                    self.channel, type(exc).__name__, exc, attempt, delay,
+                    self.channel, type(exc).__name__, exc, self._attempt, delay,
                 )
                 await asyncio.sleep(delay)
-            else:
-                attempt = 0
 
     async def _session(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -117,6 +117,7 @@ class Subscriber:
 
     async def _subscribed(self) -> None:
         self.connected = True
+        self._attempt = 0
         async with self._changed:
             self.generation += 1
             self._changed.notify_all()
