@@ -12,6 +12,7 @@ slot, following ``MOVED`` and ``ASK`` redirections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -103,6 +104,9 @@ class RedisClient:
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown_s,
                                       config.breaker_probe_s)
         self._prober: asyncio.Task[None] | None = None
+        # Set at every move of the breaker: a prober asleep until a probe scheduled long ago
+        # (the backoff reaches breaker_cooldown_s) wakes to the breaker as it is now.
+        self._breaker_news = asyncio.Event()
         self.observer: CallObserver = observer or _NoObserver()
         self._scripts = {
             name: Script(name, hashlib.sha1(src.encode()).hexdigest(), src)  # the SHA Redis knows it by
@@ -438,6 +442,7 @@ class RedisClient:
         state = self.breaker.state
         log.warning("redis circuit breaker %s -> %s", before.name, state.name)
         self.observer.breaker_changed(state)
+        self._breaker_news.set()
         if state is not BreakerState.CLOSED and (self._prober is None or self._prober.done()):
             self._prober = asyncio.get_running_loop().create_task(self._probe(), name="redis-probe")
 
@@ -448,7 +453,12 @@ class RedisClient:
         breaker = self.breaker
         opened, probes = loop.time(), 0
         while breaker.state is not BreakerState.CLOSED and not self._closed:
-            await asyncio.sleep(max(breaker.next_probe_at - loop.time(), 0.0))
+            # Woken early when the breaker moves: closed meanwhile (a recheck, a call's reply)
+            # and opened again, it has a new, near probe time that this sleep must not outlast.
+            self._breaker_news.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._breaker_news.wait(),
+                                       max(breaker.next_probe_at - loop.time(), 0.0))
             if not breaker.probe_due(loop.time()):
                 continue
             self.observer.breaker_changed(breaker.state)  # half-open while the probe runs
@@ -477,6 +487,7 @@ class RedisClient:
             breaker.success()
             log.warning("redis circuit breaker OPEN -> CLOSED: redis answered a recheck")
             self.observer.breaker_changed(breaker.state)
+            self._breaker_news.set()  # the prober, asleep until its next probe, ends
 
     async def _ping_alone(self) -> bool:
         """Redis answers on a connection of its own: the one node, or the primary of

@@ -1,0 +1,61 @@
+"""The breaker's recovery probe, against a Redis of the test's own that is stopped for real."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from server.config import RedisConfig
+from server.store.breaker import BreakerState
+from server.store.client import RedisClient
+from server.store.embedded import EmbeddedRedis
+from server.store.errors import StoreUnavailable
+from tests.helpers import TIMEOUT
+
+
+async def _open_breaker(client: RedisClient) -> None:
+    """Redis is gone: calls fail (connection refused) until the breaker opens."""
+    async with asyncio.timeout(TIMEOUT):
+        while client.breaker.state is BreakerState.CLOSED:
+            with contextlib.suppress(StoreUnavailable):
+                await client.command("PING")
+
+
+def _kill(redis: EmbeddedRedis) -> None:
+    assert redis.process is not None
+    redis.process.kill()
+    redis.process.wait()
+
+
+async def test_a_breaker_opened_again_is_probed_at_its_new_time_not_the_old_backoff(
+    private_redis: EmbeddedRedis,
+) -> None:
+    """A long outage backs the probe off towards breaker_cooldown_s. A recheck (the subscriber
+    reached Redis) closes the breaker while the prober sleeps towards its far probe; when
+    Redis fails again at once, the breaker opens with a near probe time, and that is when it
+    is probed: not when the old sleep ends, seconds later, refusing every call meanwhile."""
+    config = RedisConfig(operation_timeout_s=0.5, breaker_threshold=1, breaker_probe_s=0.05,
+                         breaker_cooldown_s=30.0)
+    client = RedisClient(private_redis.url, config)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await client.command("PING") == b"PONG"
+        _kill(private_redis)
+        await _open_breaker(client)
+        async with asyncio.timeout(TIMEOUT * 2):  # failed probes: 0.1, 0.2, 0.4, 0.8, 1.6, 3.2 s
+            while client.breaker.next_probe_at - loop.time() < 2.5:
+                await asyncio.sleep(0.01)
+        far_probe = client.breaker.next_probe_at
+        private_redis.start()
+        await client.recheck()
+        assert client.breaker.closed
+        _kill(private_redis)
+        await _open_breaker(client)
+        private_redis.start()
+        async with asyncio.timeout(TIMEOUT):
+            while not client.breaker.closed:
+                await asyncio.sleep(0.01)
+        assert loop.time() < far_probe - 1.0, "closed only when the old backoff's sleep ended"
+        assert await client.command("PING") == b"PONG"
+    finally:
+        await client.close()
