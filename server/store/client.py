@@ -490,16 +490,16 @@ class RedisClient:
             self._breaker_news.set()  # the prober, asleep until its next probe, ends
 
     async def _ping_alone(self) -> bool:
-        """Redis answers on a connection of its own: the one node, or the primary of
-        fastmatch's slot on a cluster (not back until its replica took over; another shard,
-        holding other data only, does not concern fastmatch)."""
+        """Redis takes writes again, asked on a connection of its own: the one node, or the
+        primary of fastmatch's slot on a cluster (not back until its replica took over;
+        another shard, holding other data only, does not concern fastmatch)."""
         try:
             async with asyncio.timeout(self.timeout):
                 if self.slots is None:
-                    return await _pinged(self.locator.connect())
+                    return await _writable(self.locator.connect())
                 await asyncio.shield(self.slots.refresh())
                 home = self.slots.owner(_HOME_SLOT)
-                return home is not None and await _pinged(
+                return home is not None and await _writable(
                     open_connection(self.slots.spec.address(*home)))
         except (OSError, RespConnectionError, TimeoutError):
             return False
@@ -615,10 +615,15 @@ def _retrieved(task: asyncio.Task[RespProtocol]) -> None:
         task.exception()
 
 
-async def _pinged(connecting: Awaitable[RespProtocol]) -> bool:
+async def _writable(connecting: Awaitable[RespProtocol]) -> bool:
+    """The breaker's probe: a write that writes nothing (XX: only over a key that exists, and
+    this one never does), which Redis refuses exactly when it refuses fastmatch's scripts: a
+    primary under min-replicas-to-write without its replicas (NOREPLICAS), at maxmemory (OOM),
+    a replica (READONLY). A PING passes there: it would close the breaker and let a burst of
+    calls fail before the breaker opens again, every probe interval, for as long as it lasts."""
     conn = await connecting
     try:
-        return bool(await conn.send(pack("PING")) == b"PONG")
+        return type(await conn.send(pack("SET", keys.probe(), "", "XX"))) is not hiredis.ReplyError
     finally:
         conn.close()
 

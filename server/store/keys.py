@@ -29,6 +29,12 @@ def pattern() -> str:
     return f"{_prefix}*"  # braces are plain characters to Redis' glob
 
 
+def probe() -> str:
+    """Never written: the breaker's probe asks Redis to overwrite it only if it exists (a write
+    refused exactly when fastmatch's writes are; server/store/client.py)."""
+    return f"{_prefix}fm:probe"
+
+
 def workers() -> str:
     """ZSET worker id -> heartbeat deadline (ms, Redis clock)."""
     return f"{_prefix}fm:workers"

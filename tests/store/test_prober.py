@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import redis
+
 from server.config import RedisConfig
 from server.store.breaker import BreakerState
 from server.store.client import RedisClient
@@ -57,5 +59,51 @@ async def test_a_breaker_opened_again_is_probed_at_its_new_time_not_the_old_back
                 await asyncio.sleep(0.01)
         assert loop.time() < far_probe - 1.0, "closed only when the old backoff's sleep ended"
         assert await client.command("PING") == b"PONG"
+    finally:
+        await client.close()
+
+
+class _Moves:
+    """The breaker's moves, as the metrics see them."""
+
+    def __init__(self) -> None:
+        self.states: list[BreakerState] = []
+
+    def call_done(self, op: str, seconds: float, outcome: str) -> None:
+        pass
+
+    def breaker_changed(self, state: BreakerState) -> None:
+        self.states.append(state)
+
+
+async def test_a_redis_that_answers_but_refuses_writes_keeps_the_breaker_open(
+    private_redis: EmbeddedRedis,
+) -> None:
+    """A primary under min-replicas-to-write that lost its replicas answers PING but refuses
+    every write (NOREPLICAS): fastmatch can do nothing there, so the breaker stays open and
+    its probe backs off, instead of closing at every probe to let a burst of calls fail. It
+    closes once writes are taken again."""
+    moves = _Moves()
+    config = RedisConfig(operation_timeout_s=0.5, breaker_threshold=1, breaker_probe_s=0.02,
+                         breaker_cooldown_s=0.2)
+    client = RedisClient(private_redis.url, config, observer=moves)
+    try:
+        await client.command("CONFIG", "SET", "min-replicas-to-write", "1")
+        assert await client.command("PING") == b"PONG"
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.5  # several probes at their longest interval
+        while loop.time() < until:
+            with contextlib.suppress(StoreUnavailable):
+                await client.command("SET", "fm:player:{w}", "1")  # refused, or NOREPLICAS
+            await asyncio.sleep(0.01)
+        assert BreakerState.OPEN in moves.states
+        assert BreakerState.CLOSED not in moves.states, moves.states
+        reached = redis.Redis(unix_socket_path=str(private_redis.socket_path))
+        reached.config_set("min-replicas-to-write", 0)
+        reached.close()
+        async with asyncio.timeout(TIMEOUT):
+            while not client.breaker.closed:
+                await asyncio.sleep(0.01)
+        assert await client.command("SET", "fm:player:{w}", "1") == b"OK"
     finally:
         await client.close()
