@@ -44,6 +44,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     config = _load(args)
     if not config.auth.algorithm.startswith("HS"):
         raise ConfigError("`fastmatch token` signs with auth.secret; auth.algorithm is not HMAC")
+    if args.ttl < 1:
+        # Already expired (the verifier's leeway would only hide it for auth.leeway_s).
+        raise ConfigError(f"--ttl must be at least 1 second (got {args.ttl})")
     print(mint_token(config.auth.secret, args.player, args.mmr, args.ttl,
                      algorithm=config.auth.algorithm))
     return 0
@@ -54,6 +57,12 @@ def cmd_gameserver(args: argparse.Namespace) -> int:
     from server.store import sentinel
 
     config = _load(args)
+    if config.production and not args.not_production:
+        # It answers every battle request with a made-up address: on a production Redis it
+        # would send real players to no server at all.
+        raise ConfigError("`fastmatch gameserver` is the reference game server (fake addresses) "
+                          "and the config says production = true; pass --not-production if this "
+                          "Redis really is not production's")
     url = args.redis_url or sentinel.locator(config.redis)
     if not url:
         raise ConfigError("`fastmatch gameserver` needs --redis-url, redis.url or redis.sentinels")
@@ -107,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     game.add_argument("--delay-ms", type=int, default=0, help="answer this late")
     game.add_argument("--reject-rate", type=float, default=0.0, help="share of requests to reject")
     game.add_argument("--silent", action="store_true", help="never answer")
+    game.add_argument("--not-production", action="store_true",
+                      help="run even though the config says production = true (its Redis is not "
+                           "production's: a staging copy of the config)")
     game.set_defaults(func=cmd_gameserver)
     bench = sub.add_parser("bench-tick", help="one mode's TryMatch tick on a big pool (private Redis)")
     bench.add_argument("--players", type=int, default=100_000, help="waiting players")

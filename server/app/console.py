@@ -92,7 +92,7 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     redis_error: str | None
     window_s: float
     breaker: str
-    connections: float
+    connections: float  # this host's workers only (metrics), labelled so on the page
     worker_restarts_total: float
     handshakes_refused_total: float
     game_servers: GameServers
@@ -181,9 +181,11 @@ class Console:
 
     def state_json(self) -> bytes:
         with self._lock:
-            now = self.clock()
-            if self._cached is None or now - self._cached[0] >= self.max_age_s:
-                self._cached = (now, msgspec.json.encode(self.state()))
+            if self._cached is None or self.clock() - self._cached[0] >= self.max_age_s:
+                body = msgspec.json.encode(self.state())
+                # Aged from when the read ended: stamped before it, a read slower than
+                # max_age_s would leave every later request a miss and a read of its own.
+                self._cached = (self.clock(), body)
             return self._cached[1]
 
     def close(self) -> None:
@@ -251,7 +253,8 @@ class Console:
             modes=modes, workers=workers)
 
     def _windowed(self, data: Samples) -> tuple[float, dict[str, float], dict[str, list[float | None]]]:
-        """Matches and wait percentiles over the last WINDOW_S, from the history of reads."""
+        """Matches and wait percentiles over the last WINDOW_S, from the history of reads: this
+        host's (its metrics count the matches its own leaders formed), labelled so on the page."""
         now = self.clock()
         matches = {m: total(data, "fastmatch_matches_created_total", mode=m) for m in self.source.modes}
         waits = {m: buckets(data, "fastmatch_match_wait_seconds_bucket", m) for m in self.source.modes}

@@ -55,11 +55,12 @@ function renderMode(m, window_s) {
     field("queued", "queued", num(m.queued), "big"),
     field("disconnected", "in resume grace", num(m.disconnected)),
     field("ready_checks", "in ready check", num(m.ready_checks), "big"),
-    // The window grows from the first state read to a minute: say which it is.
-    field("matches_window", win >= 55 ? "matches / min" : "matches, last " + win + " s",
-          num(m.local.matches_window), "big"),
+    // The window grows from the first state read to a minute: say which it is. Matches and
+    // waits are this host's leaders' (its metrics), unlike the Redis figures around them.
+    field("matches_window", (win >= 55 ? "matches / min" : "matches, last " + win + " s") +
+          " (this host)", num(m.local.matches_window), "big"),
     field("matches_total", "matches (this host)", num(m.local.matches_total)),
-    field("wait", "wait p50 / p95 / p99", w.length ? w.map(secs).join(" / ") : dash),
+    field("wait", "wait p50 / p95 / p99 (this host)", w.length ? w.map(secs).join(" / ") : dash),
     field("oldest", "longest wait now",
           m.longest_waiting.length ? dur(m.longest_waiting[0].waited_ms) : dash),
     field("skipped", "ticks skipped", num(m.local.ticks_skipped_total)),
@@ -197,7 +198,7 @@ PAGE: Final = f"""<!doctype html>
     <span id="gs-listening" class="value">&#8212;</span></span>
   <span><span class="label">health monitor</span><span id="gs-health" class="value">&#8212;</span>
     (<span id="gs-misses">0</span> misses)</span>
-  <span><span class="label">connections</span><span id="connections">&#8212;</span></span>
+  <span><span class="label">connections (this host)</span><span id="connections">&#8212;</span></span>
   <span><span class="label">worker restarts</span><span id="restarts">&#8212;</span></span>
   <span><span class="label">handshakes refused</span><span id="refused">&#8212;</span></span>
   <span id="updated">loading</span>

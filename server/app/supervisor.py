@@ -367,8 +367,10 @@ class Supervisor:
         """Local processes by role, for /metrics and the console (read from the HTTP thread)."""
         found = {"supervisor": os.getpid()}
         for slot in list(self.slots):
-            if slot.process is not None and slot.process.pid is not None:
-                found[f"worker-{slot.index}"] = slot.process.pid
+            # Read once: the main loop may set it to None between two reads (a worker reaped).
+            process = slot.process
+            if process is not None and process.pid is not None:
+                found[f"worker-{slot.index}"] = process.pid
         if self.gameserver is not None and self.gameserver.pid is not None:
             found["gameserver"] = self.gameserver.pid
         redis = self.redis.process if self.redis is not None else None

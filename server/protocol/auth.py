@@ -144,13 +144,17 @@ def mint_token(
     attrs: Mapping[str, str | int | float] | None = None, algorithm: str = "HS256",
     now: float | None = None,
 ) -> str:
-    """A development token signed with the configured HMAC secret (``fastmatch token``)."""
+    """A development token signed with the configured HMAC secret (``fastmatch token``).
+
+    Its claims pass the verifier's own checks, so it mints nothing the server would refuse
+    (a rating of nan, inf or past MAX_RATING) except by ``ttl_s``: tests mint expired tokens."""
     if not PLAYER_ID_RE.fullmatch(player_id):
         raise AuthError("player id must be 1-64 characters of [A-Za-z0-9_.:-]")
     issued = int(now if now is not None else time.time())
     claims: dict[str, Any] = {"sub": player_id, "iat": issued, "exp": issued + ttl_s}
     if mmr is not None:
+        _mmr(mmr)  # raises AuthError as the verifier would
         claims["mmr"] = mmr
     if attrs:
-        claims["attrs"] = dict(attrs)
+        claims["attrs"] = _attrs(dict(attrs))
     return jwt.encode(claims, secret, algorithm=algorithm)

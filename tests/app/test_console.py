@@ -153,7 +153,7 @@ async def test_an_idle_connection_is_let_go_and_a_taken_port_names_the_key(
     idle timeout instead of holding it forever. A port already taken (node_exporter's 9100)
     stops start-up with the key named, not a traceback."""
     observed = Observed(redis_url, ("1v1",), "battle:request", 1.0, str(tmp_path), dict)
-    server = MetricsServer("127.0.0.1", 0, observed, idle_timeout_s=0.3)
+    server = MetricsServer("127.0.0.1", 0, observed, request_deadline_s=0.3)
     server.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -276,5 +276,35 @@ async def test_matches_and_waits_cover_the_last_minute_of_reads(redis_url: str, 
         created.labels("1v1").inc(3)
         assert await read() == {"window_s": 0, "matches_total": 11, "matches_window": 0,
                                 "wait_s": [None, None, None], "ticks_skipped_total": 0}
+    finally:
+        console.close()
+
+
+class _SlowReads(Console):
+    """A Console whose Redis read takes a second of its clock (a slow Redis, told by the clock
+    it was given rather than by sleeping)."""
+
+    def __init__(self, source: Observed, now: list[float]) -> None:
+        super().__init__(source, CollectorRegistry(), max_age_s=0.5, clock=lambda: now[0])
+        self.now = now
+        self.reads = 0
+
+    def read_redis(self) -> list[Any]:
+        self.reads += 1
+        self.now[0] += 1.0
+        return super().read_redis()
+
+
+async def test_a_slow_read_is_still_shared_for_max_age_after_it_ends(redis_url: str, tmp_path: Path) -> None:
+    """The shared state's age counts from the end of its read: stamped at the start, a read
+    slower than max_age_s would be stale on arrival and every request would read again."""
+    console = _SlowReads(Observed(redis_url, ("1v1",), "battle:request", 1.0, str(tmp_path), dict),
+                         [1000.0])
+    try:
+        first = await asyncio.to_thread(console.state_json)
+        assert await asyncio.to_thread(console.state_json) == first and console.reads == 1
+        console.now[0] += 0.5  # max_age_s after the read ended: the next request reads again
+        await asyncio.to_thread(console.state_json)
+        assert console.reads == 2
     finally:
         console.close()

@@ -54,6 +54,14 @@ async def test_console_page_shows_queued_players_then_their_match(
             # The token left the address bar; the page holds it for its own requests.
             assert TOKEN not in await page.evaluate("location.href")
             assert await page.evaluate('document.querySelector("#redis").innerText') == "ok"
+            # What this host's metrics give (not the cluster's, as the Redis figures are) says so.
+            labels = await page.evaluate(
+                "[" + ", ".join(f"{sel}.previousElementSibling.innerText" for sel in (
+                    in_mode("1v1", '[data-field="matches_window"]'),
+                    in_mode("1v1", '[data-field="matches_total"]'),
+                    in_mode("1v1", '[data-field="wait"]'),
+                    'document.querySelector("#connections")')) + "]")
+            assert all(label.endswith(" (this host)") for label in labels), labels
             assert (await page.screenshot(tmp_path / "console-queued.png"))[:8] == b"\x89PNG\r\n\x1a\n"
 
             pair = [(await connect_player(served.port, f"duo{i}", 99_000))[0] for i in range(2)]

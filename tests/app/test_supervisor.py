@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import multiprocessing.process
 import os
 import shutil
 import signal
@@ -18,13 +20,14 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from server.app.supervisor import Supervisor
 from server.config import RedisConfig
 from server.store import keys
 from server.store.client import RedisClient
 from server.store.matches import HoldTimes, LoadingStore
 from tests.app.served import Served, alive, http_get, sample, wait_workers, worker_pids
 from tests.app.test_matchmaking import start_loading
-from tests.conftest import GameServerFactory
+from tests.conftest import GameServerFactory, make_config
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request, send
 
 ServeFactory = Callable[..., Served]
@@ -637,3 +640,26 @@ async def test_a_second_stop_signal_ends_the_drain_at_once(
     assert time.monotonic() - started < TIMEOUT
     assert not any(alive(pid) for pid in pids.values())
     assert "a second stop signal" in served.output()
+
+
+class _ReapedAfterOneLook:
+    """A slot whose worker the main loop reaps (sets ``process`` to None) right after the HTTP
+    thread's first look at it: every read after the first finds None."""
+
+    index = 0
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    @property
+    def process(self) -> multiprocessing.process.BaseProcess | None:
+        self.looks += 1
+        return multiprocessing.current_process() if self.looks == 1 else None
+
+
+def test_processes_reads_each_slot_once_while_the_main_loop_reaps() -> None:
+    """/metrics and the console call processes() from the HTTP thread: a worker reaped between
+    its check and its use must not fail the scrape (it is listed as it was when looked at)."""
+    supervisor = Supervisor(make_config(), 1)
+    supervisor.slots = [_ReapedAfterOneLook()]  # type: ignore[list-item]
+    assert supervisor.processes() == {"supervisor": os.getpid(), "worker-0": os.getpid()}
