@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from server.config import Config
+from server.errors import ConfigError
 from server.sim import report
 from server.sim.echo import ceiling_in_process, measure_ceiling
 from server.sim.faults import Fault, Target, parse_faults
@@ -65,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, config: Config) -> int:
+    if args.mode not in config.modes:
+        # Every player would be refused `unsupported_game_mode`: say so before starting anything
+        # (ConfigError: `fastmatch` prints it and exits 2).
+        raise ConfigError(f"--mode {args.mode!r} is not a configured mode "
+                          f"({', '.join(config.modes)}); see --config")
     try:
         mix = parse_mix(args.mix)
         faults = parse_faults(args.faults) if args.faults else []
@@ -80,7 +86,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         from server.sim.launch import started
 
         log = Path(tempfile.gettempdir()) / f"fastmatch-sim-serve-{os.getpid()}.log"
-        with started(args.workers, {}, log) as server:
+        # args.config: the global `fastmatch --config`, which loaded ``config`` too.
+        with started(args.workers, {}, log, args.config) as server:
             result = _loop(_run(args, config, mix, server.url, server.redis.url, faults, server))
     else:
         if not args.redis_url:
@@ -159,7 +166,14 @@ async def _run_one(args: argparse.Namespace, cfg: RunConfig, target: Target | No
 
     with Live(refresh_per_second=4) as live:
         def progress(result: RunResult, active: int, elapsed: float) -> None:
-            matched = sum(1 for p in result.players if p.outcome == "matched")
-            live.update(f"t={elapsed:5.1f}s  active={active}  done={len(result.players)}  "
-                        f"matched={matched}  violations={sum(len(p.violations) for p in result.players)}")
+            live.update(progress_line(result, active, elapsed))
         return await run(cfg, progress, target)
+
+
+def progress_line(result: RunResult, active: int, elapsed: float) -> str:
+    """The live line, from the counters kept as players finish: it is drawn every tick, and a
+    pass over every finished player would cost the generator's CPU (a reported figure) more
+    the longer the run."""
+    tally = result.tally
+    return (f"t={elapsed:5.1f}s  active={active}  done={tally.done}  matched={tally.matched}  "
+            f"violations={tally.violations}")

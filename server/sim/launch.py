@@ -34,11 +34,14 @@ class Server:
     """A running `fastmatch serve` (one supervisor, its workers) and the Redis it uses."""
 
     def __init__(self, workers: int, extra_env: Mapping[str, str], redis_server: EmbeddedRedis,
-                 log: IO[bytes]) -> None:
+                 log: IO[bytes], config_path: str | None = None) -> None:
         self.port = _free_port()
         self.redis = redis_server
         self.log = log
         self.workers = workers
+        # The simulator's own config (token secret, deadlines, modes): the server must run it
+        # too, or players would be refused or judged against deadlines it does not keep.
+        self.config_path = str(Path(config_path).resolve()) if config_path else None
         self.env = {**os.environ, "FASTMATCH_REDIS__URL": redis_server.url,
                     "FASTMATCH_SERVER__PORT": str(self.port), "FASTMATCH_SERVER__HOST": "127.0.0.1",
                     "FASTMATCH_METRICS__PORT": "0", "FASTMATCH_GAMESERVER__EMBEDDED": "true",
@@ -55,8 +58,9 @@ class Server:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         fastmatch = str(Path(sys.executable).with_name("fastmatch"))
-        return subprocess.Popen([fastmatch, "serve", "--workers", str(self.workers)], env=self.env,
-                                stdout=self.log, stderr=subprocess.STDOUT)
+        config = ["--config", self.config_path] if self.config_path else []  # a global option
+        return subprocess.Popen([fastmatch, *config, "serve", "--workers", str(self.workers)],
+                                env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_listening(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -146,10 +150,12 @@ def _running(pid: int) -> bool:
 
 
 @contextmanager
-def started(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Iterator[Server]:
-    """A freshly started server; everything is stopped afterwards."""
+def started(workers: int, extra_env: Mapping[str, str], log_path: Path,
+            config_path: str | None = None) -> Iterator[Server]:
+    """A freshly started server (on ``config_path``, else the shipped default); everything is
+    stopped afterwards."""
     with EmbeddedRedis() as store, log_path.open("wb") as log:
-        server = Server(workers, extra_env, store, log)
+        server = Server(workers, extra_env, store, log, config_path)
         try:
             server.wait_listening()
             yield server
@@ -158,7 +164,8 @@ def started(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Itera
 
 
 @contextmanager
-def served(workers: int, extra_env: Mapping[str, str], log_path: Path) -> Iterator[tuple[str, str]]:
+def served(workers: int, extra_env: Mapping[str, str], log_path: Path,
+           config_path: str | None = None) -> Iterator[tuple[str, str]]:
     """Yield (ws url, redis url) of a freshly started server; stop everything afterwards."""
-    with started(workers, extra_env, log_path) as server:
+    with started(workers, extra_env, log_path, config_path) as server:
         yield server.url, server.redis.url

@@ -3,10 +3,13 @@
 Every player acts as a real client would when things go wrong (docs/protocol.md section 7): a
 connection that ends without the player asking (1001, 1011, an abrupt end, a killed worker) is
 resumed by the client with jittered backoff within the resume grace; a refused first connect is
-retried the same way; a request refused with ``unavailable`` is sent again after
-``retry_after_ms`` once it is clear it did not run; a player that wants a match queues again
-when it learns its ticket is gone. What it heard is checked on the way (:mod:`checker`); a
-surprise the checker cannot judge alone is looked up (:mod:`facts`).
+retried the same way; a request refused with ``unavailable`` (or ``internal_error``, or a code
+this client does not know, which reads as ``internal_error``: docs/protocol.md section 2) is sent
+again after ``retry_after_ms`` once it is clear it did not run; a player that wants a match queues
+again when it learns its ticket is gone, and ends when told its mode is not run
+(``unsupported_game_mode``: asking again would be refused the same way). What it heard is
+checked on the way (:mod:`checker`); a surprise the checker cannot judge alone is looked up
+(:mod:`facts`).
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ from server.client import (
     retry,
 )
 from server.protocol.messages import ClientMessage
-from server.sim.checker import SequenceChecker, SessionSeen
+from server.sim.checker import SequenceChecker, SessionSeen, as_known
 from server.sim.facts import Facts
 from server.sim.simclient import ObservedClient
 from server.sim.tokens import TokenMinter
 
 AMBIGUOUS: Final = frozenset({"unavailable", "internal_error"})
-_RETRY_MAX_S: Final = 5.0  # the longest a player waits before asking again
+_RETRY_JITTER_S: Final = 0.2  # added to retry_after_ms: players refused together spread out
 # A 503's Retry-After grows with the share a worker refuses (server.overload_retry_after_max_s,
 # 10 by default): honoured up to that, as the bundled clients honour it.
 _REFUSED_MAX_S: Final = 10.0
@@ -96,6 +99,14 @@ class PlayerResult:
     handshakes: list[tuple[float, str]] = field(default_factory=list)
 
 
+class _Ended(Exception):
+    """The player cannot go on (its mode is not run): ``outcome`` says why."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
 class Playing:
     """A simulated player's connection and checks; the behaviours (player.py) drive it."""
 
@@ -117,6 +128,7 @@ class Playing:
         self.since = 0.0  # when the current ticket was asked for
         self.session_at = 0.0  # when the current ready check began, as this player saw it
         self.retry: tuple[float, str] | None = None  # (when, what) to ask again
+        self.ends_at = self.result.arrived + settings.lifetime_s  # set again when it starts
         self._told = ""  # the last state the server reported (the audit)
         # (t, direction, message): formatted only for a player with a violation
         self.trail: deque[tuple[float, str, ServerMessage | str]] = deque(maxlen=_TRAIL)
@@ -187,8 +199,11 @@ class Playing:
             self.session_at = self.now()
         if type(msg) is Error:
             self.result.errors[msg.code] += 1
-            if msg.code in AMBIGUOUS:
-                client.note(msg.code)
+            code = as_known(msg.code)
+            if code in AMBIGUOUS:
+                client.note(code)
+            elif code == "unsupported_game_mode":
+                raise _Ended(code)  # the server does not run this mode: no use asking again
         elif type(msg) is Dequeued and msg.reason == "removed":
             client.note("removed")
         if self.check.vanished:
@@ -267,9 +282,12 @@ class Playing:
         if type(msg) is MatchFound or (isinstance(msg, Error)
                                        and msg.code in ("loading_timeout", "player_blocked")):
             self.wants_queue = False
-        elif isinstance(msg, Error) and msg.code in AMBIGUOUS and self.retry is None:
-            wait = min((msg.retry_after_ms or 0) / 1000 + self.rng.uniform(0, 0.2), _RETRY_MAX_S)
-            self.retry = (self.now() + wait, self.check.state)
+        elif isinstance(msg, Error) and as_known(msg.code) in AMBIGUOUS and self.retry is None:
+            # The server's wait, however long (a real client honours it too); a retry due after
+            # the player's lifetime would never be sent: the lifetime ends it first.
+            due = self.now() + (msg.retry_after_ms or 0) / 1000 + self.rng.uniform(0, _RETRY_JITTER_S)
+            if due < self.ends_at:
+                self.retry = (due, self.check.state)
         if self.wants_queue and self.check.state == "idle" and not self._asked("enqueue"):
             self.enqueue()
         return msg
@@ -296,12 +314,16 @@ class Playing:
     # -- a whole player ---------------------------------------------------------------------------
 
     async def run(self) -> PlayerResult:
+        self.ends_at = self.now() + self.s.lifetime_s
         try:
             async with asyncio.timeout(self.s.lifetime_s):  # one timer for the whole player
                 await getattr(self, f"_{self.behaviour}")()
+        except _Ended as ended:
+            self.result.outcome = ended.outcome
         except TimeoutError:
             self.result.outcome = "unfinished"
-            with contextlib.suppress(FastmatchClientError, OSError):
+            # _Ended: an enqueue answered only now, its player out of time all the same.
+            with contextlib.suppress(FastmatchClientError, OSError, _Ended):
                 await self._audit()
         except (OSError, FastmatchClientError) as exc:
             self.result.outcome = f"connection_failed:{type(exc).__name__}"

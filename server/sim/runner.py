@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import random
@@ -54,9 +55,24 @@ class FinalBatch:
 
 
 @dataclass
+class Tally:
+    """Running counts for the live progress line, kept as players finish (never recounted)."""
+
+    done: int = 0
+    matched: int = 0
+    violations: int = 0  # the players' own, and one per crashed player
+
+    def add(self, other: Tally) -> None:
+        self.done += other.done
+        self.matched += other.matched
+        self.violations += other.violations
+
+
+@dataclass
 class RunResult:
     config: RunConfig
     players: list[PlayerResult] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
     elapsed_s: float = 0.0
     arrivals_s: float = 0.0
     sampler: Sampler = field(default_factory=Sampler)
@@ -74,6 +90,21 @@ class RunResult:
     # How late the generator's own event loop ran a timer, every LAG_PERIOD_S (ms): the part
     # of the client-side waits (e.g. handshakes) that is the generator's, not the server's.
     client_lag_ms: list[float] = field(default_factory=list)
+
+    def finished(self, player: PlayerResult) -> None:
+        self.players.append(player)
+        self.tally.done += 1
+        if player.outcome == "matched":
+            self.tally.matched += 1
+        self.tally.violations += len(player.violations)
+
+    def crashed(self, player: PlayerResult, why: str) -> None:
+        """A player whose task raised or was cancelled: still one of the players simulated (the
+        totals match the arrivals), and a violation (:func:`check`), since it is a bug here."""
+        player.outcome = "crashed"
+        self.crashes.append(f"{player.player}: {why}")
+        self.finished(player)
+        self.tally.violations += 1
 
 
 LAG_PERIOD_S: Final = 0.05
@@ -123,14 +154,13 @@ async def _play_all(cfg: RunConfig, result: RunResult, t0: float, facts: Facts,
     tokens = TokenMinter(cfg.settings.secret)
     steady_from, cpu_at_steady = cfg.duration_s * 0.1, -1.0
 
-    def finished(task: asyncio.Task[PlayerResult]) -> None:
+    def ended(behaviour: str, arrived: float, task: asyncio.Task[PlayerResult]) -> None:
         tasks.discard(task)
-        if task.cancelled():
-            return
-        if (exc := task.exception()) is not None:  # a bug in the simulator: it must show
-            result.crashes.append(f"{task.get_name()}: {exc!r}")
+        if task.cancelled() or task.exception() is not None:  # a simulator bug: it must show
+            why = "cancelled" if task.cancelled() else repr(task.exception())
+            result.crashed(PlayerResult(task.get_name(), behaviour, arrived=arrived), why)
         else:
-            result.players.append(task.result())
+            result.finished(task.result())
 
     spawned = 0
     while (elapsed := time.monotonic() - t0) < cfg.duration_s:
@@ -142,7 +172,7 @@ async def _play_all(cfg: RunConfig, result: RunResult, t0: float, facts: Facts,
             name = f"{cfg.prefix}{cfg.seed}-{spawned}"
             task = asyncio.create_task(play(cfg.settings, tokens, name, behaviour,
                                             random.Random(rng.random()), t0, facts), name=name)
-            task.add_done_callback(finished)
+            task.add_done_callback(functools.partial(ended, behaviour, elapsed))
             tasks.add(task)
             spawned += 1
         if progress is not None:
@@ -213,6 +243,7 @@ def merge(parts: list[RunResult]) -> RunResult:
     merged = parts[0]
     for part in parts[1:]:
         merged.players.extend(part.players)
+        merged.tally.add(part.tally)
         merged.elapsed_s = max(merged.elapsed_s, part.elapsed_s)
         merged.arrivals_s = max(merged.arrivals_s, part.arrivals_s)
         merged.client_cpu_s += part.client_cpu_s

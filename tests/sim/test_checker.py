@@ -174,6 +174,17 @@ def test_an_enqueue_refused_with_unavailable_may_still_have_run() -> None:
     assert run(WELCOME, start()).violations  # no enqueue at all
 
 
+def test_an_unknown_error_code_reads_as_internal_error() -> None:
+    """docs/protocol.md 2: a newer server's code means the request may or may not have run,
+    as internal_error does; the enqueue is no longer pending (the player may ask again)."""
+    newer = run(WELCOME)
+    newer.sent("enqueue")
+    newer.received(Error(code="shard_moving", message="x"))
+    assert newer.pending == set() and newer.ambiguous == {"enqueue"}
+    newer.received(start())  # it did run: its `enqueued` never came, the match notice did
+    assert newer.violations == []
+
+
 def test_removals_are_told_and_unasked_dequeues_are_not() -> None:
     removed = run(WELCOME, ENQUEUED, start(), Dequeued(game_mode="1v1", reason="removed"))
     assert removed.violations == [] and removed.sessions[0].outcome == "removed"
