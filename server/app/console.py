@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
@@ -110,6 +110,9 @@ class Observed:
     timeout_s: float
     multiproc_dir: str
     processes: Processes  # local role -> pid
+    # Held while the directory is read, and by the supervisor while it folds a dead worker's
+    # files (server/app/metricfiles.py).
+    files_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]

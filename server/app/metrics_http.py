@@ -30,6 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from server.app.console import Console, Observed
 from server.app.console_page import CSP, PAGE
+from server.app.metricfiles import LockedCollector
 from server.app.procstats import ProcessCollector
 from server.errors import ConfigError
 from server.logthrottle import Throttled
@@ -60,7 +61,8 @@ class MetricsServer:
                  request_deadline_s: float = REQUEST_DEADLINE_S,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=observed.multiproc_dir)  # type: ignore[no-untyped-call]
+        registry.register(LockedCollector(MultiProcessCollector(None, path=observed.multiproc_dir),  # type: ignore[no-untyped-call]
+                                          observed.files_lock))
         registry.register(ProcessCollector(observed.processes))
         self.console = Console(observed, registry)
         routes: dict[str, Callable[[], tuple[bytes, dict[str, str]]]] = {

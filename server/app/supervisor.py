@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from prometheus_client import multiprocess
 from server import metrics
 from server.app.console import Observed
 from server.app.gameserver import Behaviour, run_gameserver
+from server.app.metricfiles import MetricFiles
 from server.app.metrics_http import MetricsServer
 from server.app.worker import run_worker
 from server.config import DEV_SECRET, Config
@@ -94,6 +96,8 @@ class Supervisor:
         self.config = config
         self.slots = [Slot(i) for i in range(workers or os.cpu_count() or 1)]
         self.multiproc_dir = multiproc_dir
+        # Dead workers' metric files folded as they go (server/app/metricfiles.py).
+        self.files = MetricFiles(multiproc_dir) if multiproc_dir else None
         self.redis: EmbeddedRedis | None = None
         self.url = sentinel.locator(config.redis)  # a URL, a Sentinel locator, or "": embedded
         self.gameserver: SpawnProcess | None = None
@@ -149,7 +153,8 @@ class Supervisor:
                 redis_url=self.url, modes=tuple(self.config.modes),
                 request_channel=self.config.gameserver.request_channel,
                 timeout_s=self.config.redis.operation_timeout_s,
-                multiproc_dir=self.multiproc_dir, processes=self.processes)
+                multiproc_dir=self.multiproc_dir, processes=self.processes,
+                files_lock=self.files.lock if self.files is not None else threading.Lock())
             self.metrics = MetricsServer(self.config.metrics.host or self.config.server.host,
                                          self.config.metrics.port, observed, self.config.metrics.token)
             self.metrics.start()
@@ -379,9 +384,13 @@ class Supervisor:
         return found
 
     def _forget(self, process: SpawnProcess) -> None:
-        """Drop a dead worker's live gauges from the aggregate (prometheus multiprocess)."""
-        if self.multiproc_dir and process.pid is not None:
-            multiprocess.mark_process_dead(process.pid, self.multiproc_dir)  # type: ignore[no-untyped-call]
+        """Drop a dead worker's live gauges from the aggregate, fold its counters and
+        histograms into the archive (prometheus multiprocess; server/app/metricfiles.py)."""
+        if self.files is not None and process.pid is not None:
+            try:
+                self.files.retire(process.pid)
+            except OSError as exc:  # e.g. a full disk: its files stay, each still counted once
+                log.warning("could not fold worker pid %s's metric files: %s", process.pid, exc)
 
     def _shutdown(self) -> None:
         self._stop([s.process for s in self.slots if s.process is not None], self._stop_signal,

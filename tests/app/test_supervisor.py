@@ -407,9 +407,9 @@ async def test_workers_are_still_watched_while_a_rolling_restart_waits_for_a_dra
 
 
 async def test_metrics_add_up_across_workers_and_forget_dead_ones(
-    serve: ServeFactory, admin: aioredis.Redis
+    serve: ServeFactory, admin: aioredis.Redis, tmp_path: Path
 ) -> None:
-    served = serve(workers=2)
+    served = serve(workers=2, TMPDIR=str(tmp_path))  # the supervisor's metrics directory in it
     pids = await wait_workers(admin, 2)
     clients = {f"x{i}": (await connect_player(served.port, f"x{i}"))[0] for i in range(12)}
     for ws in clients.values():
@@ -434,9 +434,27 @@ async def test_metrics_add_up_across_workers_and_forget_dead_ones(
         while sample((await http_get(served.metrics_port, "/metrics"))[1],
                      "fastmatch_connections") != on_survivor:
             await asyncio.sleep(0.05)
-    # Counters keep what the dead worker counted (its files stay for counters).
+    # Counters keep what the dead worker counted: its files are folded into the archive (a
+    # worker that ever ran must not leave files for every scrape to read, without bound).
     _, text = await http_get(served.metrics_port, "/metrics")
     assert sample(text, "fastmatch_messages_received_total", type="status") == 12
+    (metrics_dir,) = tmp_path.glob("fastmatch-metrics-*")
+
+    def named(pid: int) -> list[str]:
+        return [f.name for f in metrics_dir.iterdir() if f.name.endswith(f"_{pid}.db")]
+
+    assert named(pids[victim_id]) == []
+    assert {"counter_archive.db", "histogram_archive.db"} <= {f.name for f in metrics_dir.iterdir()}
+    # The other worker too: what it counted is added to the archive, nothing is lost.
+    survivor_id = next(w for w in pids if w != victim_id)
+    os.kill(pids[survivor_id], signal.SIGKILL)
+    await wait_workers(admin, 2, exclude={pids[victim_id], pids[survivor_id]})
+    async with asyncio.timeout(TIMEOUT):
+        while named(pids[survivor_id]):
+            await asyncio.sleep(0.05)
+    _, text = await http_get(served.metrics_port, "/metrics")
+    assert sample(text, "fastmatch_messages_received_total", type="status") == 12
+    assert sample(text, "fastmatch_messages_sent_total", type="welcome") == 12
     if shutil.which("promtool"):
         check = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
                                capture_output=True, check=False)
