@@ -205,6 +205,7 @@ class Allocator:
         is the assignment's, not a drain's (LoadingEvents.left_loading)."""
         future = self._pending.get(match_id)
         return (future is not None and future.done() and not future.cancelled()
+                and future.exception() is None  # its deadline passed (_expire): no answer
                 and isinstance(future.result(), gs.BattleAssigned))
 
     def on_reply(self, data: bytes) -> None:

@@ -4,6 +4,7 @@ Redis, the reference game server. After every scenario no match or player key is
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 import pytest
@@ -12,8 +13,10 @@ from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection
 
 from server import metrics
+from server.app.gameserver import Behaviour, ReferenceGameServer
 from server.app.worker import Worker
 from server.store import keys
+from server.store.embedded import EmbeddedRedis
 from tests.app.test_matchmaking import QUEUED_AT, queued, start_loading
 from tests.conftest import GameServerFactory, WorkerFactory, make_config
 from tests.helpers import TIMEOUT, connect_player, player_and_queue_keys, recv, request, send
@@ -301,6 +304,42 @@ async def test_a_handoff_that_would_start_during_the_drain_is_requeued_at_once(
                                   "reason": "server_shutdown", "queued_at_ms": QUEUED_AT[player]}
     assert await admin.hget(keys.match("1v1", session), "status") == "failed"
     await leave_and_check_clean(clients, admin)
+
+
+async def test_a_drain_while_a_timed_out_handoff_writes_its_failure_ends_cleanly(
+    start_worker: WorkerFactory, private_redis: EmbeddedRedis
+) -> None:
+    """The game server never answers; the handoff's deadline passes and it writes the failure
+    (allocation_failed), which Redis, frozen, does not take yet. A drain that begins then asks
+    every handoff whether a server took its match: this one's wait ended in a timeout, which
+    must read as "no", not raise out of the drain (the worker would skip the rest of its
+    shutdown: its subscriber, its client, its record in Redis)."""
+    game = ReferenceGameServer(private_redis.url, behaviour=Behaviour(silent=True), seed=1)
+    async with asyncio.timeout(TIMEOUT):
+        await game.start()
+    # Calls wait for a frozen Redis up to 3 s: the failure's write is still in flight when
+    # the drain begins.
+    w = await start_worker(url=private_redis.url, cfg=make_config(**{
+        "gameserver.allocation_timeout_ms": 300, "redis.operation_timeout_s": 3.0,
+        "server.heartbeat_ttl_s": 8.0}))
+    try:
+        clients = await queued(w.front.port, "1v1", ("ta", 1500), ("tb", 1500))
+        await ready_all(clients, (await matched(clients))["ta"]["loading_session_id"])
+        async with asyncio.timeout(TIMEOUT):
+            while game.received < 1:
+                await asyncio.sleep(0.01)
+        assert private_redis.process is not None
+        private_redis.process.send_signal(signal.SIGSTOP)  # the failure's write waits
+        try:
+            await asyncio.sleep(0.6)  # past the handoff's 300 ms deadline
+            async with asyncio.timeout(TIMEOUT * 2):
+                await w.allocator.close()
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        for ws in clients.values():
+            await ws.close()
+    finally:
+        await game.close()
 
 
 async def test_a_player_matched_while_disconnected_hears_match_found_when_it_reconnects(

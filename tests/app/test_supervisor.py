@@ -406,6 +406,15 @@ async def test_workers_are_still_watched_while_a_rolling_restart_waits_for_a_dra
     assert f"worker-1 (pid {olds[1]}) exited" in served.output()
 
 
+def _only(parent: Path, pattern: str) -> Path:
+    (found,) = parent.glob(pattern)
+    return found
+
+
+def _names(directory: Path) -> list[str]:
+    return [f.name for f in directory.iterdir()]
+
+
 async def test_metrics_add_up_across_workers_and_forget_dead_ones(
     serve: ServeFactory, admin: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -438,13 +447,13 @@ async def test_metrics_add_up_across_workers_and_forget_dead_ones(
     # worker that ever ran must not leave files for every scrape to read, without bound).
     _, text = await http_get(served.metrics_port, "/metrics")
     assert sample(text, "fastmatch_messages_received_total", type="status") == 12
-    (metrics_dir,) = tmp_path.glob("fastmatch-metrics-*")
+    metrics_dir = _only(tmp_path, "fastmatch-metrics-*")
 
     def named(pid: int) -> list[str]:
-        return [f.name for f in metrics_dir.iterdir() if f.name.endswith(f"_{pid}.db")]
+        return [name for name in _names(metrics_dir) if name.endswith(f"_{pid}.db")]
 
     assert named(pids[victim_id]) == []
-    assert {"counter_archive.db", "histogram_archive.db"} <= {f.name for f in metrics_dir.iterdir()}
+    assert {"counter_archive.db", "histogram_archive.db"} <= set(_names(metrics_dir))
     # The other worker too: what it counted is added to the archive, nothing is lost.
     survivor_id = next(w for w in pids if w != victim_id)
     os.kill(pids[survivor_id], signal.SIGKILL)
