@@ -14,7 +14,8 @@
 -- worker's heartbeat deadline is in the future again: it was only stalled (a pause, a long
 -- GC), and its players stay its own.
 -- Returns {"retry", mode} on a mode mismatch, {"stale"} when another connection owns the player
--- (nothing changes), else {"removed"} (idle: record deleted), {"grace", deadline_ms} (queued:
+-- (nothing changes), else {"removed"} (idle: record deleted), {"kept"} (a state this script does
+-- not know: only the connection released), {"grace", deadline_ms} (queued:
 -- ticket kept but not matchable until it resumes or the deadline passes), {"loading", match id, mode}
 -- (the caller cancels that match: PROTOCOL 4, disconnect while loading).
 --#include clock
@@ -56,6 +57,13 @@ elseif state == 'loading' then
   release()
   redis.call('ZADD', KEYS[8], now_ms() + tonumber(ARGV[7]), (cur[5] or '') .. '|' .. ARGV[1] .. '|' .. ARGV[6])
   return {'loading', cur[5] or '', mode}
+end
+if state ~= 'idle' then
+  -- A state this script does not know (a newer server's, during a rolling deploy): the
+  -- connection is released and the record kept for the server that understands it. Deleted,
+  -- whatever it points to (a ticket, a match) would be left without its player.
+  release()
+  return {'kept'}
 end
 if cur[6] then
   -- Matched while away and not told yet (lua/finish_match.lua, lua/attach.lua): kept for

@@ -35,7 +35,7 @@ class Attached:
 
 @dataclass(frozen=True, slots=True)
 class DetachResult:
-    outcome: Literal["removed", "grace", "loading", "stale", "alive"]
+    outcome: Literal["removed", "grace", "loading", "stale", "alive", "kept"]
     grace_deadline_ms: int = 0
     match_id: str = ""  # with "loading": the match the player walked out of ...
     mode: str = ""  # ... and its mode
@@ -110,7 +110,7 @@ class PlayerStore:
                 return DetachResult("grace", to_int(reply[1]) if len(reply) > 1 else 0)
             case "loading" if len(reply) == 3:
                 return DetachResult("loading", match_id=reply[1], mode=reply[2])
-            case "removed" | "stale" | "alive" as outcome:
+            case "removed" | "stale" | "alive" | "kept" as outcome:
                 return DetachResult(outcome)
         raise ProtocolViolation(f"detach replied {reply!r}")
 

@@ -406,7 +406,7 @@ async def test_a_bug_inside_the_attach_after_redis_ran_it_releases_the_record(
     w = await start_worker(cfg=make_config(**{"server.audit_interval_s": 0}))
     monkeypatch.setattr(players, "_player_state", broken)
     client = await RawClient.connect(w.front.port, "unread")
-    assert await client.handshake(timeout=5.0) is None  # aborted, not left waiting
+    assert await client.handshake(timeout=TIMEOUT) is None  # aborted, not left waiting
     client.close()
     monkeypatch.undo()
     async with asyncio.timeout(TIMEOUT):  # released: idle, so forgotten
@@ -421,7 +421,8 @@ async def test_an_attach_whose_reply_cannot_be_read_releases_the_record_it_took(
     here a player state this server does not know, as a newer server may write during a
     rolling deploy. The client is told `internal_error` and closed 1011, and the record the
     attach took is released at once, not left naming a dead connection until the audit (off
-    here) or for good."""
+    here) or for good; it is kept, with its state, for the server that understands it (deleted,
+    whatever it points to would be left without its player)."""
     w = await start_worker(cfg=make_config(**{"server.audit_interval_s": 0}))
     await admin.hset(keys.player("newer"), mapping={"state": "parked", "mode": ""})
     ws = await open_client(w.front.port, "newer")
@@ -431,6 +432,7 @@ async def test_an_attach_whose_reply_cannot_be_read_releases_the_record_it_took(
     async with asyncio.timeout(TIMEOUT):
         while await admin.hget(keys.player("newer"), "conn") is not None:
             await asyncio.sleep(0.01)
+    assert await admin.hget(keys.player("newer"), "state") == "parked"
 
 
 async def test_past_max_connections_handshakes_get_503_at_once(start_worker: WorkerFactory) -> None:
