@@ -52,9 +52,10 @@ class Subscriber:
         self._confirmed = 0
         self._all_confirmed: asyncio.Future[None] | None = None
         self._last_heard = 0.0
-        # Failed (re)connections in a row: the backoff starts over at every subscription, so
-        # a later loss (the next failover) is not waited out as if it were the same outage.
+        # Failed (re)connections in a row, and when the last subscription was made: the
+        # backoff starts over after one that held (_run).
         self._attempt = 0
+        self._up_since: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # its session's (see _on_push)
 
     def start(self) -> None:
@@ -85,6 +86,13 @@ class Subscriber:
             except Exception as exc:  # task boundary: any failure means "reconnect"
                 raise_if_cancelling()
                 self.connected = False
+                loop = asyncio.get_running_loop()
+                if self._up_since is not None and loop.time() - self._up_since >= self._max:
+                    # It held a while: a new loss (the next failover), not the same outage
+                    # going on, whose backoff would be waited out again. One that drops as soon
+                    # as it is made (a flapping connection) keeps backing off.
+                    self._attempt = 0
+                self._up_since = None
                 self._attempt += 1
                 delay = random.uniform(0, min(self._max, self._base * 2 ** min(self._attempt, 16)))
                 log.warning(
@@ -117,7 +125,7 @@ class Subscriber:
 
     async def _subscribed(self) -> None:
         self.connected = True
-        self._attempt = 0
+        self._up_since = asyncio.get_running_loop().time()
         async with self._changed:
             self.generation += 1
             self._changed.notify_all()
