@@ -6,7 +6,7 @@ closed --threshold consecutive failures--> open --probe answered--> closed
 
 While open, calls are refused at once, so a hung or dead Redis costs clients an immediate
 `unavailable` instead of a timeout each. Recovery does not wait for user traffic or for the
-whole cooldown: the client runs one probe (a PING on its own connection) when ``probe_due``,
+whole cooldown: the client runs one probe (a no-op write on its own connection) when ``probe_due``,
 first ``probe_initial_s`` after opening, then doubling up to ``cooldown_s``, and the first
 answer closes the breaker. The seed plan's 60 s is thus the longest wait between probes, not
 the time a healthy Redis is ignored (issue 17: a 2 s restart cost a minute of refusals).

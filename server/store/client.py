@@ -22,6 +22,7 @@ from typing import Final, Protocol
 import hiredis
 
 from server.config import RedisConfig
+from server.logthrottle import Throttled
 from server.store import cluster, keys
 from server.store.breaker import BreakerState, CircuitBreaker
 from server.store.errors import ProtocolViolation, StoreError, StoreUnavailable
@@ -37,6 +38,9 @@ from server.store.scripts import read_scripts
 from server.store.sentinel import Locator
 
 log = logging.getLogger(__name__)
+_probe_refused = Throttled(
+    log, "the breaker's probe write was refused with an unexpected error (counted as an answer; "
+    "grant the key fm:probe)")
 _TRANSIENT: Final = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
                      "NOREPLICAS",  # a primary under min-replicas-to-write that lost its replicas
                      "OOM")  # at maxmemory: every write refused, the breaker's business
@@ -430,25 +434,27 @@ class RedisClient:
         if self.breaker.state is not before:
             self._breaker_moved(before)
 
-    def _answered(self) -> None:
+    def _answered(self, why: str = "") -> None:
+        """Redis answered (a call, the probe, a recheck): the breaker closes, if it was not."""
         # Compared at the change itself, not from when the call began: the calls in flight when
         # the breaker opens fail after it and must not each log (and count) the same move.
         before = self.breaker.state
         self.breaker.success()
         if self.breaker.state is not before:
-            self._breaker_moved(before)
+            self._breaker_moved(before, why)
 
-    def _breaker_moved(self, before: BreakerState) -> None:
+    def _breaker_moved(self, before: BreakerState, why: str = "") -> None:
         state = self.breaker.state
-        log.warning("redis circuit breaker %s -> %s", before.name, state.name)
+        log.warning("redis circuit breaker %s -> %s%s", before.name, state.name, why)
         self.observer.breaker_changed(state)
         self._breaker_news.set()
         if state is not BreakerState.CLOSED and (self._prober is None or self._prober.done()):
             self._prober = asyncio.get_running_loop().create_task(self._probe(), name="redis-probe")
 
     async def _probe(self) -> None:
-        """While the breaker is open: PING on a connection of its own, at the breaker's
-        backoff, until Redis answers; then close the breaker (no user call needed)."""
+        """While the breaker is open: ask Redis for a write on a connection of its own
+        (``_probe_alone``), at the breaker's backoff, until it takes one; then close the breaker
+        (no user call needed)."""
         loop = asyncio.get_running_loop()
         breaker = self.breaker
         opened, probes = loop.time(), 0
@@ -463,13 +469,9 @@ class RedisClient:
                 continue
             self.observer.breaker_changed(breaker.state)  # half-open while the probe runs
             probes += 1
-            if await self._ping_alone():
-                if breaker.closed:
-                    return  # a call's reply closed it meanwhile, and said so
-                breaker.success()
-                log.warning("redis circuit breaker OPEN -> CLOSED: redis answered after %.1fs "
-                            "(%d probes)", loop.time() - opened, probes)
-                self.observer.breaker_changed(breaker.state)
+            if await self._probe_alone():
+                # (Closed meanwhile by a call's reply, it said so already: nothing to add.)
+                self._answered(f": redis answered after {loop.time() - opened:.1f}s ({probes} probes)")
                 return
             if breaker.closed:
                 return  # a call's reply closed it while this probe failed: Redis is back
@@ -483,24 +485,21 @@ class RedisClient:
         breaker = self.breaker
         if breaker.state is not BreakerState.OPEN or self._closed:
             return
-        if await self._ping_alone() and not breaker.allow(0.0):  # not closed by the probe meanwhile
-            breaker.success()
-            log.warning("redis circuit breaker OPEN -> CLOSED: redis answered a recheck")
-            self.observer.breaker_changed(breaker.state)
-            self._breaker_news.set()  # the prober, asleep until its next probe, ends
+        if await self._probe_alone():
+            self._answered(": redis answered a recheck")  # the prober, woken, then ends
 
-    async def _ping_alone(self) -> bool:
+    async def _probe_alone(self) -> bool:
         """Redis takes writes again, asked on a connection of its own: the one node, or the
         primary of fastmatch's slot on a cluster (not back until its replica took over;
         another shard, holding other data only, does not concern fastmatch)."""
         try:
             async with asyncio.timeout(self.timeout):
                 if self.slots is None:
-                    return await _writable(self.locator.connect())
+                    return await _writable(self.locator.connect(), self.timeout / 4)
                 await asyncio.shield(self.slots.refresh())
                 home = self.slots.owner(_HOME_SLOT)
                 return home is not None and await _writable(
-                    open_connection(self.slots.spec.address(*home)))
+                    open_connection(self.slots.spec.address(*home)), self.timeout / 4)
         except (OSError, RespConnectionError, TimeoutError):
             return False
 
@@ -615,15 +614,33 @@ def _retrieved(task: asyncio.Task[RespProtocol]) -> None:
         task.exception()
 
 
-async def _writable(connecting: Awaitable[RespProtocol]) -> bool:
-    """The breaker's probe: a write that writes nothing (XX: only over a key that exists, and
-    this one never does), which Redis refuses exactly when it refuses fastmatch's scripts: a
-    primary under min-replicas-to-write without its replicas (NOREPLICAS), at maxmemory (OOM),
-    a replica (READONLY). A PING passes there: it would close the breaker and let a burst of
-    calls fail before the breaker opens again, every probe interval, for as long as it lasts."""
+async def _writable(connecting: Awaitable[RespProtocol], held_s: float) -> bool:
+    """The breaker's probe: does Redis take writes? A PING alone passes where every script would
+    be refused (a primary under min-replicas-to-write without its replicas: NOREPLICAS; at
+    maxmemory: OOM; a replica: READONLY); it would close the breaker and let a burst of calls
+    fail before the breaker opens again, every probe interval, for as long as that lasts. So a
+    write that writes nothing follows it (XX: over a key that exists, and this one never does).
+    A write held rather than refused (CLIENT PAUSE WRITE, a failover's handover) does not keep
+    the breaker open: calls wait for it as they would (``held_s``). Another error (an ACL that
+    does not grant the probe's key) is logged and counts as an answer: the breaker must not stay
+    open for good over the probe's own key."""
     conn = await connecting
     try:
-        return type(await conn.send(pack("SET", keys.probe(), "", "XX"))) is not hiredis.ReplyError
+        pong = conn.send(pack("PING"))
+        write = conn.send(pack("SET", keys.probe(), "", "XX"))
+        write.add_done_callback(_retrieve)
+        if await pong != b"PONG":
+            return False
+        try:
+            async with asyncio.timeout(held_s):
+                reply = await write
+        except TimeoutError:
+            return True  # held, not refused
+        if type(reply) is hiredis.ReplyError:
+            if str(reply).startswith(_TRANSIENT):
+                return False
+            _probe_refused("%s", str(reply)[:120])
+        return True
     finally:
         conn.close()
 
