@@ -197,17 +197,19 @@ class Playing:
         self.check.received(msg)
         if len(self.check.sessions) > sessions:
             self.session_at = self.now()
+        code = as_known(msg.code) if type(msg) is Error else ""
         if type(msg) is Error:
             self.result.errors[msg.code] += 1
-            code = as_known(msg.code)
             if code in AMBIGUOUS:
                 client.note(code)
-            elif code == "unsupported_game_mode":
-                raise _Ended(code)  # the server does not run this mode: no use asking again
         elif type(msg) is Dequeued and msg.reason == "removed":
             client.note("removed")
         if self.check.vanished:
             await self._explain()
+        if code == "unsupported_game_mode":
+            # The server does not run this mode: no use asking again (what the message showed
+            # has been judged above).
+            raise _Ended(code)
         return msg
 
     async def _resumed(self, client: ObservedClient, welcome: ServerMessage) -> None:

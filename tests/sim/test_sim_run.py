@@ -66,8 +66,8 @@ def test_serve_runs_the_config_the_sim_was_given(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=TIMEOUT * 24, check=False,
         env={**os.environ, **SHORT},
     )
-    summary = json.loads(report.read_text())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(report.read_text())
     assert summary["violation_count"] == 0
     assert set(summary["handshakes"]["answers"]) == {"101"}, summary["handshakes"]
     assert summary["outcomes"].get("matched", 0) >= 2, summary["outcomes"]
