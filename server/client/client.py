@@ -136,6 +136,7 @@ class Client:
         self._terminal: FastmatchClientError | None = None
         self._done: asyncio.Future[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._bound: asyncio.AbstractEventLoop | None = None
 
     # -- properties -------------------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class Client:
         if rid in self._pending:
             raise ValueError(f"request_id {rid!r} is already waiting for its answer")
         wire = self._live_wire()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[rid] = future
         try:
             wire.send_text(data)
@@ -209,6 +210,14 @@ class Client:
         if not isinstance(result, answer):
             raise FastmatchClientError(f"request {rid} was answered with {result!r}")
         return result
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this client runs on, looked up once: on Python 3.11 each
+        asyncio.get_running_loop() is a getpid() system call, and this is asked per message."""
+        if self._bound is None:
+            self._bound = asyncio.get_running_loop()
+        return self._bound
 
     def _next_id(self) -> str:
         return f"c{next(self._ids)}"
@@ -239,7 +248,7 @@ class Client:
         sid, self._answered = self._answered, None
         if sid and self._auto_ready and _as_known(message.code) in _ANSWER_AGAIN:
             delay = (message.retry_after_ms or _ANSWER_AGAIN_MS) / 1000
-            asyncio.get_running_loop().call_later(delay, self._answer_again, sid)
+            self._loop.call_later(delay, self._answer_again, sid)
 
     def _answer_again(self, sid: str) -> None:
         if self.state == "loading" and self.loading_session_id == sid and self._established:
@@ -254,7 +263,7 @@ class Client:
                 raise self._terminal or ConnectionClosed(CloseCode.NORMAL, "closed by the client")
             waiter = self._waiter
             if waiter is None or waiter.done():
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                waiter = self._waiter = self._loop.create_future()
             # Shielded: one waiter cancelled must not cancel the future the others wait on.
             await asyncio.shield(waiter)
         return self._inbox.popleft()
@@ -328,7 +337,7 @@ class Client:
 
     async def _connect(self) -> Welcome:
         """One attempt: TCP, handshake, first message. Raises what went wrong."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if self._done is None:
             self._done = loop.create_future()
         token = self._token if isinstance(self._token, str) else await self._fresh_token()
@@ -508,7 +517,7 @@ class Client:
         if self._closing:
             self._finish(None)
         elif self.reconnect and code in retry.RESUMABLE:
-            self._reconnecting = asyncio.get_running_loop().create_task(self._resume(code, reason))
+            self._reconnecting = self._loop.create_task(self._resume(code, reason))
         else:
             self._finish(connection_closed(code, reason))
 

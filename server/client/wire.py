@@ -69,6 +69,9 @@ class Wire(asyncio.Protocol):
         self._abort_timer: asyncio.TimerHandle | None = None
         self._answered = False  # an HTTP response arrived (accepted or refused)
         self._ended = False
+        # Made by its loop's create_connection: that loop, looked up once (on Python 3.11 each
+        # asyncio.get_running_loop() is a getpid() system call, and this is asked per message).
+        self._loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -82,7 +85,7 @@ class Wire(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        self._last_rx = asyncio.get_running_loop().time()
+        self._last_rx = self._loop.time()
         protocol = self.protocol
         protocol.receive_data(data)
         self._busy = True
@@ -167,8 +170,7 @@ class Wire(asyncio.Protocol):
                 transport.close()
         if self._abort_timer is None and self.protocol.close_expected():
             # The server closes TCP after the closing handshake; if it never does, we do.
-            loop = asyncio.get_running_loop()
-            self._abort_timer = loop.call_later(self.close_timeout_s, transport.abort)
+            self._abort_timer = self._loop.call_later(self.close_timeout_s, transport.abort)
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -177,8 +179,7 @@ class Wire(asyncio.Protocol):
         exc = self.protocol.handshake_exc
         if exc is None:
             if self.ping_interval_s:
-                self._keepalive = asyncio.get_running_loop().call_later(
-                    self.ping_interval_s, self._check_alive)
+                self._keepalive = self._loop.call_later(self.ping_interval_s, self._check_alive)
             self.handler.opened()
             return
         if isinstance(exc, InvalidStatus):
@@ -214,7 +215,7 @@ class Wire(asyncio.Protocol):
         interval = self.ping_interval_s
         if interval is None or self.protocol.state is not State.OPEN:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         quiet = loop.time() - self._last_rx
         if quiet < interval:  # heard from since: look again when it would be quiet that long
             self._keepalive = loop.call_later(interval - quiet, self._check_alive)
