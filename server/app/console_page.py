@@ -1,9 +1,11 @@
 """The live console: one self-contained page (inline CSS and JS, nothing fetched from elsewhere,
 so it works on a machine with no internet), refreshed every second from ``/console/state``.
 
-Token: when ``metrics.token`` is set, open ``/console?token=<token>`` once; the page keeps the
+Token: when ``metrics.token`` is set, open ``/console#token=<token>`` once (the fragment never
+leaves the browser: no proxy or access log sees it; ``?token=`` works too); the page keeps the
 token in this tab's sessionStorage, removes it from the address bar (and so from history), and
-sends it as ``Authorization: Bearer`` on every state request.
+sends it as ``Authorization: Bearer`` on every state request. The page itself needs no token, so
+a reload works. The token is taken as written: ``+`` stays ``+`` (base64 tokens).
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ from typing import Final
 
 _SCRIPT: Final = r"""
 "use strict";
-const params = new URLSearchParams(location.search);
-if (params.has("token")) {
-  sessionStorage.setItem("fastmatch-token", params.get("token"));
-  params.delete("token");
-  const rest = params.toString();
-  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : ""));
+// The token as written in the address: URLSearchParams would turn a "+" into a space.
+function takeToken(part) {
+  const pairs = part.replace(/^[?#]/, "").split("&").filter(p => p !== "");
+  const found = pairs.find(p => p.startsWith("token="));
+  if (found === undefined) return [null, part];
+  const rest = pairs.filter(p => p !== found).join("&");
+  return [decodeURIComponent(found.slice(6)), rest ? part[0] + rest : ""];
+}
+const [inQuery, search] = takeToken(location.search);
+const [inFragment, hash] = takeToken(location.hash);
+const given = inFragment ?? inQuery;
+if (given !== null) {
+  sessionStorage.setItem("fastmatch-token", given);
+  history.replaceState(null, "", location.pathname + search + hash);
 }
 const token = sessionStorage.getItem("fastmatch-token");
 const headers = token ? {Authorization: "Bearer " + token} : {};
@@ -126,7 +136,7 @@ async function refresh() {
   try {
     const response = await fetch("/console/state", {headers, cache: "no-store"});
     if (response.status === 401) {
-      status.textContent = "unauthorised: open /console?token=<metrics.token>";
+      status.textContent = "unauthorised: open /console#token=<metrics.token>";
       status.className = "bad";
     } else if (!response.ok) {
       throw new Error("HTTP " + response.status);

@@ -1,9 +1,10 @@
 """The supervisor's metrics port: ``/metrics`` (one aggregate of every worker, multiprocess mode),
 the live console page ``/console`` and its data ``/console/state``.
 
-With ``metrics.token`` set every path needs ``Authorization: Bearer <token>``, except that
-``/console`` also takes ``?token=`` because a browser cannot set a header when it opens a page;
-the page then sends the header itself (server/app/console_page.py).
+With ``metrics.token`` set every path needs ``Authorization: Bearer <token>`` except the
+console page itself: it holds no data (a browser cannot set a header when it opens or reloads a
+page); it takes the token from its address (``#token=``, or ``?token=``) once, keeps it for the
+tab, and sends the header on its data requests (server/app/console_page.py).
 
 Every connection holds a supervisor thread and a descriptor, and the supervisor needs its
 descriptors to restart crashed workers: connections are capped (``MAX_CONNECTIONS``; over it,
@@ -23,7 +24,6 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -72,13 +72,12 @@ class MetricsServer:
                 "Content-Type": "application/json", "Cache-Control": "no-store"}),
         }
 
-        def authorised(header: str, path: str, query: str) -> bool:
-            if not token:
+        def authorised(header: str, path: str) -> bool:
+            # The page is the same for everyone and holds no data: served without the token,
+            # it can be reloaded (the address no longer carries the token, the tab does).
+            if not token or path == "/console":
                 return True
-            if hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
-                return True
-            given = parse_qs(query).get("token", [""])[0] if path == "/console" else ""
-            return hmac.compare_digest(given.encode(), token.encode())
+            return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
 
         class Handler(BaseHTTPRequestHandler):
             # Each connection holds a supervisor thread: one that is slow to send or to read is
@@ -96,14 +95,14 @@ class MetricsServer:
                 # The reads left the socket with what remained of their deadline: the answer's
                 # writes get their own.
                 self.connection.settimeout(request_deadline_s)
-                path, _, query = self.path.partition("?")
+                path = self.path.partition("?")[0].partition("#")[0]
                 route = routes.get(path)
                 if route is None:
                     self.send_error(404)
                     return
-                if not authorised(self.headers.get("Authorization", ""), path, query):
+                if not authorised(self.headers.get("Authorization", ""), path):
                     self.send_error(401, explain="metrics.token is set: send Authorization: Bearer "
-                                    "<token> (a browser opens /console?token=<token>)")
+                                    "<token> (a browser opens /console#token=<token>)")
                     return
                 try:
                     body, headers = route()

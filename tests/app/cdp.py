@@ -93,6 +93,11 @@ class Page:
         await self.call("Page.navigate", url=url)
         await loaded
 
+    async def reload(self) -> None:
+        loaded = self.expect("Page.loadEventFired")
+        await self.call("Page.reload")
+        await loaded
+
     async def evaluate(self, expression: str) -> Any:
         result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True,
                                  returnByValue=True)

@@ -16,7 +16,7 @@ from tests.app.served import Served, wait_workers
 from tests.app.test_matchmaking import start_loading
 from tests.helpers import TIMEOUT, connect_player, request
 
-TOKEN = "browser-s3cret"
+TOKEN = "browser+s3cret/x="  # as base64 makes them: "+" must stay "+"
 CHROMIUM = find_chromium()
 
 if CHROMIUM is None and os.environ.get("CI") != "true":
@@ -62,6 +62,16 @@ async def test_console_page_shows_queued_players_then_their_match(
                     in_mode("1v1", '[data-field="wait"]'),
                     'document.querySelector("#connections")')) + "]")
             assert all(label.endswith(" (this host)") for label in labels), labels
+            # A reload: the address no longer has the token, the tab does.
+            await page.reload()
+            async with asyncio.timeout(TIMEOUT * 2):
+                await page.wait_for(f'{queued} && {queued}.innerText === "3"')
+            # A new tab, the token in the fragment (which no proxy or access log sees).
+            async with asyncio.timeout(TIMEOUT * 4):
+                await page.open(f"http://127.0.0.1:{served.metrics_port}/console#token={TOKEN}")
+            async with asyncio.timeout(TIMEOUT * 2):
+                await page.wait_for(f'{queued} && {queued}.innerText === "3"')
+            assert TOKEN not in await page.evaluate("location.href")
             assert (await page.screenshot(tmp_path / "console-queued.png"))[:8] == b"\x89PNG\r\n\x1a\n"
 
             pair = [(await connect_player(served.port, f"duo{i}", 99_000))[0] for i in range(2)]
