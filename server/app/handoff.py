@@ -30,6 +30,9 @@ _assign_retry = Throttled(log, "assignments not written yet, storage unavailable
 # A game server's answer in hand when the worker shuts down: its assignment (one script call)
 # is waited for this long rather than cancelled, which would requeue a match a server took.
 _ANSWERED_WAIT_S = 2.0
+# After a request that reached no game server, how often the worker looks whether one listens
+# again: a worker that sends no request for hours must not report the fleet down all that time.
+HEALTH_RECHECK_S = 2.0
 # Retrying the write of an assignment while Redis is unavailable: from this pause, doubling.
 _ASSIGN_RETRY_S = 0.05
 
@@ -50,11 +53,7 @@ class HealthMonitor:
 
     def observe(self, receivers: int) -> None:
         if receivers > 0:
-            if self.down_since is not None:
-                log.info("game servers are back after %.1fs (%d requests found none)",
-                         self.clock() - self.down_since, self.consecutive)
-                metrics.GAME_SERVER_AVAILABLE.set(1)
-            self.consecutive, self.down_since = 0, None
+            self.listening()
             return
         self.consecutive += 1
         metrics.inc(metrics.GAME_SERVER_MISSES)
@@ -66,6 +65,14 @@ class HealthMonitor:
             self._last_critical = now
             log.critical("no game server has received the last %d battle requests (%.0fs); "
                          "matches are being requeued", self.consecutive, now - self.down_since)
+
+    def listening(self) -> None:
+        """A game server received a request, or is seen listening again (Allocator's recheck)."""
+        if self.down_since is not None:
+            log.info("game servers are back after %.1fs (%d requests found none)",
+                     self.clock() - self.down_since, self.consecutive)
+            metrics.GAME_SERVER_AVAILABLE.set(1)
+        self.consecutive, self.down_since = 0, None
 
 
 class Allocator:
@@ -84,6 +91,7 @@ class Allocator:
         self._active: set[str] = set()  # match ids handed off (or requeued) by a task now
         self._closing = False
         self._bound: asyncio.AbstractEventLoop | None = None
+        self._rechecking: asyncio.Task[None] | None = None
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -155,6 +163,8 @@ class Allocator:
             if receivers is not None:
                 self.health.observe(receivers)
                 if receivers == 0:
+                    self._recheck_health()
+                if receivers == 0:
                     await self.loading.fail(mode, match_id, "no_game_server", players)
                     return
             # A timer on the future itself rather than asyncio.timeout_at, which asks for the
@@ -208,6 +218,23 @@ class Allocator:
                 and future.exception() is None  # its deadline passed (_expire): no answer
                 and isinstance(future.result(), gs.BattleAssigned))
 
+    def _recheck_health(self) -> None:
+        if self._rechecking is None or self._rechecking.done():
+            self._rechecking = self._loop.create_task(self._until_listened(), name="health-recheck")
+
+    async def _until_listened(self) -> None:
+        """While the health monitor says no game server listens, look every HEALTH_RECHECK_S
+        (one PUBSUB NUMSUB, off the players' path): the gauge and the console then follow the
+        fleet, not this worker's last request, which may be hours old on a quiet worker."""
+        while self.health.down_since is not None and not self._closing:
+            await asyncio.sleep(HEALTH_RECHECK_S)
+            try:
+                if self.health.down_since is not None and await self.store.listening(
+                        self.config.request_channel):
+                    self.health.listening()
+            except StoreError:
+                pass  # Redis is failing: the next look, or the next request, tells
+
     def on_reply(self, data: bytes) -> None:
         try:
             reply = gs.decode_reply(data)
@@ -223,6 +250,9 @@ class Allocator:
     async def close(self) -> None:
         """Shutdown: requeue the matches still waiting for a game server (server_shutdown)."""
         self._closing = True
+        if self._rechecking is not None:
+            self._rechecking.cancel()
+            await asyncio.gather(self._rechecking, return_exceptions=True)
         # A handoff with the game server's answer in hand is left to write it: cancelled, it
         # would be requeued below while the server hosts it (and its players would be matched
         # again elsewhere).

@@ -243,6 +243,14 @@ class PlayerStore:
     async def publish(self, channel: str, data: bytes) -> int:
         return await self.client.publish(channel, data)
 
+    async def listening(self, channel: str) -> int:
+        """Subscribers of ``channel`` now (on a cluster, of every node)."""
+        counted = await self.client.listeners(channel)
+        if counted is not None:
+            return counted
+        reply = await self.client.command("PUBSUB", "NUMSUB", channel)
+        return to_int(reply[1]) if isinstance(reply, list) and len(reply) == 2 else 0
+
     async def _with_mode(
         self, name: str, player: str, fixed_keys: list[str],
         args: Callable[[str], list[str | int | float]], mode_guess: str,

@@ -14,6 +14,7 @@ from websockets.asyncio.client import ClientConnection
 
 from server import metrics
 from server.app.gameserver import Behaviour, ReferenceGameServer
+from server.app.handoff import HEALTH_RECHECK_S
 from server.app.worker import Worker
 from server.store import keys
 from server.store.embedded import EmbeddedRedis
@@ -152,6 +153,13 @@ async def test_no_game_server_between_the_match_and_its_handoff(
     status = await request(clients["one"], {"type": "status"})
     assert status["state"] == "queued" and status["waiting_for"] == "game_server"
     await leave_and_check_clean(clients, admin)
+    # A game server listens again; this worker sends no request, yet its health monitor sees
+    # it (it looks every HEALTH_RECHECK_S while down), instead of reporting the fleet down
+    # until its next request, hours later on a quiet worker.
+    await start_game_server()
+    async with asyncio.timeout(HEALTH_RECHECK_S + TIMEOUT):
+        while REGISTRY.get_sample_value("fastmatch_game_server_available") != 1:
+            await asyncio.sleep(0.02)
 
 
 async def test_game_server_rejects(
