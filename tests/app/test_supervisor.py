@@ -406,6 +406,32 @@ async def test_workers_are_still_watched_while_a_rolling_restart_waits_for_a_dra
     assert f"worker-1 (pid {olds[1]}) exited" in served.output()
 
 
+async def test_a_stop_signal_ends_a_rolling_restart_once_the_waited_worker_is_gone(
+    serve: ServeFactory, admin: aioredis.Redis
+) -> None:
+    """SIGTERM while SIGHUP's rolling restart waits for an old worker to drain: once that one
+    is gone, the rolling restart replaces no further worker, and the supervisor shuts down
+    (it does not first roll the rest of the workers, each up to the drain timeout)."""
+    served = serve(workers=2, FASTMATCH_SERVER__DRAIN_TIMEOUT_S="60")
+    olds = sorted((await wait_workers(admin, 2)).values())
+    async with asyncio.timeout(TIMEOUT * 4):
+        while "2 workers on port" not in served.output():
+            await asyncio.sleep(0.05)
+    os.kill(olds[0], signal.SIGSTOP)  # slot 0's old worker cannot drain yet
+    try:
+        served.signal(signal.SIGHUP)
+        async with asyncio.timeout(TIMEOUT * 4):  # slot 0's replacement is up
+            while len(set((await worker_pids(admin)).values()) - set(olds)) < 1:
+                await asyncio.sleep(0.05)
+        served.signal(signal.SIGTERM)
+    finally:
+        os.kill(olds[0], signal.SIGCONT)  # it drains now
+    assert await asyncio.to_thread(served.wait, TIMEOUT * 6) == 0
+    out = served.output()
+    assert "rolling restart stopped after worker-0: a signal came" in out, out[-2000:]
+    assert "rolling restart done" not in out
+
+
 def _only(parent: Path, pattern: str) -> Path:
     (found,) = parent.glob(pattern)
     return found
