@@ -322,7 +322,12 @@ class RedisClient:
             if asking:
                 conn.send(_ASKING).add_done_callback(_retrieve)
             future = conn.send(packed)
+            # Its own bound: the watchdog may have run out of calls to watch (and stopped)
+            # between the NOSCRIPT and this send.
+            self._arm_watchdog()
             reply = await future
+            if type(reply) is hiredis.ReplyError and self._not_primary(str(reply)):
+                self._demoted(conn, reply)  # a replica now: not kept for the next call
         return reply
 
     # -- a cluster: each call to the primary of its slot --------------------------------------------
