@@ -52,6 +52,9 @@ _STARTUP_S: Final = 60.0  # a worker must be listening within this
 _STABLE_S: Final = 30.0  # alive this long: its slot's restart backoff resets
 _REDIS_RESTART_EVERY_S: Final = 1.0  # the embedded Redis is started again at most this often
 _BACKOFF_MAX_S: Final = 30.0
+# A SIGKILLed process is waited for this long at most: one in uninterruptible sleep (a hung
+# disk or NFS read) dies only when that ends, and the supervisor must go on watching the rest.
+_KILLED_WAIT_S: Final = 5.0
 
 
 def _backoff(failures: int) -> float:
@@ -258,8 +261,7 @@ class Supervisor:
             log.error("worker-%d (pid %s): its event loop has not run for %.0fs "
                       "(server.worker_stall_kill_s = %g); killing it", slot.index, process.pid,
                       slot.stalled_s, limit)
-            process.kill()
-            process.join(5.0)
+            _killed(process)
 
     def _check_restart(self, slot: Slot, process: SpawnProcess, now: float) -> None:
         """A restarted worker is watched here, one look per loop turn, never waited on."""
@@ -270,9 +272,7 @@ class Supervisor:
             return
         if process.is_alive() and now - slot.started < _STARTUP_S:
             return
-        if process.is_alive():
-            process.kill()
-        process.join()
+        _killed(process)
         self._forget(process)
         slot.failures += 1
         slot.process, slot.starting = None, False
@@ -295,9 +295,7 @@ class Supervisor:
                 self._wait_ready(replacement, interruptible=True)
             except (StartupFailed, OSError, Interrupted) as exc:
                 if replacement.process is not None:
-                    if replacement.process.is_alive():
-                        replacement.process.kill()
-                        replacement.process.join()
+                    _killed(replacement.process)
                     # Dead either way: its live gauges (a 0 for game_server_available, an open
                     # breaker) must leave the host's aggregate, as every dead worker's do.
                     self._forget(replacement.process)
@@ -355,8 +353,7 @@ class Supervisor:
                     log.warning("a second stop signal: killing %s", process.name)
                 else:
                     log.error("%s did not drain in time; killing it", process.name)
-                process.kill()
-                process.join()
+                _killed(process)
             self._forget(process)
 
     def _second_signal(self) -> bool:
@@ -401,3 +398,13 @@ class Supervisor:
             self.metrics.close()
         if self.redis is not None:
             self.redis.stop()
+
+
+def _killed(process: SpawnProcess) -> None:
+    """SIGKILL and wait, within _KILLED_WAIT_S (a process that outlives it is reaped later)."""
+    if process.is_alive():
+        process.kill()
+    process.join(_KILLED_WAIT_S)
+    if process.is_alive():
+        log.error("%s (pid %s) is still there %.0fs after SIGKILL (uninterruptible sleep?); "
+                  "going on without it", process.name, process.pid, _KILLED_WAIT_S)
