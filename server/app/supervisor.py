@@ -222,9 +222,10 @@ class Supervisor:
             if process is not None and slot.starting:
                 self._check_restart(slot, process, now)
                 continue
-            if process is not None and process.is_alive():
-                self._kill_if_stalled(slot, process)
-            if process is not None and not process.is_alive():
+            killed = process is not None and process.is_alive() and self._kill_if_stalled(slot, process)
+            if process is not None and (killed or not process.is_alive()):
+                # (Killed, it may linger in uninterruptible sleep a while: it is in no slot
+                # any more, its slot gets a new worker, and multiprocessing reaps it later.)
                 self._forget(process)
                 lived = now - slot.started
                 slot.failures = 0 if lived > _STABLE_S else slot.failures + 1
@@ -244,24 +245,26 @@ class Supervisor:
                     continue
                 slot.starting = True
 
-    def _kill_if_stalled(self, slot: Slot, process: SpawnProcess) -> None:
+    def _kill_if_stalled(self, slot: Slot, process: SpawnProcess) -> bool:
         """A worker whose event loop stopped running (a busy loop, a blocking call, a stopped
         process) still holds its listening socket: the kernel keeps handing it new players,
         who hang. Killed, it is restarted like any worker that died, and its players
         reconnect (Redis already counted it dead: its heartbeat has lapsed)."""
         limit = self.config.server.worker_stall_kill_s
         if not limit or slot.alive is None:
-            return
+            return False
         stamp = slot.alive.value
         if stamp != slot.seen:
             slot.seen, slot.stalled_s = stamp, 0.0
-            return
+            return False
         slot.stalled_s += self._turn_s
-        if slot.stalled_s > limit:
-            log.error("worker-%d (pid %s): its event loop has not run for %.0fs "
-                      "(server.worker_stall_kill_s = %g); killing it", slot.index, process.pid,
-                      slot.stalled_s, limit)
-            _killed(process)
+        if slot.stalled_s <= limit:
+            return False
+        log.error("worker-%d (pid %s): its event loop has not run for %.0fs "
+                  "(server.worker_stall_kill_s = %g); killing it", slot.index, process.pid,
+                  slot.stalled_s, limit)
+        _killed(process)
+        return True
 
     def _check_restart(self, slot: Slot, process: SpawnProcess, now: float) -> None:
         """A restarted worker is watched here, one look per loop turn, never waited on."""
