@@ -22,11 +22,11 @@ from server.client import (
     Welcome,
 )
 from server.sim.facts import Facts
-from server.sim.playing import AMBIGUOUS, PlayerResult, Playing, SimSettings
+from server.sim.playing import AMBIGUOUS, PlayerResult, Playing, SimSettings, Traffic
 from server.sim.simclient import ObservedClient
 from server.sim.tokens import TokenMinter
 
-__all__ = ["BEHAVIOURS", "PlayerResult", "SimSettings", "parse_mix", "play"]
+__all__ = ["BEHAVIOURS", "PlayerResult", "SimSettings", "Traffic", "parse_mix", "play"]
 
 BEHAVIOURS: Final = (
     "normal", "quit_before_match", "quit_during_loading", "slow_loader", "afk",
@@ -167,5 +167,5 @@ class _Play(Playing):
 
 
 async def play(settings: SimSettings, tokens: TokenMinter, player: str, behaviour: str,
-               rng: random.Random, t0: float, facts: Facts) -> PlayerResult:
-    return await _Play(settings, tokens, player, behaviour, rng, t0, facts).run()
+               rng: random.Random, t0: float, facts: Facts, traffic: Traffic | None = None) -> PlayerResult:
+    return await _Play(settings, tokens, player, behaviour, rng, t0, facts, traffic).run()

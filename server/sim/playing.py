@@ -55,6 +55,10 @@ _RETRY_JITTER_S: Final = 0.2  # added to retry_after_ms: players refused togethe
 # 10 by default): honoured up to that, as the bundled clients honour it.
 _REFUSED_MAX_S: Final = 10.0
 _SETTLE_S: Final = 3.0  # at the end: how long messages in flight get to arrive
+# After a behaviour ends, before it closes: what the server had sent by then still arrives and
+# is checked (a start_loading after a confirmed dequeue, a second match_found). A message in
+# flight takes milliseconds; this is what every player's connection stays open for longer.
+_LINGER_S: Final = 0.5
 _TRAIL: Final = 24  # messages kept to show what led to a violation
 
 
@@ -99,6 +103,14 @@ class PlayerResult:
     handshakes: list[tuple[float, str]] = field(default_factory=list)
 
 
+@dataclass
+class Traffic:
+    """The messages (both ways) of every player of a run process so far, counted as they go:
+    the runner reads it where the steady window begins and ends."""
+
+    messages: int = 0
+
+
 class _Ended(Exception):
     """The player cannot go on (its mode is not run): ``outcome`` says why."""
 
@@ -111,7 +123,7 @@ class Playing:
     """A simulated player's connection and checks; the behaviours (player.py) drive it."""
 
     def __init__(self, settings: SimSettings, tokens: TokenMinter, player: str, behaviour: str,
-                 rng: random.Random, t0: float, facts: Facts) -> None:
+                 rng: random.Random, t0: float, facts: Facts, traffic: Traffic | None = None) -> None:
         self.s = settings
         self.tokens = tokens
         self.player = player
@@ -130,6 +142,8 @@ class Playing:
         self.retry: tuple[float, str] | None = None  # (when, what) to ask again
         self.ends_at = self.result.arrived + settings.lifetime_s  # set again when it starts
         self._told = ""  # the last state the server reported (the audit)
+        self.traffic = traffic or Traffic()
+        self._counted = 0  # of this player's messages, those added to ``traffic``
         # (t, direction, message): formatted only for a player with a violation
         self.trail: deque[tuple[float, str, ServerMessage | str]] = deque(maxlen=_TRAIL)
 
@@ -187,6 +201,7 @@ class Playing:
         else:
             msg = await client.recv()
         self.result.received += 1
+        self._count(client)
         self.trail.append((self.now(), "<", msg))
         if client.fresh and client.fresh[0] is msg:
             client.fresh.popleft()
@@ -211,6 +226,14 @@ class Playing:
             # has been judged above).
             raise _Ended(code)
         return msg
+
+    def _count(self, client: ObservedClient) -> None:
+        """Add this player's messages since the last count to the run's. What it sent is seen
+        here, at the next message it reads (within milliseconds, an answer), not as it went:
+        the client sends some by itself (``auto_ready``)."""
+        total = client.messages_sent + self.result.received
+        self.traffic.messages += total - self._counted
+        self._counted = total
 
     async def _resumed(self, client: ObservedClient, welcome: ServerMessage) -> None:
         assert isinstance(welcome, Welcome)
@@ -320,6 +343,7 @@ class Playing:
         try:
             async with asyncio.timeout(self.s.lifetime_s):  # one timer for the whole player
                 await getattr(self, f"_{self.behaviour}")()
+            await self._linger()
         except _Ended as ended:
             self.result.outcome = ended.outcome
         except TimeoutError:
@@ -343,6 +367,16 @@ class Playing:
             self.result.trail = [f"{t:.2f} {way} {m if isinstance(m, str) else _brief(m)}"
                                  for t, way, m in self.trail]
         return self.result
+
+    async def _linger(self) -> None:
+        """The behaviour has what it wanted (a match, a confirmed dequeue, ...); what arrives
+        within ``_LINGER_S`` is read and checked all the same before the player closes: DESIGN
+        invariant 5 ends each enqueue once, so e.g. nobody is put into a match after leaving."""
+        until = self.now() + _LINGER_S
+        # The connection may end meanwhile, or a message end the player: checked up to there.
+        with contextlib.suppress(FastmatchClientError, OSError, _Ended):
+            while (left := until - self.now()) > 0 and await self.recv(left) is not None:
+                pass
 
     async def _audit(self) -> None:
         """Out of time while waiting: does the server agree with what this player was told?
@@ -389,6 +423,7 @@ class Playing:
             return
         self.check.left(answering=self.loads)
         self.result.sent = client.messages_sent
+        self._count(client)
         client.asked = "close"
         with contextlib.suppress(Exception):
             await client.close()

@@ -13,14 +13,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Final, cast
+from typing import Final
 
 import redis.asyncio as aioredis
 
 from server.sim.checker import cross_check, missed_matches
 from server.sim.facts import Facts
 from server.sim.faults import Applied, Fault, Injector, Target
-from server.sim.player import PlayerResult, SimSettings, play
+from server.sim.leftovers import leftover_keys
+from server.sim.player import PlayerResult, SimSettings, Traffic, play
 from server.sim.stats import Sampler
 from server.sim.tokens import TokenMinter
 from server.store import keys, sentinel
@@ -83,6 +84,11 @@ class RunResult:
     # the lifecycles completed in it: what one simulated player costs the client side.
     client_cpu_s: float = 0.0
     client_lifecycles: int = 0
+    # The steady window (run times): from the end of the ramp (and no sooner than a tenth of
+    # --duration in) until arrivals stop. Rates and means the report gives are read over it; after
+    # it the players still running end one by one, and figures over that tail read low.
+    steady_s: tuple[float, float] = (0.0, 0.0)
+    steady_messages_per_s: float = 0.0  # both ways, all players of the run (every process)
     faults: list[Applied] = field(default_factory=list)
     final_batch: FinalBatch | None = None
     missed_matches: int = 0  # found for a player while its connection was down (checker.py)
@@ -152,7 +158,8 @@ async def _play_all(cfg: RunConfig, result: RunResult, t0: float, facts: Facts,
     names, weights = list(cfg.mix), list(cfg.mix.values())
     tasks: set[asyncio.Task[PlayerResult]] = set()
     tokens = TokenMinter(cfg.settings.secret)
-    steady_from, cpu_at_steady = cfg.duration_s * 0.1, -1.0
+    traffic = Traffic()
+    steady_from, cpu_at_steady, messages_at_steady = max(cfg.ramp_s, cfg.duration_s * 0.1), -1.0, 0
 
     def ended(behaviour: str, arrived: float, task: asyncio.Task[PlayerResult]) -> None:
         tasks.discard(task)
@@ -171,14 +178,14 @@ async def _play_all(cfg: RunConfig, result: RunResult, t0: float, facts: Facts,
             behaviour = rng.choices(names, weights)[0]
             name = f"{cfg.prefix}{cfg.seed}-{spawned}"
             task = asyncio.create_task(play(cfg.settings, tokens, name, behaviour,
-                                            random.Random(rng.random()), t0, facts), name=name)
+                                            random.Random(rng.random()), t0, facts, traffic), name=name)
             task.add_done_callback(functools.partial(ended, behaviour, elapsed))
             tasks.add(task)
             spawned += 1
         if progress is not None:
             progress(result, len(tasks), elapsed)
         if cpu_at_steady < 0 and elapsed >= steady_from:
-            steady_from, cpu_at_steady = elapsed, _cpu_s()
+            steady_from, cpu_at_steady, messages_at_steady = elapsed, _cpu_s(), traffic.messages
         # Sleep until the next arrival is due, but release arrivals at most once a tick:
         # on a VM each wake-up of an idle process costs ~0.1 ms of CPU, and players that
         # arrive together share the wake-ups of their handshakes and answers.
@@ -186,6 +193,9 @@ async def _play_all(cfg: RunConfig, result: RunResult, t0: float, facts: Facts,
     result.arrivals_s = time.monotonic() - t0
     if cpu_at_steady >= 0:
         result.client_cpu_s = _cpu_s() - cpu_at_steady
+        result.steady_s = (steady_from, result.arrivals_s)
+        result.steady_messages_per_s = (traffic.messages - messages_at_steady) / max(
+            result.arrivals_s - steady_from, 1e-9)
     while tasks:  # every player ends by itself within its lifetime
         if progress is not None:
             progress(result, len(tasks), time.monotonic() - t0)
@@ -209,7 +219,8 @@ async def check(result: RunResult) -> None:
     result.missed_matches = missed_matches((p.player, p.sessions) for p in result.players)
     admin = sentinel.async_client(result.config.redis_url, decode_responses=True)
     try:
-        result.leftover_keys = await leftover_keys(admin, result.config.leftover_wait_s)
+        simulated = {p.player for p in result.players}
+        result.leftover_keys = await leftover_keys(admin, result.config.leftover_wait_s, simulated)
     finally:
         await admin.aclose()
     result.violations += [f"leftover key {k}" for k in result.leftover_keys]
@@ -248,6 +259,8 @@ def merge(parts: list[RunResult]) -> RunResult:
         merged.arrivals_s = max(merged.arrivals_s, part.arrivals_s)
         merged.client_cpu_s += part.client_cpu_s
         merged.client_lifecycles += part.client_lifecycles
+        # Each process's rate over its own window; steady_s stays the first's, which sampled.
+        merged.steady_messages_per_s += part.steady_messages_per_s
         merged.crashes.extend(part.crashes)
         merged.client_lag_ms.extend(part.client_lag_ms)
     return merged
@@ -305,35 +318,11 @@ async def _sample(admin: aioredis.Redis, result: RunResult, t0: float, stop: asy
             info = await admin.info("stats")
             result.sampler.sample(pids, now)
             total = int(info["total_commands_processed"])
-            if last is not None and now > last[0]:
+            # A Redis restart (or CONFIG RESETSTAT) starts the count over: that interval's
+            # delta is no rate, and is left out.
+            if last is not None and now > last[0] and total >= last[1]:
                 result.redis_ops.append((now, (total - last[1]) / (now - last[0])))
             last = (now, total)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await stop.wait()
-
-
-async def _dead_workers(admin: aioredis.Redis, names: list[str]) -> list[str]:
-    """What the registry and the per-worker player sets hold for workers that are gone: an
-    entry past its heartbeat deadline, a set whose worker is not registered. Both may outlive
-    the players only while their worker runs; a dead worker nobody reaped is a leak too."""
-    seconds, micros = await admin.time()
-    now_ms = seconds * 1000 + micros // 1000
-    entries = cast(list[tuple[str, float]], await admin.zrange(keys.workers(), 0, -1, withscores=True))
-    live = {w for w, deadline in entries if deadline > now_ms}
-    out = [f"{keys.workers()} entry {w} (past its heartbeat deadline)"
-           for w, deadline in entries if deadline <= now_ms]
-    return out + sorted(k for k in names if (w := keys.players_worker(k)) is not None and w not in live)
-
-
-async def leftover_keys(admin: aioredis.Redis, wait_s: float) -> list[str]:
-    """DESIGN invariant 6: once every player left and the timeouts passed, nothing remains."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        # SCAN, not KEYS: a cluster client sends KEYS to one node, and SCAN to every one. On a
-        # cluster only fastmatch's slot (it may share the cluster with other data).
-        names = [str(k) async for k in admin.scan_iter(keys.pattern(), count=1000)]
-        found = sorted(k for k in names if not keys.outlives_players(k)) + await _dead_workers(admin, names)
-        if not found or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.25)

@@ -62,6 +62,10 @@ class Sampler:
             self.peak_rss_mb[name] = max(self.peak_rss_mb.get(name, 0.0), s.rss_mb)
         return out
 
-    def mean_cpu(self, name: str) -> float:
-        series = self.cpu_series.get(name, [])
-        return sum(p for _, p in series) / len(series) if series else 0.0
+
+def window_mean(series: list[tuple[float, float]], window: tuple[float, float]) -> float | None:
+    """The mean of the samples ``(t, value)`` taken within ``window`` (run times, both ends
+    included; a sample covers the second before it); None when none was."""
+    since, until = window
+    values = [v for t, v in series if since <= t <= until]
+    return sum(values) / len(values) if values else None

@@ -119,3 +119,31 @@ async def test_a_mode_the_server_does_not_run_ends_the_player(worker: Worker, re
     assert result.violations == []
     # One enqueue (two for double_enqueue; invalid sends two bad frames first).
     assert result.sent <= 3, result
+
+
+class MatchesAfterDequeue:
+    """A broken fastmatch: it confirms a player's dequeue, then puts it into a ready check."""
+
+    async def handle(self, ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "welcome", "player_id": PLAYER, "state": "idle", "protocol": 1}))
+        async for frame in ws:
+            msg = json.loads(frame)
+            rid = {"request_id": msg["request_id"]} if msg.get("request_id") else {}
+            if msg["type"] == "enqueue":
+                await ws.send(json.dumps({"type": "enqueued", "game_mode": "1v1", "queued_at_ms": 1, **rid}))
+            elif msg["type"] == "dequeue":
+                await ws.send(json.dumps({"type": "dequeued", "game_mode": "1v1", "reason": "requested",
+                                          **rid}))
+                await ws.send(json.dumps({"type": "start_loading", "loading_session_id": "1.t.1.0",
+                                          "game_mode": "1v1", "teams": [[PLAYER], ["q"]],
+                                          "deadline_ms": 1}))
+
+
+async def test_what_arrives_after_the_behaviour_ended_is_checked_before_closing() -> None:
+    """quit_before_match has what it wanted on `dequeued`; the start_loading right behind it
+    (a match after leaving the queue) used to go unread as the player closed."""
+    async with serve(MatchesAfterDequeue().handle, "127.0.0.1", 0) as ws_server:
+        url = f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}/ws"
+        result = await play_one(url, lifetime_s=TIMEOUT * 2, behaviour="quit_before_match")
+    assert result.outcome == "quit", result
+    assert result.violations == [f"{PLAYER}: start_loading while idle"], result
