@@ -395,6 +395,11 @@ class Playing:
                             while True:
                                 await self.next()
                 else:
+                    if not self._told:
+                        # Refused every time (unavailable: an outage at the end of this
+                        # player's lifetime): nothing to compare, so nothing is judged.
+                        client.note("audit:refused")
+                        return
                     self.check.violations.append(
                         f"{self.player}: the server says {self._told}, the player was told "
                         f"{self.check.state}; events {client.events[-6:]}")

@@ -31,9 +31,13 @@ class ScriptedServer:
     fields, one per enqueue), the next is queued and put into a ready check at once, and its
     ``loading_complete`` matched; ``status`` tells the truth."""
 
-    def __init__(self, *refusals: dict[str, Any]) -> None:
+    def __init__(self, *refusals: dict[str, Any], match: bool = True, status: bool | str = True) -> None:
         self.refusals = list(refusals)
         self.enqueues = 0
+        self.match = match  # else the player stays queued
+        # `status`: True tells the truth, False refuses it (unavailable, as during an outage), a
+        # state name tells that instead.
+        self.status = status
 
     async def handle(self, ws: ServerConnection) -> None:
         state = "idle"
@@ -46,8 +50,10 @@ class ScriptedServer:
                 if self.refusals:
                     await ws.send(json.dumps({"type": "error", **self.refusals.pop(0), **rid}))
                     continue
-                state = "loading"
+                state = "loading" if self.match else "queued"
                 await ws.send(json.dumps({"type": "enqueued", "game_mode": "1v1", "queued_at_ms": 1, **rid}))
+                if not self.match:
+                    continue
                 await ws.send(json.dumps({"type": "start_loading", "loading_session_id": "1.t.1.0",
                                           "game_mode": "1v1", "teams": [[PLAYER], ["q"]],
                                           "deadline_ms": 1}))
@@ -56,8 +62,12 @@ class ScriptedServer:
                 await ws.send(json.dumps({"type": "match_found", "loading_session_id": "1.t.1.0",
                                           "game_mode": "1v1", "server_address": "gs:1",
                                           "server_session_id": "x", "teams": [[PLAYER], ["q"]]}))
+            elif msg["type"] == "status" and not self.status:
+                await ws.send(json.dumps({"type": "error", "code": "unavailable", "message": "x",
+                                          "retry_after_ms": 1000, **rid}))
             elif msg["type"] == "status":
-                await ws.send(json.dumps({"type": "queue_status", "state": state, "waited_ms": 0,
+                told = self.status if isinstance(self.status, str) else state
+                await ws.send(json.dumps({"type": "queue_status", "state": told, "waited_ms": 0,
                                           "queue_size": 0, "search_window": 0, **rid}))
 
 
@@ -147,3 +157,21 @@ async def test_what_arrives_after_the_behaviour_ended_is_checked_before_closing(
         result = await play_one(url, lifetime_s=TIMEOUT * 2, behaviour="quit_before_match")
     assert result.outcome == "quit", result
     assert result.violations == [f"{PLAYER}: start_loading while idle"], result
+
+
+async def test_an_audit_the_server_refuses_to_answer_judges_nothing() -> None:
+    """Out of time while queued, the player asks the server where it stands; every `status`
+    is refused (`unavailable`: an outage as its lifetime ends). That is no disagreement to
+    report (it was reported as "the server says , the player was told queued")."""
+    server = ScriptedServer(match=False, status=False)
+    async with scripted(server) as url:
+        result = await play_one(url, lifetime_s=1.0)
+    assert result.outcome == "unfinished" and result.violations == [], result
+
+
+async def test_an_audit_the_server_answers_differently_is_a_violation() -> None:
+    """The same audit answered: the server says idle, the player believes it is queued."""
+    server = ScriptedServer(match=False, status="idle")
+    async with scripted(server) as url:
+        result = await play_one(url, lifetime_s=1.0)
+    assert any("the server says idle" in v for v in result.violations), result
