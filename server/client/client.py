@@ -220,7 +220,10 @@ class Client:
         return self._bound
 
     def _next_id(self) -> str:
-        return f"c{next(self._ids)}"
+        # Not one the caller chose for a request still waiting (its own ids may be "c3").
+        while (rid := f"c{next(self._ids)}") in self._pending:
+            pass
+        return rid
 
     def _live_wire(self) -> Wire:
         if self._wire is None or not self._established:
@@ -471,14 +474,18 @@ class Client:
             self.state, self.game_mode, self.loading_session_id = "queued", message.game_mode, None
         elif kind is Welcome:
             assert isinstance(message, Welcome)
-            self.welcome, self.state, self.game_mode = message, message.state, message.game_mode
-            self.loading_session_id = message.loading_session_id
-            self._answered = None  # an answer sent on a lost connection may not have arrived
-            if self._auto_ready and message.state == "loading" and message.loading_session_id:
-                self._answer(message.loading_session_id)
+            self._welcomed(message)
+        elif kind is QueueStatus:
+            # `status` tells the truth (it reads Redis): it corrects a state this client could
+            # not follow (a ticket Redis lost, whose dequeued{removed} a server may not send).
+            assert isinstance(message, QueueStatus)
+            if message.state != self.state:
+                self.state, self.game_mode = message.state, message.game_mode
+                self.loading_session_id = self.loading_session_id if message.state == "loading" else None
         elif kind is Error:
             assert isinstance(message, Error)
-            if message.code == "loading_timeout":
+            # not_in_queue: the server found no ticket, and the player is idle there now.
+            if message.code in ("loading_timeout", "not_in_queue"):
                 self.state, self.game_mode, self.loading_session_id = "idle", None, None
             self._settle_error(message)
             return
@@ -487,6 +494,13 @@ class Client:
             future = self._pending.pop(rid, None)
             if future is not None and not future.done():
                 future.set_result(message)
+
+    def _welcomed(self, message: Welcome) -> None:
+        self.welcome, self.state, self.game_mode = message, message.state, message.game_mode
+        self.loading_session_id = message.loading_session_id
+        self._answered = None  # an answer sent on a lost connection may not have arrived
+        if self._auto_ready and message.state == "loading" and message.loading_session_id:
+            self._answer(message.loading_session_id)
 
     def _settle_error(self, message: Error) -> None:
         if message.request_id is None and self._answered is not None and self.state == "loading" \

@@ -407,6 +407,41 @@ async def test_request_errors_raise_their_exception(worker: Worker) -> None:
             await client.enqueue("5v5")
 
 
+async def _ticket_lost(admin: aioredis.Redis, name: str) -> None:
+    """Redis loses the player's ticket (as a restart without persistence can): idle there."""
+    await admin.zrem(keys.queue("1v1"), name)
+    await admin.hdel(keys.tickets("1v1"), name)
+    await admin.hset(keys.player(name), "state", "idle")
+    await admin.hdel(keys.player(name), "mode", "queued_at")
+
+
+@pytest.mark.parametrize("ask", ["dequeue", "status"])
+async def test_the_servers_answer_corrects_a_state_redis_lost(
+    worker: Worker, admin: aioredis.Redis, ask: str
+) -> None:
+    """The client believes it is queued; Redis lost the ticket. `not_in_queue` (the answer to
+    `dequeue`) and `queue_status` say where the player stands, and `client.state` follows:
+    an app that offers "Play" only while idle must not be stuck."""
+    async with player(worker, f"lost-{ask}", 100_000) as client:
+        await client.enqueue("1v1")
+        assert client.state == "queued"
+        await _ticket_lost(admin, f"lost-{ask}")
+        if ask == "dequeue":
+            with pytest.raises(NotInQueue):
+                await client.dequeue()
+        else:
+            assert (await client.status()).state == "idle"
+        assert client.state == "idle" and client.game_mode is None
+
+
+async def test_a_generated_request_id_is_never_one_the_caller_has_waiting(worker: Worker) -> None:
+    """The caller named its own request "c1", the id the client would generate next: the
+    generated one skips it instead of failing for an id the caller never gave."""
+    async with player(worker, "ids") as client:
+        named, generated = await asyncio.gather(client.status(request_id="c1"), client.status())
+        assert named.request_id == "c1" and generated.request_id not in (None, "c1")
+
+
 async def test_loading_errors_timeout_and_block(
     start_worker: WorkerFactory, start_game_server: GameServerFactory
 ) -> None:

@@ -183,7 +183,13 @@ export class Client implements AsyncIterable<ServerMessage> {
 
   /** The caller's request id, or a fresh one; "" too gets one: the server would echo it, and it
    * names no request. */
-  private idFor(requestId?: string): string { return requestId || `c${this.nextId++}`; }
+  private idFor(requestId?: string): string {
+    if (requestId) return requestId;
+    // Not one the caller chose for a request still waiting (its own ids may be "c3").
+    let rid = `c${this.nextId++}`;
+    while (this.pending.has(rid)) rid = `c${this.nextId++}`;
+    return rid;
+  }
 
   private liveSocket(): WebSocketLike {
     if (this.ws === null || !this.established) {
@@ -474,8 +480,18 @@ export class Client implements AsyncIterable<ServerMessage> {
           this.answer(message.loading_session_id);
         }
         break;
+      case "queue_status":
+        // `status` tells the truth (it reads Redis): it corrects a state this client could
+        // not follow (a ticket Redis lost, whose dequeued{removed} a server may not send).
+        if (message.state !== this.state) {
+          this.state = message.state;
+          this.gameMode = message.game_mode ?? null;
+          if (message.state !== "loading") this.loadingSessionId = null;
+        }
+        break;
       case "error":
-        if (message.code === "loading_timeout") {
+        // not_in_queue: the server found no ticket, and the player is idle there now.
+        if (message.code === "loading_timeout" || message.code === "not_in_queue") {
           this.state = "idle";
           this.gameMode = this.loadingSessionId = null;
         }

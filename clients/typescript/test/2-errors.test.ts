@@ -7,7 +7,7 @@ import {
   InvalidState, LoadingTimeout, NotInQueue, PlayerBlocked, RateLimited, ServerError, UnsupportedGameMode,
   WrongSessionId, connect, errorFor,
 } from "../src/index.js";
-import { URL, name, token, within } from "./support.js";
+import { URL, name, redis, token, within } from "./support.js";
 
 /** The next error message that answers no request (those reject the request instead). */
 async function nextError(client: Client): Promise<ServerError> {
@@ -47,6 +47,30 @@ test("request errors reject with their class", async () => {
   await client.enqueue("5v5");
   await assert.rejects(client.enqueue("1v1"), AlreadyInQueue);
   await client.dequeue();
+  await client.close();
+});
+
+test("the server's answer corrects a state Redis lost", async () => {
+  // The client believes it is queued; Redis lost the ticket (a restart without persistence).
+  // `not_in_queue` (the answer to `dequeue`) says the player is idle, and `state` follows.
+  const player = name("lost");
+  const client = await connect(URL, { token: token(player, 100_000) });
+  await client.enqueue("1v1");
+  assert.equal(client.state, "queued");
+  const lose = "redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1]); "
+    + "redis.call('HSET', KEYS[3], 'state', 'idle'); redis.call('HDEL', KEYS[3], 'mode', 'queued_at'); return 1";
+  assert.equal(await redis("EVAL", lose, "3", "{mm:1v1}:queue", "{mm:1v1}:tickets",
+    `fm:player:{${player}}`, player), ":1");
+  await assert.rejects(client.dequeue(), NotInQueue);
+  assert.equal(client.state, "idle");
+  await client.close();
+});
+
+test("a generated request id is never one the caller has waiting", async () => {
+  const client = await connect(URL, { token: token(name("ids")) });
+  const [named, generated] = await Promise.all([client.status("c1"), client.status()]);
+  assert.equal(named.request_id, "c1");
+  assert.notEqual(generated.request_id, "c1");
   await client.close();
 });
 

@@ -2,26 +2,13 @@
 // Redis call time out. Runs last: the other files need a working Redis.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { connect as netConnect } from "node:net";
 import { Unavailable, connect } from "../src/index.js";
 import type { Client, ServerMessage } from "../src/index.js";
-import { URL, name, token, within } from "./support.js";
+import { URL, name, redis, token, within } from "./support.js";
 
-/** `CLIENT PAUSE ms WRITE` on the server's Redis (pytest passes its socket), in plain RESP. */
+/** `CLIENT PAUSE ms WRITE` on the server's Redis. */
 async function pauseWrites(ms: number): Promise<void> {
-  const path = process.env.FASTMATCH_REDIS_SOCKET ?? "";
-  assert.ok(path, "FASTMATCH_REDIS_SOCKET is not set");
-  const words = ["CLIENT", "PAUSE", String(ms), "WRITE"];
-  const command = `*${words.length}\r\n${words.map((w) => `$${w.length}\r\n${w}\r\n`).join("")}`;
-  await new Promise<void>((resolve, reject) => {
-    const socket = netConnect({ path }, () => socket.write(command));
-    socket.once("data", (reply) => {
-      socket.end();
-      if (reply.toString().startsWith("+OK")) resolve();
-      else reject(new Error(`CLIENT PAUSE answered ${reply.toString()}`));
-    });
-    socket.once("error", reject);
-  });
+  assert.equal(await redis("CLIENT", "PAUSE", String(ms), "WRITE"), "+OK");
 }
 
 async function next(client: Client, type: ServerMessage["type"]): Promise<ServerMessage> {

@@ -1,6 +1,7 @@
 // What the tests need besides the client: the server under test (started by pytest, see
 // tests/client/test_typescript.py) and HS256 tokens signed with its development secret.
 import { createHmac } from "node:crypto";
+import { connect as netConnect } from "node:net";
 
 export const URL = process.env.FASTMATCH_URL ?? "ws://127.0.0.1:8080/ws";
 const SECRET = process.env.FASTMATCH_SECRET ?? "";
@@ -30,4 +31,19 @@ export async function within<T>(promise: Promise<T>, ms = TIMEOUT_MS): Promise<T
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** One command to the server's Redis (pytest passes its socket), in plain RESP: its first reply line. */
+export async function redis(...words: string[]): Promise<string> {
+  const path = process.env.FASTMATCH_REDIS_SOCKET ?? "";
+  if (!path) throw new Error("FASTMATCH_REDIS_SOCKET is not set");
+  const bulk = words.map((w) => `$${Buffer.byteLength(w)}\r\n${w}\r\n`).join("");
+  return new Promise<string>((resolve, reject) => {
+    const socket = netConnect({ path }, () => socket.write(`*${words.length}\r\n${bulk}`));
+    socket.once("data", (reply) => {
+      socket.end();
+      resolve(reply.toString().split("\r\n")[0]);
+    });
+    socket.once("error", reject);
+  });
 }
