@@ -9,7 +9,6 @@ while reconnecting after an unexpected drop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -289,8 +288,9 @@ class Client:
         self._closing = True
         if self._reconnecting is not None:
             self._reconnecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconnecting
+            # Waited for, not awaited: its CancelledError is its own, and one aimed at the task
+            # calling close() (a timeout, a TaskGroup ending) must reach that task.
+            await asyncio.wait([self._reconnecting])
         wire = self._wire
         if wire is not None and self._established:
             wire.close(CloseCode.NORMAL)

@@ -141,6 +141,21 @@ async def test_resume_after_a_dropped_connection(worker: Worker, admin: aioredis
         assert (await client.status()).state == "queued"
 
 
+async def test_close_during_a_resume_lets_the_callers_cancellation_through(worker: Worker) -> None:
+    """close() waits for the resume it stops; a cancellation aimed at the task calling close()
+    (its timeout, a TaskGroup ending) must not be swallowed with the resume's own."""
+    async with player(worker, "hana") as client:
+        client.drop()
+        async with asyncio.timeout(TIMEOUT):
+            while client._reconnecting is None:  # the resume has begun
+                await asyncio.sleep(0.001)
+        closing = asyncio.create_task(client.close())
+        await asyncio.sleep(0)  # close() now waits for the resume to end
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+        assert closing.cancelled()
+
+
 async def test_a_token_function_that_fails_while_resuming_is_retried_then_ends_the_stream(
     start_worker: WorkerFactory,
 ) -> None:
