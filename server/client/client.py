@@ -148,6 +148,11 @@ class Client:
         return self._wire is not None and self._established
 
     @property
+    def resuming(self) -> bool:
+        """A dropped connection is being resumed (reconnect on, within the resume grace)."""
+        return self._reconnecting is not None and not self._reconnecting.done()
+
+    @property
     def auto_ready(self) -> bool:
         """When true, every ready check (``start_loading``) is answered with ``loading_complete``
         at once; setting it answers the one running now, if any."""

@@ -373,10 +373,19 @@ class Playing:
         within ``_LINGER_S`` is read and checked all the same before the player closes: DESIGN
         invariant 5 ends each enqueue once, so e.g. nobody is put into a match after leaving."""
         until = self.now() + _LINGER_S
+        client = self.client
+        assert client is not None
         # The connection may end meanwhile, or a message end the player: checked up to there.
         with contextlib.suppress(FastmatchClientError, OSError, _Ended):
             while (left := until - self.now()) > 0 and await self.recv(left) is not None:
                 pass
+            # Dropped meanwhile (a drain's 1001): the client resumes, as it would have before
+            # the behaviour ended, and its welcome is read (and checked) before the close;
+            # cut short by the close, the drop would go without its resume.
+            until = self.now() + self.s.resume_grace_s + _SETTLE_S
+            while (client.resuming or client.fresh) and (left := until - self.now()) > 0:
+                if await self.recv(left) is None:
+                    break
 
     async def _audit(self) -> None:
         """Out of time while waiting: does the server agree with what this player was told?
