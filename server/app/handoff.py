@@ -164,7 +164,6 @@ class Allocator:
                 self.health.observe(receivers)
                 if receivers == 0:
                     self._recheck_health()
-                if receivers == 0:
                     await self.loading.fail(mode, match_id, "no_game_server", players)
                     return
             # A timer on the future itself rather than asyncio.timeout_at, which asks for the

@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,13 +150,13 @@ class Supervisor:
             # This process declares every metric (it imports their module) but sets no gauge;
             # its zero-valued live gauges would win every livemin (game_server_available).
             multiprocess.mark_process_dead(os.getpid(), self.multiproc_dir)  # type: ignore[no-untyped-call]
-        if self.multiproc_dir and self.config.metrics.port:
+        if self.files is not None and self.config.metrics.port:  # (files: a metrics directory)
             observed = Observed(
                 redis_url=self.url, modes=tuple(self.config.modes),
                 request_channel=self.config.gameserver.request_channel,
                 timeout_s=self.config.redis.operation_timeout_s,
-                multiproc_dir=self.multiproc_dir, processes=self.processes,
-                files_lock=self.files.lock if self.files is not None else threading.Lock())
+                multiproc_dir=self.files.path, processes=self.processes,
+                files_lock=self.files.lock)
             self.metrics = MetricsServer(self.config.metrics.host or self.config.server.host,
                                          self.config.metrics.port, observed, self.config.metrics.token)
             self.metrics.start()

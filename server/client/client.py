@@ -18,7 +18,7 @@ import ssl as ssl_module
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, TypeVar, get_args
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import msgspec
@@ -42,7 +42,6 @@ from server.protocol.messages import (
     Enqueue,
     Enqueued,
     Error,
-    ErrorCodeName,
     LoadingComplete,
     MatchFound,
     QueueStatus,
@@ -52,6 +51,7 @@ from server.protocol.messages import (
     StateName,
     Status,
     Welcome,
+    acted_on,
 )
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,10 @@ _encoder: Final = msgspec.json.Encoder()
 _ANSWER_AGAIN: Final = frozenset({"unavailable", "rate_limited", "internal_error"})
 # Errors that answer a loading_complete: those above, and those that refuse it for good.
 _ANSWER_ERRORS: Final = _ANSWER_AGAIN | {"wrong_session_id", "invalid_state"}
-_KNOWN_CODES: Final = frozenset(get_args(ErrorCodeName))
 _ANSWER_AGAIN_MS: Final = 1000
 # The server's own schema, to refuse before sending what it would answer with an
 # `invalid_message` that names no request (so no request could be told: it would hang).
 _outgoing: Final = msgspec.json.Decoder(ClientMessage)
-
-
-def _as_known(code: str) -> str:
-    return code if code in _KNOWN_CODES else "internal_error"
 
 
 @functools.lru_cache(maxsize=64)
@@ -253,7 +248,7 @@ class Client:
         server's retry hint, while that ready check runs: else the player would time out of
         it, with a dodge counted, for the server's failure."""
         sid, self._answered = self._answered, None
-        if sid and self._auto_ready and _as_known(message.code) in _ANSWER_AGAIN:
+        if sid and self._auto_ready and acted_on(message.code) in _ANSWER_AGAIN:
             delay = (message.retry_after_ms or _ANSWER_AGAIN_MS) / 1000
             self._loop.call_later(delay, self._answer_again, sid)
 
@@ -509,7 +504,7 @@ class Client:
 
     def _settle_error(self, message: Error) -> None:
         if message.request_id is None and self._answered is not None and self.state == "loading" \
-                and _as_known(message.code) in _ANSWER_ERRORS \
+                and acted_on(message.code) in _ANSWER_ERRORS \
                 and not (message.code == "rate_limited" and self._pending):
             # The ready answer refused: it carries no request_id, and every request of this
             # client does (a refused flood frame echoes none: with none waiting, it was this).

@@ -145,6 +145,13 @@ ErrorCodeName = Literal[
     "unavailable", "internal_error",
 ]
 ErrorCode = Annotated[str, known(ErrorCodeName, "clients treat an unknown code like internal_error")]
+_KNOWN_CODES: Final = frozenset(get_args(ErrorCodeName))
+
+
+def acted_on(code: str) -> str:
+    """An error code as a client acts on it: one it does not know (a newer server's) reads as
+    ``internal_error``, i.e. the request may or may not have run (docs/protocol.md section 2)."""
+    return code if code in _KNOWN_CODES else "internal_error"
 
 
 class Error(_Server, tag="error", frozen=True):

@@ -18,32 +18,25 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, get_args
+from typing import Final
 
 from server.protocol.messages import (
     Dequeued,
     Enqueued,
     Error,
-    ErrorCodeName,
     MatchFound,
     QueueStatus,
     Requeued,
     ServerMessage,
     StartLoading,
     Welcome,
+    acted_on,
 )
 
 # Ends of a session that say nothing about the match itself: this player went away.
 ABSENT: Final = frozenset({"left", "walked_out", "dropped"})
 # Errors after which a request may or may not have run (docs/protocol.md "Storage trouble").
 _AMBIGUOUS: Final = frozenset({"unavailable", "internal_error"})
-_KNOWN_CODES: Final = frozenset(get_args(ErrorCodeName))
-
-
-def as_known(code: str) -> str:
-    """An error code as this client acts on it: one it does not know (a newer server's) reads
-    as ``internal_error`` (docs/protocol.md section 2), i.e. the request may or may not have run."""
-    return code if code in _KNOWN_CODES else "internal_error"
 
 
 @dataclass
@@ -219,7 +212,7 @@ class SequenceChecker:
 
     def _on_error(self, msg: ServerMessage) -> None:
         assert isinstance(msg, Error)
-        code = as_known(msg.code)
+        code = acted_on(msg.code)
         if code == "loading_timeout":
             self._end_session(msg, "loading_timeout", "idle")
             self.queued_at = None

@@ -43,8 +43,8 @@ from server.client import (
     Welcome,
     retry,
 )
-from server.protocol.messages import ClientMessage
-from server.sim.checker import SequenceChecker, SessionSeen, as_known
+from server.protocol.messages import ClientMessage, acted_on
+from server.sim.checker import SequenceChecker, SessionSeen
 from server.sim.facts import Facts
 from server.sim.simclient import ObservedClient
 from server.sim.tokens import TokenMinter
@@ -212,7 +212,7 @@ class Playing:
         self.check.received(msg)
         if len(self.check.sessions) > sessions:
             self.session_at = self.now()
-        code = as_known(msg.code) if type(msg) is Error else ""
+        code = acted_on(msg.code) if type(msg) is Error else ""
         if type(msg) is Error:
             self.result.errors[msg.code] += 1
             if code in AMBIGUOUS:
@@ -307,7 +307,7 @@ class Playing:
         if type(msg) is MatchFound or (isinstance(msg, Error)
                                        and msg.code in ("loading_timeout", "player_blocked")):
             self.wants_queue = False
-        elif isinstance(msg, Error) and as_known(msg.code) in AMBIGUOUS and self.retry is None:
+        elif isinstance(msg, Error) and acted_on(msg.code) in AMBIGUOUS and self.retry is None:
             # The server's wait, however long (a real client honours it too); a retry due after
             # the player's lifetime would never be sent: the lifetime ends it first.
             due = self.now() + (msg.retry_after_ms or 0) / 1000 + self.rng.uniform(0, _RETRY_JITTER_S)

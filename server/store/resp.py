@@ -90,13 +90,17 @@ class RespProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self.loop = self._loop  # its callers' too (see RedisClient._call)
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.on_push = on_push
         self.broken = False  # set once the connection can carry no more calls
         self.writes = 0  # round trips: every write carries whatever calls were queued
         self._window_s = window_s
         self._abort_exc: RespConnectionError | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this connection lives on: its callers' too (see RedisClient._call)."""
+        return self._loop
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
